@@ -1,0 +1,26 @@
+"""fastxent: fused sparse categorical cross-entropy for very large class counts.
+
+The package root only re-exports; see ``fastxent._api`` for the entry points and
+``fastxent.reference`` for the float64 oracle they are tested against.
+"""
+
+from fastxent import reference
+from fastxent._api import (
+    REDUCTIONS,
+    Reduction,
+    log_softmax_gather,
+    sparse_cross_entropy,
+    sparse_cross_entropy_with_grad,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "REDUCTIONS",
+    "Reduction",
+    "log_softmax_gather",
+    "reference",
+    "sparse_cross_entropy",
+    "sparse_cross_entropy_with_grad",
+    "__version__",
+]

@@ -1,0 +1,343 @@
+"""The public entry points: validate, normalise options, dispatch by array type.
+
+NumPy arrays go to the Numba CPU backend (``fastxent.cpu``); CuPy arrays go to the CUDA backend
+(``fastxent.gpu``). Kernels know nothing of option names or user errors: everything a user can
+get wrong is caught here and reported with the offending value.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import Any, Literal, Optional, Tuple
+
+import numpy as np
+
+from fastxent._options import KernelOptions
+
+Reduction = Literal["none", "sum", "mean", "sum_over_batch_size"]
+REDUCTIONS = ("none", "sum", "mean", "sum_over_batch_size")
+
+try:
+    from ml_dtypes import bfloat16 as _BFLOAT16
+except ImportError:  # pragma: no cover - ml_dtypes is a runtime dependency
+    _BFLOAT16 = None
+
+_FLOAT_DTYPES = tuple(
+    np.dtype(d) for d in (np.float16, np.float32, np.float64) + ((_BFLOAT16,) if _BFLOAT16 else ())
+)
+
+
+class _Backend:
+    """The array module and launcher for one kind of array."""
+
+    def __init__(self, name: str, xp: Any, launcher: Any):
+        self.name = name
+        self.xp = xp
+        self.launcher = launcher
+
+
+def _is_cupy_array(array: Any) -> bool:
+    return type(array).__module__.split(".")[0] == "cupy"
+
+
+def _backend_for(logits: Any) -> _Backend:
+    if _is_cupy_array(logits):
+        from fastxent.gpu import load_backend
+
+        xp, launcher = load_backend()
+        return _Backend("gpu", xp, launcher)
+    from fastxent.cpu import xent as cpu_xent
+
+    return _Backend("cpu", np, cpu_xent)
+
+
+def _as_logits(logits: Any, backend: _Backend):
+    xp = backend.xp
+    if backend.name == "cpu" and not isinstance(logits, np.ndarray):
+        logits = np.asarray(logits)
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"logits must be float16, bfloat16, float32 or float64; got dtype {logits.dtype}"
+        )
+    if logits.ndim < 1:
+        raise ValueError(f"logits must have at least one dimension (the classes); got shape {logits.shape}")
+    return xp, logits
+
+
+def _normalise_axis(axis: int, ndim: int) -> int:
+    if not isinstance(axis, numbers.Integral) or not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis!r} is out of range for logits with {ndim} dimension(s)")
+    return int(axis) % ndim
+
+
+def _check_labels(labels: Any, xp: Any, lead_shape: Tuple[int, ...]):
+    labels = xp.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integers (class indices); got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(lead_shape):
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal the logits shape without the class "
+            f"axis, {tuple(lead_shape)}"
+        )
+    return labels
+
+
+def _check_options(from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(map(repr, REDUCTIONS))}")
+    if not isinstance(from_logits, (bool, np.bool_)):
+        raise TypeError(f"from_logits must be a bool; got {from_logits!r}")
+    if ignore_index is not None and not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an integer or None; got {ignore_index!r}")
+    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
+    if not isinstance(z_loss, numbers.Real) or not np.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss must be a finite number >= 0; got {z_loss!r}")
+    if softcap is not None:
+        if not isinstance(softcap, numbers.Real) or not np.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap must be a finite number > 0 or None; got {softcap!r}")
+        if not from_logits:
+            raise ValueError("softcap applies to logits; it cannot be combined with from_logits=False")
+
+
+def _find_bad_label(labels, valid, num_classes: int, xp: Any):
+    """Position and value of the first label outside [0, C) that is not ignored, or None."""
+    out_of_range = (labels < 0) | (labels >= num_classes)
+    if valid is not None:
+        out_of_range &= valid
+    flat = out_of_range.reshape(-1)
+    if not bool(flat.any()):
+        return None
+    first = int(xp.argmax(flat))
+    position = tuple(int(i) for i in np.unravel_index(first, labels.shape)) if labels.ndim else ()
+    return position, int(labels.reshape(-1)[first])
+
+
+def _prepare(logits, labels, *, from_logits, reduction, ignore_index, label_smoothing, class_weight,
+             sample_weight, z_loss, softcap, axis):
+    """Validate everything; return what a backend launcher needs and how to shape the result."""
+    _check_options(from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap)
+    backend = _backend_for(logits)
+    xp, logits = _as_logits(logits, backend)
+    axis = _normalise_axis(axis, logits.ndim)
+    num_classes = int(logits.shape[axis])
+    if num_classes == 0:
+        raise ValueError(f"logits have no classes: shape {tuple(logits.shape)} is 0 along axis {axis}")
+    lead_shape = tuple(logits.shape[:axis] + logits.shape[axis + 1:])
+    labels = _check_labels(labels, xp, lead_shape)
+
+    valid = None if ignore_index is None else labels != ignore_index
+    bad = _find_bad_label(labels, valid, num_classes, xp)
+    if bad is not None:
+        position, value = bad
+        hint = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
+        raise ValueError(
+            f"label {value} at position {position} is outside the valid range [0, {num_classes}){hint}"
+        )
+    flat_labels = labels.reshape(-1).astype(xp.int64)
+    if valid is not None:
+        flat_labels[~valid.reshape(-1)] = -1
+
+    weights = None
+    weight_total = float(num_classes)
+    if class_weight is not None:
+        weights = xp.asarray(class_weight, dtype=xp.float64)
+        if weights.shape != (num_classes,):
+            raise ValueError(
+                f"class_weight must have one entry per class, shape ({num_classes},); got {tuple(weights.shape)}"
+            )
+        weight_total = float(weights.sum())
+
+    num_rows = flat_labels.shape[0]
+    if sample_weight is None:
+        row_weight = xp.ones(num_rows, dtype=xp.float64)
+    else:
+        sample = xp.asarray(sample_weight, dtype=xp.float64)
+        try:
+            row_weight = xp.ascontiguousarray(xp.broadcast_to(sample, lead_shape).reshape(-1))
+        except ValueError:
+            raise ValueError(
+                f"sample_weight shape {tuple(sample.shape)} does not broadcast to the labels shape {lead_shape}"
+            ) from None
+
+    counted = flat_labels >= 0
+    if reduction == "mean":
+        target_weight = xp.ones(num_rows) if weights is None else weights[xp.where(counted, flat_labels, 0)]
+        denominator = float(xp.sum(xp.where(counted, row_weight * target_weight, 0.0)))
+    elif reduction == "sum_over_batch_size":
+        denominator = float(xp.count_nonzero(counted))
+    else:
+        denominator = 1.0
+    # Nothing counted: the loss is 0.0 with a zero gradient (PyTorch returns NaN here).
+    grad_scale = 0.0 if denominator == 0.0 else 1.0 / denominator
+
+    options = KernelOptions(
+        from_logits=bool(from_logits),
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap),
+        class_weight=weights,
+        class_weight_total=weight_total,
+        num_classes=num_classes,
+        grad_scale=grad_scale,
+    )
+    return backend, xp, logits, axis, lead_shape, flat_labels, row_weight, options, denominator
+
+
+def _rows_view(logits, axis: int, xp: Any):
+    """(N, C) C-contiguous rows of the logits: a view where possible, otherwise a copy."""
+    moved = xp.moveaxis(logits, axis, -1)
+    return xp.ascontiguousarray(moved.reshape(-1, moved.shape[-1]))
+
+
+def _warn_if_probabilities(rows, xp: Any) -> None:
+    """Keras-style hint when from_logits=True receives what looks like a softmax output.
+
+    Looks at the first row only, so the cost is one row, not N x C.
+    """
+    if rows.shape[0] == 0 or rows.shape[1] < 2:
+        return
+    first = rows[0].astype(xp.float64)
+    if bool(xp.all((first >= 0) & (first <= 1))) and abs(float(first.sum()) - 1.0) < 1e-3:
+        warnings.warn(
+            "logits look like probabilities (the first row is in [0, 1] and sums to 1); "
+            "pass from_logits=False if they come out of a softmax",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _reduce(per_row, reduction, denominator, lead_shape, loss_dtype, xp):
+    if reduction == "none":
+        return per_row.reshape(lead_shape).astype(loss_dtype)
+    if denominator == 0.0:
+        return xp.asarray(0.0, dtype=loss_dtype)
+    return xp.asarray(per_row.sum() / denominator).astype(loss_dtype)
+
+
+def _loss_dtype(logits_dtype):
+    return np.float64 if logits_dtype == np.float64 else np.float32
+
+
+def _run(logits, labels, *, want_grad, inplace, from_logits, reduction, ignore_index, label_smoothing,
+         class_weight, sample_weight, z_loss, softcap, axis):
+    (backend, xp, logits, axis, lead_shape, flat_labels, row_weight, options,
+     denominator) = _prepare(
+        logits, labels, from_logits=from_logits, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, class_weight=class_weight, sample_weight=sample_weight,
+        z_loss=z_loss, softcap=softcap, axis=axis,
+    )
+    if inplace and not (isinstance(logits, xp.ndarray) and logits.flags.writeable):
+        raise ValueError("inplace=True needs a writeable array of logits")
+    rows = _rows_view(logits, axis, xp)
+    if from_logits:
+        _warn_if_probabilities(rows, xp)
+    # In place works directly on the caller's buffer when the rows are a view of it; otherwise
+    # the gradient lands in the contiguous copy and is written back below.
+    writes_through = inplace and xp.shares_memory(rows, logits) if backend.name == "cpu" else (
+        inplace and rows.data.ptr == logits.data.ptr and rows.flags.c_contiguous)
+    per_row, grad_rows, row_min = backend.launcher.fused_xent(
+        rows, flat_labels, row_weight, options, want_grad=want_grad, inplace=inplace,
+    )
+    if row_min is not None:
+        negative = row_min < 0
+        if bool(negative.any()):
+            row = int(xp.argmax(negative))
+            raise ValueError(
+                f"from_logits=False expects probabilities, but row {np.unravel_index(row, lead_shape) if lead_shape else ()} "
+                f"has a negative value ({float(row_min[row]):.6g}); the input looks like logits: "
+                "pass from_logits=True"
+            )
+    loss = _reduce(per_row, reduction, denominator, lead_shape, _loss_dtype(logits.dtype), xp)
+    if not want_grad:
+        return loss
+    if inplace:
+        if not (writes_through and grad_rows is rows):
+            moved = xp.moveaxis(logits, axis, -1)
+            moved[...] = grad_rows.reshape(moved.shape)
+        return loss, logits
+    grad = xp.moveaxis(grad_rows.reshape(lead_shape + (grad_rows.shape[-1],)), -1, axis)
+    return loss, grad
+
+
+def sparse_cross_entropy(
+    logits: Any,
+    labels: Any,
+    *,
+    from_logits: bool = True,
+    reduction: Reduction = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    class_weight: Any = None,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    axis: int = -1,
+):
+    """Sparse categorical cross-entropy in one fused sweep over the logits.
+
+    Args:
+        logits: float16/bfloat16/float32/float64 array, shape (..., C, ...) with the classes on
+            ``axis``. NumPy arrays run on the CPU; CuPy arrays on the GPU.
+        labels: integer array of class indices, the logits' shape without the class axis.
+        from_logits: False when ``logits`` are probabilities (Keras semantics: clipped to
+            [1e-7, 1 - 1e-7], rows renormalised). Negative values then raise ``ValueError``.
+        reduction: "none" (per-row losses), "sum", "mean" (divided by the sum of the row weights,
+            as PyTorch with ``weight``), or "sum_over_batch_size" (divided by the number of counted
+            rows, Keras' default). When no row is counted, "mean" and "sum_over_batch_size" are 0.0.
+        ignore_index: a label value whose rows get loss 0 and gradient 0 and are not counted.
+        label_smoothing: epsilon in [0, 1); PyTorch's formula (with class weights too).
+        class_weight: (C,) weight per class; a row's weight is class_weight[label] * sample_weight.
+        sample_weight: weight per row, broadcastable to the labels' shape.
+        z_loss: adds ``z_loss * logsumexp(x)**2`` to each row's loss.
+        softcap: s in ``x <- s * tanh(x / s)``, applied to the logits first.
+        axis: the class axis.
+
+    Returns:
+        The loss: float32 (float64 for float64 logits); 0-d for "sum"/"mean"/
+        "sum_over_batch_size", the labels' shape for "none".
+    """
+    return _run(logits, labels, want_grad=False, inplace=False, from_logits=from_logits,
+                reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                class_weight=class_weight, sample_weight=sample_weight, z_loss=z_loss,
+                softcap=softcap, axis=axis)
+
+
+def sparse_cross_entropy_with_grad(
+    logits: Any,
+    labels: Any,
+    *,
+    from_logits: bool = True,
+    reduction: Reduction = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    class_weight: Any = None,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    axis: int = -1,
+    inplace: bool = False,
+):
+    """Loss and its gradient d(loss)/d(logits), computed in the same fused call.
+
+    Takes the arguments of ``sparse_cross_entropy`` plus ``inplace``. With reduction "none" the
+    gradient is that of the sum of the per-row losses.
+
+    Args:
+        inplace: write the gradient over ``logits`` (which must be a writeable array) instead of
+            allocating an N x C buffer; ``logits`` no longer holds the logits afterwards.
+
+    Returns:
+        (loss, grad): the loss as ``sparse_cross_entropy`` returns it, and the gradient with the
+        logits' shape and dtype (the ``logits`` array itself when ``inplace=True``).
+    """
+    return _run(logits, labels, want_grad=True, inplace=bool(inplace), from_logits=from_logits,
+                reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                class_weight=class_weight, sample_weight=sample_weight, z_loss=z_loss,
+                softcap=softcap, axis=axis)
+
+
+def log_softmax_gather(logits: Any, labels: Any, *, axis: int = -1):
+    """log p(label) = x_label - logsumexp(x) per row, labels-shaped (float32, float64 for float64)."""
+    return -sparse_cross_entropy(logits, labels, reduction="none", axis=axis)

@@ -1,0 +1,126 @@
+"""Bit-level conversions the kernels need and Numba does not offer on the CPU.
+
+Numba has no float16 or bfloat16 type on the CPU, so the launchers hand half-precision
+logits to the kernels as raw 16-bit integers: ``int16`` holds IEEE float16 bits and
+``uint16`` holds bfloat16 bits (two distinct integer types, so the element type alone
+selects the decoding at compile time). Each conversion below is a single LLVM
+instruction or a few integer operations, so the loops that use them still vectorize
+(``vcvtph2ps``/``vcvtps2ph`` with F16C, shifts and adds for bfloat16).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core.extending import intrinsic, overload
+
+
+@intrinsic
+def f32_from_bits(typingctx, bits):
+    """Reinterpret the 32 bits of an int32/uint32 as a float32."""
+    if bits not in (types.int32, types.uint32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def bits_from_f32(typingctx, value):
+    """Reinterpret a float32 as the uint32 holding its bits."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(value), codegen
+
+
+@intrinsic
+def f32_from_half_bits(typingctx, bits):
+    """Decode IEEE float16 bits (held in an int16) to float32, exactly."""
+    if bits != types.int16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = builder.bitcast(args[0], ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def half_bits_from_f32(typingctx, value):
+    """Round a float32 to the nearest float16 (ties to even) and return its bits as int16."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = builder.fptrunc(args[0], ir.HalfType())
+        return builder.bitcast(half, ir.IntType(16))
+
+    return types.int16(value), codegen
+
+
+def to_compute(element):
+    """Widen one stored logit to the type the kernels compute in (Python stub for Numba)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(to_compute, inline="always")
+def _to_compute_overload(element):
+    if element == types.float32 or element == types.float64:
+        return lambda element: element
+    if element == types.int16:  # float16 bits
+        return lambda element: f32_from_half_bits(element)
+    if element == types.uint16:  # bfloat16 bits: the high half of a float32
+        return lambda element: f32_from_bits(np.uint32(np.uint32(element) << np.uint32(16)))
+    return None
+
+
+def from_compute(value, like):
+    """Round a computed value to the storage type of ``like`` (Python stub for Numba)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(from_compute, inline="always")
+def _from_compute_overload(value, like):
+    if like == types.float32:
+        return lambda value, like: np.float32(value)
+    if like == types.float64:
+        return lambda value, like: np.float64(value)
+    if like == types.int16:
+        return lambda value, like: half_bits_from_f32(np.float32(value))
+    if like == types.uint16:
+
+        def to_bfloat16_bits(value, like):
+            bits = bits_from_f32(np.float32(value))
+            # Round to nearest, ties to even, on the 16 bits that are dropped.
+            # (Numba widens uint32 arithmetic to 64 bits; the casts let LLVM keep 32.)
+            odd = np.uint32((bits >> np.uint32(16)) & np.uint32(1))
+            rounded = np.uint32(np.uint32(bits + np.uint32(0x7FFF) + odd) >> np.uint32(16))
+            # A NaN must stay a NaN: rounding could carry its payload into the exponent.
+            quiet_nan = np.uint32((bits >> np.uint32(16)) | np.uint32(0x0040))
+            is_nan = np.uint32(bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+            return np.uint16(quiet_nan if is_nan else rounded)
+
+        return to_bfloat16_bits
+    return None
+
+
+def as_compute(value, like):
+    """Cast a scalar to the compute type that goes with storage element ``like`` (stub)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(as_compute, inline="always")
+def _as_compute_overload(value, like):
+    if like == types.float64:
+        return lambda value, like: np.float64(value)
+    if like in (types.float32, types.int16, types.uint16):
+        return lambda value, like: np.float32(value)
+    return None

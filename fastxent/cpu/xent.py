@@ -1,0 +1,169 @@
+"""CPU launchers: allocate outputs, pick the kernel variant, call it.
+
+Input here is already validated and normalised by ``fastxent._api``: logits are a C-contiguous
+(N, C) array, labels int64 (N,) with -1 for ignored rows, sample weights float64 (N,).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from fastxent._options import KernelOptions
+from fastxent.cpu import _threading  # noqa: F401  (selects a fork- and thread-safe layer first)
+from fastxent.cpu import _kernels
+
+try:  # bfloat16 comes from ml_dtypes; without it there are simply no bfloat16 arrays.
+    from ml_dtypes import bfloat16 as _BFLOAT16
+except ImportError:  # pragma: no cover - ml_dtypes is a runtime dependency
+    _BFLOAT16 = None
+
+# Below this many rows per thread, rows alone cannot keep every thread busy: split each row.
+SPLIT_ROWS_PER_THREAD = 2
+# Do not split rows shorter than this: per-part overhead would dominate.
+SPLIT_MIN_CLASSES = 4 * _kernels.BLOCK
+
+
+def storage_view(array: np.ndarray) -> np.ndarray:
+    """View half-precision arrays as the integer bit patterns the kernels decode.
+
+    float16 -> int16, bfloat16 -> uint16 (see ``_bits.py``); float32/float64 unchanged.
+    """
+    if array.dtype == np.float16:
+        return array.view(np.int16)
+    if _BFLOAT16 is not None and array.dtype == _BFLOAT16:
+        return array.view(np.uint16)
+    return array
+
+
+def _num_threads() -> int:
+    from numba import get_num_threads
+
+    return get_num_threads()
+
+
+def use_split_rows(num_rows: int, num_classes: int) -> bool:
+    """Whether few long rows should be cut into parts so that every thread has work."""
+    return num_rows < SPLIT_ROWS_PER_THREAD * _num_threads() and num_classes >= SPLIT_MIN_CLASSES
+
+
+def part_bounds_for(num_rows: int, num_classes: int) -> np.ndarray:
+    """Class offsets (P + 1,) that cut each row into parts of whole blocks, about 4 tasks per thread."""
+    wanted = max(1, (4 * _num_threads() + num_rows - 1) // num_rows)
+    blocks = (num_classes + _kernels.BLOCK - 1) // _kernels.BLOCK
+    parts = max(1, min(wanted, blocks))
+    bounds = (np.arange(parts + 1, dtype=np.int64) * blocks // parts) * _kernels.BLOCK
+    bounds[-1] = num_classes
+    return bounds
+
+
+def fused_xent(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    sample_weight: np.ndarray,
+    options: KernelOptions,
+    *,
+    want_grad: bool,
+    inplace: bool = False,
+) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+    """Per-row loss and, if asked, the gradient of logits (N, C) in one fused call.
+
+    Args:
+        logits: C-contiguous (N, C) float16/bfloat16/float32/float64.
+        labels: int64 (N,), -1 for ignored rows, otherwise in [0, C).
+        sample_weight: float64 (N,).
+        options: validated options; ``options.grad_scale`` is the reduction's factor.
+        want_grad: also compute d(loss)/d(logits).
+        inplace: write the gradient over ``logits`` (only with ``want_grad``).
+
+    Returns:
+        (loss float64 (N,), gradient (N, C) in the logits' dtype or None, row minimum float64
+        (N,) for probability inputs or None). The row minimum lets the caller reject
+        negative "probabilities".
+    """
+    num_rows, num_classes = logits.shape
+    loss = np.empty(num_rows, dtype=np.float64)
+    source = storage_view(logits)
+    class_weight = options.class_weight
+    grad = None
+    if not options.from_logits:
+        # Probabilities are a compatibility path: an in-place request still computes into a
+        # new buffer, so the input is intact if the caller's check below rejects it.
+        row_min = np.empty(num_rows, dtype=np.float64)
+        if want_grad:
+            grad = np.empty_like(logits)
+        _kernels.prob_rows(
+            source, None if grad is None else storage_view(grad), labels, sample_weight,
+            class_weight, options.class_weight_total, options.label_smoothing, options.z_loss,
+            options.grad_scale, loss, row_min,
+        )
+        return loss, grad, row_min
+
+    if num_rows and use_split_rows(num_rows, num_classes):
+        grad = _split_rows(source, logits, labels, sample_weight, options, loss, want_grad, inplace)
+        return loss, grad, None
+
+    args = (labels, sample_weight, class_weight, options.class_weight_total, options.label_smoothing,
+            options.z_loss, options.softcap, options.grad_scale, loss)
+    if want_grad and inplace:
+        _kernels.logit_rows_inplace(source, *args)
+        grad = logits
+    elif want_grad:
+        grad = np.empty_like(logits)
+        _kernels.logit_rows(source, storage_view(grad), *args)
+    else:
+        _kernels.logit_rows(source, None, *args)
+    return loss, grad, None
+
+
+def _split_rows(source, logits, labels, sample_weight, options, loss, want_grad, inplace):
+    """Few rows, many classes: statistics per (row, part) in parallel, exact merge, gradient per part."""
+    num_rows, num_classes = source.shape
+    bounds = part_bounds_for(num_rows, num_classes)
+    num_parts = bounds.shape[0] - 1
+    class_weight = options.class_weight
+    want_weighted = options.label_smoothing != 0.0
+    part_max = np.empty((num_rows, num_parts))
+    part_sum = np.empty((num_rows, num_parts))
+    part_weighted = np.empty((num_rows, num_parts))
+    _kernels.logit_parts_stats(source, labels, bounds, options.softcap, class_weight, want_weighted,
+                               part_max, part_sum, part_weighted)
+    stats = partial_stats_to_rows(part_max, part_sum, part_weighted)
+    target_value = np.empty(num_rows)
+    _kernels.logit_targets_value(source, labels, options.softcap, target_value)
+    coefs = epilogue(stats, target_value, labels, sample_weight, options, loss)
+    if not want_grad:
+        return None
+    grad = logits if inplace else np.empty_like(logits)
+    dest = storage_view(grad)
+    row_max = stats[0]
+    coef_p, coef_t, coef_w = coefs
+    _kernels.logit_parts_grad(source, dest, labels, bounds, row_max, coef_p, coef_w, class_weight, options.softcap)
+    _kernels.logit_targets_grad(dest, labels, target_value, row_max, coef_p, coef_t, coef_w,
+                                class_weight, options.softcap)
+    return grad
+
+
+def partial_stats_to_rows(part_max, part_sum, part_weighted):
+    """Merge (N, P) partial statistics exactly into (row_max, sum_exp, weighted_sum), each (N,)."""
+    num_rows = part_max.shape[0]
+    row_max = np.empty(num_rows)
+    sum_exp = np.empty(num_rows)
+    weighted_sum = np.empty(num_rows)
+    _kernels.merge_parts(part_max, part_sum, part_weighted, row_max, sum_exp, weighted_sum)
+    return row_max, sum_exp, weighted_sum
+
+
+def epilogue(stats, target_value, labels, sample_weight, options, loss_out):
+    """Per-row loss (into ``loss_out``) and gradient coefficients from merged statistics."""
+    row_max, sum_exp, weighted_sum = stats
+    num_rows = row_max.shape[0]
+    coef_p = np.empty(num_rows)
+    coef_t = np.empty(num_rows)
+    coef_w = np.empty(num_rows)
+    _kernels.epilogue_rows(row_max, sum_exp, target_value, weighted_sum, labels, sample_weight,
+                           options.class_weight, options.class_weight_total, options.num_classes,
+                           options.label_smoothing, options.z_loss, options.grad_scale,
+                           loss_out, coef_p, coef_t, coef_w)
+    return coef_p, coef_t, coef_w

@@ -1,0 +1,117 @@
+"""Plain NumPy float64 reference of everything fastxent computes: the oracle for tests and bench.
+
+Readable rather than fast: it builds N x C temporaries and computes in float64 whatever the input
+dtype. It imports nothing else of fastxent, so it stays an independent check of the kernels.
+The formulas are those of SEMANTICS (see the README's semantics table).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+KERAS_EPSILON = 1e-7
+REDUCTIONS = ("none", "sum", "mean", "sum_over_batch_size")
+
+
+def _to_rows(logits, labels, axis):
+    x = np.moveaxis(np.asarray(logits).astype(np.float64), axis, -1)
+    lead_shape = x.shape[:-1]
+    return x.reshape(-1, x.shape[-1]), np.asarray(labels).reshape(-1).astype(np.int64), lead_shape
+
+
+def _per_row_terms(x, y, valid, from_logits, label_smoothing, class_weight, z_loss, softcap):
+    """Per-row loss (before the sample weight) and its gradient w.r.t. the input, in float64."""
+    num_rows, num_classes = x.shape
+    w = np.ones(num_classes) if class_weight is None else np.asarray(class_weight, np.float64)
+    safe_y = np.where(valid, y, 0)
+    rows = np.arange(num_rows)
+    with np.errstate(all="ignore"):
+        if from_logits:
+            v = x if softcap is None else softcap * np.tanh(x / softcap)
+            dv_dx = np.ones_like(x) if softcap is None else 1.0 - (v / softcap) ** 2
+        else:
+            clipped = np.clip(x, np.float32(KERAS_EPSILON), np.float32(1 - KERAS_EPSILON)).astype(np.float64)
+            clipped = np.where(np.isnan(x), np.nan, clipped)
+            v = np.log(clipped)
+            inside = (x >= np.float32(KERAS_EPSILON)) & (x <= np.float32(1 - KERAS_EPSILON))
+            dv_dx = np.where(inside, 1.0 / clipped, 0.0)
+        row_max = np.max(v, axis=1, keepdims=True)
+        shifted = v - np.where(np.isfinite(row_max), row_max, 0.0)
+        lse = (np.where(np.isfinite(row_max), row_max, 0.0) + np.log(np.sum(np.exp(shifted), axis=1, keepdims=True)))[:, 0]
+        # NaN anywhere, +inf anywhere, or every class -inf: the row is NaN (as TF and PyTorch).
+        bad = np.isnan(v).any(axis=1) | np.isposinf(v).any(axis=1) | np.isneginf(v).all(axis=1)
+        lse = np.where(bad, np.nan, lse)
+        softmax = np.exp(v - lse[:, None])
+        target_v = v[rows, safe_y]
+        w_y = w[safe_y]
+        eps = label_smoothing
+        total_w = w.sum()
+        loss = w_y * (1 - eps) * (lse - target_v)
+        if eps:
+            loss = loss + eps / num_classes * (total_w * lse - (v * w).sum(axis=1))
+        if z_loss:
+            loss = loss + z_loss * w_y * lse**2
+        grad_v = softmax * (w_y * (1 - eps) + eps * total_w / num_classes + 2 * z_loss * w_y * lse)[:, None]
+        grad_v -= eps / num_classes * w[None, :]
+        grad_v[rows, safe_y] -= w_y * (1 - eps)
+        grad = grad_v * dv_dx
+    return loss, grad, w_y
+
+
+def sparse_cross_entropy_with_grad(
+    logits,
+    labels,
+    *,
+    from_logits: bool = True,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    class_weight=None,
+    sample_weight=None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    axis: int = -1,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Float64 loss and gradient d(loss)/d(logits); same arguments as ``fastxent``'s function.
+
+    Returns (loss: float64, 0-d for "sum"/"mean"/"sum_over_batch_size" or labels-shaped for
+    "none"; grad: float64 with the logits' shape).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}")
+    x, y, lead_shape = _to_rows(logits, labels, axis)
+    valid = np.ones(y.shape, bool) if ignore_index is None else y != ignore_index
+    sw = np.ones(y.shape) if sample_weight is None else np.broadcast_to(
+        np.asarray(sample_weight, np.float64), lead_shape).reshape(-1)
+    loss, grad, w_y = _per_row_terms(x, y, valid, from_logits, label_smoothing, class_weight, z_loss, softcap)
+    with np.errstate(all="ignore"):
+        loss = np.where(valid, loss * sw, 0.0)
+        grad = np.where(valid[:, None], grad * sw[:, None], 0.0)
+        if reduction == "none":
+            scale, total = 1.0, loss.reshape(lead_shape)
+        else:
+            if reduction == "sum":
+                denominator = 1.0
+            elif reduction == "mean":
+                denominator = float(np.sum(np.where(valid, sw * w_y, 0.0)))
+            else:
+                denominator = float(np.count_nonzero(valid))
+            if denominator == 0.0:
+                scale, total = 0.0, np.array(0.0)
+            else:
+                scale, total = 1.0 / denominator, np.array(loss.sum() / denominator)
+        grad = np.where(valid[:, None], grad * scale, 0.0)
+    grad = np.moveaxis(grad.reshape(lead_shape + (x.shape[1],)), -1, axis)
+    return np.asarray(total, np.float64), grad
+
+
+def sparse_cross_entropy(logits, labels, **options) -> np.ndarray:
+    """Float64 loss only; see ``sparse_cross_entropy_with_grad``."""
+    return sparse_cross_entropy_with_grad(logits, labels, **options)[0]
+
+
+def log_softmax_gather(logits, labels, *, axis: int = -1) -> np.ndarray:
+    """Float64 log p(label) per row: x_y - logsumexp(x), labels-shaped."""
+    return -sparse_cross_entropy(logits, labels, reduction="none", axis=axis)
