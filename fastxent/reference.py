@@ -38,19 +38,23 @@ def _per_row_terms(x, y, valid, from_logits, label_smoothing, class_weight, z_lo
             inside = (x >= np.float32(KERAS_EPSILON)) & (x <= np.float32(1 - KERAS_EPSILON))
             dv_dx = np.where(inside, 1.0 / clipped, 0.0)
         row_max = np.max(v, axis=1, keepdims=True)
-        shifted = v - np.where(np.isfinite(row_max), row_max, 0.0)
-        lse = (np.where(np.isfinite(row_max), row_max, 0.0) + np.log(np.sum(np.exp(shifted), axis=1, keepdims=True)))[:, 0]
+        safe_max = np.where(np.isfinite(row_max), row_max, 0.0)
+        shifted = v - safe_max
+        log_sum = np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
         # NaN anywhere, +inf anywhere, or every class -inf: the row is NaN (as TF and PyTorch).
-        bad = np.isnan(v).any(axis=1) | np.isposinf(v).any(axis=1) | np.isneginf(v).all(axis=1)
-        lse = np.where(bad, np.nan, lse)
-        softmax = np.exp(v - lse[:, None])
-        target_v = v[rows, safe_y]
+        bad = (np.isnan(v).any(axis=1) | np.isposinf(v).any(axis=1) | np.isneginf(v).all(axis=1))[:, None]
+        log_sum = np.where(bad, np.nan, log_sum)
+        lse = (safe_max + log_sum)[:, 0]
+        # v_c - lse as (v_c - max) - log(sum): exact for logits of magnitude 1e30, where
+        # lse - v_c would lose everything to cancellation.
+        log_softmax = shifted - log_sum
+        softmax = np.exp(log_softmax)
         w_y = w[safe_y]
         eps = label_smoothing
         total_w = w.sum()
-        loss = w_y * (1 - eps) * (lse - target_v)
+        loss = w_y * (1 - eps) * -log_softmax[rows, safe_y]
         if eps:
-            loss = loss + eps / num_classes * (total_w * lse - (v * w).sum(axis=1))
+            loss = loss - eps / num_classes * (log_softmax * w).sum(axis=1)
         if z_loss:
             loss = loss + z_loss * w_y * lse**2
         grad_v = softmax * (w_y * (1 - eps) + eps * total_w / num_classes + 2 * z_loss * w_y * lse)[:, None]

@@ -1,0 +1,244 @@
+"""Shared test grids, tolerances and input generators: the one place tests take them from.
+
+Shapes and dtypes are chosen for a reason (see the comments on each grid), tolerances are set
+per dtype from how the kernels compute (see ``TOLERANCES``), and every test draws fresh random
+inputs from a per-test RNG whose base seed changes per session (printed in the report header,
+fixed with ``FASTXENT_TEST_SEED=<int>`` to reproduce a failure).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fastxent
+from fastxent.cpu import _kernels
+from fastxent.cpu import xent as cpu_xent
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+# ----------------------------------------------------------------------------------------
+# Grids
+# ----------------------------------------------------------------------------------------
+
+BLOCK = _kernels.BLOCK  # the kernels read a row in blocks of this many classes
+
+# Class counts, each for a reason.
+CLASS_COUNTS = (
+    1,  # a single class: the loss is 0 and the gradient 0 whatever the logit
+    7,  # shorter than the 16 max-lanes: only the scalar tail loop runs
+    1000,  # a typical small head, not a multiple of the lanes (1000 = 62 * 16 + 8)
+    BLOCK - 1,  # one block minus one: full lanes and a tail, in a single block
+    BLOCK,  # exactly one block
+    BLOCK + 1,  # one block plus a one-element second block (the running max is rescaled)
+)
+# A realistic vocabulary; kept to small N so the suite stays fast.
+LARGE_CLASS_COUNT = 32000
+LARGE_CLASS_LEAD_SHAPES = ((), (2,))
+
+# Leading (non-class) shapes of rank 0, 1 and 2: a single row, a batch, a batch of sequences.
+LEAD_SHAPES = ((), (5,), (3, 4))
+
+# Split-row inputs that are cut into at least two parts (see ``split_part_count``): few rows
+# (N <= 3 gives at least two parts per row for any thread count) and more than one block.
+SPLIT_CASES = (
+    ((), BLOCK + 1),  # one row, a full block and a one-element part
+    ((3,), 2 * BLOCK + 904),  # three rows of three blocks, the last one partial
+)
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BFLOAT16)
+LOW_PRECISION_DTYPES = (np.dtype(np.float16), BFLOAT16)
+REDUCTIONS = fastxent.REDUCTIONS
+
+KERNEL_PATHS = ("rows", "split")
+
+
+def dtype_id(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def shape_id(shape) -> str:
+    return "x".join(map(str, shape)) if shape else "scalar"
+
+
+# ----------------------------------------------------------------------------------------
+# Tolerances
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """|got - ref| <= atol + rtol * |ref| (grad: atol is relative to the largest |ref|).
+
+    Half-precision logits are decoded exactly and the loss is computed in float32, so their loss
+    tolerance is float32's; their gradient is rounded once to the storage type, so its relative
+    tolerance is one unit in the last place of that type.
+    """
+
+    loss_rtol: float
+    loss_atol: float
+    grad_rtol: float
+    grad_atol: float
+
+
+TOLERANCES = {
+    # float64 logits are computed in float64 throughout.
+    np.dtype(np.float64): Tolerance(loss_rtol=1e-11, loss_atol=1e-11, grad_rtol=1e-10, grad_atol=1e-13),
+    # float32 compute: block sums of 2048 terms in 16 float32 lanes, a 2-ulp exp.
+    np.dtype(np.float32): Tolerance(loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2e-5, grad_atol=1e-6),
+    # One ulp of float16 (2**-10) relative; absolute: float16's smallest subnormal 6e-8.
+    np.dtype(np.float16): Tolerance(loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2.0**-10, grad_atol=6e-8),
+    # One ulp of bfloat16 (2**-7 relative).
+    BFLOAT16: Tolerance(loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2.0**-7, grad_atol=1e-6),
+}
+
+
+def tolerance(dtype) -> Tolerance:
+    return TOLERANCES[np.dtype(dtype)]
+
+
+def loss_dtype_for(dtype) -> np.dtype:
+    """The documented loss dtype: float64 for float64 logits, float32 otherwise."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _as64(array) -> np.ndarray:
+    return np.asarray(array).astype(np.float64)
+
+
+def assert_loss_close(got, ref, dtype, *, scale=1.0):
+    """Loss within the dtype's tolerance; NaN and +-inf must match position for position.
+
+    ``scale`` widens the tolerance for losses whose terms are larger than the total (a sum of
+    many rows, z-loss on large log-sum-exps).
+    """
+    tol = tolerance(dtype)
+    got64, ref64 = _as64(got), _as64(ref)
+    assert got64.shape == ref64.shape, (got64.shape, ref64.shape)
+    np.testing.assert_allclose(
+        got64, ref64, rtol=tol.loss_rtol * scale, atol=tol.loss_atol * scale, equal_nan=True
+    )
+
+
+def assert_grad_close(got, ref, dtype):
+    """Gradient within one rounding of the storage dtype (plus float32 compute error)."""
+    tol = tolerance(dtype)
+    got64, ref64 = _as64(got), _as64(ref)
+    assert got64.shape == ref64.shape, (got64.shape, ref64.shape)
+    finite = np.isfinite(ref64)
+    magnitude = float(np.max(np.abs(ref64[finite]), initial=0.0))
+    np.testing.assert_allclose(
+        got64, ref64, rtol=tol.grad_rtol, atol=tol.grad_atol * max(magnitude, 1e-30), equal_nan=True
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Random inputs
+# ----------------------------------------------------------------------------------------
+
+_SESSION_SEED = int(os.environ.get("FASTXENT_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+
+
+def pytest_report_header(config):
+    return f"fastxent test seed: FASTXENT_TEST_SEED={_SESSION_SEED}"
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A fresh generator per test: the session seed mixed with the test's id."""
+    return np.random.default_rng([_SESSION_SEED, zlib.crc32(request.node.nodeid.encode())])
+
+
+def random_logits(rng, shape, dtype, *, scale=3.0) -> np.ndarray:
+    """Normal logits of the given scale in ``dtype``, with no exact zeros after rounding."""
+    values = (rng.standard_normal(shape) * scale).astype(dtype)
+    # A zero logit would hide a missing term (0 * anything): move it off zero.
+    values[values == 0] = np.asarray(scale / 7, dtype=dtype)
+    return values
+
+
+def random_labels(rng, lead_shape, num_classes) -> np.ndarray:
+    return rng.integers(0, num_classes, size=lead_shape, dtype=np.int64)
+
+
+def random_probabilities(rng, shape, dtype, *, axis=-1, zero_fraction=0.1) -> np.ndarray:
+    """Softmax outputs in ``dtype`` with about ``zero_fraction`` of the entries exactly zero.
+
+    Rows are renormalised after the zeros are placed, so they sum to 1 up to rounding.
+    """
+    logits = rng.standard_normal(shape) * 3.0
+    probs = np.exp(logits - logits.max(axis=axis, keepdims=True))
+    probs[rng.random(shape) < zero_fraction] = 0.0
+    total = probs.sum(axis=axis, keepdims=True)
+    probs = probs / np.where(total > 0, total, 1.0)
+    return probs.astype(dtype)
+
+
+def random_class_weight(rng, num_classes) -> np.ndarray:
+    return rng.uniform(0.25, 2.0, size=num_classes)
+
+
+def random_sample_weight(rng, lead_shape) -> np.ndarray:
+    return rng.uniform(0.0, 2.0, size=lead_shape)
+
+
+def ignored_labels(rng, labels, ignore_index, fraction=0.3) -> np.ndarray:
+    """A copy of ``labels`` with about ``fraction`` of them set to ``ignore_index`` (at least one
+    when there are at least two labels, and never all of them)."""
+    labels = np.array(labels, copy=True)
+    flat = labels.reshape(-1)
+    if flat.size >= 2:
+        chosen = rng.random(flat.size) < fraction
+        chosen[rng.integers(flat.size)] = True
+        chosen[0] = False if chosen.all() else chosen[0]
+        flat[chosen] = ignore_index
+    return labels
+
+
+# ----------------------------------------------------------------------------------------
+# Kernel paths
+# ----------------------------------------------------------------------------------------
+
+
+def force_kernel_path(monkeypatch, path: str) -> None:
+    """Route every logits call to one kernel path, whatever N and C are.
+
+    "rows": one task per row (the split threshold made unreachable). "split": every row cut
+    into parts of whole blocks (inputs longer than one block get several parts).
+    """
+    if path == "rows":
+        monkeypatch.setattr(cpu_xent, "SPLIT_MIN_CLASSES", 2**62)
+    elif path == "split":
+        monkeypatch.setattr(cpu_xent, "SPLIT_MIN_CLASSES", 0)
+        monkeypatch.setattr(cpu_xent, "SPLIT_ROWS_PER_THREAD", 2**40)
+    else:
+        raise ValueError(f"unknown kernel path {path!r}")
+
+
+def split_part_count(num_rows: int, num_classes: int) -> int:
+    """How many parts the split-row path cuts each row into for this input."""
+    return len(cpu_xent.part_bounds_for(num_rows, num_classes)) - 1
+
+
+def assert_path_taken(path: str, num_rows: int, num_classes: int) -> None:
+    """The launcher's own decision agrees with the forced path (guards the monkeypatch)."""
+    if num_rows:
+        assert cpu_xent.use_split_rows(num_rows, num_classes) == (path == "split")
+
+
+@pytest.fixture(params=KERNEL_PATHS)
+def kernel_path(request, monkeypatch) -> str:
+    """Runs the test once on the row-parallel path and once on the split-row path."""
+    force_kernel_path(monkeypatch, request.param)
+    return request.param
+
+
+@pytest.fixture
+def split_rows(monkeypatch) -> None:
+    """Forces the split-row path for this test."""
+    force_kernel_path(monkeypatch, "split")
