@@ -124,3 +124,79 @@ def _as_compute_overload(value, like):
     if like in (types.float32, types.int16, types.uint16):
         return lambda value, like: np.float32(value)
     return None
+
+
+@intrinsic
+def f64_from_bits(typingctx, bits):
+    """Reinterpret the 64 bits of an int64 as a float64."""
+    if bits != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(bits), codegen
+
+
+@intrinsic
+def bits_from_f64(typingctx, value):
+    """Reinterpret a float64 as the int64 holding its bits."""
+    if value != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(value), codegen
+
+
+def order_key(value):
+    """Signed integer whose order is the float order of ``value`` (Python stub for Numba).
+
+    Flipping the magnitude bits of negative floats makes their bit patterns sort like the
+    numbers, so a max over floats becomes a max over integers, which LLVM vectorizes (a float
+    max written as a compare-and-select does not vectorize: measured 9x slower). Positive NaN
+    sorts above +inf, negative NaN below -inf; callers get NaN from the exp-sum either way.
+    """
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(order_key, inline="always")
+def _order_key_overload(value):
+    if value == types.float32:
+
+        def key32(value):
+            bits = np.int32(bits_from_f32(value))
+            return np.int32(bits ^ np.int32((bits >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+        return key32
+    if value == types.float64:
+
+        def key64(value):
+            bits = bits_from_f64(value)
+            return np.int64(bits ^ np.int64((bits >> np.int64(63)) & np.int64(0x7FFFFFFFFFFFFFFF)))
+
+        return key64
+    return None
+
+
+def from_order_key(key):
+    """The float whose ``order_key`` is ``key`` (Python stub for Numba)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(from_order_key, inline="always")
+def _from_order_key_overload(key):
+    if key == types.int32:
+
+        def float32_of(key):
+            return f32_from_bits(np.int32(key ^ np.int32((key >> np.int32(31)) & np.int32(0x7FFFFFFF))))
+
+        return float32_of
+    if key == types.int64:
+
+        def float64_of(key):
+            return f64_from_bits(np.int64(key ^ np.int64((key >> np.int64(63)) & np.int64(0x7FFFFFFFFFFFFFFF))))
+
+        return float64_of
+    return None

@@ -32,15 +32,12 @@ import numpy as np
 from numba import njit, prange, types
 from numba.core.extending import overload
 
-from fastxent.cpu._bits import as_compute, from_compute, to_compute
+from fastxent.cpu._bits import as_compute, from_compute, from_order_key, order_key, to_compute
 from fastxent.cpu._math import FASTMATH, exp_c, tanh_c
 
 # A block is read from memory once into L1 (8 KiB of float32), scanned for its max, then
 # scanned again for the exp-sum: one pass over memory, two over cache.
 BLOCK = 2048
-# Independent max accumulators: a single running max is a serial chain of dependent
-# compares that LLVM will not reorder (it is not a plain reduction under NaN rules).
-LANES = 16
 
 # Keras' epsilon() = 1e-7 as float32 bounds, as Keras clips float32 probabilities.
 PROB_EPS = np.float32(1e-7)
@@ -77,6 +74,26 @@ def _class_weight_range_overload(class_weight, lo, hi):
     return lambda class_weight, lo, hi: class_weight[lo:hi]
 
 
+def grad_dest(source, row_out, lo, hi):
+    """Where a gradient sweep over [lo, hi) writes: ``row_out[lo:hi]``, or ``source`` itself
+    (the input slice) when ``row_out`` is True (in place).
+
+    In-place is signalled by the constant True rather than by passing the same array twice:
+    two views of one buffer look independent to LLVM, which then guards the loop with a
+    runtime overlap check that fails and runs the scalar fallback (measured 8x slower, even
+    for two slices of one array taken in the same function). Writing through the very view
+    that is read keeps the loop vectorized.
+    """
+    return source if row_out is True else row_out[lo:hi]
+
+
+@overload(grad_dest, inline="always")
+def _grad_dest_overload(source, row_out, lo, hi):
+    if isinstance(row_out, types.Boolean):
+        return lambda source, row_out, lo, hi: source
+    return lambda source, row_out, lo, hi: row_out[lo:hi]
+
+
 def weight_at(weights, j):
     """weights[j] as float64, or 1.0 when ``weights`` is None (Python stub for Numba)."""
     return 1.0 if weights is None else float(weights[j])
@@ -91,21 +108,16 @@ def _weight_at_overload(weights, j):
 
 @njit(fastmath=FASTMATH, cache=True)
 def segment_max(segment, softcap):
-    """Max of the (softcapped) logits of a 1-D segment; NaN is skipped (the exp-sum keeps it)."""
-    lanes = np.full(LANES, as_compute(-np.inf, segment[0]))
-    length = segment.shape[0]
-    full = (length // LANES) * LANES
-    for start in range(0, full, LANES):
-        for k in range(LANES):
-            value = load_logit(segment[start + k], softcap)
-            lanes[k] = value if value > lanes[k] else lanes[k]
-    best = lanes[0]
-    for k in range(1, LANES):
-        best = lanes[k] if lanes[k] > best else best
-    for j in range(full, length):
-        value = load_logit(segment[j], softcap)
-        best = value if value > best else best
-    return best
+    """Max of the (softcapped) logits of a non-empty 1-D segment, via integer order keys.
+
+    A positive NaN wins the max and a negative one loses it; either way the exp-sum turns
+    the row into NaN, as the semantics require.
+    """
+    best = order_key(load_logit(segment[0], softcap))
+    for j in range(segment.shape[0]):
+        key = order_key(load_logit(segment[j], softcap))
+        best = key if key > best else best
+    return from_order_key(best)
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -181,27 +193,18 @@ def prob_range_stats(row, lo, hi, class_weight, want_weighted_sum):
     """Partial statistics of row[lo:hi] for probability inputs: (0, sum clip(p), sum w log clip(p), min p)."""
     segment = row[lo:hi]
     clipped_sum = np.float32(0.0)
-    lanes = np.full(LANES, np.float32(np.inf))
+    smallest = order_key(np.float32(to_compute(segment[0])))
     length = segment.shape[0]
-    full = (length // LANES) * LANES
-    for start in range(0, full, LANES):
-        for k in range(LANES):
-            raw = np.float32(to_compute(segment[start + k]))
-            lanes[k] = raw if raw < lanes[k] else lanes[k]
-            clipped_sum += clip_prob(segment[start + k])
-    smallest = lanes[0]
-    for k in range(1, LANES):
-        smallest = lanes[k] if lanes[k] < smallest else smallest
-    for j in range(full, length):
-        raw = np.float32(to_compute(segment[j]))
-        smallest = raw if raw < smallest else smallest
+    for j in range(length):
+        key = order_key(np.float32(to_compute(segment[j])))
+        smallest = key if key < smallest else smallest
         clipped_sum += clip_prob(segment[j])
     weighted_log_sum = 0.0
     if want_weighted_sum:
         weights = class_weight_range(class_weight, lo, hi)
         for j in range(length):
             weighted_log_sum += weight_at(weights, j) * math.log(clip_prob(segment[j]))
-    return 0.0, np.float64(clipped_sum), weighted_log_sum, np.float64(smallest)
+    return 0.0, np.float64(clipped_sum), weighted_log_sum, np.float64(from_order_key(smallest))
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
@@ -236,11 +239,11 @@ def row_epilogue(row_max, sum_exp, target_value, weighted_sum, sample_weight, ta
 def logit_range_grad(row_in, row_out, lo, hi, row_max, coef_p, coef_w, class_weight, softcap):
     """Write (coef_p exp(v_j - row_max) - coef_w w_j) dv/dx over [lo, hi); the target is fixed after.
 
-    ``row_in`` and ``row_out`` may be the same array (in-place gradient): each element is read
-    before it is written.
+    ``row_out`` is the output row, or True to write over ``row_in`` (each element is read before
+    it is written).
     """
     source = row_in[lo:hi]
-    dest = row_out[lo:hi]
+    dest = grad_dest(source, row_out, lo, hi)
     weights = class_weight_range(class_weight, lo, hi)
     reference = as_compute(row_max if row_max > -np.inf else 0.0, row_in[0])
     prob_coef = as_compute(coef_p, row_in[0])
@@ -279,7 +282,7 @@ def prob_range_grad(row_in, row_out, lo, hi, coef_p, coef_w, class_weight):
     and clip's derivative is 1 inside [eps, 1 - eps] (bounds included, as TensorFlow's) and 0 outside.
     """
     source = row_in[lo:hi]
-    dest = row_out[lo:hi]
+    dest = grad_dest(source, row_out, lo, hi)
     weights = class_weight_range(class_weight, lo, hi)
     prob_coef = np.float32(coef_p)
     weight_coef = np.float32(coef_w)
@@ -311,7 +314,10 @@ def prob_target_grad(raw_target, coef_p, coef_t, coef_w, target_weight_w):
 @njit(fastmath=FASTMATH, cache=True)
 def logit_row(row_in, row_out, label, sample_weight, class_weight, class_weight_total, num_classes,
               smoothing, z_loss, softcap, grad_scale):
-    """Loss of one row of logits; writes its gradient into ``row_out`` unless that is None."""
+    """Loss of one row of logits; writes its gradient into ``row_out`` (True: over ``row_in``).
+
+    ``row_out`` None: loss only.
+    """
     width = row_in.shape[0]
     row_max, sum_exp, weighted_sum = logit_range_stats(
         row_in, 0, width, softcap, class_weight, smoothing != 0.0
@@ -326,7 +332,8 @@ def logit_row(row_in, row_out, label, sample_weight, class_weight, class_weight_
     if row_out is not None:
         logit_range_grad(row_in, row_out, 0, width, row_max, coef_p, coef_w, class_weight, softcap)
         target_grad = logit_target_grad(target_value, row_max, coef_p, coef_t, coef_w, target_weight, softcap)
-        row_out[label] = from_compute(as_compute(target_grad, row_out[0]), row_out[0])
+        dest = grad_dest(row_in, row_out, 0, width)
+        dest[label] = from_compute(as_compute(target_grad, dest[0]), dest[0])
     return loss
 
 
@@ -355,11 +362,7 @@ def logit_rows(logits, grad_out, labels, sample_weight, class_weight, class_weig
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def logit_rows_inplace(logits, labels, sample_weight, class_weight, class_weight_total,
                        smoothing, z_loss, softcap, grad_scale, loss_out):
-    """As ``logit_rows`` with the gradient written over the logits.
-
-    A separate driver on purpose: passing the same buffer as a second argument hides the
-    aliasing from LLVM, which then gives up vectorizing (measured 4x slower).
-    """
+    """As ``logit_rows`` with the gradient written over the logits (see ``grad_dest``)."""
     num_rows, num_classes = logits.shape
     for i in prange(num_rows):
         label = labels[i]
@@ -369,7 +372,7 @@ def logit_rows_inplace(logits, labels, sample_weight, class_weight, class_weight
             row[:] = 0
             continue
         loss_out[i] = logit_row(
-            row, row, label, sample_weight[i], class_weight, class_weight_total,
+            row, True, label, sample_weight[i], class_weight, class_weight_total,
             num_classes, smoothing, z_loss, softcap, grad_scale,
         )
 

@@ -15,50 +15,62 @@ import numpy as np
 from numba import njit, types
 from numba.core.extending import overload
 
-from fastxent.cpu._bits import f32_from_bits
+from fastxent.cpu._bits import bits_from_f32, f32_from_bits
 
 # No "nnan"/"ninf": with them LLVM may delete the -inf and NaN handling the semantics need.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# The exp's round-to-integer, (y + M) - M, only works if the two operations are not
+# reassociated into y + (M - M): its body is compiled without "reassoc". It must not be
+# inlined at the Numba IR level either (that would give its code the caller's flags); LLVM
+# still inlines it, keeping these per-instruction flags.
+EXACT_FASTMATH = {"nsz", "arcp", "contract", "afn"}
 
 _LOG2E = np.float32(1.4426950408889634)
 # ln 2 split in two (Cody-Waite): the high part has 11 significant bits, so n * high is exact
 # for every |n| <= 127 and the reduced argument keeps full float32 accuracy.
 _LN2_HIGH = np.float32(0.693115234375)
 _LN2_LOW = np.float32(3.194618329871446e-05)
-_HALF = np.float32(0.5)
 _ONE = np.float32(1.0)
 _TWO = np.float32(2.0)
-_EXP_MIN_ARG = np.float32(-87.33)  # below this exp() is under float32's smallest normal: return 0
-_EXP_MAX_POW = np.float32(127.0)
-# Taylor coefficients 1/k!; on |r| <= ln2/2 the degree-7 truncation error is 5e-9 relative,
-# well under float32's rounding.
-_C2 = np.float32(1.0 / 2.0)
-_C3 = np.float32(1.0 / 6.0)
-_C4 = np.float32(1.0 / 24.0)
-_C5 = np.float32(1.0 / 120.0)
-_C6 = np.float32(1.0 / 720.0)
-_C7 = np.float32(1.0 / 5040.0)
+# Adding 1.5 * 2**23 rounds a float32 of magnitude < 2**22 to an integer held in the low
+# mantissa bits. Unlike floor + fptosi this is defined for NaN (fptosi of NaN is poison in
+# LLVM) and costs one add instead of a round and a convert.
+_ROUND_MAGIC = np.float32(12582912.0)
+_EXPONENT_BIAS = np.int32(127 << 23)
+# exp(-87) = 1.6e-38 is still a normal float32; below it the result is flushed to exactly 0.
+_EXP_MIN_ARG = np.float32(-87.0)
+# Degree-5 polynomial for exp(r) on |r| <= ln2 / 2, fitted for least maximum relative error
+# (7.5e-8, about one float32 ulp).
+_P0 = np.float32(1.0000001192092896)
+_P1 = np.float32(0.9999997019767761)
+_P2 = np.float32(0.49998894333839417)
+_P3 = np.float32(0.16667574644088745)
+_P4 = np.float32(0.04191538318991661)
+_P5 = np.float32(0.008297654800117016)
 # tanh(u) = u - u^3/3 + 2u^5/15 - 17u^7/315 + 62u^9/2835 for |u| < 1/8 (error < 1e-12)
 _TANH_SMALL = np.float32(0.125)
+_HALF = np.float32(0.5)
 _T3 = np.float32(-1.0 / 3.0)
 _T5 = np.float32(2.0 / 15.0)
 _T7 = np.float32(-17.0 / 315.0)
 _T9 = np.float32(62.0 / 2835.0)
 
 
-@njit(fastmath=FASTMATH, cache=True, inline="always")
+@njit(fastmath=EXACT_FASTMATH, cache=True)
 def exp_f32(x):
-    """exp(x) for float32 x; exact to ~2 ulp for x in [-87.33, 88], 0 below, NaN for NaN."""
-    scaled = np.floor(x * _LOG2E + _HALF)
-    # The ordered compares send NaN to the clamp value, so the int32 conversion below is
-    # always defined (fptosi of NaN is poison in LLVM); r stays NaN and carries it through.
-    scaled = scaled if scaled > -_EXP_MAX_POW else -_EXP_MAX_POW
-    scaled = scaled if scaled < _EXP_MAX_POW else _EXP_MAX_POW
-    r = (x - scaled * _LN2_HIGH) - scaled * _LN2_LOW
-    poly = _ONE + r * (_ONE + r * (_C2 + r * (_C3 + r * (_C4 + r * (_C5 + r * (_C6 + r * _C7))))))
-    # Numba widens int32 arithmetic to int64; the outer casts let LLVM keep it in 32 bits.
-    biased = np.int32(np.int32(scaled) + np.int32(127))
-    power = f32_from_bits(np.int32(biased << np.int32(23)))
+    """exp(x) for float32 x <= 0 (the only arguments the kernels form); NaN gives NaN.
+
+    About 2 ulp; exactly 0 below -87 (so -inf gives 0). About 14 vector instructions.
+    """
+    # The compare is false for NaN, so NaN stays NaN; -inf becomes -87 (result masked below).
+    bounded = _EXP_MIN_ARG if x < _EXP_MIN_ARG else x
+    shifted = bounded * _LOG2E + _ROUND_MAGIC
+    whole = shifted - _ROUND_MAGIC
+    r = (bounded - whole * _LN2_HIGH) - whole * _LN2_LOW
+    poly = _P0 + r * (_P1 + r * (_P2 + r * (_P3 + r * (_P4 + r * _P5))))
+    # The low bits of ``shifted`` hold round(x / ln 2) in two's complement; shifted left by 23
+    # (the high bits fall off) and biased, they are the exponent field of 2**n.
+    power = f32_from_bits(np.int32(np.int32(bits_from_f32(shifted) << np.uint32(23)) + _EXPONENT_BIAS))
     result = poly * power
     return np.float32(0.0) if x < _EXP_MIN_ARG else result
 

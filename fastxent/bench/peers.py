@@ -1,0 +1,355 @@
+"""The implementations under test: fastxent and its peers, all on the same arrays.
+
+Each implementation imports its framework only in ``load`` (TensorFlow, PyTorch and JAX are
+never imported by fastxent's core), sets its thread count there, and then:
+
+    state = impl.prepare(logits, labels)   convert the inputs once, outside any timing
+    impl.reset(state)                       untimed, before every call (restores in-place input)
+    out = impl.run(state, mode)             the timed call: the "mean" loss, and its gradient
+    impl.wait(out)                          returns once the result exists (GPU, JAX)
+    loss, loss_dtype, grad = impl.to_numpy(out)
+
+Peers compute what a user of that framework would write:
+- NumPy: max / exp / sum / log / take, then softmax minus the one-hot, divided by N. Its ufuncs
+  run on one thread whatever the thread setting. bfloat16 input is widened to float32 first.
+- TensorFlow: ``tf.nn.sparse_softmax_cross_entropy_with_logits`` then ``reduce_mean`` in a
+  ``tf.function``; the gradient through ``GradientTape`` (the fused op's own backprop, scaled).
+- PyTorch: ``F.cross_entropy``; forward under ``no_grad``, the gradient with autograd.
+- JAX: ``logsumexp`` minus the target logit, ``jit`` and ``value_and_grad``; half precision is
+  widened to float32 inside the jitted function.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from fastxent.bench.cases import FORWARD, FORWARD_BACKWARD, MODES
+
+PEER_NAMES = ("numpy", "tensorflow", "torch", "jax")
+
+
+class Implementation:
+    """Base class: CPU NumPy arrays in, results out; subclasses override what differs."""
+
+    name = ""
+    label = ""
+    framework = "numpy"  # the import that must succeed; also groups memory-measuring processes
+    modes: Tuple[str, ...] = MODES
+    is_peer = True
+
+    def __init__(self) -> None:
+        self.device = "cpu"
+        self.threads = 1
+        self.notes: List[str] = []
+
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.framework) is not None
+
+    def load(self, device: str, threads: int) -> Optional[str]:
+        """Import the framework and set its threads; None when usable, else the reason why not."""
+        self.device, self.threads = device, threads
+        if not self.installed():
+            return "not installed"
+        return self._load()
+
+    def _load(self) -> Optional[str]:
+        return None
+
+    def unsupported(self, case) -> Optional[str]:
+        """Why this implementation cannot run ``case``, or None."""
+        return None
+
+    def prepare(self, logits, labels) -> Dict[str, Any]:
+        return {"logits": logits, "labels": labels}
+
+    def reset(self, state) -> None:
+        pass
+
+    def run(self, state, mode: str):
+        raise NotImplementedError
+
+    def wait(self, out) -> None:
+        pass
+
+    def to_numpy(self, out) -> Tuple[float, str, Optional[np.ndarray]]:
+        loss, grad = out
+        loss = _host(loss)
+        return float(loss), loss.dtype.name, None if grad is None else _host(grad)
+
+
+def _host(array) -> np.ndarray:
+    """A NumPy copy of a NumPy or CuPy array (0-d arrays included)."""
+    if type(array).__module__.split(".")[0] == "cupy":
+        return array.get()
+    return np.asarray(array)
+
+
+class Fastxent(Implementation):
+    name = label = "fastxent"
+    framework = "fastxent"
+    is_peer = False
+
+    def _load(self):
+        if self.device == "cpu":
+            import numba
+
+            wanted = self.threads
+            self.threads = min(wanted, numba.config.NUMBA_NUM_THREADS)
+            numba.set_num_threads(self.threads)
+            if self.threads < wanted:
+                self.notes.append(f"Numba allows at most {self.threads} threads here")
+        return None
+
+    def run(self, state, mode):
+        import fastxent  # looked up at call time: tests substitute a perturbed function here
+
+        if mode == FORWARD:
+            return fastxent.sparse_cross_entropy(state["logits"], state["labels"]), None
+        return fastxent.sparse_cross_entropy_with_grad(state["logits"], state["labels"])
+
+
+class FastxentInplace(Fastxent):
+    """The gradient written over the logits: no N x C allocation. Each call gets fresh logits
+    (copied in, untimed), so it always computes on the case's data."""
+
+    name = "fastxent-inplace"
+    label = "fastxent (inplace)"
+    modes = (FORWARD_BACKWARD,)
+
+    def prepare(self, logits, labels):
+        return {"source": logits, "logits": logits.copy(), "labels": labels}
+
+    def reset(self, state):
+        state["logits"][...] = state["source"]
+
+    def run(self, state, mode):
+        import fastxent
+
+        return fastxent.sparse_cross_entropy_with_grad(state["logits"], state["labels"], inplace=True)
+
+
+def numpy_cross_entropy(xp, logits, labels, want_grad: bool):
+    """The textbook composition, in whatever array module ``xp`` is (NumPy, or CuPy on GPU)."""
+    x = logits if logits.dtype in (np.float32, np.float64) else logits.astype(np.float32)
+    num_rows = x.shape[0]
+    rows = xp.arange(num_rows)
+    row_max = x.max(axis=1, keepdims=True)
+    exp = xp.exp(x - row_max)
+    sum_exp = exp.sum(axis=1)
+    lse = xp.log(sum_exp) + row_max[:, 0]
+    loss = (lse - x[rows, labels]).mean()
+    if not want_grad:
+        return loss, None
+    grad = exp
+    grad /= sum_exp[:, None]
+    grad[rows, labels] -= 1.0
+    grad /= num_rows
+    return loss, grad.astype(logits.dtype, copy=False)
+
+
+class NumpyPeer(Implementation):
+    name = label = "numpy"
+
+    def _load(self):
+        if self.device == "gpu":
+            self.label = "numpy (CuPy)"
+            self.notes.append("the same composition with CuPy arrays")
+        else:
+            self.notes.append("NumPy ufuncs run on one thread")
+        return None
+
+    def run(self, state, mode):
+        if self.device == "gpu":
+            import cupy as xp
+        else:
+            xp = np
+        return numpy_cross_entropy(xp, state["logits"], state["labels"], mode == FORWARD_BACKWARD)
+
+
+class TorchPeer(Implementation):
+    name = label = "torch"
+    framework = "torch"
+
+    def _load(self):
+        import torch
+
+        self.torch = torch
+        if self.device == "gpu":
+            if not torch.cuda.is_available():
+                return "no CUDA build or no GPU visible to PyTorch"
+            return None
+        torch.set_num_threads(self.threads)
+        try:  # allowed once per process, before any inter-op parallel work
+            torch.set_num_interop_threads(self.threads)
+        except RuntimeError:
+            pass
+        return None
+
+    def prepare(self, logits, labels):
+        torch = self.torch
+        if self.device == "gpu":
+            tensor = torch.from_dlpack(logits)
+            target = torch.from_dlpack(labels)
+        else:
+            if logits.dtype.name == "bfloat16":  # ml_dtypes: share the bits, no copy
+                tensor = torch.from_numpy(logits.view(np.int16)).view(torch.bfloat16)
+            else:
+                tensor = torch.from_numpy(logits)
+            target = torch.from_numpy(labels)
+        leaf = tensor.detach().requires_grad_(True)
+        return {"logits": tensor, "leaf": leaf, "labels": target}
+
+    def run(self, state, mode):
+        torch = self.torch
+        cross_entropy = torch.nn.functional.cross_entropy
+        if mode == FORWARD:
+            with torch.no_grad():
+                return cross_entropy(state["logits"], state["labels"]), None
+        loss = cross_entropy(state["leaf"], state["labels"])
+        (grad,) = torch.autograd.grad(loss, state["leaf"])
+        return loss, grad
+
+    def wait(self, out):
+        if self.device == "gpu":
+            self.torch.cuda.synchronize()
+
+    def to_numpy(self, out):
+        loss, grad = out
+        dtype = str(loss.dtype).replace("torch.", "")
+        if grad is not None:
+            if grad.dtype == self.torch.bfloat16:
+                from ml_dtypes import bfloat16
+
+                grad = grad.view(self.torch.int16).cpu().numpy().view(bfloat16)
+            else:
+                grad = grad.detach().cpu().numpy()
+        return float(loss.float().item()), dtype, grad
+
+
+class TensorflowPeer(Implementation):
+    name = label = "tensorflow"
+    framework = "tensorflow"
+
+    def _load(self):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+
+        self.tf = tf
+        if self.device == "gpu":
+            if not tf.config.list_physical_devices("GPU"):
+                return "no GPU visible to TensorFlow"
+            self.tf_device = "/GPU:0"
+        else:
+            self.tf_device = "/CPU:0"
+            try:  # only possible before TensorFlow's runtime starts
+                tf.config.threading.set_intra_op_parallelism_threads(self.threads)
+                tf.config.threading.set_inter_op_parallelism_threads(self.threads)
+            except RuntimeError:
+                self.notes.append("thread counts were fixed before fastxent bench could set them")
+        self.functions: Dict[Any, Any] = {}
+        return None
+
+    def _function(self, dtype, mode):
+        key = (dtype, mode)
+        if key not in self.functions:
+            tf = self.tf
+            signature = [tf.TensorSpec([None, None], dtype), tf.TensorSpec([None], tf.int64)]
+
+            def forward(logits, labels):
+                losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+                return tf.reduce_mean(losses)
+
+            def forward_backward(logits, labels):
+                with tf.GradientTape() as tape:
+                    tape.watch(logits)
+                    loss = forward(logits, labels)
+                return loss, tape.gradient(loss, logits)
+
+            body = forward if mode == FORWARD else forward_backward
+            self.functions[key] = tf.function(body, input_signature=signature)
+        return self.functions[key]
+
+    def prepare(self, logits, labels):
+        tf = self.tf
+        with tf.device(self.tf_device):
+            tensor = tf.constant(_host(logits))
+            target = tf.constant(_host(labels))
+        return {"logits": tensor, "labels": target}
+
+    def run(self, state, mode):
+        logits = state["logits"]
+        with self.tf.device(self.tf_device):
+            out = self._function(logits.dtype, mode)(logits, state["labels"])
+        return (out, None) if mode == FORWARD else out
+
+    def wait(self, out):
+        if self.device == "gpu":
+            self.tf.test.experimental.sync_devices()
+
+    def to_numpy(self, out):
+        loss, grad = out
+        return float(np.float32(loss.numpy())), loss.dtype.name, None if grad is None else grad.numpy()
+
+
+class JaxPeer(Implementation):
+    name = label = "jax"
+    framework = "jax"
+
+    def _load(self):
+        if self.device == "cpu" and "jax" not in __import__("sys").modules:
+            flags = os.environ.get("XLA_FLAGS", "")
+            os.environ["XLA_FLAGS"] = (
+                f"{flags} --xla_cpu_multi_thread_eigen=true "
+                f"intra_op_parallelism_threads={self.threads}").strip()
+        import jax
+        import jax.numpy as jnp
+
+        self.jax, self.jnp = jax, jnp
+        try:
+            self.jax_device = jax.devices("gpu" if self.device == "gpu" else "cpu")[0]
+        except RuntimeError:
+            return "no GPU visible to JAX"
+
+        def mean_loss(logits, labels):
+            x = logits if logits.dtype in (jnp.float32, jnp.float64) else logits.astype(jnp.float32)
+            lse = jax.nn.logsumexp(x, axis=-1)
+            target = jnp.take_along_axis(x, labels[:, None], axis=-1)[:, 0]
+            return jnp.mean(lse - target)
+
+        self.forward = jax.jit(mean_loss)
+        self.forward_backward = jax.jit(jax.value_and_grad(mean_loss))
+        return None
+
+    def prepare(self, logits, labels):
+        return {"logits": self.jax.device_put(_host(logits), self.jax_device),
+                "labels": self.jax.device_put(_host(labels), self.jax_device)}
+
+    def run(self, state, mode):
+        if mode == FORWARD:
+            return self.forward(state["logits"], state["labels"]), None
+        return self.forward_backward(state["logits"], state["labels"])
+
+    def wait(self, out):
+        for item in out:
+            if item is not None:
+                item.block_until_ready()
+
+    def to_numpy(self, out):
+        loss, grad = out
+        return float(np.float32(loss)), str(loss.dtype), None if grad is None else np.asarray(grad)
+
+
+PEERS = {"numpy": NumpyPeer, "tensorflow": TensorflowPeer, "torch": TorchPeer, "jax": JaxPeer}
+IMPLEMENTATIONS = {"fastxent": Fastxent, "fastxent-inplace": FastxentInplace, **PEERS}
+
+
+def implementations(peers) -> List[Implementation]:
+    """fastxent, fastxent in place, then the named peers, each a fresh (unloaded) object."""
+    unknown = [name for name in peers if name not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown peer {unknown[0]!r}; expected some of {', '.join(PEER_NAMES)}")
+    return [Fastxent(), FastxentInplace()] + [PEERS[name]() for name in peers]
