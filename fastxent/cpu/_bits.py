@@ -98,15 +98,17 @@ def _from_compute_overload(value, like):
     if like == types.uint16:
 
         def to_bfloat16_bits(value, like):
-            bits = bits_from_f32(np.float32(value))
+            single = np.float32(value)
+            # int32 throughout: Numba would widen uint32 arithmetic to 64 bits, which halves
+            # the vector width of the loops that round their output.
+            bits = np.int32(bits_from_f32(single))
+            odd = np.int32((bits >> np.int32(16)) & np.int32(1))
             # Round to nearest, ties to even, on the 16 bits that are dropped.
-            # (Numba widens uint32 arithmetic to 64 bits; the casts let LLVM keep 32.)
-            odd = np.uint32((bits >> np.uint32(16)) & np.uint32(1))
-            rounded = np.uint32(np.uint32(bits + np.uint32(0x7FFF) + odd) >> np.uint32(16))
+            rounded = np.int32(bits + np.int32(0x7FFF) + odd)
             # A NaN must stay a NaN: rounding could carry its payload into the exponent.
-            quiet_nan = np.uint32((bits >> np.uint32(16)) | np.uint32(0x0040))
-            is_nan = np.uint32(bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-            return np.uint16(quiet_nan if is_nan else rounded)
+            quiet_nan = np.int32(bits | np.int32(0x00400000))
+            kept = quiet_nan if single != single else rounded
+            return np.uint16(np.int32(kept >> np.int32(16)) & np.int32(0xFFFF))
 
         return to_bfloat16_bits
     return None

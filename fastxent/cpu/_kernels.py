@@ -44,7 +44,7 @@ PROB_EPS = np.float32(1e-7)
 PROB_ONE_MINUS_EPS = np.float32(1.0 - 1e-7)
 
 
-@njit(fastmath=FASTMATH, cache=True, inline="always")
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
 def load_logit(raw, softcap):
     """Widen one stored logit and apply the optional softcap s * tanh(x / s)."""
     value = to_compute(raw)
@@ -54,7 +54,7 @@ def load_logit(raw, softcap):
     return value
 
 
-@njit(fastmath=FASTMATH, cache=True, inline="always")
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
 def clip_prob(raw):
     """Keras' clip of a probability to [eps, 1 - eps] in float32; NaN passes through."""
     value = np.float32(to_compute(raw))
@@ -106,7 +106,7 @@ def _weight_at_overload(weights, j):
     return lambda weights, j: np.float64(weights[j])
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def segment_max(segment, softcap):
     """Max of the (softcapped) logits of a non-empty 1-D segment, via integer order keys.
 
@@ -120,7 +120,7 @@ def segment_max(segment, softcap):
     return from_order_key(best)
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def segment_sum_exp(segment, reference, softcap):
     """sum_j exp(v_j - reference) over a segment; NaN anywhere gives NaN."""
     total = as_compute(0.0, segment[0])
@@ -129,7 +129,7 @@ def segment_sum_exp(segment, reference, softcap):
     return np.float64(total)
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def segment_weighted_sum(segment, weights, softcap):
     """sum_j w_j v_j over a segment (w_j = 1 when ``weights`` is None), in float64."""
     total = 0.0
@@ -142,7 +142,7 @@ def segment_weighted_sum(segment, weights, softcap):
     return total
 
 
-@njit(fastmath=FASTMATH, cache=True, inline="always")
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
 def rescale_factor(old_max, new_max):
     """Factor that moves a sum_exp taken relative to ``old_max`` to ``new_max`` (>= old_max).
 
@@ -154,7 +154,7 @@ def rescale_factor(old_max, new_max):
     return math.exp(np.float64(old_max) - np.float64(new_max))
 
 
-@njit(fastmath=FASTMATH, cache=True, inline="always")
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
 def merge_max_sum(max_a, sum_a, max_b, sum_b):
     """Exact merge of two (row_max, sum_exp) partials of disjoint class ranges."""
     merged_max = max_a if max_a > max_b else max_b
@@ -162,7 +162,7 @@ def merge_max_sum(max_a, sum_a, max_b, sum_b):
     return merged_max, merged_sum
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def logit_range_stats(row, lo, hi, softcap, class_weight, want_weighted_sum):
     """Partial statistics of row[lo:hi] for logit inputs: (row_max, sum_exp, weighted_sum).
 
@@ -188,7 +188,7 @@ def logit_range_stats(row, lo, hi, softcap, class_weight, want_weighted_sum):
     return np.float64(running_max), sum_exp, weighted_sum
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def prob_range_stats(row, lo, hi, class_weight, want_weighted_sum):
     """Partial statistics of row[lo:hi] for probability inputs: (0, sum clip(p), sum w log clip(p), min p)."""
     segment = row[lo:hi]
@@ -207,7 +207,7 @@ def prob_range_stats(row, lo, hi, class_weight, want_weighted_sum):
     return 0.0, np.float64(clipped_sum), weighted_log_sum, np.float64(from_order_key(smallest))
 
 
-@njit(fastmath=FASTMATH, cache=True, inline="always")
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
 def row_epilogue(row_max, sum_exp, target_value, weighted_sum, sample_weight, target_weight,
                  class_weight_total, num_classes, smoothing, z_loss, grad_scale):
     """Loss and gradient coefficients of one row from its merged statistics (float64).
@@ -235,7 +235,7 @@ def row_epilogue(row_max, sum_exp, target_value, weighted_sum, sample_weight, ta
     return loss, coef_prob / sum_exp, row_scale * target_part, row_scale * smooth_coef
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def logit_range_grad(row_in, row_out, lo, hi, row_max, coef_p, coef_w, class_weight, softcap):
     """Write (coef_p exp(v_j - row_max) - coef_w w_j) dv/dx over [lo, hi); the target is fixed after.
 
@@ -260,7 +260,7 @@ def logit_range_grad(row_in, row_out, lo, hi, row_max, coef_p, coef_w, class_wei
         dest[j] = from_compute(grad, dest[0])
 
 
-@njit(fastmath=FASTMATH, cache=True, inline="always")
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
 def logit_target_grad(value, row_max, coef_p, coef_t, coef_w, target_weight_w, softcap):
     """The gradient at the target class from its (softcapped) logit ``value``, in float64.
 
@@ -274,7 +274,7 @@ def logit_target_grad(value, row_max, coef_p, coef_t, coef_w, target_weight_w, s
     return grad
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def prob_range_grad(row_in, row_out, lo, hi, coef_p, coef_w, class_weight):
     """Write inside_j (coef_p - coef_w w_j / clip(p_j)) over [lo, hi); the target is fixed after.
 
@@ -295,7 +295,7 @@ def prob_range_grad(row_in, row_out, lo, hi, coef_p, coef_w, class_weight):
         dest[j] = from_compute(grad if inside else np.float32(0.0), dest[0])
 
 
-@njit(fastmath=FASTMATH, cache=True, inline="always")
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
 def prob_target_grad(raw_target, coef_p, coef_t, coef_w, target_weight_w):
     """Gradient w.r.t. the target probability, in float64."""
     raw = np.float32(to_compute(raw_target))
@@ -311,7 +311,7 @@ def prob_target_grad(raw_target, coef_p, coef_t, coef_w, target_weight_w):
 # ----------------------------------------------------------------------------------------
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def logit_row(row_in, row_out, label, sample_weight, class_weight, class_weight_total, num_classes,
               smoothing, z_loss, softcap, grad_scale):
     """Loss of one row of logits; writes its gradient into ``row_out`` (True: over ``row_in``).
@@ -337,7 +337,7 @@ def logit_row(row_in, row_out, label, sample_weight, class_weight, class_weight_
     return loss
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
 def logit_rows(logits, grad_out, labels, sample_weight, class_weight, class_weight_total,
                smoothing, z_loss, softcap, grad_scale, loss_out):
     """Row-parallel loss (and gradient into ``grad_out`` unless it is None) for logits (N, C).
@@ -359,7 +359,7 @@ def logit_rows(logits, grad_out, labels, sample_weight, class_weight, class_weig
         )
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
 def logit_rows_inplace(logits, labels, sample_weight, class_weight, class_weight_total,
                        smoothing, z_loss, softcap, grad_scale, loss_out):
     """As ``logit_rows`` with the gradient written over the logits (see ``grad_dest``)."""
@@ -377,7 +377,7 @@ def logit_rows_inplace(logits, labels, sample_weight, class_weight, class_weight
         )
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
 def prob_rows(probs, grad_out, labels, sample_weight, class_weight, class_weight_total,
               smoothing, z_loss, grad_scale, loss_out, row_min_out):
     """Row-parallel loss (and gradient unless ``grad_out`` is None) for probabilities (N, C).
@@ -420,7 +420,7 @@ def prob_rows(probs, grad_out, labels, sample_weight, class_weight, class_weight
 # ----------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
 def logit_parts_stats(logits, labels, part_bounds, softcap, class_weight, want_weighted_sum,
                       part_max, part_sum, part_weighted):
     """Partial statistics of every (row, part): outputs are (N, P) float64 arrays.
@@ -446,7 +446,7 @@ def logit_parts_stats(logits, labels, part_bounds, softcap, class_weight, want_w
         part_weighted[i, part] = weighted_sum
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
 def logit_parts_grad(logits, grad_out, labels, part_bounds, row_max, coef_p, coef_w,
                      class_weight, softcap):
     """Gradient of every (row, part) without the target term (added by ``logit_targets_grad``).
@@ -466,7 +466,7 @@ def logit_parts_grad(logits, grad_out, labels, part_bounds, row_max, coef_p, coe
         logit_range_grad(logits[i], grad_out[i], lo, hi, row_max[i], coef_p[i], coef_w[i], class_weight, softcap)
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def logit_targets_value(logits, labels, softcap, out):
     """out[i] = softcapped logit of row i's label (NaN-free 0 for rows without one here)."""
     for i in range(logits.shape[0]):
@@ -474,7 +474,7 @@ def logit_targets_value(logits, labels, softcap, out):
         out[i] = np.float64(load_logit(logits[i, label], softcap)) if label >= 0 else 0.0
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def logit_targets_grad(grad_out, labels, target_value, row_max, coef_p, coef_t, coef_w,
                        class_weight, softcap):
     """Write the gradient at each row's target, formed in float64 and rounded once."""
@@ -487,7 +487,7 @@ def logit_targets_grad(grad_out, labels, target_value, row_max, coef_p, coef_t, 
         grad_out[i, label] = from_compute(as_compute(grad, grad_out[0, 0]), grad_out[0, 0])
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def epilogue_rows(row_max, sum_exp, target_value, weighted_sum, labels, sample_weight, class_weight,
                   class_weight_total, num_classes, smoothing, z_loss, grad_scale,
                   loss_out, coef_p, coef_t, coef_w):
@@ -507,7 +507,7 @@ def epilogue_rows(row_max, sum_exp, target_value, weighted_sum, labels, sample_w
         loss_out[i] = loss
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def merge_parts(part_max, part_sum, part_weighted, row_max, sum_exp, weighted_sum):
     """Merge (N, P) partial statistics into per-row (N,) statistics."""
     for i in range(part_max.shape[0]):

@@ -18,6 +18,9 @@ from numba.core.extending import overload
 from fastxent.cpu._bits import bits_from_f32, f32_from_bits
 
 # No "nnan"/"ninf": with them LLVM may delete the -inf and NaN handling the semantics need.
+# Every kernel also uses error_model="numpy": Numba's default Python error model checks each
+# division for a zero divisor (to raise ZeroDivisionError), which blocks vectorization
+# (measured 0.87 vs 0.25 ns per element) and would raise where IEEE gives inf or NaN.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # The exp's round-to-integer, (y + M) - M, only works if the two operations are not
 # reassociated into y + (M - M): its body is compiled without "reassoc". It must not be
@@ -56,7 +59,7 @@ _T7 = np.float32(-17.0 / 315.0)
 _T9 = np.float32(62.0 / 2835.0)
 
 
-@njit(fastmath=EXACT_FASTMATH, cache=True)
+@njit(fastmath=EXACT_FASTMATH, cache=True, error_model="numpy")
 def exp_f32(x):
     """exp(x) for float32 x <= 0 (the only arguments the kernels form); NaN gives NaN.
 
@@ -75,7 +78,7 @@ def exp_f32(x):
     return np.float32(0.0) if x < _EXP_MIN_ARG else result
 
 
-@njit(fastmath=FASTMATH, cache=True, inline="always")
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def tanh_f32(u):
     """tanh(u) for float32 u, vectorizable; relative error about 1e-7."""
     magnitude = abs(u)

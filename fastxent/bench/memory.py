@@ -1,0 +1,220 @@
+"""Peak extra memory of each implementation, measured.
+
+CPU: the resident-set high-water mark of a fresh process. ``tracemalloc`` would see NumPy's
+buffers but not TensorFlow's or PyTorch's, so the measurement works at the level of the
+operating system instead. For each framework one new Python process builds the same inputs,
+converts them (``prepare``), makes one small warm-up call (compilation, tracing, thread pools),
+then per mode: resets the kernel's high-water mark (``/proc/self/clear_refs``), reads the
+resident set, makes one call on the full input, and reports ``VmHWM - VmRSS before``: every
+page the call touched and had not before, its outputs included. Where the high-water mark
+cannot be reset, a thread samples the resident set every 0.2 ms instead (the method is
+reported). Large buffers are freed to the system between calls (glibc returns allocations
+over 32 MiB at once, and neither PyTorch nor TensorFlow caches CPU memory by default), so
+one call's peak does not hide in the previous call's leftovers.
+
+GPU: each framework's allocator statistics in the benchmarking process (CuPy memory hook,
+``torch.cuda.max_memory_allocated``, TensorFlow's ``get_memory_info``); JAX's cannot be reset
+and is not reported.
+
+Run as ``python -m fastxent.bench.memory`` with a JSON request on stdin (see ``measure_cpu``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+CPU_METHOD = ("resident-set high-water mark (VmHWM) of a fresh process per framework, reset "
+              "before each call; extra = peak - resident set before the call (outputs included)")
+CPU_METHOD_SAMPLED = ("resident set sampled every 0.2 ms in a fresh process per framework; "
+                      "extra = peak - resident set before the call (outputs included)")
+GPU_METHOD = ("allocator statistics of each framework (CuPy memory hook, PyTorch and TensorFlow "
+              "peak-memory counters), reset before the call; outputs included")
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _reset_high_water() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _current_rss() -> int:
+    try:
+        return _status_kib("VmRSS") * 1024
+    except OSError:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+def peak_extra_bytes(call: Callable[[], object]) -> Tuple[int, str]:
+    """(peak resident bytes during ``call()`` above those before it, method used)."""
+    gc.collect()
+    if _reset_high_water():
+        before = _current_rss()
+        out = call()
+        peak = _status_kib("VmHWM") * 1024
+        del out
+        return max(0, peak - before), "hwm"
+    before = _current_rss()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _current_rss())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        out = call()
+        peak[0] = max(peak[0], _current_rss())
+        del out
+    finally:
+        done.set()
+        sampler.join()
+    return max(0, peak[0] - before), "sampled"
+
+
+def _measure_in_this_process(request) -> Dict:
+    from fastxent.bench.cases import Case, make_inputs
+    from fastxent.bench.peers import IMPLEMENTATIONS
+
+    results: Dict[str, Dict[str, Optional[int]]] = {}
+    errors: Dict[str, str] = {}
+    methods = set()
+    impls = []
+    for name in request["impls"]:
+        impl = IMPLEMENTATIONS[name]()
+        reason = impl.load("cpu", request["threads"])
+        if reason is None:
+            impls.append(impl)
+        else:
+            errors[name] = reason
+    for rows, classes, dtype in request["cases"]:
+        case = Case(rows, classes, dtype)
+        logits, labels = make_inputs(case, request.get("seed", 0))
+        warm_rows = min(rows, 16)
+        for impl in impls:
+            if impl.unsupported(case):
+                continue
+            for mode in request["modes"]:
+                if mode not in impl.modes:
+                    continue
+                key = f"{impl.name}|{case.id}|{mode}"
+                try:
+                    small = impl.prepare(logits[:warm_rows].copy(), labels[:warm_rows].copy())
+                    impl.reset(small)
+                    impl.wait(impl.run(small, mode))
+                    del small
+                    state = impl.prepare(logits, labels)
+                    impl.reset(state)
+
+                    def call():
+                        out = impl.run(state, mode)
+                        impl.wait(out)
+                        return out
+
+                    extra, method = peak_extra_bytes(call)
+                    methods.add(method)
+                    results[key] = extra
+                    del state
+                except Exception as error:  # reported per implementation, never fatal
+                    errors[key] = f"{type(error).__name__}: {error}"
+    return {"results": results, "errors": errors, "methods": sorted(methods)}
+
+
+def measure_cpu(impl_names: List[str], cases, modes, threads: int, seed: int = 0,
+                timeout: float = 900.0) -> Dict:
+    """Run the measurement in a new process; returns {"results": {"impl|case|mode": bytes},
+    "errors": {...}, "methods": [...]}. Errors (including a crashed process) are reported,
+    never raised."""
+    request = {"impls": impl_names, "cases": [[c.num_rows, c.num_classes, c.dtype] for c in cases],
+               "modes": list(modes), "threads": threads, "seed": seed}
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    try:
+        done = subprocess.run([sys.executable, "-m", "fastxent.bench.memory"], input=json.dumps(request),
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"results": {}, "errors": {name: "memory measurement timed out" for name in impl_names},
+                "methods": []}
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"results": {}, "errors": {name: f"memory process failed: {tail}" for name in impl_names},
+                "methods": []}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class GpuPeak:
+    """Peak bytes allocated on the GPU by one framework during a call, above those before."""
+
+    def __init__(self, framework: str):
+        self.framework = framework
+
+    def measure(self, call: Callable[[], object]) -> Optional[int]:
+        if self.framework == "torch":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            out = call()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            del out
+            return peak - before
+        if self.framework == "tensorflow":
+            import tensorflow as tf
+
+            tf.config.experimental.reset_memory_stats("GPU:0")
+            before = tf.config.experimental.get_memory_info("GPU:0")["current"]
+            out = call()
+            peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
+            del out
+            return peak - before
+        if self.framework in ("fastxent", "numpy"):
+            import cupy
+            from cupy.cuda import memory_hook
+
+            class Peak(memory_hook.MemoryHook):
+                name = "PeakHook"
+
+                def __init__(self):
+                    self.current = self.peak = 0
+
+                def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
+                    self.current += mem_size
+                    self.peak = max(self.peak, self.current)
+
+                def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
+                    self.current -= mem_size
+
+            hook = Peak()
+            with hook:
+                out = call()
+                cupy.cuda.Device().synchronize()
+            del out
+            return hook.peak
+        return None
+
+
+if __name__ == "__main__":
+    sys.stdout.write(json.dumps(_measure_in_this_process(json.loads(sys.stdin.read()))) + "\n")
