@@ -41,6 +41,12 @@ def _bytes(count: Optional[int]) -> str:
     return f"{count / 2**20:.0f} MiB" if count >= 2**20 else f"{count / 2**10:.0f} KiB"
 
 
+def _ratio(value: Optional[float]) -> str:
+    if not value:
+        return ""
+    return f"{value:.1f}x" if value >= 10 else f"{value:.2f}x"
+
+
 def _error(value: Optional[float]) -> str:
     if value is None:
         return ""
@@ -75,9 +81,9 @@ def _cells(row: Dict) -> List[str]:
     return [
         row["label"],
         _ms(row["median_s"]),
-        f"{row['speedup']:.1f}x" if row["speedup"] else "",
-        f"{row['floor_multiple']:.2f}x" if row["floor_multiple"] else "",
-        f"{row['gbps']:.1f}" if row["gbps"] else "",
+        _ratio(row["speedup"]),
+        _ratio(row["floor_multiple"]),
+        f"{row['gbps']:.3g}" if row["gbps"] else "",
         _bytes(row.get("peak_extra_bytes")),
         _error(row.get("loss_error")),
         _error(row.get("grad_error")),
@@ -86,7 +92,9 @@ def _cells(row: Dict) -> List[str]:
 
 
 def _title(entry: Entry) -> str:
-    return f"{entry.case.name}, {entry.mode} ({entry.bytes_moved / 1e6:.0f} MB must move)"
+    moved = entry.bytes_moved
+    size = f"{moved / 1e9:.2f} GB" if moved >= 1e9 else f"{moved / 1e6:.1f} MB" if moved >= 1e6 else f"{moved / 1e3:.1f} kB"
+    return f"{entry.case.name}, {entry.mode} ({size} must move)"
 
 
 def speedup_summary(entries: Sequence[Entry]) -> List[str]:
@@ -102,10 +110,10 @@ def speedup_summary(entries: Sequence[Entry]) -> List[str]:
                     ratios.setdefault(row["label"], []).append(row["speedup"])
                 if row["impl"] == "fastxent" and row["floor_multiple"]:
                     floors.append(row["floor_multiple"])
-        parts = [f"{label} {_geomean(values):.1f}x" for label, values in ratios.items()]
-        floor = f"; fastxent takes {_geomean(floors):.2f}x the floor" if floors else ""
+        parts = [f"{label} {_ratio(_geomean(values))}" for label, values in ratios.items()]
+        floor = f"; fastxent's time is {_ratio(_geomean(floors))} the floor's" if floors else ""
         if parts or floor:
-            lines.append(f"{mode}: fastxent is faster than " + (", ".join(parts) or "no peer") +
+            lines.append(f"{mode}: fastxent's speed-up over " + (", ".join(parts) or "no peer") +
                          " (geometric mean over the cases)" + floor)
     return lines
 

@@ -296,12 +296,12 @@ def prob_range_grad(row_in, row_out, lo, hi, coef_p, coef_w, class_weight):
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
-def prob_target_grad(raw_target, coef_p, coef_t, coef_w, target_weight_w):
-    """Gradient w.r.t. the target probability, in float64."""
-    raw = np.float32(to_compute(raw_target))
+def prob_target_grad_of(probability, coef_p, coef_t, coef_w, target_weight_w):
+    """Gradient w.r.t. the target probability (its input value, float64), in float64."""
+    raw = np.float32(probability)
     if not (raw >= PROB_EPS and raw <= PROB_ONE_MINUS_EPS):
         return 0.0
-    return coef_p - (coef_t + coef_w * target_weight_w) / np.float64(clip_prob(raw_target))
+    return coef_p - (coef_t + coef_w * target_weight_w) / np.float64(raw)
 
 
 # ----------------------------------------------------------------------------------------
@@ -409,92 +409,139 @@ def prob_rows(probs, grad_out, labels, sample_weight, class_weight, class_weight
         if grad_out is not None:
             row_out = grad_out[i]
             prob_range_grad(row, row_out, 0, num_classes, coef_p, coef_w, class_weight)
-            target_grad = prob_target_grad(target_raw, coef_p, coef_t, coef_w, target_weight)
+            target_grad = prob_target_grad_of(np.float64(to_compute(target_raw)), coef_p, coef_t, coef_w, target_weight)
             row_out[label] = from_compute(np.float32(target_grad), row_out[0])
 
 
 # ----------------------------------------------------------------------------------------
-# Split-row driver: few rows, many classes (inference, last-token loss). Each row is cut into
-# parts that threads take independently; the parts' statistics are merged exactly, then the
-# gradient is written part by part in parallel again.
+# Class-range drivers: statistics and gradients over parts of rows. Used for few long rows
+# (each row cut into parts that threads take independently, merged exactly) and by the
+# vocabulary-parallel path (one part per process, merged by collectives).
+#
+# Labels here are local to the class range: >= 0 is the target's position in the range,
+# IGNORED marks a row that is not counted, ELSEWHERE a counted row whose target lies outside
+# this range (in another process's shard).
 # ----------------------------------------------------------------------------------------
 
+IGNORED = -1
+ELSEWHERE = -2
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
-def logit_parts_stats(logits, labels, part_bounds, softcap, class_weight, want_weighted_sum,
-                      part_max, part_sum, part_weighted):
-    """Partial statistics of every (row, part): outputs are (N, P) float64 arrays.
 
-    part_bounds: int64 (P + 1,) class offsets. Ignored rows (label < 0) are skipped. This is the
-    primitive the vocabulary-parallel path also uses, with one part per process.
-    """
-    num_rows = logits.shape[0]
-    num_parts = part_bounds.shape[0] - 1
-    for task in prange(num_rows * num_parts):
-        i = task // num_parts
-        part = task - i * num_parts
-        if labels[i] < 0:
-            part_max[i, part] = -np.inf
-            part_sum[i, part] = 0.0
-            part_weighted[i, part] = 0.0
-            continue
-        row_max, sum_exp, weighted_sum = logit_range_stats(
-            logits[i], part_bounds[part], part_bounds[part + 1], softcap, class_weight, want_weighted_sum
-        )
-        part_max[i, part] = row_max
-        part_sum[i, part] = sum_exp
-        part_weighted[i, part] = weighted_sum
+def out_row(grad_out, i):
+    """Row i of the gradient buffer, or True (in place) when ``grad_out`` is True (stub)."""
+    return True if grad_out is True else grad_out[i]
+
+
+@overload(out_row, inline="always")
+def _out_row_overload(grad_out, i):
+    if isinstance(grad_out, types.Boolean):
+        return lambda grad_out, i: True
+    return lambda grad_out, i: grad_out[i]
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
-def logit_parts_grad(logits, grad_out, labels, part_bounds, row_max, coef_p, coef_w,
-                     class_weight, softcap):
-    """Gradient of every (row, part) without the target term (added by ``logit_targets_grad``).
+def parts_stats(rows, labels, part_bounds, from_probs, softcap, class_weight, want_weighted_sum,
+                part_max, part_sum, part_weighted, part_min):
+    """Partial statistics of every (row, part) of rows (N, W): outputs are (N, P) float64.
 
-    grad_out may be ``logits`` itself: the sweep reads each element before writing it.
+    part_bounds: int64 (P + 1,) offsets into the row. For probabilities part_max is 0,
+    part_sum the clipped sum and part_min the smallest input; ignored rows get neutral values.
     """
-    num_rows = logits.shape[0]
+    num_rows = rows.shape[0]
     num_parts = part_bounds.shape[0] - 1
     for task in prange(num_rows * num_parts):
         i = task // num_parts
         part = task - i * num_parts
         lo = part_bounds[part]
         hi = part_bounds[part + 1]
-        if labels[i] < 0:
-            grad_out[i, lo:hi] = 0
+        part_min[i, part] = np.inf
+        if labels[i] == IGNORED or hi <= lo:
+            part_max[i, part] = -np.inf
+            part_sum[i, part] = 0.0
+            part_weighted[i, part] = 0.0
             continue
-        logit_range_grad(logits[i], grad_out[i], lo, hi, row_max[i], coef_p[i], coef_w[i], class_weight, softcap)
+        if from_probs:
+            row_max, sum_exp, weighted_sum, smallest = prob_range_stats(
+                rows[i], lo, hi, class_weight, want_weighted_sum
+            )
+            part_min[i, part] = smallest
+        else:
+            row_max, sum_exp, weighted_sum = logit_range_stats(
+                rows[i], lo, hi, softcap, class_weight, want_weighted_sum
+            )
+        part_max[i, part] = row_max
+        part_sum[i, part] = sum_exp
+        part_weighted[i, part] = weighted_sum
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
+def parts_grad(rows, grad_out, labels, part_bounds, from_probs, row_max, coef_p, coef_w,
+               class_weight, softcap):
+    """Gradient of every (row, part) without the target term (see ``targets_grad``).
+
+    grad_out: (N, W) buffer, or True to write over ``rows``.
+    """
+    num_rows = rows.shape[0]
+    num_parts = part_bounds.shape[0] - 1
+    for task in prange(num_rows * num_parts):
+        i = task // num_parts
+        part = task - i * num_parts
+        lo = part_bounds[part]
+        hi = part_bounds[part + 1]
+        if hi <= lo:
+            continue
+        dest_row = out_row(grad_out, i)
+        if labels[i] == IGNORED:
+            grad_dest(rows[i][lo:hi], dest_row, lo, hi)[:] = 0
+        elif from_probs:
+            prob_range_grad(rows[i], dest_row, lo, hi, coef_p[i], coef_w[i], class_weight)
+        else:
+            logit_range_grad(rows[i], dest_row, lo, hi, row_max[i], coef_p[i], coef_w[i], class_weight, softcap)
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
-def logit_targets_value(logits, labels, softcap, out):
-    """out[i] = softcapped logit of row i's label (NaN-free 0 for rows without one here)."""
-    for i in range(logits.shape[0]):
+def targets_value(rows, labels, from_probs, softcap, target_value, target_input):
+    """Per row with its target in range: v_y (logits) or log clip(p_y), and the raw input x_y.
+
+    Rows without a target here get 0 in both, so partials of disjoint ranges add up.
+    """
+    for i in range(rows.shape[0]):
         label = labels[i]
-        out[i] = np.float64(load_logit(logits[i, label], softcap)) if label >= 0 else 0.0
+        if label < 0:
+            target_value[i] = 0.0
+            target_input[i] = 0.0
+            continue
+        raw = rows[i, label]
+        target_input[i] = np.float64(to_compute(raw))
+        if from_probs:
+            target_value[i] = math.log(clip_prob(raw))
+        else:
+            target_value[i] = np.float64(load_logit(raw, softcap))
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
-def logit_targets_grad(grad_out, labels, target_value, row_max, coef_p, coef_t, coef_w,
-                       class_weight, softcap):
-    """Write the gradient at each row's target, formed in float64 and rounded once."""
-    for i in range(grad_out.shape[0]):
+def targets_grad(grad, labels, from_probs, target_value, target_input, target_weight, row_max,
+                 coef_p, coef_t, coef_w, softcap):
+    """Write the gradient at each row's target (when it is in range), in float64, rounded once."""
+    for i in range(grad.shape[0]):
         label = labels[i]
         if label < 0:
             continue
-        target_weight = weight_at(class_weight, label)
-        grad = logit_target_grad(target_value[i], row_max[i], coef_p[i], coef_t[i], coef_w[i], target_weight, softcap)
-        grad_out[i, label] = from_compute(as_compute(grad, grad_out[0, 0]), grad_out[0, 0])
+        if from_probs:
+            value = prob_target_grad_of(target_input[i], coef_p[i], coef_t[i], coef_w[i], target_weight[i])
+        else:
+            value = logit_target_grad(target_value[i], row_max[i], coef_p[i], coef_t[i], coef_w[i],
+                                      target_weight[i], softcap)
+        grad[i, label] = from_compute(as_compute(value, grad[0, 0]), grad[0, 0])
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
-def epilogue_rows(row_max, sum_exp, target_value, weighted_sum, labels, sample_weight, class_weight,
+def epilogue_rows(row_max, sum_exp, target_value, weighted_sum, labels, sample_weight, target_weight,
                   class_weight_total, num_classes, smoothing, z_loss, grad_scale,
                   loss_out, coef_p, coef_t, coef_w):
-    """``row_epilogue`` for every row from merged statistics (labels < 0: ignored rows)."""
+    """``row_epilogue`` for every row from merged statistics; IGNORED rows get zeros."""
     for i in range(row_max.shape[0]):
-        label = labels[i]
-        if label < 0:
+        if labels[i] == IGNORED:
             loss_out[i] = 0.0
             coef_p[i] = 0.0
             coef_t[i] = 0.0
@@ -502,21 +549,18 @@ def epilogue_rows(row_max, sum_exp, target_value, weighted_sum, labels, sample_w
             continue
         loss, coef_p[i], coef_t[i], coef_w[i] = row_epilogue(
             row_max[i], sum_exp[i], target_value[i], weighted_sum[i], sample_weight[i],
-            weight_at(class_weight, label), class_weight_total, num_classes, smoothing, z_loss, grad_scale,
+            target_weight[i], class_weight_total, num_classes, smoothing, z_loss, grad_scale,
         )
         loss_out[i] = loss
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
-def merge_parts(part_max, part_sum, part_weighted, row_max, sum_exp, weighted_sum):
-    """Merge (N, P) partial statistics into per-row (N,) statistics."""
+def merge_parts(part_max, part_sum, row_max, sum_exp):
+    """Exact merge of (N, P) partial (row_max, sum_exp) into per-row (N,) values."""
     for i in range(part_max.shape[0]):
         merged_max = part_max[i, 0]
         merged_sum = part_sum[i, 0]
-        merged_weighted = part_weighted[i, 0]
         for part in range(1, part_max.shape[1]):
             merged_max, merged_sum = merge_max_sum(merged_max, merged_sum, part_max[i, part], part_sum[i, part])
-            merged_weighted += part_weighted[i, part]
         row_max[i] = merged_max
         sum_exp[i] = merged_sum
-        weighted_sum[i] = merged_weighted

@@ -12,7 +12,7 @@ import numpy as np
 
 from fastxent._options import KernelOptions
 from fastxent.cpu import _threading  # noqa: F401  (selects a fork- and thread-safe layer first)
-from fastxent.cpu import _kernels
+from fastxent.cpu import _kernels, partial
 
 try:  # bfloat16 comes from ml_dtypes; without it there are simply no bfloat16 arrays.
     from ml_dtypes import bfloat16 as _BFLOAT16
@@ -101,7 +101,10 @@ def fused_xent(
         return loss, grad, row_min
 
     if num_rows and use_split_rows(num_rows, num_classes):
-        grad = _split_rows(source, logits, labels, sample_weight, options, loss, want_grad, inplace)
+        bounds = part_bounds_for(num_rows, num_classes)
+        per_row, grad, _ = partial.split_rows(logits, labels, sample_weight, options, bounds,
+                                              want_grad=want_grad, inplace=inplace)
+        loss[:] = per_row
         return loss, grad, None
 
     args = (labels, sample_weight, class_weight, options.class_weight_total, options.label_smoothing,
@@ -115,55 +118,3 @@ def fused_xent(
     else:
         _kernels.logit_rows(source, None, *args)
     return loss, grad, None
-
-
-def _split_rows(source, logits, labels, sample_weight, options, loss, want_grad, inplace):
-    """Few rows, many classes: statistics per (row, part) in parallel, exact merge, gradient per part."""
-    num_rows, num_classes = source.shape
-    bounds = part_bounds_for(num_rows, num_classes)
-    num_parts = bounds.shape[0] - 1
-    class_weight = options.class_weight
-    want_weighted = options.label_smoothing != 0.0
-    part_max = np.empty((num_rows, num_parts))
-    part_sum = np.empty((num_rows, num_parts))
-    part_weighted = np.empty((num_rows, num_parts))
-    _kernels.logit_parts_stats(source, labels, bounds, options.softcap, class_weight, want_weighted,
-                               part_max, part_sum, part_weighted)
-    stats = partial_stats_to_rows(part_max, part_sum, part_weighted)
-    target_value = np.empty(num_rows)
-    _kernels.logit_targets_value(source, labels, options.softcap, target_value)
-    coefs = epilogue(stats, target_value, labels, sample_weight, options, loss)
-    if not want_grad:
-        return None
-    grad = logits if inplace else np.empty_like(logits)
-    dest = storage_view(grad)
-    row_max = stats[0]
-    coef_p, coef_t, coef_w = coefs
-    _kernels.logit_parts_grad(source, dest, labels, bounds, row_max, coef_p, coef_w, class_weight, options.softcap)
-    _kernels.logit_targets_grad(dest, labels, target_value, row_max, coef_p, coef_t, coef_w,
-                                class_weight, options.softcap)
-    return grad
-
-
-def partial_stats_to_rows(part_max, part_sum, part_weighted):
-    """Merge (N, P) partial statistics exactly into (row_max, sum_exp, weighted_sum), each (N,)."""
-    num_rows = part_max.shape[0]
-    row_max = np.empty(num_rows)
-    sum_exp = np.empty(num_rows)
-    weighted_sum = np.empty(num_rows)
-    _kernels.merge_parts(part_max, part_sum, part_weighted, row_max, sum_exp, weighted_sum)
-    return row_max, sum_exp, weighted_sum
-
-
-def epilogue(stats, target_value, labels, sample_weight, options, loss_out):
-    """Per-row loss (into ``loss_out``) and gradient coefficients from merged statistics."""
-    row_max, sum_exp, weighted_sum = stats
-    num_rows = row_max.shape[0]
-    coef_p = np.empty(num_rows)
-    coef_t = np.empty(num_rows)
-    coef_w = np.empty(num_rows)
-    _kernels.epilogue_rows(row_max, sum_exp, target_value, weighted_sum, labels, sample_weight,
-                           options.class_weight, options.class_weight_total, options.num_classes,
-                           options.label_smoothing, options.z_loss, options.grad_scale,
-                           loss_out, coef_p, coef_t, coef_w)
-    return coef_p, coef_t, coef_w

@@ -1,0 +1,937 @@
+// Fused sparse categorical cross-entropy: CUDA kernels (launched from xent.py with CuPy).
+//
+// Semantics are those of fastxent/cpu/_kernels.py, statement for statement where it matters:
+// per class range the partial statistics
+//
+//     row_max       max_c v_c                    (v = the logit after the optional softcap)
+//     sum_exp       sum_c exp(v_c - row_max)     (relative to 0 while row_max = -inf)
+//     weighted_sum  sum_c w_c v_c                (only when label smoothing needs it)
+//
+// merge exactly; a per-row epilogue in double gives the loss and the gradient coefficients, and
+//
+//     dlogits_j = (coef_p exp(v_j - row_max) - coef_w w_j) dv_j/dx_j,  the target's entry apart.
+//
+// Work split: one thread block per row (fwd, fwd_bwd, prob), or, for few long rows, one block
+// per (row, part) writing partial statistics that a tiny kernel merges (part_stats, merge_parts,
+// part_grad). Inside a block:
+//   1. every thread keeps an online (row_max, sum_exp) over 16-byte vectors of its row;
+//   2. warp shuffles, then shared memory, merge the threads' partials exactly;
+//   3. thread 0 runs the epilogue in double and publishes the coefficients;
+//   4. fwd_bwd sweeps the row again (from shared memory as far as it holds it, else from L2)
+//      and writes the gradient, new buffer or in place.
+//
+// Storage types: float, double, __half, __nv_bfloat16. Compute type (Acc): float, double for
+// double. Only the conversion intrinsics of cuda_fp16.h / cuda_bf16.h are used, so the source
+// compiles the same with nvcc (tools/check_cuda.py) and with NVRTC (CuPy at run time).
+//
+// Entries: extern "C" xent_<kind>[_softcap]_<dtype>, the list in _names.py.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace fastxent {
+
+// Threads per block: the launcher picks a power of two in [32, kMaxThreads]; every reduction
+// below assumes whole warps.
+constexpr int kMaxThreads = 1024;
+constexpr int kWarpSize = 32;
+constexpr int kMaxWarps = kMaxThreads / kWarpSize;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Keras' epsilon() = 1e-7, rounded to float32 as Keras clips float32 probabilities.
+constexpr float kProbEps = (float)1e-7;
+constexpr float kProbOneMinusEps = (float)(1.0 - 1e-7);
+
+// ------------------------------------------------------------------------------------------
+// Scalars: -inf, max/min that skip NaN, exp, tanh in the compute type
+// ------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float neg_inf(float) { return __uint_as_float(0xff800000u); }
+__device__ __forceinline__ double neg_inf(double) {
+  return __longlong_as_double((long long)0xfff0000000000000ull);
+}
+
+// fmax returns the other operand when one is NaN: a NaN logit never becomes the row max (the
+// exp-sum carries it into the loss instead), exactly as the CPU's `value > best` compare.
+__device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
+
+// float: the SFU exp (ex2.approx of x * log2 e). Its error, a few 1e-7 relative for the
+// arguments that matter (exp(v - max) with v - max > -20), is below float32 accumulation noise;
+// the accurate expf would double the instruction count of a kernel that must keep up with HBM.
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
+
+// tanh for the softcap, as the CPU's tanh_f32: an odd polynomial near 0 (where 1 - e loses
+// digits), (1 - e) / (1 + e) with e = exp(-2|u|) elsewhere. NaN stays NaN; +-inf gives +-1.
+__device__ __forceinline__ float tanh_acc(float u) {
+  const float magnitude = fabsf(u);
+  const float decay = __expf(-2.0f * magnitude);
+  const float large = copysignf(__fdividef(1.0f - decay, 1.0f + decay), u);
+  const float square = u * u;
+  const float small =
+      u * (1.0f + square * (-1.0f / 3.0f +
+                            square * (2.0f / 15.0f + square * (-17.0f / 315.0f + square * (62.0f / 2835.0f)))));
+  return magnitude < 0.125f ? small : large;
+}
+__device__ __forceinline__ double tanh_acc(double u) { return tanh(u); }
+
+template <bool kSoftcap, typename A>
+__device__ __forceinline__ A apply_softcap(A x, A cap) {
+  return kSoftcap ? cap * tanh_acc(x / cap) : x;
+}
+
+// Keras' clip of a probability to [eps, 1 - eps] in float32; NaN passes through.
+__device__ __forceinline__ float clip_prob(float raw) {
+  const float low = raw < kProbEps ? kProbEps : raw;
+  return low > kProbOneMinusEps ? kProbOneMinusEps : low;
+}
+
+__device__ __forceinline__ unsigned long long address_of(const void* pointer) {
+  return reinterpret_cast<unsigned long long>(pointer);
+}
+
+// ------------------------------------------------------------------------------------------
+// Storage types: widen to the compute type, round back, and unpack/pack one 16-byte vector
+// ------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Storage;
+
+template <>
+struct Storage<float> {
+  typedef float Acc;
+  static constexpr int kVec = 4;
+  static constexpr int kUnroll = 4;
+  static __device__ __forceinline__ float to_acc(float x) { return x; }
+  static __device__ __forceinline__ float from_acc(float x) { return x; }
+  static __device__ __forceinline__ void unpack(const uint4& w, float (&x)[kVec]) {
+    x[0] = __uint_as_float(w.x);
+    x[1] = __uint_as_float(w.y);
+    x[2] = __uint_as_float(w.z);
+    x[3] = __uint_as_float(w.w);
+  }
+  static __device__ __forceinline__ uint4 pack(const float (&x)[kVec]) {
+    uint4 w;
+    w.x = __float_as_uint(x[0]);
+    w.y = __float_as_uint(x[1]);
+    w.z = __float_as_uint(x[2]);
+    w.w = __float_as_uint(x[3]);
+    return w;
+  }
+};
+
+template <>
+struct Storage<double> {
+  typedef double Acc;
+  static constexpr int kVec = 2;
+  // The double exp needs many registers: one vector at a time stays under the 64 that 1024
+  // threads per block allow (double logits are for checking, not for speed).
+  static constexpr int kUnroll = 1;
+  static __device__ __forceinline__ double to_acc(double x) { return x; }
+  static __device__ __forceinline__ double from_acc(double x) { return x; }
+  static __device__ __forceinline__ void unpack(const uint4& w, double (&x)[kVec]) {
+    x[0] = __hiloint2double((int)w.y, (int)w.x);
+    x[1] = __hiloint2double((int)w.w, (int)w.z);
+  }
+  static __device__ __forceinline__ uint4 pack(const double (&x)[kVec]) {
+    uint4 w;
+    w.x = (unsigned)__double2loint(x[0]);
+    w.y = (unsigned)__double2hiint(x[0]);
+    w.z = (unsigned)__double2loint(x[1]);
+    w.w = (unsigned)__double2hiint(x[1]);
+    return w;
+  }
+};
+
+// 16-bit types: a 32-bit word holds element 2k in its low half and 2k + 1 in its high half.
+template <typename Derived>
+struct Storage16 {
+  typedef float Acc;
+  static constexpr int kVec = 8;
+  static constexpr int kUnroll = 4;
+  static __device__ __forceinline__ void unpack(const uint4& w, float (&x)[kVec]) {
+    Derived::unpack_word(w.x, x[0], x[1]);
+    Derived::unpack_word(w.y, x[2], x[3]);
+    Derived::unpack_word(w.z, x[4], x[5]);
+    Derived::unpack_word(w.w, x[6], x[7]);
+  }
+  static __device__ __forceinline__ unsigned pack_word(float low, float high) {
+    return Derived::to_bits(low) | (Derived::to_bits(high) << 16);
+  }
+  static __device__ __forceinline__ uint4 pack(const float (&x)[kVec]) {
+    uint4 w;
+    w.x = pack_word(x[0], x[1]);
+    w.y = pack_word(x[2], x[3]);
+    w.z = pack_word(x[4], x[5]);
+    w.w = pack_word(x[6], x[7]);
+    return w;
+  }
+};
+
+template <>
+struct Storage<__half> : Storage16<Storage<__half> > {
+  static __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_acc(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float from_bits(unsigned bits) {
+    __half_raw raw;
+    raw.x = (unsigned short)bits;
+    return __half2float(__half(raw));
+  }
+  static __device__ __forceinline__ unsigned to_bits(float x) {
+    const __half_raw raw = __float2half_rn(x);
+    return raw.x;
+  }
+  static __device__ __forceinline__ void unpack_word(unsigned word, float& low, float& high) {
+    low = from_bits(word & 0xffffu);
+    high = from_bits(word >> 16);
+  }
+};
+
+template <>
+struct Storage<__nv_bfloat16> : Storage16<Storage<__nv_bfloat16> > {
+  static __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_acc(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ unsigned to_bits(float x) {
+    const __nv_bfloat16_raw raw = __float2bfloat16_rn(x);
+    return raw.x;
+  }
+  // bfloat16 is the high half of a float32: widening is a shift or a mask.
+  static __device__ __forceinline__ void unpack_word(unsigned word, float& low, float& high) {
+    low = __uint_as_float(word << 16);
+    high = __uint_as_float(word & 0xffff0000u);
+  }
+};
+
+// ------------------------------------------------------------------------------------------
+// Sweeps over a class range: scalar head up to the first 16-byte boundary, whole vectors,
+// scalar tail. Thread t takes vectors t, t + T, t + 2T, ... in every sweep, so a vector a thread
+// parks in shared memory in the first sweep is read back by the same thread in the second.
+// ------------------------------------------------------------------------------------------
+
+struct RangeSplit {
+  int head;         // scalar elements before the first aligned vector
+  int num_vectors;  // whole 16-byte vectors after them
+  int tail;         // index of the first scalar element after the vectors
+};
+
+template <typename T>
+__device__ __forceinline__ RangeSplit split_range(const T* first, int length, bool vectorize) {
+  RangeSplit split;
+  split.head = length;
+  if (vectorize) {
+    const unsigned misalign = (unsigned)(address_of(first) & 15u);
+    const int head = (int)(((16u - misalign) & 15u) / sizeof(T));
+    split.head = head < length ? head : length;
+  }
+  split.num_vectors = (length - split.head) / Storage<T>::kVec;
+  split.tail = split.head + split.num_vectors * Storage<T>::kVec;
+  return split;
+}
+
+// Calls visit(values, first_class) on every element of [first, first + length), widened to the
+// compute type. The first `cache_vectors` vectors are also stored into `cache`. `keep_in_l2`:
+// a second sweep will read the range again (load with .cg, not the evict-first .cs).
+// kUnroll: 16-byte vectors each thread loads before it uses any. Four in flight per thread keep
+// enough bytes moving to cover DRAM latency even with one block of 1024 threads per SM.
+template <int kUnroll, typename T, typename Visitor>
+__device__ __forceinline__ void sweep_read(const T* first, int length, bool vectorize, Visitor& visit,
+                                           uint4* cache, int cache_vectors, bool keep_in_l2) {
+  typedef typename Storage<T>::Acc A;
+  constexpr int kVec = Storage<T>::kVec;
+  const int tid = threadIdx.x;
+  const int num_threads = blockDim.x;
+  const RangeSplit split = split_range(first, length, vectorize);
+  for (int j = tid; j < split.head; j += num_threads) {
+    A x[1] = {Storage<T>::to_acc(first[j])};
+    visit(x, j);
+  }
+  const uint4* vectors = reinterpret_cast<const uint4*>(first + split.head);
+  int v = tid;
+  for (; v + (kUnroll - 1) * num_threads < split.num_vectors; v += kUnroll * num_threads) {
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int index = v + u * num_threads;
+      raw[u] = keep_in_l2 && index >= cache_vectors ? __ldcg(vectors + index) : __ldcs(vectors + index);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int index = v + u * num_threads;
+      if (index < cache_vectors) cache[index] = raw[u];
+      A x[kVec];
+      Storage<T>::unpack(raw[u], x);
+      visit(x, split.head + index * kVec);
+    }
+  }
+  for (; v < split.num_vectors; v += num_threads) {
+    const uint4 raw = keep_in_l2 && v >= cache_vectors ? __ldcg(vectors + v) : __ldcs(vectors + v);
+    if (v < cache_vectors) cache[v] = raw;
+    A x[kVec];
+    Storage<T>::unpack(raw, x);
+    visit(x, split.head + v * kVec);
+  }
+  for (int j = split.tail + tid; j < length; j += num_threads) {
+    A x[1] = {Storage<T>::to_acc(first[j])};
+    visit(x, j);
+  }
+}
+
+// out[j] = op(in[j]) over a range, op(values, first_class) rewriting the values in place.
+// `in` and `out` may be the same memory (in-place gradient): every element is read by the
+// thread that writes it, before it writes it. The first `cache_vectors` vectors come from
+// `cache` instead of `in`. Stores are evict-first: the gradient is not read again here.
+template <int kUnroll, typename T, typename Op>
+__device__ __forceinline__ void sweep_write(const T* in, T* out, int length, bool vectorize, Op& op,
+                                            const uint4* cache, int cache_vectors) {
+  typedef typename Storage<T>::Acc A;
+  constexpr int kVec = Storage<T>::kVec;
+  const int tid = threadIdx.x;
+  const int num_threads = blockDim.x;
+  const RangeSplit split = split_range(in, length, vectorize);
+  for (int j = tid; j < split.head; j += num_threads) {
+    A x[1] = {Storage<T>::to_acc(in[j])};
+    op(x, j);
+    out[j] = Storage<T>::from_acc(x[0]);
+  }
+  const uint4* in_vectors = reinterpret_cast<const uint4*>(in + split.head);
+  uint4* out_vectors = reinterpret_cast<uint4*>(out + split.head);
+  int v = tid;
+  for (; v + (kUnroll - 1) * num_threads < split.num_vectors; v += kUnroll * num_threads) {
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int index = v + u * num_threads;
+      raw[u] = index < cache_vectors ? cache[index] : __ldcs(in_vectors + index);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int index = v + u * num_threads;
+      A x[kVec];
+      Storage<T>::unpack(raw[u], x);
+      op(x, split.head + index * kVec);
+      __stcs(out_vectors + index, Storage<T>::pack(x));
+    }
+  }
+  for (; v < split.num_vectors; v += num_threads) {
+    const uint4 raw = v < cache_vectors ? cache[v] : __ldcs(in_vectors + v);
+    A x[kVec];
+    Storage<T>::unpack(raw, x);
+    op(x, split.head + v * kVec);
+    __stcs(out_vectors + v, Storage<T>::pack(x));
+  }
+  for (int j = split.tail + tid; j < length; j += num_threads) {
+    A x[1] = {Storage<T>::to_acc(in[j])};
+    op(x, j);
+    out[j] = Storage<T>::from_acc(x[0]);
+  }
+}
+
+// The gradient of an ignored row: zeros (whatever the logits hold, NaN included).
+template <typename T>
+__device__ __forceinline__ void fill_zero(T* out, int length) {
+  typedef typename Storage<T>::Acc A;
+  const int tid = threadIdx.x;
+  const int num_threads = blockDim.x;
+  const RangeSplit split = split_range(out, length, true);
+  for (int j = tid; j < split.head; j += num_threads) out[j] = Storage<T>::from_acc(A(0));
+  uint4* vectors = reinterpret_cast<uint4*>(out + split.head);
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits are +0 in every storage type
+  for (int v = tid; v < split.num_vectors; v += num_threads) __stcs(vectors + v, zero);
+  for (int j = split.tail + tid; j < length; j += num_threads) out[j] = Storage<T>::from_acc(A(0));
+}
+
+// ------------------------------------------------------------------------------------------
+// Partial statistics and their exact merge
+// ------------------------------------------------------------------------------------------
+
+template <typename A>
+struct LogitStats {
+  A row_max;
+  A sum_exp;            // relative to row_max, or to 0 while row_max = -inf
+  double weighted_sum;  // double: the smoothing term subtracts it from C * lse
+};
+
+template <typename A>
+__device__ __forceinline__ LogitStats<A> identity_stats(LogitStats<A>*) {
+  LogitStats<A> stats;
+  stats.row_max = neg_inf(A(0));
+  stats.sum_exp = A(0);
+  stats.weighted_sum = 0.0;
+  return stats;
+}
+
+// Factor moving a sum taken relative to old_max to new_max (>= old_max). Equal maxima give
+// exactly 1, so two all -inf partials (sums relative to 0) merge by addition, not exp(NaN).
+template <typename A>
+__device__ __forceinline__ A rescale_factor(A old_max, A new_max) {
+  return old_max == new_max ? A(1) : fast_exp(old_max - new_max);
+}
+
+template <typename A>
+__device__ __forceinline__ LogitStats<A> merge(const LogitStats<A>& a, const LogitStats<A>& b) {
+  LogitStats<A> merged;
+  merged.row_max = max_of(a.row_max, b.row_max);
+  merged.sum_exp = a.sum_exp * rescale_factor(a.row_max, merged.row_max) +
+                   b.sum_exp * rescale_factor(b.row_max, merged.row_max);
+  merged.weighted_sum = a.weighted_sum + b.weighted_sum;
+  return merged;
+}
+
+template <typename A>
+__device__ __forceinline__ LogitStats<A> shuffle_xor(const LogitStats<A>& stats, int lane_mask) {
+  LogitStats<A> other;
+  other.row_max = __shfl_xor_sync(kFullMask, stats.row_max, lane_mask);
+  other.sum_exp = __shfl_xor_sync(kFullMask, stats.sum_exp, lane_mask);
+  other.weighted_sum = __shfl_xor_sync(kFullMask, stats.weighted_sum, lane_mask);
+  return other;
+}
+
+// Probability inputs: the smallest raw value (to reject negative "probabilities"), the sum of
+// the clipped values and the weighted sum of their logs (label smoothing).
+struct ProbStats {
+  float min_value;
+  float clipped_sum;
+  double weighted_log_sum;
+};
+
+__device__ __forceinline__ ProbStats identity_stats(ProbStats*) {
+  ProbStats stats;
+  stats.min_value = __uint_as_float(0x7f800000u);  // +inf
+  stats.clipped_sum = 0.0f;
+  stats.weighted_log_sum = 0.0;
+  return stats;
+}
+
+__device__ __forceinline__ ProbStats merge(const ProbStats& a, const ProbStats& b) {
+  ProbStats merged;
+  merged.min_value = b.min_value < a.min_value ? b.min_value : a.min_value;
+  merged.clipped_sum = a.clipped_sum + b.clipped_sum;
+  merged.weighted_log_sum = a.weighted_log_sum + b.weighted_log_sum;
+  return merged;
+}
+
+__device__ __forceinline__ ProbStats shuffle_xor(const ProbStats& stats, int lane_mask) {
+  ProbStats other;
+  other.min_value = __shfl_xor_sync(kFullMask, stats.min_value, lane_mask);
+  other.clipped_sum = __shfl_xor_sync(kFullMask, stats.clipped_sum, lane_mask);
+  other.weighted_log_sum = __shfl_xor_sync(kFullMask, stats.weighted_log_sum, lane_mask);
+  return other;
+}
+
+template <typename S>
+__device__ __forceinline__ S warp_reduce(S stats) {
+#pragma unroll
+  for (int lane_mask = kWarpSize / 2; lane_mask > 0; lane_mask >>= 1) {
+    stats = merge(stats, shuffle_xor(stats, lane_mask));
+  }
+  return stats;
+}
+
+// The block's merged statistics, valid in thread 0. Every thread of the block must call it.
+template <typename S>
+__device__ __forceinline__ S block_reduce(S stats) {
+  __shared__ S warp_partials[kMaxWarps];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
+  stats = warp_reduce(stats);
+  // The previous row's reduction may still be reading warp_partials in warp 0.
+  __syncthreads();
+  if (lane == 0) warp_partials[warp] = stats;
+  __syncthreads();
+  if (warp == 0) {
+    stats = lane < num_warps ? warp_partials[lane] : identity_stats(static_cast<S*>(nullptr));
+    stats = warp_reduce(stats);
+  }
+  return stats;
+}
+
+// ------------------------------------------------------------------------------------------
+// Visitors: what a sweep does with each vector of values
+// ------------------------------------------------------------------------------------------
+
+template <typename A, bool kSoftcap>
+struct LogitStatsVisitor {
+  LogitStats<A> stats;
+  A cap;
+  const A* class_weight;  // per class of the range, or null (weights of 1)
+  bool want_weighted_sum;
+
+  template <int N>
+  __device__ __forceinline__ void operator()(A (&x)[N], int first_class) {
+    A vector_max = stats.row_max;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      x[k] = apply_softcap<kSoftcap>(x[k], cap);
+      vector_max = max_of(vector_max, x[k]);
+    }
+    // Rescale only when the max moves: after the first vectors of a row it rarely does.
+    if (vector_max != stats.row_max) {
+      stats.sum_exp *= rescale_factor(stats.row_max, vector_max);
+      stats.row_max = vector_max;
+    }
+    // While the max is -inf every value is -inf or NaN: sum relative to 0 (0 or NaN).
+    const A reference = stats.row_max == neg_inf(A(0)) ? A(0) : stats.row_max;
+    A vector_sum = A(0);
+#pragma unroll
+    for (int k = 0; k < N; ++k) vector_sum += fast_exp(x[k] - reference);
+    stats.sum_exp += vector_sum;
+    if (want_weighted_sum) {
+      A weighted = A(0);
+#pragma unroll
+      for (int k = 0; k < N; ++k) weighted += (class_weight ? class_weight[first_class + k] : A(1)) * x[k];
+      stats.weighted_sum += (double)weighted;
+    }
+  }
+};
+
+template <typename A>
+struct LogitGradCoefs {
+  A reference;    // row_max, or 0 when it is -inf
+  A coef_p;       // reduction factor x weights / sum_exp
+  A coef_w;       // label smoothing's per-class term
+  A target_grad;  // the whole gradient at the label, formed in double and rounded once
+};
+
+template <typename A, bool kSoftcap>
+struct LogitGradOp {
+  LogitGradCoefs<A> coefs;
+  A cap;
+  const A* class_weight;  // per class of the range, or null
+  int target;             // the label's index in the range (outside [0, length) if elsewhere)
+
+  template <int N>
+  __device__ __forceinline__ void operator()(A (&x)[N], int first_class) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const A value = apply_softcap<kSoftcap>(x[k], cap);
+      const A weight = class_weight ? class_weight[first_class + k] : A(1);
+      A grad = coefs.coef_p * fast_exp(value - coefs.reference) - coefs.coef_w * weight;
+      if (kSoftcap) {
+        const A ratio = value / cap;
+        grad *= A(1) - ratio * ratio;
+      }
+      x[k] = first_class + k == target ? coefs.target_grad : grad;
+    }
+  }
+};
+
+template <typename A>
+struct ProbStatsVisitor {
+  ProbStats stats;
+  const float* class_weight;  // float32 per class, or null
+  bool want_weighted_sum;
+
+  template <int N>
+  __device__ __forceinline__ void operator()(A (&x)[N], int first_class) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float raw = (float)x[k];
+      stats.min_value = raw < stats.min_value ? raw : stats.min_value;  // NaN skipped
+      const float clipped = clip_prob(raw);
+      stats.clipped_sum += clipped;
+      if (want_weighted_sum) {
+        const float weight = class_weight ? class_weight[first_class + k] : 1.0f;
+        stats.weighted_log_sum += (double)weight * (double)logf(clipped);
+      }
+    }
+  }
+};
+
+struct ProbGradCoefs {
+  float coef_p;
+  float coef_w;
+  float target_grad;
+};
+
+// d/dp of the softmax loss on log(clip(p)): inside_j (coef_p - coef_w w_j / clip(p_j)); clip's
+// derivative is 1 inside [eps, 1 - eps] (bounds included, as TensorFlow's) and 0 outside.
+template <typename A>
+struct ProbGradOp {
+  ProbGradCoefs coefs;
+  const float* class_weight;
+  int target;
+
+  template <int N>
+  __device__ __forceinline__ void operator()(A (&x)[N], int first_class) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float raw = (float)x[k];
+      const float clipped = clip_prob(raw);
+      const float weight = class_weight ? class_weight[first_class + k] : 1.0f;
+      const bool inside = raw >= kProbEps && raw <= kProbOneMinusEps;
+      const float grad = inside ? coefs.coef_p - coefs.coef_w * weight / clipped : 0.0f;
+      x[k] = first_class + k == target ? A(coefs.target_grad) : A(grad);
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------------
+// Per-row epilogue (double; one thread per row)
+// ------------------------------------------------------------------------------------------
+
+struct RowEpilogue {
+  double loss;
+  double coef_p;  // dL/dv_j = coef_p exp(v_j - row_max) - coef_t [j = y] - coef_w w_j
+  double coef_t;
+  double coef_w;
+};
+
+__device__ __forceinline__ RowEpilogue row_epilogue(double row_max, double sum_exp, double target_value,
+                                                    double weighted_sum, double sample_weight,
+                                                    double target_weight, double class_weight_total,
+                                                    double num_classes, double smoothing, double z_loss,
+                                                    double grad_scale) {
+  const double log_sum = log(sum_exp);
+  const double lse = row_max + log_sum;
+  // lse - v_y as (max - v_y) + log(sum): exact even for logits of magnitude 1e30.
+  const double nll = (row_max - target_value) + log_sum;
+  const double target_part = (1.0 - smoothing) * target_weight;
+  double loss = target_part * nll;
+  double smooth_coef = 0.0;
+  if (smoothing != 0.0) {
+    smooth_coef = smoothing / num_classes;
+    loss += smooth_coef * ((class_weight_total * row_max - weighted_sum) + class_weight_total * log_sum);
+  }
+  if (z_loss != 0.0) loss += z_loss * target_weight * lse * lse;
+  loss *= sample_weight;
+  const double row_scale = grad_scale * sample_weight;
+  const double coef_prob =
+      row_scale * (target_part + smooth_coef * class_weight_total + 2.0 * z_loss * target_weight * lse);
+  RowEpilogue result;
+  result.loss = loss;
+  // softmax_j = exp(v_j - row_max) / sum_exp: fold 1 / sum_exp into the coefficient.
+  result.coef_p = coef_prob / sum_exp;
+  result.coef_t = row_scale * target_part;
+  result.coef_w = row_scale * smooth_coef;
+  return result;
+}
+
+// The gradient at the target from its (softcapped) logit, in double: softmax_y - 1 cancels,
+// and rounding it once (instead of the sweep's float32 terms) keeps bfloat16 gradients exact.
+__device__ __forceinline__ double logit_target_grad(double value, double row_max, const RowEpilogue& e,
+                                                    double target_weight, double softcap) {
+  const double reference = row_max > neg_inf(0.0) ? row_max : 0.0;
+  double grad = e.coef_p * exp(value - reference) - e.coef_t - e.coef_w * target_weight;
+  if (softcap > 0.0) {
+    const double ratio = value / softcap;
+    grad *= 1.0 - ratio * ratio;
+  }
+  return grad;
+}
+
+__device__ __forceinline__ double prob_target_grad(float raw, const RowEpilogue& e, double target_weight) {
+  if (!(raw >= kProbEps && raw <= kProbOneMinusEps)) return 0.0;
+  return e.coef_p - (e.coef_t + e.coef_w * target_weight) / (double)clip_prob(raw);
+}
+
+template <typename A>
+__device__ __forceinline__ LogitGradCoefs<A> logit_grad_coefs(double row_max, double target_value,
+                                                             const RowEpilogue& e, double target_weight,
+                                                             double softcap) {
+  LogitGradCoefs<A> coefs;
+  coefs.reference = (A)(row_max > neg_inf(0.0) ? row_max : 0.0);
+  coefs.coef_p = (A)e.coef_p;
+  coefs.coef_w = (A)e.coef_w;
+  coefs.target_grad = (A)logit_target_grad(target_value, row_max, e, target_weight, softcap);
+  return coefs;
+}
+
+// ------------------------------------------------------------------------------------------
+// Kernels
+// ------------------------------------------------------------------------------------------
+
+// One block per row, rows taken in a grid-stride loop (the launcher may cap the grid so that
+// the rows in flight stay in L2 between the two sweeps of fwd_bwd).
+//
+// logits, grad: (num_rows, num_classes), grad may be logits (in place); 64-bit row offsets
+// since num_rows * num_classes passes 2^31. labels: int64, -1 for ignored rows.
+// class_weight: float64 (C,) or null; class_weight_elem: the same in the compute type, only
+// when smoothing needs a weight per class, else null. cache_vectors: 16-byte vectors of each
+// row kept in dynamic shared memory between the two sweeps (fwd_bwd only).
+template <typename T, bool kSoftcap, bool kWantGrad>
+__device__ __forceinline__ void logit_rows(const T* logits, T* grad, const long long* labels,
+                                           const double* sample_weight, const double* class_weight,
+                                           const typename Storage<T>::Acc* class_weight_elem,
+                                           double class_weight_total, long long num_rows,
+                                           long long num_classes, double num_classes_total, double smoothing,
+                                           double z_loss, double softcap, double grad_scale,
+                                           long long cache_vectors, double* loss_out) {
+  typedef typename Storage<T>::Acc A;
+  extern __shared__ uint4 row_cache[];
+  __shared__ LogitGradCoefs<A> shared_coefs;
+  const int width = (int)num_classes;
+  const A cap = (A)softcap;
+  const int cached = kWantGrad ? (int)cache_vectors : 0;
+  for (long long row = blockIdx.x; row < num_rows; row += gridDim.x) {
+    const long long label = labels[row];
+    const T* in = logits + row * num_classes;
+    T* out = kWantGrad ? grad + row * num_classes : nullptr;
+    // Vectors need the input and output rows equally aligned: always so in place and for the
+    // buffers the launcher allocates; a scalar sweep keeps any other pair correct.
+    const bool vectorize = !kWantGrad || ((address_of(in) ^ address_of(out)) & 15u) == 0;
+    if (label < 0) {  // the same for the whole block: no barrier is skipped by some threads only
+      if (threadIdx.x == 0) loss_out[row] = 0.0;
+      if (kWantGrad) fill_zero(out, width);
+      continue;
+    }
+    // 1. online max and sum-exp per thread
+    LogitStatsVisitor<A, kSoftcap> visit = {identity_stats(static_cast<LogitStats<A>*>(nullptr)), cap,
+                                            class_weight_elem, smoothing != 0.0};
+    sweep_read<Storage<T>::kUnroll>(in, width, vectorize, visit, row_cache, cached, kWantGrad);
+    // 2. exact merge across the block
+    const LogitStats<A> stats = block_reduce(visit.stats);
+    // 3. loss and gradient coefficients; the target is read before any gradient is written
+    if (threadIdx.x == 0) {
+      const A target = apply_softcap<kSoftcap>(Storage<T>::to_acc(in[label]), cap);
+      const double target_weight = class_weight ? class_weight[label] : 1.0;
+      const RowEpilogue e = row_epilogue((double)stats.row_max, (double)stats.sum_exp, (double)target,
+                                         stats.weighted_sum, sample_weight[row], target_weight,
+                                         class_weight_total, num_classes_total, smoothing, z_loss, grad_scale);
+      loss_out[row] = e.loss;
+      if (kWantGrad) {
+        shared_coefs = logit_grad_coefs<A>((double)stats.row_max, (double)target, e, target_weight,
+                                           kSoftcap ? softcap : 0.0);
+      }
+    }
+    // 4. gradient, written over a new buffer or the logits themselves
+    if (kWantGrad) {
+      __syncthreads();
+      LogitGradOp<A, kSoftcap> op = {shared_coefs, cap, class_weight_elem, (int)label};
+      sweep_write<Storage<T>::kUnroll>(in, out, width, vectorize, op, row_cache, cached);
+    }
+  }
+}
+
+// Split rows, step 1: partial statistics of part blockIdx.x of row blockIdx.y, classes
+// [part * part_len, min((part + 1) * part_len, C)). part_stats: three (num_rows, num_parts)
+// float64 planes: row_max, sum_exp, weighted_sum.
+template <typename T, bool kSoftcap>
+__device__ __forceinline__ void part_stats(const T* logits, const long long* labels,
+                                           const typename Storage<T>::Acc* class_weight_elem,
+                                           long long num_classes, long long part_len, double smoothing,
+                                           double softcap, double* part_stats_out) {
+  typedef typename Storage<T>::Acc A;
+  const long long row = blockIdx.y;
+  const long long num_parts = gridDim.x;
+  const long long lo = (long long)blockIdx.x * part_len;
+  const long long hi = lo + part_len < num_classes ? lo + part_len : num_classes;
+  const long long slot = row * num_parts + blockIdx.x;
+  const long long plane = (long long)gridDim.y * num_parts;
+  LogitStatsVisitor<A, kSoftcap> visit = {identity_stats(static_cast<LogitStats<A>*>(nullptr)), (A)softcap,
+                                          class_weight_elem ? class_weight_elem + lo : nullptr,
+                                          smoothing != 0.0};
+  if (labels[row] >= 0) {  // ignored rows keep the identity; the merge skips them anyway
+    // keep_in_l2: part_grad reads the range again right after the merge.
+    sweep_read<Storage<T>::kUnroll>(logits + row * num_classes + lo, (int)(hi - lo), true, visit, (uint4*)nullptr, 0, true);
+  }
+  const LogitStats<A> stats = block_reduce(visit.stats);
+  if (threadIdx.x == 0) {
+    part_stats_out[slot] = (double)stats.row_max;
+    part_stats_out[plane + slot] = (double)stats.sum_exp;
+    part_stats_out[2 * plane + slot] = stats.weighted_sum;
+  }
+}
+
+// Split rows, step 2: one thread per row merges its parts (in double, exactly as the CPU's
+// merge_parts), reads the target and runs the epilogue. row_coefs: (num_rows, 4) float64 of
+// reference, coef_p, coef_w and the target's gradient.
+template <typename T>
+__device__ __forceinline__ void merge_parts(const T* logits, const long long* labels,
+                                            const double* sample_weight, const double* class_weight,
+                                            const double* part_stats_in, double class_weight_total,
+                                            long long num_rows, long long num_classes, long long num_parts,
+                                            double num_classes_total, double smoothing, double z_loss,
+                                            double softcap, double grad_scale, double* loss_out,
+                                            double* row_coefs) {
+  typedef typename Storage<T>::Acc A;
+  const long long plane = num_rows * num_parts;
+  for (long long row = (long long)blockIdx.x * blockDim.x + threadIdx.x; row < num_rows;
+       row += (long long)gridDim.x * blockDim.x) {
+    const long long label = labels[row];
+    double* coefs = row_coefs + row * 4;
+    if (label < 0) {
+      loss_out[row] = 0.0;
+      coefs[0] = coefs[1] = coefs[2] = coefs[3] = 0.0;
+      continue;
+    }
+    const double* parts = part_stats_in + row * num_parts;
+    double row_max = parts[0];
+    double sum_exp = parts[plane];
+    double weighted_sum = parts[2 * plane];
+    for (long long part = 1; part < num_parts; ++part) {
+      const double part_max = parts[part];
+      const double merged_max = max_of(row_max, part_max);
+      sum_exp = sum_exp * rescale_factor(row_max, merged_max) + parts[plane + part] * rescale_factor(part_max, merged_max);
+      row_max = merged_max;
+      weighted_sum += parts[2 * plane + part];
+    }
+    const A raw_target = Storage<T>::to_acc(logits[row * num_classes + label]);
+    const A target = softcap > 0.0 ? apply_softcap<true>(raw_target, (A)softcap) : raw_target;
+    const double target_weight = class_weight ? class_weight[label] : 1.0;
+    const RowEpilogue e = row_epilogue(row_max, sum_exp, (double)target, weighted_sum, sample_weight[row],
+                                       target_weight, class_weight_total, num_classes_total, smoothing,
+                                       z_loss, grad_scale);
+    loss_out[row] = e.loss;
+    const LogitGradCoefs<A> grad_coefs = logit_grad_coefs<A>(row_max, (double)target, e, target_weight, softcap);
+    coefs[0] = (double)grad_coefs.reference;
+    coefs[1] = (double)grad_coefs.coef_p;
+    coefs[2] = (double)grad_coefs.coef_w;
+    coefs[3] = (double)grad_coefs.target_grad;
+  }
+}
+
+// Split rows, step 3: the gradient of part blockIdx.x of row blockIdx.y (grad may be logits).
+template <typename T, bool kSoftcap>
+__device__ __forceinline__ void part_grad(const T* logits, T* grad, const long long* labels,
+                                          const typename Storage<T>::Acc* class_weight_elem,
+                                          const double* row_coefs, long long num_classes, long long part_len,
+                                          double softcap) {
+  typedef typename Storage<T>::Acc A;
+  const long long row = blockIdx.y;
+  const long long lo = (long long)blockIdx.x * part_len;
+  const long long hi = lo + part_len < num_classes ? lo + part_len : num_classes;
+  const T* in = logits + row * num_classes + lo;
+  T* out = grad + row * num_classes + lo;
+  const int length = (int)(hi - lo);
+  const long long label = labels[row];
+  if (label < 0) {
+    fill_zero(out, length);
+    return;
+  }
+  const double* coefs = row_coefs + row * 4;
+  LogitGradCoefs<A> grad_coefs;
+  grad_coefs.reference = (A)coefs[0];
+  grad_coefs.coef_p = (A)coefs[1];
+  grad_coefs.coef_w = (A)coefs[2];
+  grad_coefs.target_grad = (A)coefs[3];
+  LogitGradOp<A, kSoftcap> op = {grad_coefs, (A)softcap, class_weight_elem ? class_weight_elem + lo : nullptr,
+                                 (int)(label - lo)};
+  const bool vectorize = ((address_of(in) ^ address_of(out)) & 15u) == 0;
+  sweep_write<Storage<T>::kUnroll>(in, out, length, vectorize, op, (const uint4*)nullptr, 0);
+}
+
+// Probability inputs (from_logits=False), one block per row: Keras' log(clip(p)) then softmax.
+// grad may be null (loss only); it is never the input (the caller checks the row minima first).
+// row_min_out: each row's smallest raw value (0 for ignored rows).
+template <typename T>
+__device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long long* labels,
+                                          const double* sample_weight, const double* class_weight,
+                                          const float* class_weight_elem, double class_weight_total,
+                                          long long num_rows, long long num_classes, double num_classes_total,
+                                          double smoothing, double z_loss, double grad_scale, double* loss_out,
+                                          double* row_min_out) {
+  typedef typename Storage<T>::Acc A;
+  __shared__ ProbGradCoefs shared_coefs;
+  const int width = (int)num_classes;
+  const bool want_grad = grad != nullptr;
+  for (long long row = blockIdx.x; row < num_rows; row += gridDim.x) {
+    const long long label = labels[row];
+    const T* in = probs + row * num_classes;
+    T* out = want_grad ? grad + row * num_classes : nullptr;
+    const bool vectorize = !want_grad || ((address_of(in) ^ address_of(out)) & 15u) == 0;
+    if (label < 0) {
+      if (threadIdx.x == 0) {
+        loss_out[row] = 0.0;
+        row_min_out[row] = 0.0;
+      }
+      if (want_grad) fill_zero(out, width);
+      continue;
+    }
+    ProbStatsVisitor<A> visit = {identity_stats(static_cast<ProbStats*>(nullptr)), class_weight_elem,
+                                 smoothing != 0.0};
+    // One vector at a time: the log and the double sum of the smoothing term need the registers,
+    // and probabilities are a compatibility path, not the fast one.
+    sweep_read<1>(in, width, vectorize, visit, (uint4*)nullptr, 0, want_grad);
+    const ProbStats stats = block_reduce(visit.stats);
+    if (threadIdx.x == 0) {
+      row_min_out[row] = (double)stats.min_value;
+      const float raw_target = (float)Storage<T>::to_acc(in[label]);
+      const double target_value = log((double)clip_prob(raw_target));
+      const double target_weight = class_weight ? class_weight[label] : 1.0;
+      const RowEpilogue e = row_epilogue(0.0, (double)stats.clipped_sum, target_value, stats.weighted_log_sum,
+                                         sample_weight[row], target_weight, class_weight_total,
+                                         num_classes_total, smoothing, z_loss, grad_scale);
+      loss_out[row] = e.loss;
+      if (want_grad) {
+        shared_coefs.coef_p = (float)e.coef_p;
+        shared_coefs.coef_w = (float)e.coef_w;
+        shared_coefs.target_grad = (float)prob_target_grad(raw_target, e, target_weight);
+      }
+    }
+    if (want_grad) {
+      __syncthreads();
+      ProbGradOp<A> op = {shared_coefs, class_weight_elem, (int)label};
+      sweep_write<1>(in, out, width, vectorize, op, (const uint4*)nullptr, 0);
+    }
+  }
+}
+
+}  // namespace fastxent
+
+// ------------------------------------------------------------------------------------------
+// extern "C" entries, one per (kind, softcap, dtype): the names in _names.py. Every scalar is
+// 64-bit (long long or double) so the typed launchers pass numpy.int64 / numpy.float64 only.
+// ------------------------------------------------------------------------------------------
+
+#define FASTXENT_LOGIT_ROWS_ENTRY(NAME, T, A, SOFTCAP, WANT_GRAD)                                            \
+  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads)                                       \
+      NAME(const T* logits, T* grad, const long long* labels, const double* sample_weight,                  \
+           const double* class_weight, const A* class_weight_elem, double class_weight_total,               \
+           long long num_rows, long long num_classes, double num_classes_total, double smoothing,           \
+           double z_loss, double softcap, double grad_scale, long long cache_vectors, double* loss_out) {   \
+    fastxent::logit_rows<T, SOFTCAP, WANT_GRAD>(logits, grad, labels, sample_weight, class_weight,          \
+                                                class_weight_elem, class_weight_total, num_rows,            \
+                                                num_classes, num_classes_total, smoothing, z_loss, softcap, \
+                                                grad_scale, cache_vectors, loss_out);                       \
+  }
+
+#define FASTXENT_PART_STATS_ENTRY(NAME, T, A, SOFTCAP)                                                      \
+  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads)                                       \
+      NAME(const T* logits, const long long* labels, const A* class_weight_elem, long long num_classes,     \
+           long long part_len, double smoothing, double softcap, double* part_stats_out) {                  \
+    fastxent::part_stats<T, SOFTCAP>(logits, labels, class_weight_elem, num_classes, part_len, smoothing,   \
+                                     softcap, part_stats_out);                                              \
+  }
+
+#define FASTXENT_PART_GRAD_ENTRY(NAME, T, A, SOFTCAP)                                                       \
+  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads)                                       \
+      NAME(const T* logits, T* grad, const long long* labels, const A* class_weight_elem,                   \
+           const double* row_coefs, long long num_classes, long long part_len, double softcap) {            \
+    fastxent::part_grad<T, SOFTCAP>(logits, grad, labels, class_weight_elem, row_coefs, num_classes,        \
+                                    part_len, softcap);                                                     \
+  }
+
+#define FASTXENT_ENTRIES(T, A, DTYPE)                                                                       \
+  FASTXENT_LOGIT_ROWS_ENTRY(xent_fwd_##DTYPE, T, A, false, false)                                           \
+  FASTXENT_LOGIT_ROWS_ENTRY(xent_fwd_softcap_##DTYPE, T, A, true, false)                                    \
+  FASTXENT_LOGIT_ROWS_ENTRY(xent_fwd_bwd_##DTYPE, T, A, false, true)                                        \
+  FASTXENT_LOGIT_ROWS_ENTRY(xent_fwd_bwd_softcap_##DTYPE, T, A, true, true)                                 \
+  FASTXENT_PART_STATS_ENTRY(xent_part_stats_##DTYPE, T, A, false)                                           \
+  FASTXENT_PART_STATS_ENTRY(xent_part_stats_softcap_##DTYPE, T, A, true)                                    \
+  FASTXENT_PART_GRAD_ENTRY(xent_part_grad_##DTYPE, T, A, false)                                             \
+  FASTXENT_PART_GRAD_ENTRY(xent_part_grad_softcap_##DTYPE, T, A, true)                                      \
+  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads) xent_merge_parts_##DTYPE(            \
+      const T* logits, const long long* labels, const double* sample_weight, const double* class_weight,    \
+      const double* part_stats, double class_weight_total, long long num_rows, long long num_classes,       \
+      long long num_parts, double num_classes_total, double smoothing, double z_loss, double softcap,       \
+      double grad_scale, double* loss_out, double* row_coefs) {                                             \
+    fastxent::merge_parts<T>(logits, labels, sample_weight, class_weight, part_stats, class_weight_total,   \
+                             num_rows, num_classes, num_parts, num_classes_total, smoothing, z_loss,        \
+                             softcap, grad_scale, loss_out, row_coefs);                                     \
+  }                                                                                                         \
+  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads) xent_prob_##DTYPE(                   \
+      const T* probs, T* grad, const long long* labels, const double* sample_weight,                        \
+      const double* class_weight, const float* class_weight_elem, double class_weight_total,                \
+      long long num_rows, long long num_classes, double num_classes_total, double smoothing, double z_loss, \
+      double grad_scale, double* loss_out, double* row_min_out) {                                           \
+    fastxent::prob_rows<T>(probs, grad, labels, sample_weight, class_weight, class_weight_elem,             \
+                           class_weight_total, num_rows, num_classes, num_classes_total, smoothing,         \
+                           z_loss, grad_scale, loss_out, row_min_out);                                      \
+  }
+
+FASTXENT_ENTRIES(__half, float, float16)
+FASTXENT_ENTRIES(__nv_bfloat16, float, bfloat16)
+FASTXENT_ENTRIES(float, float, float32)
+FASTXENT_ENTRIES(double, double, float64)

@@ -1,0 +1,1 @@
+COMPILE_OPTIONS = ("--std=c++17",)
