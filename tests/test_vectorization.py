@@ -1,0 +1,86 @@
+"""The hot loops must vectorize on AVX2-only machines as well as on AVX-512 ones.
+
+Each check compiles the kernels in a fresh process for a forced target (Numba honours
+NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) with an empty cache, and reads the assembly: packed
+single-precision FMAs on ymm registers for AVX2, and no zmm register at all (which would
+mean the AVX2 target was not honoured). Scalar code would use only ``vfmadd...ss``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+AVX2_FEATURES = (
+    "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,"
+    "+popcnt,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave"
+)
+
+_PROBE = textwrap.dedent(
+    """
+    import json, re
+    import numpy as np
+    from fastxent.cpu import _kernels as K
+
+    report = {}
+    for name, row in [("float32", np.ones(4096, np.float32)),
+                      ("bfloat16", np.ones(4096, np.uint16)),
+                      ("float16", np.ones(4096, np.int16))]:
+        K.segment_max(row, None)
+        K.segment_sum_exp(row, np.float32(0.0), None)
+        K.logit_range_grad(row, np.empty_like(row), 0, row.size, 0.0, 1.0, 0.0, None, None)
+        K.logit_range_grad(row, True, 0, row.size, 0.0, 1.0, 0.0, None, None)
+    for function in (K.segment_max, K.segment_sum_exp, K.logit_range_grad):
+        for signature, asm in function.inspect_asm().items():
+            key = function.__name__ + str([str(t) for t in signature[:2]])
+            report[key] = {
+                "packed_fma_ymm": len(re.findall(r"vfn?m(add|sub)\\d+ps\\s+[^\\n]*ymm", asm)),
+                "packed_fma_zmm": len(re.findall(r"vfn?m(add|sub)\\d+ps\\s+[^\\n]*zmm", asm)),
+                "packed_max_ymm": len(re.findall(r"vpmaxsd\\s+[^\\n]*ymm", asm)),
+                "packed_max_zmm": len(re.findall(r"vpmaxsd\\s+[^\\n]*zmm", asm)),
+                "zmm": asm.count("zmm"),
+            }
+    print(json.dumps(report))
+    """
+)
+
+
+def _compile_report(tmp_path, extra_env):
+    env = dict(os.environ)
+    env.update(extra_env)
+    env["NUMBA_CACHE_DIR"] = str(tmp_path / "numba-cache")
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_hot_loops_vectorize_for_avx2(tmp_path):
+    report = _compile_report(
+        tmp_path, {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": AVX2_FEATURES}
+    )
+    for key, counts in report.items():
+        assert counts["zmm"] == 0, f"{key}: AVX-512 code in an AVX2 build"
+        if key.startswith("segment_max"):
+            assert counts["packed_max_ymm"] > 0, f"{key}: max is not vectorized: {counts}"
+        else:
+            assert counts["packed_fma_ymm"] > 0, f"{key}: exp loop is not vectorized: {counts}"
+
+
+def test_hot_loops_vectorize_for_this_machine(tmp_path):
+    report = _compile_report(tmp_path, {})
+    for key, counts in report.items():
+        if key.startswith("segment_max"):
+            assert counts["packed_max_ymm"] + counts["packed_max_zmm"] > 0, f"{key}: {counts}"
+        else:
+            assert counts["packed_fma_ymm"] + counts["packed_fma_zmm"] > 0, f"{key}: {counts}"
+
+
+if not sys.platform.startswith("linux") or os.uname().machine not in ("x86_64", "AMD64"):
+    pytestmark = pytest.mark.skip(reason="the assembly checks are written for x86-64")
