@@ -228,7 +228,8 @@ def _run(logits, labels, *, want_grad, inplace, from_logits, reduction, ignore_i
         label_smoothing=label_smoothing, class_weight=class_weight, sample_weight=sample_weight,
         z_loss=z_loss, softcap=softcap, axis=axis,
     )
-    if inplace and not (isinstance(logits, xp.ndarray) and logits.flags.writeable):
+    # CuPy arrays have no read-only flag (their flags lack "writeable"): always writeable.
+    if inplace and not (isinstance(logits, xp.ndarray) and getattr(logits.flags, "writeable", True)):
         raise ValueError("inplace=True needs a writeable array of logits")
     rows = _rows_view(logits, axis, xp)
     if from_logits:

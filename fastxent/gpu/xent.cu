@@ -56,11 +56,48 @@ __device__ __forceinline__ double neg_inf(double) {
 __device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
 
+// exp of the only arguments the kernels form: a value minus a max at least as large (<= 0),
+// -inf, or NaN.
+//
 // float: the SFU exp (ex2.approx of x * log2 e). Its error, a few 1e-7 relative for the
 // arguments that matter (exp(v - max) with v - max > -20), is below float32 accumulation noise;
 // the accurate expf would double the instruction count of a kernel that must keep up with HBM.
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
-__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
+
+// double: Cody-Waite reduction to |r| <= ln2 / 2 and a degree-13 Taylor polynomial (truncation
+// 2e-16 relative), scaled by 2^n in two steps so subnormal results come out right. libdevice's
+// exp() handles overflow as well, and its slow path inlined into every sweep made ptxas spill.
+__device__ __forceinline__ double fast_exp(double x) {
+  const double kLog2e = 1.4426950408889634;
+  const double kLn2High = 6.93147180369123816490e-01;  // ln 2 with its low 32 bits zero
+  const double kLn2Low = 1.90821492927058770002e-10;
+  const double kRoundShift = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
+  const double shifted = fma(x, kLog2e, kRoundShift);
+  const int n = __double2loint(shifted);  // the rounded integer sits in the low word
+  const double whole = shifted - kRoundShift;
+  const double r = fma(whole, -kLn2Low, fma(whole, -kLn2High, x));
+  double poly = 1.0 / 6227020800.0;  // 1 / 13!
+  poly = fma(poly, r, 1.0 / 479001600.0);
+  poly = fma(poly, r, 1.0 / 39916800.0);
+  poly = fma(poly, r, 1.0 / 3628800.0);
+  poly = fma(poly, r, 1.0 / 362880.0);
+  poly = fma(poly, r, 1.0 / 40320.0);
+  poly = fma(poly, r, 1.0 / 5040.0);
+  poly = fma(poly, r, 1.0 / 720.0);
+  poly = fma(poly, r, 1.0 / 120.0);
+  poly = fma(poly, r, 1.0 / 24.0);
+  poly = fma(poly, r, 1.0 / 6.0);
+  poly = fma(poly, r, 0.5);
+  poly = fma(poly, r, 1.0);
+  poly = fma(poly, r, 1.0);
+  // n is in [-1075, 0] here; each half is >= -538, a normal power of two.
+  const int half = n / 2;
+  const double scale_a = __hiloint2double((half + 1023) << 20, 0);
+  const double scale_b = __hiloint2double((n - half + 1023) << 20, 0);
+  const double result = poly * scale_a * scale_b;
+  // Below -745.2 exp underflows to 0 (and n above would be out of range); NaN passes through.
+  return x < -745.2 ? 0.0 : result;
+}
 
 // tanh for the softcap, as the CPU's tanh_f32: an odd polynomial near 0 (where 1 - e loses
 // digits), (1 - e) / (1 + e) with e = exp(-2|u|) elsewhere. NaN stays NaN; +-inf gives +-1.
@@ -242,6 +279,7 @@ __device__ __forceinline__ void sweep_read(const T* first, int length, bool vect
   const int tid = threadIdx.x;
   const int num_threads = blockDim.x;
   const RangeSplit split = split_range(first, length, vectorize);
+#pragma unroll 1
   for (int j = tid; j < split.head; j += num_threads) {
     A x[1] = {Storage<T>::to_acc(first[j])};
     visit(x, j);
@@ -264,6 +302,7 @@ __device__ __forceinline__ void sweep_read(const T* first, int length, bool vect
       visit(x, split.head + index * kVec);
     }
   }
+#pragma unroll 1
   for (; v < split.num_vectors; v += num_threads) {
     const uint4 raw = keep_in_l2 && v >= cache_vectors ? __ldcg(vectors + v) : __ldcs(vectors + v);
     if (v < cache_vectors) cache[v] = raw;
@@ -271,6 +310,7 @@ __device__ __forceinline__ void sweep_read(const T* first, int length, bool vect
     Storage<T>::unpack(raw, x);
     visit(x, split.head + v * kVec);
   }
+#pragma unroll 1
   for (int j = split.tail + tid; j < length; j += num_threads) {
     A x[1] = {Storage<T>::to_acc(first[j])};
     visit(x, j);
@@ -289,6 +329,7 @@ __device__ __forceinline__ void sweep_write(const T* in, T* out, int length, boo
   const int tid = threadIdx.x;
   const int num_threads = blockDim.x;
   const RangeSplit split = split_range(in, length, vectorize);
+#pragma unroll 1
   for (int j = tid; j < split.head; j += num_threads) {
     A x[1] = {Storage<T>::to_acc(in[j])};
     op(x, j);
@@ -313,6 +354,7 @@ __device__ __forceinline__ void sweep_write(const T* in, T* out, int length, boo
       __stcs(out_vectors + index, Storage<T>::pack(x));
     }
   }
+#pragma unroll 1
   for (; v < split.num_vectors; v += num_threads) {
     const uint4 raw = v < cache_vectors ? cache[v] : __ldcs(in_vectors + v);
     A x[kVec];
@@ -320,6 +362,7 @@ __device__ __forceinline__ void sweep_write(const T* in, T* out, int length, boo
     op(x, split.head + v * kVec);
     __stcs(out_vectors + v, Storage<T>::pack(x));
   }
+#pragma unroll 1
   for (int j = split.tail + tid; j < length; j += num_threads) {
     A x[1] = {Storage<T>::to_acc(in[j])};
     op(x, j);
@@ -613,7 +656,7 @@ __device__ __forceinline__ RowEpilogue row_epilogue(double row_max, double sum_e
 __device__ __forceinline__ double logit_target_grad(double value, double row_max, const RowEpilogue& e,
                                                     double target_weight, double softcap) {
   const double reference = row_max > neg_inf(0.0) ? row_max : 0.0;
-  double grad = e.coef_p * exp(value - reference) - e.coef_t - e.coef_w * target_weight;
+  double grad = e.coef_p * fast_exp(value - reference) - e.coef_t - e.coef_w * target_weight;
   if (softcap > 0.0) {
     const double ratio = value / softcap;
     grad *= 1.0 - ratio * ratio;
@@ -876,7 +919,7 @@ __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long lo
 // ------------------------------------------------------------------------------------------
 
 #define FASTXENT_LOGIT_ROWS_ENTRY(NAME, T, A, SOFTCAP, WANT_GRAD)                                            \
-  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads)                                       \
+  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads, 1)                                       \
       NAME(const T* logits, T* grad, const long long* labels, const double* sample_weight,                  \
            const double* class_weight, const A* class_weight_elem, double class_weight_total,               \
            long long num_rows, long long num_classes, double num_classes_total, double smoothing,           \
@@ -888,7 +931,7 @@ __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long lo
   }
 
 #define FASTXENT_PART_STATS_ENTRY(NAME, T, A, SOFTCAP)                                                      \
-  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads)                                       \
+  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads, 1)                                       \
       NAME(const T* logits, const long long* labels, const A* class_weight_elem, long long num_classes,     \
            long long part_len, double smoothing, double softcap, double* part_stats_out) {                  \
     fastxent::part_stats<T, SOFTCAP>(logits, labels, class_weight_elem, num_classes, part_len, smoothing,   \
@@ -896,7 +939,7 @@ __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long lo
   }
 
 #define FASTXENT_PART_GRAD_ENTRY(NAME, T, A, SOFTCAP)                                                       \
-  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads)                                       \
+  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads, 1)                                       \
       NAME(const T* logits, T* grad, const long long* labels, const A* class_weight_elem,                   \
            const double* row_coefs, long long num_classes, long long part_len, double softcap) {            \
     fastxent::part_grad<T, SOFTCAP>(logits, grad, labels, class_weight_elem, row_coefs, num_classes,        \
@@ -912,7 +955,7 @@ __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long lo
   FASTXENT_PART_STATS_ENTRY(xent_part_stats_softcap_##DTYPE, T, A, true)                                    \
   FASTXENT_PART_GRAD_ENTRY(xent_part_grad_##DTYPE, T, A, false)                                             \
   FASTXENT_PART_GRAD_ENTRY(xent_part_grad_softcap_##DTYPE, T, A, true)                                      \
-  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads) xent_merge_parts_##DTYPE(            \
+  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads, 1) xent_merge_parts_##DTYPE(            \
       const T* logits, const long long* labels, const double* sample_weight, const double* class_weight,    \
       const double* part_stats, double class_weight_total, long long num_rows, long long num_classes,       \
       long long num_parts, double num_classes_total, double smoothing, double z_loss, double softcap,       \
@@ -921,7 +964,7 @@ __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long lo
                              num_rows, num_classes, num_parts, num_classes_total, smoothing, z_loss,        \
                              softcap, grad_scale, loss_out, row_coefs);                                     \
   }                                                                                                         \
-  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads) xent_prob_##DTYPE(                   \
+  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads, 1) xent_prob_##DTYPE(                   \
       const T* probs, T* grad, const long long* labels, const double* sample_weight,                        \
       const double* class_weight, const float* class_weight_elem, double class_weight_total,                \
       long long num_rows, long long num_classes, double num_classes_total, double smoothing, double z_loss, \

@@ -1,1 +1,393 @@
+"""CUDA launchers: pick the kernel variant, allocate outputs, launch on CuPy's current stream.
+
+Input here is already validated and normalised by ``fastxent._api``, as for the CPU launcher
+(``fastxent.cpu.xent``): logits are a C-contiguous (N, C) CuPy array, labels int64 (N,) with -1
+for ignored rows, sample weights float64 (N,). Everything stays on the device: no host copies
+and no synchronisation (errors are the caller's to report, from ``row_min``).
+
+The kernels live in ``xent.cu`` beside this file: one ``RawModule`` per process, compiled by
+NVRTC on first use and cached on disk by CuPy. Each kernel has a typed launcher below that
+converts every scalar explicitly (CuPy passes a Python int as ``long long`` and a float as
+``double`` without looking at the kernel's signature); the kernels take only 64-bit scalars.
+
+Paths (tunables are module constants so tests and benchmarks can move the thresholds):
+
+* rows: one block per row (``xent_fwd_*``, ``xent_fwd_bwd_*``). For long rows with a gradient
+  the grid is capped at ``FUSED_BLOCKS_PER_SM`` blocks per SM and as much of each row as fits
+  is kept in shared memory between the two sweeps, so the second sweep reads (almost) nothing
+  from HBM.
+* split: few rows of many classes (fewer than ``SPLIT_ROWS_PER_SM`` per SM): several blocks per
+  row write partial (max, sum-exp) (``xent_part_stats_*``), a tiny kernel merges them and runs
+  the epilogue (``xent_merge_parts_*``), and the gradient is written per part
+  (``xent_part_grad_*``).
+* probabilities (``from_logits=False``): ``xent_prob_*``, one block per row.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import cupy
+import numpy
+
+from fastxent._options import KernelOptions
+from fastxent.gpu._names import kernel_name
+
+# Options of the NVRTC compile (also read by tools/check_cuda.py for its nvcc compile).
 COMPILE_OPTIONS = ("--std=c++17",)
+SOURCE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xent.cu")
+
+VECTOR_BYTES = 16  # the kernels' vector loads
+MAX_THREADS = 1024  # the kernels' __launch_bounds__
+MIN_THREADS = 32  # whole warps: the block reductions assume them
+# Vectors a thread should own before the block grows: the kernels keep four loads in flight.
+VECTORS_PER_THREAD = 4
+# Forward-only blocks stay small so several share an SM and hide each other's reductions.
+FORWARD_MAX_THREADS = 512
+# Rows at least this long take the cached fwd_bwd path (shorter ones stay in L2 anyway).
+FUSED_CACHE_MIN_ROW_BYTES = 32 * 1024
+FUSED_THREADS = 1024
+FUSED_BLOCKS_PER_SM = 1
+# The CUDA runtime reserves this much shared memory per block on sm_80 and later.
+SHARED_RESERVED_PER_BLOCK = 1024
+# Split rows when there are fewer rows than this many per SM and each row has enough classes.
+SPLIT_ROWS_PER_SM = 1
+SPLIT_MIN_CLASSES = 16 * 1024
+# Blocks the split path aims for per SM, and the granularity of a part (classes).
+SPLIT_BLOCKS_PER_SM = 4
+SPLIT_PART_ALIGN = 1024
+MERGE_THREADS = 128
+# Rows are indexed by int inside a row: 2^31 - 1 classes at most (N * C may be anything).
+MAX_CLASSES = 2**31 - 1
+
+_NULL = numpy.uint64(0)  # a null pointer argument (8 bytes, as every pointer)
+_ATTR_MULTIPROCESSOR_COUNT = 16  # cudaDevAttrMultiProcessorCount
+_ATTR_MAX_SHARED_PER_SM = 81  # cudaDevAttrMaxSharedMemoryPerMultiprocessor
+_ATTR_MAX_SHARED_PER_BLOCK_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+
+_STORAGE_NAMES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64"}
+
+
+def storage_name(dtype: Any, storage: Optional[str] = None) -> str:
+    """The kernel dtype suffix for an array dtype: float16, bfloat16, float32 or float64.
+
+    ``storage`` overrides it, e.g. "bfloat16" for a uint16 array holding bfloat16 bits (CuPy
+    releases without a bfloat16 dtype).
+    """
+    name = storage if storage is not None else numpy.dtype(dtype).name
+    if name not in _STORAGE_NAMES:
+        raise TypeError(f"the GPU kernels take float16, bfloat16, float32 or float64 logits; got {name}")
+    return _STORAGE_NAMES[name]
+
+
+def _itemsize(storage: str) -> int:
+    return 8 if storage == "float64" else 4 if storage == "float32" else 2
+
+
+def _acc_dtype(storage: str):
+    """The compute type of a storage type: float64 for float64, float32 otherwise."""
+    return numpy.float64 if storage == "float64" else numpy.float32
+
+
+# ----------------------------------------------------------------------------------------
+# Module, kernels and device limits, each looked up once
+# ----------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _module():
+    with open(SOURCE_PATH) as handle:
+        source = handle.read()
+    return cupy.RawModule(code=source, options=COMPILE_OPTIONS)
+
+
+@functools.lru_cache(maxsize=None)
+def get_kernel(name: str):
+    """The RawKernel of one entry of xent.cu (compiled for the current device on first call)."""
+    return _module().get_function(name)
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    sm_count: int
+    max_shared_per_block: int  # opt-in maximum of one block's dynamic + static shared memory
+    max_shared_per_sm: int
+
+
+@functools.lru_cache(maxsize=None)
+def device_limits(device_id: int) -> DeviceLimits:
+    attribute = cupy.cuda.runtime.deviceGetAttribute
+    return DeviceLimits(
+        sm_count=attribute(_ATTR_MULTIPROCESSOR_COUNT, device_id),
+        max_shared_per_block=attribute(_ATTR_MAX_SHARED_PER_BLOCK_OPTIN, device_id),
+        max_shared_per_sm=attribute(_ATTR_MAX_SHARED_PER_SM, device_id),
+    )
+
+
+def _current_limits() -> DeviceLimits:
+    return device_limits(cupy.cuda.runtime.getDevice())
+
+
+_dynamic_shared_set = {}
+
+
+def _allow_dynamic_shared(kernel, name: str, num_bytes: int) -> None:
+    """Raise the kernel's dynamic shared memory limit (48 KiB by default) once per device."""
+    key = (cupy.cuda.runtime.getDevice(), name)
+    if _dynamic_shared_set.get(key, 0) < num_bytes:
+        kernel.max_dynamic_shared_size_bytes = int(num_bytes)
+        _dynamic_shared_set[key] = num_bytes
+
+
+# ----------------------------------------------------------------------------------------
+# Launch geometry
+# ----------------------------------------------------------------------------------------
+
+
+def threads_for(num_vectors: int, cap: int = MAX_THREADS) -> int:
+    """A power-of-two block size in [MIN_THREADS, cap] giving each thread about
+    VECTORS_PER_THREAD vectors of the range."""
+    wanted = max(1, -(-num_vectors // VECTORS_PER_THREAD))
+    threads = MIN_THREADS
+    while threads < wanted and threads < cap:
+        threads *= 2
+    return min(threads, cap)
+
+
+def use_split_rows(num_rows: int, num_classes: int, limits: DeviceLimits) -> bool:
+    """Whether few long rows should be cut into parts so that every SM has work."""
+    return num_rows < SPLIT_ROWS_PER_SM * limits.sm_count and num_classes >= SPLIT_MIN_CLASSES
+
+
+def split_part_length(num_rows: int, num_classes: int, limits: DeviceLimits) -> int:
+    """Classes per part: about SPLIT_BLOCKS_PER_SM blocks per SM, whole SPLIT_PART_ALIGN units."""
+    wanted_parts = max(1, -(-SPLIT_BLOCKS_PER_SM * limits.sm_count // max(num_rows, 1)))
+    part_len = -(-num_classes // wanted_parts)
+    return max(SPLIT_PART_ALIGN, -(-part_len // SPLIT_PART_ALIGN) * SPLIT_PART_ALIGN)
+
+
+@dataclass(frozen=True)
+class RowsPlan:
+    grid: int
+    threads: int
+    cache_vectors: int  # 16-byte vectors of each row kept in shared memory (fwd_bwd)
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.cache_vectors * VECTOR_BYTES
+
+
+def plan_rows(num_rows: int, num_classes: int, itemsize: int, want_grad: bool, limits: DeviceLimits,
+              static_shared_bytes: int = 0) -> RowsPlan:
+    """Grid, block size and shared-memory row cache of the one-block-per-row kernels."""
+    num_vectors = num_classes * itemsize // VECTOR_BYTES
+    if want_grad and num_classes * itemsize >= FUSED_CACHE_MIN_ROW_BYTES:
+        # Cap the rows in flight and keep the start of each row in shared memory: the second
+        # sweep then reads only the rest, which is still in L2.
+        per_block = min(limits.max_shared_per_block,
+                        limits.max_shared_per_sm // FUSED_BLOCKS_PER_SM - SHARED_RESERVED_PER_BLOCK)
+        budget = max(0, per_block - static_shared_bytes)
+        cache_vectors = min(num_vectors, budget // VECTOR_BYTES)
+        grid = min(num_rows, limits.sm_count * FUSED_BLOCKS_PER_SM)
+        return RowsPlan(grid=grid, threads=FUSED_THREADS, cache_vectors=cache_vectors)
+    cap = MAX_THREADS if want_grad else FORWARD_MAX_THREADS
+    return RowsPlan(grid=min(num_rows, 2**31 - 1), threads=threads_for(num_vectors, cap), cache_vectors=0)
+
+
+# ----------------------------------------------------------------------------------------
+# Typed launchers: one per kernel signature in xent.cu, every scalar converted explicitly
+# ----------------------------------------------------------------------------------------
+
+
+def _pointer(array):
+    return _NULL if array is None else array
+
+
+def launch_logit_rows(kernel, plan: RowsPlan, logits, grad, labels, sample_weight, class_weight,
+                      class_weight_elem, options: KernelOptions, loss) -> None:
+    """xent_fwd_* / xent_fwd_bwd_*: loss (N,) float64 and, with ``grad``, the gradient."""
+    num_rows, num_classes = logits.shape
+    kernel(
+        (plan.grid,), (plan.threads,),
+        (logits, _pointer(grad), labels, sample_weight, _pointer(class_weight), _pointer(class_weight_elem),
+         numpy.float64(options.class_weight_total), numpy.int64(num_rows), numpy.int64(num_classes),
+         numpy.float64(options.num_classes), numpy.float64(options.label_smoothing),
+         numpy.float64(options.z_loss), numpy.float64(options.softcap or 0.0),
+         numpy.float64(options.grad_scale), numpy.int64(plan.cache_vectors), loss),
+        shared_mem=plan.shared_bytes,
+    )
+
+
+def launch_part_stats(kernel, num_parts: int, threads: int, logits, labels, class_weight_elem, part_len: int,
+                      options: KernelOptions, part_stats) -> None:
+    """xent_part_stats_*: (3, N, P) float64 partial statistics of every (row, part)."""
+    num_rows, num_classes = logits.shape
+    kernel(
+        (num_parts, num_rows), (threads,),
+        (logits, labels, _pointer(class_weight_elem), numpy.int64(num_classes), numpy.int64(part_len),
+         numpy.float64(options.label_smoothing), numpy.float64(options.softcap or 0.0), part_stats),
+    )
+
+
+def launch_merge_parts(kernel, logits, labels, sample_weight, class_weight, part_stats, num_parts: int,
+                       options: KernelOptions, loss, row_coefs) -> None:
+    """xent_merge_parts_*: loss (N,) and the (N, 4) gradient coefficients of every row."""
+    num_rows, num_classes = logits.shape
+    grid = -(-num_rows // MERGE_THREADS)
+    kernel(
+        (grid,), (MERGE_THREADS,),
+        (logits, labels, sample_weight, _pointer(class_weight), part_stats,
+         numpy.float64(options.class_weight_total), numpy.int64(num_rows), numpy.int64(num_classes),
+         numpy.int64(num_parts), numpy.float64(options.num_classes), numpy.float64(options.label_smoothing),
+         numpy.float64(options.z_loss), numpy.float64(options.softcap or 0.0),
+         numpy.float64(options.grad_scale), loss, row_coefs),
+    )
+
+
+def launch_part_grad(kernel, num_parts: int, threads: int, logits, grad, labels, class_weight_elem, row_coefs,
+                     part_len: int, options: KernelOptions) -> None:
+    """xent_part_grad_*: the gradient of every (row, part) from the merged coefficients."""
+    num_rows, num_classes = logits.shape
+    kernel(
+        (num_parts, num_rows), (threads,),
+        (logits, grad, labels, _pointer(class_weight_elem), row_coefs, numpy.int64(num_classes),
+         numpy.int64(part_len), numpy.float64(options.softcap or 0.0)),
+    )
+
+
+def launch_prob_rows(kernel, grid: int, threads: int, probs, grad, labels, sample_weight, class_weight,
+                     class_weight_elem, options: KernelOptions, loss, row_min) -> None:
+    """xent_prob_*: loss, row minima and (with ``grad``) the gradient for probability inputs."""
+    num_rows, num_classes = probs.shape
+    kernel(
+        (grid,), (threads,),
+        (probs, _pointer(grad), labels, sample_weight, _pointer(class_weight), _pointer(class_weight_elem),
+         numpy.float64(options.class_weight_total), numpy.int64(num_rows), numpy.int64(num_classes),
+         numpy.float64(options.num_classes), numpy.float64(options.label_smoothing),
+         numpy.float64(options.z_loss), numpy.float64(options.grad_scale), loss, row_min),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# The launcher the public API calls
+# ----------------------------------------------------------------------------------------
+
+
+def empty_rows_like(rows):
+    """An uninitialised array like ``rows`` whose start has the same offset modulo 16 bytes.
+
+    The kernels' vector path needs the logits and gradient rows equally aligned; a fresh
+    allocation is 256-byte aligned, but ``rows`` may be a view that starts anywhere.
+    """
+    misalign = rows.data.ptr % VECTOR_BYTES
+    if misalign == 0:
+        return cupy.empty(rows.shape, dtype=rows.dtype)
+    offset = misalign // rows.dtype.itemsize
+    flat = cupy.empty(rows.size + VECTOR_BYTES // rows.dtype.itemsize, dtype=rows.dtype)
+    return flat[offset:offset + rows.size].reshape(rows.shape)
+
+
+def fused_xent(
+    logits,
+    labels,
+    sample_weight,
+    options: KernelOptions,
+    *,
+    want_grad: bool,
+    inplace: bool = False,
+    storage: Optional[str] = None,
+) -> Tuple[Any, Optional[Any], Optional[Any]]:
+    """Per-row loss and, if asked, the gradient of logits (N, C) in one fused call, on the GPU.
+
+    Args:
+        logits: C-contiguous (N, C) CuPy array, float16/bfloat16/float32/float64 (or uint16
+            holding bfloat16 bits, with ``storage="bfloat16"``).
+        labels: int64 (N,), -1 for ignored rows, otherwise in [0, C).
+        sample_weight: float64 (N,).
+        options: validated options; ``options.grad_scale`` is the reduction's factor.
+        want_grad: also compute d(loss)/d(logits).
+        inplace: write the gradient over ``logits`` (only with ``want_grad``).
+        storage: kernel dtype name overriding ``logits.dtype`` (see ``storage_name``).
+
+    Returns:
+        (loss float64 (N,), gradient (N, C) in the logits' dtype or None, row minimum float64
+        (N,) for probability inputs or None), all CuPy arrays on the current device.
+    """
+    dtype_name = storage_name(logits.dtype, storage)
+    num_rows, num_classes = logits.shape
+    if num_classes > MAX_CLASSES:
+        raise ValueError(f"the GPU kernels index classes with 32-bit integers: C = {num_classes} is too large")
+    labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
+    sample_weight = cupy.ascontiguousarray(sample_weight, dtype=cupy.float64)
+    loss = cupy.empty(num_rows, dtype=cupy.float64)
+
+    if not options.from_logits:
+        return _prob_rows(logits, labels, sample_weight, options, dtype_name, want_grad, loss)
+    grad = None
+    if want_grad:
+        grad = logits if inplace else empty_rows_like(logits)
+    if num_rows == 0:
+        return loss, grad, None
+
+    class_weight = options.class_weight
+    # Per-class weights in the compute type, for the sweeps: only label smoothing reads one
+    # per class (otherwise the weight of the target alone matters, read from the float64 array).
+    class_weight_elem = None
+    if class_weight is not None and options.label_smoothing != 0.0:
+        class_weight_elem = cupy.ascontiguousarray(class_weight, dtype=_acc_dtype(dtype_name))
+    softcap = options.softcap is not None
+    limits = _current_limits()
+    if use_split_rows(num_rows, num_classes, limits):
+        part_len = split_part_length(num_rows, num_classes, limits)
+        num_parts = -(-num_classes // part_len)
+        if num_parts >= 2:
+            _split_rows(logits, grad, labels, sample_weight, class_weight, class_weight_elem, options,
+                        dtype_name, softcap, part_len, num_parts, loss)
+            return loss, grad, None
+
+    name = kernel_name("fwd_bwd" if want_grad else "fwd", dtype_name, softcap)
+    kernel = get_kernel(name)
+    static_shared = kernel.shared_size_bytes if want_grad else 0
+    plan = plan_rows(num_rows, num_classes, _itemsize(dtype_name), want_grad, limits, static_shared)
+    if plan.shared_bytes > 0:
+        _allow_dynamic_shared(kernel, name, plan.shared_bytes)
+    launch_logit_rows(kernel, plan, logits, grad, labels, sample_weight, class_weight, class_weight_elem,
+                      options, loss)
+    return loss, grad, None
+
+
+def _split_rows(logits, grad, labels, sample_weight, class_weight, class_weight_elem, options, dtype_name,
+                softcap, part_len, num_parts, loss) -> None:
+    """Few rows, many classes: statistics per (row, part), exact merge, gradient per part."""
+    num_rows = logits.shape[0]
+    threads = threads_for(part_len * _itemsize(dtype_name) // VECTOR_BYTES)
+    part_stats = cupy.empty(3 * num_rows * num_parts, dtype=cupy.float64)
+    launch_part_stats(get_kernel(kernel_name("part_stats", dtype_name, softcap)), num_parts, threads, logits,
+                      labels, class_weight_elem, part_len, options, part_stats)
+    row_coefs = cupy.empty((num_rows, 4), dtype=cupy.float64)
+    launch_merge_parts(get_kernel(kernel_name("merge_parts", dtype_name)), logits, labels, sample_weight,
+                       class_weight, part_stats, num_parts, options, loss, row_coefs)
+    if grad is not None:
+        launch_part_grad(get_kernel(kernel_name("part_grad", dtype_name, softcap)), num_parts, threads, logits,
+                         grad, labels, class_weight_elem, row_coefs, part_len, options)
+
+
+def _prob_rows(probs, labels, sample_weight, options, dtype_name, want_grad, loss):
+    """Probability inputs. An in-place request still writes a new buffer, so the input is intact
+    if the caller's check of the row minima rejects it (as on the CPU)."""
+    num_rows, num_classes = probs.shape
+    row_min = cupy.empty(num_rows, dtype=cupy.float64)
+    grad = empty_rows_like(probs) if want_grad else None
+    if num_rows == 0:
+        return loss, grad, row_min
+    class_weight = options.class_weight
+    class_weight_elem = None
+    if class_weight is not None and options.label_smoothing != 0.0:
+        class_weight_elem = cupy.ascontiguousarray(class_weight, dtype=cupy.float32)
+    threads = threads_for(num_classes * _itemsize(dtype_name) // VECTOR_BYTES, FORWARD_MAX_THREADS)
+    launch_prob_rows(get_kernel(kernel_name("prob", dtype_name)), min(num_rows, 2**31 - 1), threads, probs, grad,
+                     labels, sample_weight, class_weight, class_weight_elem, options, loss, row_min)
+    return loss, grad, row_min
