@@ -2,15 +2,15 @@
 
 CPU: the resident-set high-water mark of a fresh process. ``tracemalloc`` would see NumPy's
 buffers but not TensorFlow's or PyTorch's, so the measurement works at the level of the
-operating system instead. For each framework one new Python process builds the same inputs,
-converts them (``prepare``), makes one small warm-up call (compilation, tracing, thread pools),
-then per mode: resets the kernel's high-water mark (``/proc/self/clear_refs``), reads the
-resident set, makes one call on the full input, and reports ``VmHWM - VmRSS before``: every
-page the call touched and had not before, its outputs included. Where the high-water mark
-cannot be reset, a thread samples the resident set every 0.2 ms instead (the method is
-reported). Large buffers are freed to the system between calls (glibc returns allocations
-over 32 MiB at once, and neither PyTorch nor TensorFlow caches CPU memory by default), so
-one call's peak does not hide in the previous call's leftovers.
+operating system instead, and in a new process for every (implementation, case, mode): caching
+allocators (TensorFlow's oneDNN allocator keeps what it once allocated) would otherwise hide a
+call's needs behind an earlier call's leftovers. One helper process per framework imports it
+and builds each case's inputs once; for each measurement it forks a child, which converts the
+inputs (``prepare``), makes a small warm-up call (compilation, tracing, thread pools), resets
+the kernel's high-water mark (``/proc/self/clear_refs``), reads its resident set, makes one
+call on the full input and reports ``VmHWM - VmRSS before``: every page the call touched and
+had not before, its outputs included. Where the high-water mark cannot be reset, a thread
+samples the resident set every 0.2 ms instead (the method is reported).
 
 GPU: each framework's allocator statistics in the benchmarking process (CuPy memory hook,
 ``torch.cuda.max_memory_allocated``, TensorFlow's ``get_memory_info``); JAX's cannot be reset
@@ -24,16 +24,18 @@ from __future__ import annotations
 import gc
 import json
 import os
+import select
 import subprocess
 import sys
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-CPU_METHOD = ("resident-set high-water mark (VmHWM) of a fresh process per framework, reset "
-              "before each call; extra = peak - resident set before the call (outputs included)")
-CPU_METHOD_SAMPLED = ("resident set sampled every 0.2 ms in a fresh process per framework; "
-                      "extra = peak - resident set before the call (outputs included)")
+CPU_METHOD = ("resident-set high-water mark (VmHWM) of a new process per implementation, case and "
+              "mode, reset after a warm-up call; extra = peak - resident set before the call "
+              "(outputs included)")
+CPU_METHOD_SAMPLED = ("resident set sampled every 0.2 ms in a new process per implementation, case and "
+                      "mode; extra = peak - resident set before the call (outputs included)")
 GPU_METHOD = ("allocator statistics of each framework (CuPy memory hook, PyTorch and TensorFlow "
               "peak-memory counters), reset before the call; outputs included")
 
@@ -94,11 +96,63 @@ def peak_extra_bytes(call: Callable[[], object]) -> Tuple[int, str]:
     return max(0, peak[0] - before), "sampled"
 
 
+def _measure_one(impl, logits, labels, mode: str) -> Tuple[int, str]:
+    """In a fresh child: prepare, warm up on a few rows, then measure one full call."""
+    warm_rows = min(logits.shape[0], 16)
+    small = impl.prepare(logits[:warm_rows].copy(), labels[:warm_rows].copy())
+    impl.reset(small)
+    impl.wait(impl.run(small, mode))
+    del small
+    state = impl.prepare(logits, labels)
+    impl.reset(state)
+
+    def call():
+        out = impl.run(state, mode)
+        impl.wait(out)
+        return out
+
+    return peak_extra_bytes(call)
+
+
+def _in_child(work: Callable[[], Dict], timeout: float) -> Dict:
+    """Run ``work`` in a forked child (a fresh heap that shares the parent's inputs); its result
+    or {"error": ...}. The parent has imported the framework but run nothing with it."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_end)
+        try:
+            payload = json.dumps(work())
+        except BaseException as error:  # reported to the parent, never raised there
+            payload = json.dumps({"error": f"{type(error).__name__}: {error}"})
+        with os.fdopen(write_end, "w") as pipe:
+            pipe.write(payload)
+        os._exit(0)
+    os.close(write_end)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    with os.fdopen(read_end) as pipe:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([pipe], [], [], left)[0]:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                return {"error": "timed out"}
+            chunk = pipe.read()
+            if not chunk:
+                break
+            chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    if not chunks:
+        return {"error": f"measuring process died (status {status})"}
+    return json.loads("".join(chunks))
+
+
 def _measure_in_this_process(request) -> Dict:
     from fastxent.bench.cases import Case, make_inputs
     from fastxent.bench.peers import IMPLEMENTATIONS
 
-    results: Dict[str, Dict[str, Optional[int]]] = {}
+    results: Dict[str, int] = {}
     errors: Dict[str, str] = {}
     methods = set()
     impls = []
@@ -112,7 +166,6 @@ def _measure_in_this_process(request) -> Dict:
     for rows, classes, dtype in request["cases"]:
         case = Case(rows, classes, dtype)
         logits, labels = make_inputs(case, request.get("seed", 0))
-        warm_rows = min(rows, 16)
         for impl in impls:
             if impl.unsupported(case):
                 continue
@@ -120,25 +173,14 @@ def _measure_in_this_process(request) -> Dict:
                 if mode not in impl.modes:
                     continue
                 key = f"{impl.name}|{case.id}|{mode}"
-                try:
-                    small = impl.prepare(logits[:warm_rows].copy(), labels[:warm_rows].copy())
-                    impl.reset(small)
-                    impl.wait(impl.run(small, mode))
-                    del small
-                    state = impl.prepare(logits, labels)
-                    impl.reset(state)
-
-                    def call():
-                        out = impl.run(state, mode)
-                        impl.wait(out)
-                        return out
-
-                    extra, method = peak_extra_bytes(call)
-                    methods.add(method)
-                    results[key] = extra
-                    del state
-                except Exception as error:  # reported per implementation, never fatal
-                    errors[key] = f"{type(error).__name__}: {error}"
+                found = _in_child(lambda: dict(zip(("extra", "method"), _measure_one(impl, logits, labels, mode))),
+                                  request.get("timeout", 600.0))
+                if "error" in found:
+                    errors[key] = found["error"]
+                else:
+                    results[key] = found["extra"]
+                    methods.add(found["method"])
+        del logits, labels
     return {"results": results, "errors": errors, "methods": sorted(methods)}
 
 

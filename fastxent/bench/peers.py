@@ -97,6 +97,10 @@ class Fastxent(Implementation):
         if self.device == "cpu":
             import numba
 
+            # fastxent picks its Numba threading layer (TBB) on import; setting the thread count
+            # first would start Numba's default layer instead.
+            import fastxent.cpu.xent  # noqa: F401
+
             wanted = self.threads
             self.threads = min(wanted, numba.config.NUMBA_NUM_THREADS)
             numba.set_num_threads(self.threads)

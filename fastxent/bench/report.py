@@ -14,6 +14,10 @@ from fastxent.bench.runner import Entry
 COLUMNS = ("implementation", "time ms", "fastxent speed-up", "x floor", "GB/s", "peak extra mem",
            "loss err", "grad err", "status")
 
+# One colour per implementation in every panel.
+COLORS = {"fastxent": "tab:blue", "fastxent-inplace": "tab:cyan", "numpy": "tab:green",
+          "tensorflow": "tab:orange", "torch": "tab:red", "jax": "tab:purple"}
+
 TIMING_METHOD = ("warm-up round, then {repeats} rounds; each round calls every implementation and the "
                  "floor once, in an order rotating from round to round; median of the rounds; "
                  "{timer}")
@@ -74,24 +78,33 @@ def derived(entry: Entry) -> List[Dict]:
     return rows
 
 
-def _cells(row: Dict) -> List[str]:
+def _cells(row: Dict) -> Dict[str, str]:
     status = row["status"]
     if row.get("note") and status not in ("ok", ""):
         status = f"{status} ({row['note']})"
-    return [
-        row["label"],
-        _ms(row["median_s"]),
-        _ratio(row["speedup"]),
-        _ratio(row["floor_multiple"]),
-        f"{row['gbps']:.3g}" if row["gbps"] else "",
-        _bytes(row.get("peak_extra_bytes")),
-        _error(row.get("loss_error")),
-        _error(row.get("grad_error")),
-        status,
-    ]
+    return {
+        "implementation": row["label"],
+        "time ms": _ms(row["median_s"]),
+        "fastxent speed-up": _ratio(row["speedup"]),
+        "x floor": _ratio(row["floor_multiple"]),
+        "GB/s": f"{row['gbps']:.3g}" if row["gbps"] else "",
+        "peak extra mem": _bytes(row.get("peak_extra_bytes")),
+        "loss err": _error(row.get("loss_error")),
+        "grad err": _error(row.get("grad_error")),
+        "status": status,
+    }
 
 
-def _title(entry: Entry) -> str:
+def markdown_table(entry: Entry, columns: Sequence[str] = COLUMNS) -> List[str]:
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join("---" if column in ("implementation", "status") else "---:" for column in columns) + "|"]
+    for row in derived(entry):
+        cells = _cells(row)
+        lines.append("| " + " | ".join(cells[column].replace("|", "/") for column in columns) + " |")
+    return lines
+
+
+def title(entry: Entry) -> str:
     moved = entry.bytes_moved
     size = f"{moved / 1e9:.2f} GB" if moved >= 1e9 else f"{moved / 1e6:.1f} MB" if moved >= 1e6 else f"{moved / 1e3:.1f} kB"
     return f"{entry.case.name}, {entry.mode} ({size} must move)"
@@ -126,9 +139,9 @@ def terminal(result: Dict, settings) -> str:
     entries: List[Entry] = result["entries"]
     lines = [f"fastxent bench on {settings.device}: " + machine.summary_line(result["machine"]), ""]
     for entry in entries:
-        cells = [list(COLUMNS)] + [_cells(row) for row in derived(entry)]
+        cells = [list(COLUMNS)] + [list(_cells(row).values()) for row in derived(entry)]
         widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS) - 1)]
-        lines.append(_title(entry) + (" -- FAILED" if entry.failed else ""))
+        lines.append(title(entry) + (" -- FAILED" if entry.failed else ""))
         for index, row in enumerate(cells):
             text = "  ".join(cell.rjust(width) if i else cell.ljust(width)
                              for i, (cell, width) in enumerate(zip(row, widths)))
@@ -201,22 +214,24 @@ def _clean(value):
     return value
 
 
-def markdown(result: Dict, settings, plot_name: Optional[str]) -> str:
-    info = result["machine"]
+def machine_markdown(info: Dict) -> List[str]:
+    """Bullet lines describing the machine and the software versions."""
     versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items() if version)
-    methods = _methods(result, settings)
     lines = [
-        f"# fastxent bench ({settings.device})",
-        "",
-        f"- Machine: {machine.summary_line(info)}",
         f"- CPU: {info['cpu_model']}, {info['vector_isa']}, {info['physical_cores']} physical cores, "
         f"{info['logical_cpus']} logical CPUs" + (f", {info['memory_gib']} GiB" if info.get("memory_gib") else "")
         + (f", virtualised ({info['hypervisor']})" if info.get("hypervisor") else ""),
     ]
     if info.get("gpu"):
         lines.append(f"- GPU: {info['gpu']}")
-    lines += [
-        f"- Software: Python {info['python']}, {versions}; Numba threading layer {info['numba_threading_layer']}",
+    lines.append(f"- Software: Python {info['python']}, {versions}; Numba threading layer "
+                 f"{info['numba_threading_layer']}")
+    return lines
+
+
+def markdown(result: Dict, settings, plot_name: Optional[str]) -> str:
+    methods = _methods(result, settings)
+    lines = [f"# fastxent bench ({settings.device})", ""] + machine_markdown(result["machine"]) + [
         f"- Settings: {settings.threads} threads for every implementation, {settings.repeats} repeats, "
         f"modes {', '.join(settings.modes)}",
         "",
@@ -236,11 +251,8 @@ def markdown(result: Dict, settings, plot_name: Optional[str]) -> str:
         lines += ["", f"![throughput against class count]({plot_name})"]
     lines += ["", "## Results", ""]
     for entry in result["entries"]:
-        lines += [f"### {_title(entry)}" + (" — FAILED" if entry.failed else ""), ""]
-        lines.append("| " + " | ".join(COLUMNS) + " |")
-        lines.append("|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 2) + ["---"]) + "|")
-        for row in derived(entry):
-            lines.append("| " + " | ".join(cell.replace("|", "/") for cell in _cells(row)) + " |")
+        lines += [f"### {title(entry)}" + (" — FAILED" if entry.failed else ""), ""]
+        lines += markdown_table(entry)
         lines.append("")
     return "\n".join(lines)
 
@@ -264,7 +276,7 @@ def plot(result: Dict, path: str) -> Optional[str]:
             ax = axes[i][j]
             chosen = sorted((e for e in entries if e.case.dtype == dtype and e.mode == mode),
                             key=lambda e: (e.case.num_classes, e.case.num_rows))
-            series: Dict[str, List] = {}
+            series: Dict[tuple, List] = {}
             floor_points = []
             for entry in chosen:
                 for row in derived(entry):
@@ -274,10 +286,11 @@ def plot(result: Dict, path: str) -> Optional[str]:
                     if row["impl"] == "floor":
                         floor_points.append(point)
                     else:
-                        series.setdefault(row["label"], []).append(point)
-            for label, points in series.items():
+                        series.setdefault((row["impl"], row["label"]), []).append(point)
+            for (name, label), points in series.items():
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", linewidth=2 if label.startswith("fastxent") else 1.2, label=label)
+                ax.plot(xs, ys, marker="o", color=COLORS.get(name), label=label,
+                        linewidth=2.2 if name.startswith("fastxent") else 1.2)
             if floor_points:
                 xs, ys = zip(*floor_points)
                 ax.plot(xs, ys, "k--", marker="x", label=chosen[0].floor_label if chosen else "floor")
@@ -291,7 +304,7 @@ def plot(result: Dict, path: str) -> Optional[str]:
             ax.set_ylabel("GB/s (bytes that must move / time)")
             ax.set_title(f"{dtype}, {mode}")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="best")
     info = result["machine"]
     figure.suptitle(f"fastxent bench: {machine.summary_line(info)}", fontsize=9)
     figure.tight_layout()

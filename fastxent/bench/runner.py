@@ -179,7 +179,7 @@ def _time_call(impl, state, mode: str, device: str) -> float:
     return elapsed
 
 
-def _blank_row(impl, status: str, note: str = "") -> Dict:
+def blank_row(impl, status: str, note: str = "") -> Dict:
     return {"impl": impl.name, "label": impl.label, "peer": impl.is_peer, "status": status, "note": note,
             "times_s": [], "median_s": None, "loss": None, "loss_dtype": None, "loss_error": None,
             "loss_tolerance": None, "grad_dtype": None, "grad_error": None, "grad_tolerance": None,
@@ -243,7 +243,7 @@ def run(settings: Settings, progress_enabled: bool = True) -> Dict:
             skip = "CuPy has no bfloat16 arrays"
         if skip:
             for entry in case_entries:
-                entry.rows = [_blank_row(impl, "skipped", skip) for impl in impls if entry.mode in impl.modes]
+                entry.rows = [blank_row(impl, "skipped", skip) for impl in impls if entry.mode in impl.modes]
             entries.extend(case_entries)
             continue
         host_logits, host_labels = make_inputs(case, settings.seed)
@@ -281,14 +281,14 @@ def _run_entry(entry: Entry, settings: Settings, impls, unavailable, states, log
             continue
         if impl.name in unavailable:
             reason = unavailable[impl.name]
-            entry.rows.append(_blank_row(impl, "not installed" if reason == "not installed" else "unavailable",
+            entry.rows.append(blank_row(impl, "not installed" if reason == "not installed" else "unavailable",
                                          "" if reason == "not installed" else reason))
             continue
         state = states[impl.name]
         if isinstance(state, Unusable):
-            entry.rows.append(_blank_row(impl, state.status, state.reason))
+            entry.rows.append(blank_row(impl, state.status, state.reason))
             continue
-        row = _blank_row(impl, ERROR)
+        row = blank_row(impl, ERROR)
         entry.rows.append(row)
         progress.step(heading, f"validating {impl.label}")
         try:
