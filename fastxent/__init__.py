@@ -12,12 +12,15 @@ from fastxent._api import (
     sparse_cross_entropy,
     sparse_cross_entropy_with_grad,
 )
+from fastxent._dense_api import categorical_cross_entropy, categorical_cross_entropy_with_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
     "REDUCTIONS",
     "Reduction",
+    "categorical_cross_entropy",
+    "categorical_cross_entropy_with_grad",
     "log_softmax_gather",
     "reference",
     "sparse_cross_entropy",

@@ -119,3 +119,92 @@ def sparse_cross_entropy(logits, labels, **options) -> np.ndarray:
 def log_softmax_gather(logits, labels, *, axis: int = -1) -> np.ndarray:
     """Float64 log p(label) per row: x_y - logsumexp(x), labels-shaped."""
     return -sparse_cross_entropy(logits, labels, reduction="none", axis=axis)
+
+
+# ----------------------------------------------------------------------------------------
+# Dense targets (one-hot or soft label rows)
+# ----------------------------------------------------------------------------------------
+
+
+def _clip_bounds(dtype) -> Tuple[float, float]:
+    """Keras' clip bounds 1e-7 and 1 - 1e-7 as the input's dtype holds them (float32 unless float64)."""
+    if np.dtype(dtype) == np.float64:
+        return KERAS_EPSILON, 1.0 - KERAS_EPSILON
+    return float(np.float32(KERAS_EPSILON)), float(np.float32(1.0 - KERAS_EPSILON))
+
+
+def _dense_per_row_terms(x, mass, from_logits, clip_bounds):
+    """Per-row loss sum_c a_c (lse - x_c) (or -sum_c a_c log clip(q_c)) and its gradient, float64."""
+    with np.errstate(all="ignore"):
+        if from_logits:
+            row_max = np.max(x, axis=1, keepdims=True)
+            safe_max = np.where(np.isfinite(row_max), row_max, 0.0)
+            shifted = x - safe_max
+            log_sum = np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
+            bad = (np.isnan(x).any(axis=1) | np.isposinf(x).any(axis=1) | np.isneginf(x).all(axis=1))[:, None]
+            log_sum = np.where(bad, np.nan, log_sum)
+            log_softmax = shifted - log_sum
+            # A class with no target mass contributes 0, also where its logit is -inf.
+            loss = -np.sum(np.where(mass != 0, mass * log_softmax, 0.0), axis=1)
+            grad = mass.sum(axis=1, keepdims=True) * np.exp(log_softmax) - mass
+        else:
+            low, high = clip_bounds
+            row_sum = x.sum(axis=1, keepdims=True)
+            normalised = x / row_sum
+            clipped = np.clip(normalised, low, high)
+            loss = -np.sum(np.where(mass != 0, mass * np.log(clipped), 0.0), axis=1)
+            inside = (normalised >= low) & (normalised <= high)
+            slope = np.where(inside, -mass / clipped, 0.0)
+            grad = (slope - np.sum(slope * normalised, axis=1, keepdims=True)) / row_sum
+    return loss, grad
+
+
+def categorical_cross_entropy_with_grad(
+    logits,
+    targets,
+    *,
+    from_logits: bool = True,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    class_weight=None,
+    sample_weight=None,
+    axis: int = -1,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Float64 loss and gradient for dense target rows; same arguments as ``fastxent``'s function.
+
+    Per row, with ``a_c = w_c ((1 - eps) t_c + eps / C)``: ``sum_c a_c (lse - x_c)`` for logits,
+    ``-sum_c a_c log clip(p_c / sum p)`` for probabilities (Keras). Reductions: "none" (per-row
+    ``s_i loss_i``), "sum", "mean" (divided by the sum of the sample weights, N without them,
+    as PyTorch does for probability targets), "sum_over_batch_size" (divided by N).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}")
+    dtype = np.asarray(logits).dtype
+    x = np.moveaxis(np.asarray(logits).astype(np.float64), axis, -1)
+    lead_shape, num_classes = x.shape[:-1], x.shape[-1]
+    x = x.reshape(-1, num_classes)
+    t = np.moveaxis(np.asarray(targets).astype(np.float64), axis, -1).reshape(-1, num_classes)
+    num_rows = x.shape[0]
+    w = np.ones(num_classes) if class_weight is None else np.asarray(class_weight, np.float64)
+    mass = w * ((1.0 - label_smoothing) * t + label_smoothing / num_classes)
+    sw = np.ones(num_rows) if sample_weight is None else np.broadcast_to(
+        np.asarray(sample_weight, np.float64), lead_shape).reshape(-1)
+    loss, grad = _dense_per_row_terms(x, mass, from_logits, _clip_bounds(dtype))
+    with np.errstate(all="ignore"):
+        loss = loss * sw
+        if reduction == "none":
+            scale, total = 1.0, loss.reshape(lead_shape)
+        else:
+            denominator = {"sum": 1.0, "mean": float(sw.sum()), "sum_over_batch_size": float(num_rows)}[reduction]
+            if denominator == 0.0:
+                scale, total = 0.0, np.array(0.0)
+            else:
+                scale, total = 1.0 / denominator, np.array(loss.sum() / denominator)
+        grad = grad * (sw * scale)[:, None]
+    grad = np.moveaxis(grad.reshape(lead_shape + (num_classes,)), -1, axis)
+    return np.asarray(total, np.float64), grad
+
+
+def categorical_cross_entropy(logits, targets, **options) -> np.ndarray:
+    """Float64 loss only; see ``categorical_cross_entropy_with_grad``."""
+    return categorical_cross_entropy_with_grad(logits, targets, **options)[0]

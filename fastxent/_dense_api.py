@@ -1,0 +1,196 @@
+"""Cross-entropy against dense targets (one-hot or soft label rows): validate, normalise, dispatch.
+
+The per-row loss, with the per-class target mass ``a_c = w_c ((1 - eps) t_c + eps / C)``
+(class weights ``w``, label smoothing ``eps`` as Keras' and PyTorch's), is
+
+    from_logits=True    sum_c a_c (logsumexp(x) - x_c)          gradient (sum_c a_c) softmax(x) - a
+    from_logits=False   -sum_c a_c log clip(p_c / sum_c' p_c)   (Keras' categorical_crossentropy)
+
+A class with no target mass contributes exactly 0, also where its logit is -inf (TensorFlow and
+PyTorch return NaN there: 0 * -inf). With one-hot targets the loss equals the sparse one.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+from fastxent._api import (
+    _FLOAT_DTYPES,
+    REDUCTIONS,
+    Reduction,
+    _as_logits,
+    _backend_for,
+    _loss_dtype,
+    _normalise_axis,
+    _reduce,
+    _rows_view,
+    _warn_if_probabilities,
+)
+from fastxent._options import KernelOptions
+
+
+def _check_options(from_logits, reduction, label_smoothing):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(map(repr, REDUCTIONS))}")
+    if not isinstance(from_logits, (bool, np.bool_)):
+        raise TypeError(f"from_logits must be a bool; got {from_logits!r}")
+    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
+
+
+def _dense_launcher(backend):
+    launch = getattr(backend.launcher, "fused_dense_xent", None)
+    if launch is not None:
+        return launch
+    if backend.name == "cpu":
+        from fastxent.cpu import dense
+
+        return dense.fused_dense_xent
+    raise NotImplementedError(
+        f"dense targets have no {backend.name.upper()} kernel yet: pass NumPy arrays, or use "
+        "sparse_cross_entropy with class indices"
+    )
+
+
+def _run(logits, targets, *, want_grad, from_logits, reduction, label_smoothing, class_weight,
+         sample_weight, axis):
+    _check_options(from_logits, reduction, label_smoothing)
+    backend = _backend_for(logits)
+    xp, logits = _as_logits(logits, backend)
+    launch = _dense_launcher(backend)
+    axis = _normalise_axis(axis, logits.ndim)
+    num_classes = int(logits.shape[axis])
+    if num_classes == 0:
+        raise ValueError(f"logits have no classes: shape {tuple(logits.shape)} is 0 along axis {axis}")
+    targets = xp.asarray(targets)
+    if targets.dtype.kind not in "fiub" and targets.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"targets must be numbers (one-hot or probability rows); got dtype {targets.dtype}")
+    if tuple(targets.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal the logits shape {tuple(logits.shape)}"
+        )
+    # The kernels read targets in the logits' storage type; other dtypes are converted (a copy
+    # of the targets, never of the logits).
+    if targets.dtype != logits.dtype:
+        targets = targets.astype(logits.dtype)
+    lead_shape = tuple(logits.shape[:axis] + logits.shape[axis + 1:])
+    num_rows = int(np.prod(lead_shape, dtype=np.int64))
+
+    weights = None
+    weight_total = float(num_classes)
+    if class_weight is not None:
+        weights = xp.asarray(class_weight, dtype=xp.float64)
+        if weights.shape != (num_classes,):
+            raise ValueError(
+                f"class_weight must have one entry per class, shape ({num_classes},); got {tuple(weights.shape)}"
+            )
+        weight_total = float(weights.sum())
+    if sample_weight is None:
+        row_weight = xp.ones(num_rows, dtype=xp.float64)
+    else:
+        sample = xp.asarray(sample_weight, dtype=xp.float64)
+        try:
+            row_weight = xp.ascontiguousarray(xp.broadcast_to(sample, lead_shape).reshape(-1))
+        except ValueError:
+            raise ValueError(
+                f"sample_weight shape {tuple(sample.shape)} does not broadcast to the rows' shape {lead_shape}"
+            ) from None
+
+    if reduction == "mean":
+        denominator = float(row_weight.sum())
+    elif reduction == "sum_over_batch_size":
+        denominator = float(num_rows)
+    else:
+        denominator = 1.0
+    options = KernelOptions(
+        from_logits=bool(from_logits),
+        label_smoothing=float(label_smoothing),
+        z_loss=0.0,
+        softcap=None,
+        class_weight=weights,
+        class_weight_total=weight_total,
+        num_classes=num_classes,
+        grad_scale=0.0 if denominator == 0.0 else 1.0 / denominator,
+    )
+    rows = _rows_view(logits, axis, xp)
+    target_rows = _rows_view(targets, axis, xp)
+    if from_logits:
+        _warn_if_probabilities(rows, xp)
+    per_row, grad_rows, row_min = launch(rows, target_rows, row_weight, options, want_grad=want_grad)
+    if row_min is not None:
+        negative = row_min < 0
+        if bool(negative.any()):
+            row = int(xp.argmax(negative))
+            raise ValueError(
+                f"from_logits=False expects probabilities, but row {np.unravel_index(row, lead_shape) if lead_shape else ()} "
+                f"has a negative value ({float(row_min[row]):.6g}); the input looks like logits: "
+                "pass from_logits=True"
+            )
+    loss = _reduce(per_row, reduction, denominator, lead_shape, _loss_dtype(logits.dtype), xp)
+    if not want_grad:
+        return loss
+    grad = xp.moveaxis(grad_rows.reshape(lead_shape + (num_classes,)), -1, axis)
+    return loss, grad
+
+
+def categorical_cross_entropy(
+    logits: Any,
+    targets: Any,
+    *,
+    from_logits: bool = True,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    class_weight: Any = None,
+    sample_weight: Any = None,
+    axis: int = -1,
+):
+    """Categorical cross-entropy against dense target rows, in one fused sweep per row.
+
+    Args:
+        logits: float16/bfloat16/float32/float64 array with the classes on ``axis``.
+        targets: one-hot or probability rows, the logits' shape (other dtypes are converted to
+            the logits' dtype).
+        from_logits: False when ``logits`` are probabilities (Keras: each row divided by its sum,
+            clipped to [1e-7, 1 - 1e-7]). Negative values then raise ``ValueError``.
+        reduction: "none" (per-row losses), "sum", "mean" (divided by the sum of the sample
+            weights, the row count without them; class weights do not enter the divisor, as in
+            PyTorch with probability targets), or "sum_over_batch_size" (divided by the row count,
+            Keras' default). A zero divisor gives 0.0.
+        label_smoothing: eps in [0, 1): targets become ``(1 - eps) t + eps / C``.
+        class_weight: (C,) weight per class, multiplying each class's target mass.
+        sample_weight: weight per row, broadcastable to the logits' shape without the class axis.
+        axis: the class axis.
+
+    Returns:
+        The loss: float32 (float64 for float64 logits); 0-d, or the rows' shape for "none".
+    """
+    return _run(logits, targets, want_grad=False, from_logits=from_logits, reduction=reduction,
+                label_smoothing=label_smoothing, class_weight=class_weight,
+                sample_weight=sample_weight, axis=axis)
+
+
+def categorical_cross_entropy_with_grad(
+    logits: Any,
+    targets: Any,
+    *,
+    from_logits: bool = True,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    class_weight: Any = None,
+    sample_weight: Any = None,
+    axis: int = -1,
+):
+    """Loss and d(loss)/d(logits) in the same fused call; arguments of ``categorical_cross_entropy``.
+
+    With reduction "none" the gradient is that of the sum of the per-row losses.
+
+    Returns:
+        (loss, grad): the loss as ``categorical_cross_entropy`` returns it, and the gradient with
+        the logits' shape and dtype.
+    """
+    return _run(logits, targets, want_grad=True, from_logits=from_logits, reduction=reduction,
+                label_smoothing=label_smoothing, class_weight=class_weight,
+                sample_weight=sample_weight, axis=axis)
