@@ -1,0 +1,170 @@
+"""Vocabulary-parallel (class-sharded) cross-entropy over MPI (mpi4py) or torch.distributed.
+
+Each rank holds a class range [vocab_start, vocab_start + V_local) of every row's logits; the
+labels (global class ids), sample weights and options are the same on every rank. The loss is
+the one a single process computes on the concatenated logits, and each rank gets the gradient
+of its own slice. Per call two all-reductions of per-row statistics move (12 bytes per row per
+rank for float32 logits, see ``fastxent.distributed._sharded``); the logits never do.
+
+``group`` is an mpi4py communicator or a torch.distributed process group; None means torch's
+default group when torch.distributed is initialised, else ``MPI.COMM_WORLD``. For PyTorch
+tensors and autograd use ``fastxent.distributed._torch.vocab_parallel_cross_entropy``
+(re-exported by ``fastxent.torch``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from fastxent import _api
+from fastxent._api import Reduction
+from fastxent.distributed._comm import Communicator, communicator_for
+from fastxent.distributed._sharded import (
+    NumpyKernel,
+    ShardLayout,
+    check_labels,
+    check_settings,
+    sharded_forward,
+)
+
+__all__ = [
+    "Communicator",
+    "ShardLayout",
+    "communicator_for",
+    "sparse_cross_entropy",
+    "sparse_cross_entropy_with_grad",
+]
+
+
+def _local_rows(local_logits: Any, lead_shape: tuple, axis: int, inplace: bool):
+    """(N, V_local) rows of this rank's logits, their class axis and dtype.
+
+    Raises for mistakes that may be this rank's alone; the caller hands them to the collective.
+    """
+    backend = _api._Backend("cpu", np, None)
+    _, logits = _api._as_logits(local_logits, backend)
+    axis = _api._normalise_axis(axis, logits.ndim)
+    own_lead = tuple(logits.shape[:axis] + logits.shape[axis + 1:])
+    if own_lead != lead_shape:
+        raise ValueError(
+            f"labels shape {lead_shape} must equal the local logits' shape without the class axis, {own_lead}"
+        )
+    if inplace and not logits.flags.writeable:
+        raise ValueError("inplace=True needs a writeable array of logits")
+    return logits, _api._rows_view(logits, axis, np), axis
+
+
+def _forward(local_logits, labels, *, vocab_start, group, inplace, from_logits, reduction, ignore_index,
+             label_smoothing, class_weight, sample_weight, z_loss, softcap, axis):
+    settings = check_settings(from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap, vocab_start)
+    labels = check_labels(labels)
+    comm = communicator_for(group)
+    lead_shape = tuple(labels.shape)
+    logits = rows = None
+    width, dtype, local_error = 0, np.dtype(np.float32), None
+    try:
+        logits, rows, axis = _local_rows(local_logits, lead_shape, axis, inplace)
+        width, dtype = rows.shape[1], logits.dtype
+    except (TypeError, ValueError) as error:
+        local_error = error
+    forward = sharded_forward(
+        comm, NumpyKernel(), rows, num_rows=labels.size, width=width, logits_dtype=dtype,
+        vocab_start=vocab_start, labels=labels, sample_weight=sample_weight, class_weight=class_weight,
+        settings=settings, local_error=local_error,
+    )
+    return forward, logits, axis
+
+
+def sparse_cross_entropy(
+    local_logits: Any,
+    labels: Any,
+    *,
+    vocab_start: int,
+    group: Any = None,
+    from_logits: bool = True,
+    reduction: Reduction = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    class_weight: Any = None,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    axis: int = -1,
+):
+    """Cross-entropy over a vocabulary sharded by class ranges across the ranks of ``group``.
+
+    Every rank calls this with its own slice of the logits; all get the same loss, equal to
+    ``fastxent.sparse_cross_entropy`` on the concatenated logits.
+
+    Args:
+        local_logits: this rank's (..., V_local) logits (classes on ``axis``), NumPy.
+        labels: global class ids in [0, V_total), identical on every rank.
+        vocab_start: this shard's first global class. Shards may differ in size; together they
+            must tile [0, V_total) (checked once per layout; every rank raises otherwise).
+        group: an mpi4py communicator, a torch.distributed process group, or None.
+        class_weight: this shard's (V_local,) class weights, sharded like the logits.
+        sample_weight: per-row weights, identical on every rank.
+        from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap, axis: as in
+            ``fastxent.sparse_cross_entropy``, with their global meaning (smoothing over all
+            V_total classes, z-loss on the global logsumexp, global reduction denominators).
+
+    Returns:
+        The loss, as ``fastxent.sparse_cross_entropy`` returns it; identical on every rank.
+
+    Raises:
+        ValueError on every rank (never on some only) for a label outside [0, V_total), a
+        negative probability, shards that do not tile the vocabulary, or arguments one rank
+        gets wrong.
+    """
+    forward, _, _ = _forward(
+        local_logits, labels, vocab_start=vocab_start, group=group, inplace=False, from_logits=from_logits,
+        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        class_weight=class_weight, sample_weight=sample_weight, z_loss=z_loss, softcap=softcap, axis=axis,
+    )
+    return forward.loss
+
+
+def sparse_cross_entropy_with_grad(
+    local_logits: Any,
+    labels: Any,
+    *,
+    vocab_start: int,
+    group: Any = None,
+    from_logits: bool = True,
+    reduction: Reduction = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    class_weight: Any = None,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    axis: int = -1,
+    inplace: bool = False,
+):
+    """The loss and this rank's slice of d(loss)/d(logits); no communication beyond the loss's.
+
+    Takes the arguments of ``sparse_cross_entropy`` plus ``inplace`` (write the gradient over
+    ``local_logits``).
+
+    Returns:
+        (loss, grad): the loss, identical on every rank, and the gradient of this rank's slice
+        with the local logits' shape and dtype (the ``local_logits`` array itself when inplace).
+    """
+    forward, logits, axis = _forward(
+        local_logits, labels, vocab_start=vocab_start, group=group, inplace=bool(inplace),
+        from_logits=from_logits, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, class_weight=class_weight, sample_weight=sample_weight,
+        z_loss=z_loss, softcap=softcap, axis=axis,
+    )
+    grad_rows = forward.grad(inplace=bool(inplace))
+    lead_shape = tuple(np.shape(labels))
+    if inplace:
+        if not (grad_rows is forward.rows and np.shares_memory(forward.rows, logits)):
+            moved = np.moveaxis(logits, axis, -1)
+            moved[...] = grad_rows.reshape(moved.shape)
+        return forward.loss, logits
+    grad = np.moveaxis(grad_rows.reshape(lead_shape + (grad_rows.shape[-1],)), -1, axis)
+    return forward.loss, grad
+

@@ -1,0 +1,180 @@
+"""The three collectives vocabulary-parallel cross-entropy needs, over MPI or torch.distributed.
+
+The sharded composition talks to one small interface, ``Communicator``: an in-place all-reduce
+(MAX or SUM) of a small float32/float64 NumPy array, and an all-gather of a few integers. One
+adapter per engine implements it; each engine is imported only when a group of its kind is used:
+
+    MPICommunicator     an mpi4py communicator (MPI.COMM_WORLD or any sub-communicator)
+    TorchCommunicator   a torch.distributed process group (Gloo on CPU, NCCL on GPU)
+
+Every adapter counts the payload bytes this rank hands to collectives (``bytes_sent``), which is
+what the benchmark reports; what crosses the wire per rank depends on the engine's algorithm
+(a ring all-reduce sends 2 (R - 1) / R times the payload).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+
+class Communicator:
+    """What the sharded cross-entropy needs of a distributed engine.
+
+    Attributes:
+        rank: this process's index in the group, in [0, size).
+        size: the number of processes in the group.
+        group: the engine's own group object (the key under which a shard layout is cached).
+        bytes_sent: payload bytes this rank has handed to collectives so far.
+        collectives: collectives this rank has taken part in so far.
+    """
+
+    rank: int
+    size: int
+    group: Any
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+        self.collectives = 0
+
+    def _count(self, nbytes: int) -> None:
+        self.bytes_sent += int(nbytes)
+        self.collectives += 1
+
+    def allreduce_max(self, buffer: np.ndarray) -> np.ndarray:
+        """Element-wise maximum over the group, in place; returns ``buffer``."""
+        raise NotImplementedError
+
+    def allreduce_sum(self, buffer: np.ndarray) -> np.ndarray:
+        """Element-wise sum over the group, in place; returns ``buffer``."""
+        raise NotImplementedError
+
+    def allgather_ints(self, values: Sequence[int]) -> np.ndarray:
+        """int64 (size, len(values)): row r holds rank r's values."""
+        raise NotImplementedError
+
+
+class MPICommunicator(Communicator):
+    """An mpi4py communicator: buffer-based ``Allreduce``/``Allgather`` on NumPy arrays."""
+
+    def __init__(self, comm: Any):
+        super().__init__()
+        from mpi4py import MPI
+
+        self._mpi = MPI
+        self.group = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+
+    def _allreduce(self, buffer: np.ndarray, op: Any) -> np.ndarray:
+        self._count(buffer.nbytes)
+        self.group.Allreduce(self._mpi.IN_PLACE, buffer, op=op)
+        return buffer
+
+    def allreduce_max(self, buffer: np.ndarray) -> np.ndarray:
+        return self._allreduce(buffer, self._mpi.MAX)
+
+    def allreduce_sum(self, buffer: np.ndarray) -> np.ndarray:
+        return self._allreduce(buffer, self._mpi.SUM)
+
+    def allgather_ints(self, values: Sequence[int]) -> np.ndarray:
+        mine = np.asarray(values, dtype=np.int64)
+        gathered = np.empty((self.size, mine.shape[0]), dtype=np.int64)
+        self._count(mine.nbytes)
+        self.group.Allgather(mine, gathered)
+        return gathered
+
+
+class TorchCommunicator(Communicator):
+    """A torch.distributed process group.
+
+    Gloo reduces CPU tensors, so the NumPy buffer is shared with a tensor (no copy). NCCL reduces
+    CUDA tensors only: the buffer is staged to the current CUDA device and back (O(rows) bytes).
+    """
+
+    def __init__(self, group: Any = None):
+        super().__init__()
+        import torch
+        import torch.distributed as dist
+
+        self._torch = torch
+        self._dist = dist
+        self.group = dist.group.WORLD if group is None else group
+        self.rank = dist.get_rank(self.group)
+        self.size = dist.get_world_size(self.group)
+        backend = str(dist.get_backend(self.group)).lower()
+        self._device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else None
+
+    def _allreduce(self, buffer: np.ndarray, op: Any) -> np.ndarray:
+        self._count(buffer.nbytes)
+        tensor = self._torch.from_numpy(buffer)
+        if self._device is None:
+            self._dist.all_reduce(tensor, op=op, group=self.group)
+        else:
+            staged = tensor.to(self._device)
+            self._dist.all_reduce(staged, op=op, group=self.group)
+            tensor.copy_(staged.cpu())
+        return buffer
+
+    def allreduce_max(self, buffer: np.ndarray) -> np.ndarray:
+        return self._allreduce(buffer, self._dist.ReduceOp.MAX)
+
+    def allreduce_sum(self, buffer: np.ndarray) -> np.ndarray:
+        return self._allreduce(buffer, self._dist.ReduceOp.SUM)
+
+    def allgather_ints(self, values: Sequence[int]) -> np.ndarray:
+        mine = self._torch.tensor(list(values), dtype=self._torch.int64, device=self._device)
+        gathered = [self._torch.empty_like(mine) for _ in range(self.size)]
+        self._count(mine.numel() * 8)
+        self._dist.all_gather(gathered, mine, group=self.group)
+        return np.stack([part.cpu().numpy() for part in gathered])
+
+
+# One adapter per group object, so byte counters and the layout cache see the same instance.
+_ADAPTERS: dict = {}
+
+
+def _torch_default_group_ready() -> bool:
+    """Whether torch.distributed has a default group, without importing torch if it is not loaded."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def communicator_for(group: Any = None) -> Communicator:
+    """The adapter for ``group``: an mpi4py communicator, a torch.distributed process group,
+    a ``Communicator``, or None (torch's default group when initialised, else MPI.COMM_WORLD)."""
+    if isinstance(group, Communicator):
+        return group
+    if group is None:
+        if _torch_default_group_ready():
+            import torch.distributed as dist
+
+            group = dist.group.WORLD
+        else:
+            try:
+                from mpi4py import MPI
+            except ImportError as error:
+                raise ImportError(
+                    "group=None uses torch.distributed's default group when it is initialised, "
+                    "else MPI.COMM_WORLD, which needs mpi4py: `pip install fastxent[distributed]` "
+                    "(mpi4py with the mpich wheel), or pass a torch.distributed process group"
+                ) from error
+            group = MPI.COMM_WORLD
+    # Keyed by identity; the cache holds the group, so its id is not reused while cached.
+    cached = _ADAPTERS.get(id(group))
+    if cached is not None and cached.group is group:
+        return cached
+    engine = type(group).__module__.split(".")[0]
+    if engine == "mpi4py":
+        adapter: Communicator = MPICommunicator(group)
+    elif engine == "torch":
+        adapter = TorchCommunicator(group)
+    else:
+        raise TypeError(
+            "group must be an mpi4py communicator, a torch.distributed process group or None; "
+            f"got {type(group).__module__}.{type(group).__qualname__}"
+        )
+    _ADAPTERS[id(group)] = adapter
+    return adapter
