@@ -73,29 +73,39 @@ def shape_id(shape) -> str:
 
 @dataclass(frozen=True)
 class Tolerance:
-    """|got - ref| <= atol + rtol * |ref| (grad: atol is relative to the largest |ref|).
+    """Loss: |got - ref| <= loss_atol + loss_rtol * |ref|.
+
+    Gradient: |got - ref| <= grad_atol_abs + grad_atol * max|ref| + grad_rtol * |ref|.
 
     Half-precision logits are decoded exactly and the loss is computed in float32, so their loss
-    tolerance is float32's; their gradient is rounded once to the storage type, so its relative
-    tolerance is one unit in the last place of that type.
+    tolerance is float32's. Their gradient is computed in float32 and rounded once to the
+    storage type: ``half_ulp`` is that rounding (relative), ``grad_rtol`` one whole unit in the
+    last place, and float16's ``grad_atol_abs`` one subnormal step (values below 6e-5 lose
+    relative precision).
     """
 
     loss_rtol: float
     loss_atol: float
     grad_rtol: float
     grad_atol: float
+    grad_atol_abs: float
+    half_ulp: float
 
 
 TOLERANCES = {
     # float64 logits are computed in float64 throughout.
-    np.dtype(np.float64): Tolerance(loss_rtol=1e-11, loss_atol=1e-11, grad_rtol=1e-10, grad_atol=1e-13),
+    np.dtype(np.float64): Tolerance(loss_rtol=1e-11, loss_atol=1e-11, grad_rtol=1e-10, grad_atol=1e-13,
+                                    grad_atol_abs=0.0, half_ulp=2.0**-53),
     # float32 compute: block sums of 2048 terms in 16 float32 lanes, a 2-ulp exp.
-    np.dtype(np.float32): Tolerance(loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2e-5, grad_atol=1e-6),
-    # One ulp of float16 (2**-10) relative; absolute: float16's smallest subnormal 6e-8.
-    np.dtype(np.float16): Tolerance(loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2.0**-10, grad_atol=6e-8),
-    # One ulp of bfloat16 (2**-7 relative).
-    BFLOAT16: Tolerance(loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2.0**-7, grad_atol=1e-6),
+    np.dtype(np.float32): Tolerance(loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2e-5, grad_atol=1e-6,
+                                    grad_atol_abs=0.0, half_ulp=2.0**-24),
+    np.dtype(np.float16): Tolerance(loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2.0**-10, grad_atol=1e-6,
+                                    grad_atol_abs=2.0**-24, half_ulp=2.0**-11),
+    BFLOAT16: Tolerance(loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2.0**-7, grad_atol=1e-6,
+                        grad_atol_abs=0.0, half_ulp=2.0**-8),
 }
+# Float32 compute error on top of the final rounding (the gradient's relative error in float32).
+COMPUTE_SLACK = 1e-5
 
 
 def tolerance(dtype) -> Tolerance:
@@ -111,11 +121,19 @@ def _as64(array) -> np.ndarray:
     return np.asarray(array).astype(np.float64)
 
 
+def representable(ref, dtype) -> np.ndarray:
+    """``ref`` (float64) with the values that overflow ``dtype`` replaced by the infinity that
+    rounding to ``dtype`` gives: a float16 gradient of -1e6 can only be stored as -inf."""
+    ref64 = _as64(ref)
+    with np.errstate(over="ignore"):
+        rounded = ref64.astype(dtype).astype(np.float64)
+    return np.where(np.isinf(rounded) & np.isfinite(ref64), rounded, ref64)
+
+
 def assert_loss_close(got, ref, dtype, *, scale=1.0):
     """Loss within the dtype's tolerance; NaN and +-inf must match position for position.
 
-    ``scale`` widens the tolerance for losses whose terms are larger than the total (a sum of
-    many rows, z-loss on large log-sum-exps).
+    ``scale`` widens the tolerance for losses whose terms are larger than the total.
     """
     tol = tolerance(dtype)
     got64, ref64 = _as64(got), _as64(ref)
@@ -125,15 +143,75 @@ def assert_loss_close(got, ref, dtype, *, scale=1.0):
     )
 
 
-def assert_grad_close(got, ref, dtype):
-    """Gradient within one rounding of the storage dtype (plus float32 compute error)."""
+def gradient_scale(labels, *, reduction="mean", ignore_index=None, class_weight=None,
+                   sample_weight=None, **_other_options) -> float:
+    """The natural size of a gradient entry: the largest row weight times the reduction's factor.
+
+    Absolute gradient tolerances are taken relative to this, so an all-zero reference gradient
+    (one class, every row ignored) still gets the float32 compute error as its tolerance.
+    """
+    lead_shape = np.shape(labels)
+    labels = np.asarray(labels).reshape(-1)
+    valid = np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
+    weight = np.ones(labels.shape)
+    if class_weight is not None:
+        weight = weight * np.asarray(class_weight, np.float64)[np.where(valid, labels, 0)]
+    if sample_weight is not None:
+        weight = weight * np.broadcast_to(np.asarray(sample_weight, np.float64), lead_shape).reshape(-1)
+    weight = np.where(valid, weight, 0.0)
+    if reduction == "mean":
+        denominator = weight.sum()
+    elif reduction == "sum_over_batch_size":
+        denominator = np.count_nonzero(valid)
+    else:
+        denominator = 1.0
+    return float(weight.max(initial=0.0) / denominator) if denominator else 0.0
+
+
+def grad_atol(ref, dtype, scale=0.0) -> float:
     tol = tolerance(dtype)
-    got64, ref64 = _as64(got), _as64(ref)
+    ref64 = _as64(ref)
+    magnitude = max(float(np.max(np.abs(ref64[np.isfinite(ref64)]), initial=0.0)), scale)
+    return tol.grad_atol_abs + tol.grad_atol * magnitude
+
+
+def assert_grad_close(got, ref, dtype, *, scale=0.0):
+    """Gradient within one unit in the last place of the storage dtype (the ceiling).
+
+    ``scale``: the gradient's natural size (``gradient_scale``) when it may exceed max|ref|.
+    """
+    tol = tolerance(dtype)
+    got64, ref64 = _as64(got), representable(ref, dtype)
     assert got64.shape == ref64.shape, (got64.shape, ref64.shape)
+    np.testing.assert_allclose(got64, ref64, rtol=tol.grad_rtol, atol=grad_atol(ref, dtype, scale), equal_nan=True)
+
+
+def assert_at_least_naive_accuracy(got, ref, naive, dtype, kind, *, scale=0.0):
+    """|got - ref64| <= |naive - ref64| + tol elementwise: the fused kernel is at least as
+    accurate as the unfused computation done in the same dtype.
+
+    kind "loss": tol is the loss tolerance; kind "grad": half a unit in the last place of the
+    dtype (one correct rounding) plus float32 compute error.
+    """
+    tol = tolerance(dtype)
+    ref64 = representable(ref, dtype) if kind == "grad" else _as64(ref)
+    got64, naive64 = _as64(got), _as64(naive)
+    assert got64.shape == ref64.shape == naive64.shape, (got64.shape, ref64.shape, naive64.shape)
     finite = np.isfinite(ref64)
-    magnitude = float(np.max(np.abs(ref64[finite]), initial=0.0))
-    np.testing.assert_allclose(
-        got64, ref64, rtol=tol.grad_rtol, atol=tol.grad_atol * max(magnitude, 1e-30), equal_nan=True
+    assert np.array_equal(np.isfinite(got64), finite), "non-finite values where the reference has none"
+    with np.errstate(invalid="ignore"):
+        fused_error = np.abs(got64 - ref64)[finite]
+        naive_error = np.abs(naive64 - ref64)[finite]
+    naive_error = np.where(np.isnan(naive_error), np.inf, naive_error)
+    magnitude = np.abs(ref64[finite])
+    if kind == "loss":
+        slack = tol.loss_atol + tol.loss_rtol * magnitude
+    else:
+        slack = grad_atol(ref, dtype, scale) + (tol.half_ulp + COMPUTE_SLACK) * magnitude
+    worse = fused_error > naive_error + slack
+    assert not worse.any(), (
+        f"{int(worse.sum())} {kind} value(s) less accurate than the naive {np.dtype(dtype).name} computation: "
+        f"fused error {fused_error[worse][:5]}, naive error {naive_error[worse][:5]}, reference {ref64[finite][worse][:5]}"
     )
 
 
