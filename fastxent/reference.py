@@ -15,13 +15,19 @@ KERAS_EPSILON = 1e-7
 REDUCTIONS = ("none", "sum", "mean", "sum_over_batch_size")
 
 
+def _clip_bounds(dtype):
+    """Keras' [1e-7, 1 - 1e-7], rounded as the kernels compute: float64 for float64, else float32."""
+    bound_type = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    return float(bound_type(KERAS_EPSILON)), float(bound_type(1 - KERAS_EPSILON))
+
+
 def _to_rows(logits, labels, axis):
     x = np.moveaxis(np.asarray(logits).astype(np.float64), axis, -1)
     lead_shape = x.shape[:-1]
     return x.reshape(-1, x.shape[-1]), np.asarray(labels).reshape(-1).astype(np.int64), lead_shape
 
 
-def _per_row_terms(x, y, valid, from_logits, label_smoothing, class_weight, z_loss, softcap):
+def _per_row_terms(x, y, valid, from_logits, label_smoothing, class_weight, z_loss, softcap, clip_bounds):
     """Per-row loss (before the sample weight) and its gradient w.r.t. the input, in float64."""
     num_rows, num_classes = x.shape
     w = np.ones(num_classes) if class_weight is None else np.asarray(class_weight, np.float64)
@@ -32,10 +38,10 @@ def _per_row_terms(x, y, valid, from_logits, label_smoothing, class_weight, z_lo
             v = x if softcap is None else softcap * np.tanh(x / softcap)
             dv_dx = np.ones_like(x) if softcap is None else 1.0 - (v / softcap) ** 2
         else:
-            clipped = np.clip(x, np.float32(KERAS_EPSILON), np.float32(1 - KERAS_EPSILON)).astype(np.float64)
-            clipped = np.where(np.isnan(x), np.nan, clipped)
+            low, high = clip_bounds
+            clipped = np.where(np.isnan(x), np.nan, np.clip(x, low, high))
             v = np.log(clipped)
-            inside = (x >= np.float32(KERAS_EPSILON)) & (x <= np.float32(1 - KERAS_EPSILON))
+            inside = (x >= low) & (x <= high)
             dv_dx = np.where(inside, 1.0 / clipped, 0.0)
         row_max = np.max(v, axis=1, keepdims=True)
         safe_max = np.where(np.isfinite(row_max), row_max, 0.0)
@@ -89,7 +95,8 @@ def sparse_cross_entropy_with_grad(
     valid = np.ones(y.shape, bool) if ignore_index is None else y != ignore_index
     sw = np.ones(y.shape) if sample_weight is None else np.broadcast_to(
         np.asarray(sample_weight, np.float64), lead_shape).reshape(-1)
-    loss, grad, w_y = _per_row_terms(x, y, valid, from_logits, label_smoothing, class_weight, z_loss, softcap)
+    loss, grad, w_y = _per_row_terms(x, y, valid, from_logits, label_smoothing, class_weight, z_loss, softcap,
+                                     _clip_bounds(np.asarray(logits).dtype))
     with np.errstate(all="ignore"):
         loss = np.where(valid, loss * sw, 0.0)
         grad = np.where(valid[:, None], grad * sw[:, None], 0.0)

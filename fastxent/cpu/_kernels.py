@@ -39,9 +39,10 @@ from fastxent.cpu._math import FASTMATH, exp_c, tanh_c
 # scanned again for the exp-sum: one pass over memory, two over cache.
 BLOCK = 2048
 
-# Keras' epsilon() = 1e-7 as float32 bounds, as Keras clips float32 probabilities.
-PROB_EPS = np.float32(1e-7)
-PROB_ONE_MINUS_EPS = np.float32(1.0 - 1e-7)
+# Keras' epsilon() = 1e-7; the bounds are rounded to the compute type (float32, or float64
+# for float64 input), as Keras clips in the input's dtype.
+PROB_EPS = 1e-7
+PROB_ONE_MINUS_EPS = 1.0 - 1e-7
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
@@ -56,10 +57,19 @@ def load_logit(raw, softcap):
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
 def clip_prob(raw):
-    """Keras' clip of a probability to [eps, 1 - eps] in float32; NaN passes through."""
-    value = np.float32(to_compute(raw))
-    value = PROB_EPS if value < PROB_EPS else value
-    return PROB_ONE_MINUS_EPS if value > PROB_ONE_MINUS_EPS else value
+    """Keras' clip of a probability to [eps, 1 - eps] in the compute type; NaN passes through."""
+    value = to_compute(raw)
+    low = as_compute(PROB_EPS, raw)
+    high = as_compute(PROB_ONE_MINUS_EPS, raw)
+    value = low if value < low else value
+    return high if value > high else value
+
+
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
+def prob_inside(value, like):
+    """Whether a probability lies in [eps, 1 - eps], where clip's derivative is 1 (bounds
+    included, as TensorFlow's clip_by_value gradient); ``like`` picks the bounds' type."""
+    return value >= as_compute(PROB_EPS, like) and value <= as_compute(PROB_ONE_MINUS_EPS, like)
 
 
 def class_weight_range(class_weight, lo, hi):
@@ -192,11 +202,11 @@ def logit_range_stats(row, lo, hi, softcap, class_weight, want_weighted_sum):
 def prob_range_stats(row, lo, hi, class_weight, want_weighted_sum):
     """Partial statistics of row[lo:hi] for probability inputs: (0, sum clip(p), sum w log clip(p), min p)."""
     segment = row[lo:hi]
-    clipped_sum = np.float32(0.0)
-    smallest = order_key(np.float32(to_compute(segment[0])))
+    clipped_sum = as_compute(0.0, segment[0])
+    smallest = order_key(to_compute(segment[0]))
     length = segment.shape[0]
     for j in range(length):
-        key = order_key(np.float32(to_compute(segment[j])))
+        key = order_key(to_compute(segment[j]))
         smallest = key if key < smallest else smallest
         clipped_sum += clip_prob(segment[j])
     weighted_log_sum = 0.0
@@ -284,24 +294,26 @@ def prob_range_grad(row_in, row_out, lo, hi, coef_p, coef_w, class_weight):
     source = row_in[lo:hi]
     dest = grad_dest(source, row_out, lo, hi)
     weights = class_weight_range(class_weight, lo, hi)
-    prob_coef = np.float32(coef_p)
-    weight_coef = np.float32(coef_w)
+    prob_coef = as_compute(coef_p, row_in[0])
+    weight_coef = as_compute(coef_w, row_in[0])
     for j in range(source.shape[0]):
-        raw = np.float32(to_compute(source[j]))
+        raw = to_compute(source[j])
         clipped = clip_prob(source[j])
-        weight = np.float32(weight_at(weights, j))
-        inside = raw >= PROB_EPS and raw <= PROB_ONE_MINUS_EPS
+        weight = as_compute(weight_at(weights, j), source[j])
+        inside = prob_inside(raw, source[j])
         grad = prob_coef - weight_coef * weight / clipped
-        dest[j] = from_compute(grad if inside else np.float32(0.0), dest[0])
+        dest[j] = from_compute(grad if inside else as_compute(0.0, source[j]), dest[0])
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
-def prob_target_grad_of(probability, coef_p, coef_t, coef_w, target_weight_w):
-    """Gradient w.r.t. the target probability (its input value, float64), in float64."""
-    raw = np.float32(probability)
-    if not (raw >= PROB_EPS and raw <= PROB_ONE_MINUS_EPS):
+def prob_target_grad_of(probability, like, coef_p, coef_t, coef_w, target_weight_w):
+    """Gradient w.r.t. the target probability (its input value as float64), in float64.
+
+    ``like`` is an element of the input, so the clip bounds have the input's precision.
+    """
+    if not prob_inside(as_compute(probability, like), like):
         return 0.0
-    return coef_p - (coef_t + coef_w * target_weight_w) / np.float64(raw)
+    return coef_p - (coef_t + coef_w * target_weight_w) / probability
 
 
 # ----------------------------------------------------------------------------------------
@@ -409,8 +421,9 @@ def prob_rows(probs, grad_out, labels, sample_weight, class_weight, class_weight
         if grad_out is not None:
             row_out = grad_out[i]
             prob_range_grad(row, row_out, 0, num_classes, coef_p, coef_w, class_weight)
-            target_grad = prob_target_grad_of(np.float64(to_compute(target_raw)), coef_p, coef_t, coef_w, target_weight)
-            row_out[label] = from_compute(np.float32(target_grad), row_out[0])
+            target_grad = prob_target_grad_of(np.float64(to_compute(target_raw)), target_raw,
+                                              coef_p, coef_t, coef_w, target_weight)
+            row_out[label] = from_compute(as_compute(target_grad, target_raw), row_out[0])
 
 
 # ----------------------------------------------------------------------------------------
@@ -528,7 +541,8 @@ def targets_grad(grad, labels, from_probs, target_value, target_input, target_we
         if label < 0:
             continue
         if from_probs:
-            value = prob_target_grad_of(target_input[i], coef_p[i], coef_t[i], coef_w[i], target_weight[i])
+            value = prob_target_grad_of(target_input[i], grad[0, 0], coef_p[i], coef_t[i], coef_w[i],
+                                        target_weight[i])
         else:
             value = logit_target_grad(target_value[i], row_max[i], coef_p[i], coef_t[i], coef_w[i],
                                       target_weight[i], softcap)
