@@ -50,13 +50,15 @@ _P2 = np.float32(0.49998894333839417)
 _P3 = np.float32(0.16667574644088745)
 _P4 = np.float32(0.04191538318991661)
 _P5 = np.float32(0.008297654800117016)
-# tanh(u) = u - u^3/3 + 2u^5/15 - 17u^7/315 + 62u^9/2835 for |u| < 1/8 (error < 1e-12)
-_TANH_SMALL = np.float32(0.125)
-_HALF = np.float32(0.5)
-_T3 = np.float32(-1.0 / 3.0)
-_T5 = np.float32(2.0 / 15.0)
-_T7 = np.float32(-17.0 / 315.0)
-_T9 = np.float32(62.0 / 2835.0)
+# tanh(u) = u * P(u^2) for |u| < 0.55, P of degree 5 fitted for least maximum relative error
+# (1e-9). Above 0.55, (1 - e^-2|u|) / (1 + e^-2|u|) loses at most a factor 1.5 to cancellation.
+_TANH_SMALL = np.float32(0.55)
+_Q0 = np.float32(1.0)
+_Q1 = np.float32(-0.3333331048488617)
+_Q2 = np.float32(0.13332460820674896)
+_Q3 = np.float32(-0.05384272709488869)
+_Q4 = np.float32(0.021039742976427078)
+_Q5 = np.float32(-0.006235641427338123)
 
 
 @njit(fastmath=EXACT_FASTMATH, cache=True, error_model="numpy")
@@ -80,12 +82,12 @@ def exp_f32(x):
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def tanh_f32(u):
-    """tanh(u) for float32 u, vectorizable; relative error about 1e-7."""
+    """tanh(u) for float32 u, vectorizable; relative error below 4e-7."""
     magnitude = abs(u)
     decay = exp_f32(-_TWO * magnitude)
     large = (_ONE - decay) / (_ONE + decay)
     square = u * u
-    small = u * (_ONE + square * (_T3 + square * (_T5 + square * (_T7 + square * _T9))))
+    small = u * (_Q0 + square * (_Q1 + square * (_Q2 + square * (_Q3 + square * (_Q4 + square * _Q5)))))
     large = large if u >= 0 else -large
     return small if magnitude < _TANH_SMALL else large
 
