@@ -22,6 +22,10 @@ Block sums are float32 SIMD lanes; blocks are added in float64.
 Indexing note: every inner loop runs over a slice with ``range(len)``. Numba then knows the
 index is non-negative and drops its negative-index wraparound check, which otherwise stops
 LLVM from vectorizing the loop (measured: 1.1 vs 0.27 ns per element for the exp-sum).
+
+Caching note for developers: Numba's on-disk cache of these kernels is keyed on this file's
+timestamp only. After editing ``_math.py`` or ``_bits.py``, touch this file (or delete
+``__pycache__/*.nbi``/``*.nbc``), or stale compiled kernels are loaded.
 """
 
 from __future__ import annotations
