@@ -1,0 +1,277 @@
+"""TensorFlow drop-in: ``sparse_softmax_cross_entropy_with_logits`` on fastxent's fused kernel.
+
+The loss and its gradient come out of one fused call; the gradient is kept and the backward pass
+only scales it by the incoming per-row gradient. Second derivatives are exact for logits (the
+softmax Hessian applied to the kept gradient), as TensorFlow's own op provides them.
+
+In eager mode the kernel is called directly on the tensors' memory (``np.from_dlpack``, no copy
+of the logits). Inside ``tf.function`` (and so in ``model.fit``) it runs through
+``tf.py_function``, which XLA cannot compile: use ``jit_compile=False`` there. Handing the
+gradient back to TensorFlow copies it once unless the buffer is 64-byte aligned (TensorFlow
+refuses other buffers through DLPack). GPU tensors go to fastxent's CuPy backend through DLPack.
+
+Import this module explicitly: ``import fastxent.tf``. ``fastxent.keras`` builds on it. Its
+functions are plain Python around TensorFlow ops (no tensor-dependent control flow), so
+AutoGraph is told not to convert them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from fastxent._api import sparse_cross_entropy_with_grad
+from fastxent._dense_api import categorical_cross_entropy_with_grad
+
+__all__ = ["InvalidLabelError", "sparse_softmax_cross_entropy_with_logits"]
+
+# TensorFlow accepts a buffer through DLPack only at this alignment (it aborts otherwise).
+_TF_ALIGNMENT = 64
+
+
+class InvalidLabelError(ValueError, tf.errors.InvalidArgumentError):
+    """A label outside [0, C): fastxent's ``ValueError``, also TensorFlow's ``InvalidArgumentError``
+    (what ``tf.nn.sparse_softmax_cross_entropy_with_logits`` raises on the CPU), so existing
+    handlers keep working."""
+
+    def __init__(self, message: str):
+        tf.errors.InvalidArgumentError.__init__(self, None, None, message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ----------------------------------------------------------------------------------------
+# Exchange with the kernels
+# ----------------------------------------------------------------------------------------
+
+
+def _on_gpu(tensor) -> bool:
+    return "GPU" in (tensor.device or "").upper()
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as error:  # pragma: no cover - depends on the machine
+        raise ImportError(
+            "GPU tensors run on fastxent's GPU backend, which needs CuPy: install it for your CUDA "
+            "version, e.g. `pip install cupy-cuda12x`"
+        ) from error
+    return cupy
+
+
+def _bfloat16_numpy():
+    from ml_dtypes import bfloat16
+
+    return np.dtype(bfloat16)
+
+
+def _to_array(tensor):
+    """NumPy (CPU) or CuPy (GPU) array over an eager tensor's memory."""
+    if _on_gpu(tensor):
+        cupy = _cupy()
+        if tensor.dtype == tf.bfloat16:
+            raise TypeError("bfloat16 GPU tensors cannot be handed to fastxent's GPU backend yet (CuPy has "
+                            "no bfloat16 dtype); use float16 or float32 logits")
+        # TensorFlow's stream is not exposed: finish its pending work before CuPy reads.
+        cupy.cuda.runtime.deviceSynchronize()
+        return cupy.from_dlpack(tf.experimental.dlpack.to_dlpack(tensor))
+    if tensor.dtype == tf.bfloat16:
+        # NumPy has no bfloat16 in DLPack: share the bits as int16, view them as ml_dtypes' bfloat16.
+        return np.from_dlpack(tf.bitcast(tensor, tf.int16)).view(_bfloat16_numpy())
+    return np.from_dlpack(tensor)
+
+
+def _to_tensor(array, dtype: tf.DType):
+    """A tensor holding ``array``: shared where TensorFlow allows it, otherwise one copy."""
+    if not isinstance(array, np.ndarray):  # CuPy
+        _cupy().cuda.runtime.deviceSynchronize()
+        tensor = tf.experimental.dlpack.from_dlpack(array.toDlpack())
+        return tf.cast(tensor, dtype) if tensor.dtype != dtype else tensor
+    if array.dtype == _bfloat16_numpy():
+        return tf.bitcast(_to_tensor(array.view(np.int16), tf.int16), tf.bfloat16)
+    if array.ndim and array.flags.c_contiguous and array.ctypes.data % _TF_ALIGNMENT == 0:
+        tensor = tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+    else:
+        tensor = tf.convert_to_tensor(array)
+    return tf.cast(tensor, dtype) if tensor.dtype != dtype else tensor
+
+
+def _host_call(compute: Callable, inputs: Sequence, out_dtypes: Sequence[tf.DType], out_shapes: Sequence):
+    """Run ``compute(*arrays) -> arrays`` on the tensors' memory; through ``tf.py_function`` in graphs."""
+
+    def run(*tensors):
+        results = compute(*[_to_array(tensor) for tensor in tensors])
+        return [_to_tensor(result, dtype) for result, dtype in zip(results, out_dtypes)]
+
+    if tf.executing_eagerly():
+        return run(*inputs)
+    if _in_xla_context():
+        raise ValueError(
+            "fastxent runs its kernel as a host call, which XLA cannot compile: use jit_compile=False "
+            "(model.compile(..., jit_compile=False) or tf.function(..., jit_compile=False))")
+    outputs = tf.py_function(run, list(inputs), Tout=list(out_dtypes))
+    for output, shape in zip(outputs, out_shapes):
+        output.set_shape(shape)
+    return outputs
+
+
+def _in_xla_context() -> bool:
+    """Whether the graph being built will be compiled by XLA (tf.function(jit_compile=True))."""
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - private module moved: let XLA report it instead
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def _loss_dtype(dtype: tf.DType) -> tf.DType:
+    return tf.float64 if dtype == tf.float64 else tf.float32
+
+
+def _raise_label_errors(compute: Callable) -> Callable:
+    def checked(*arrays):
+        try:
+            return compute(*arrays)
+        except ValueError as error:
+            if "outside the valid range" in str(error):
+                raise InvalidLabelError(str(error)) from None
+            raise
+
+    return checked
+
+
+# ----------------------------------------------------------------------------------------
+# Fused per-row losses with a kept gradient
+# ----------------------------------------------------------------------------------------
+
+
+def _kept_gradient(logits, grad, hessian_product: Optional[Callable]):
+    """``grad`` as a function of ``logits`` for autodiff: its derivative is ``hessian_product``
+    (None: second derivatives are not available and asking for them raises)."""
+
+    @tf.custom_gradient
+    def kept(logits_in):
+        def second_order(upstream):
+            if hessian_product is None:
+                raise NotImplementedError(
+                    "fastxent provides second derivatives for sparse labels with logits only")
+            return hessian_product(upstream)
+
+        return tf.identity(grad), second_order
+
+    return kept(logits)
+
+
+@tf.autograph.experimental.do_not_convert
+def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Optional[int] = None,
+                   axis: int = -1):
+    """Per-row sparse cross-entropy (the labels' shape, float32/float64) with a fused gradient.
+
+    Rows whose label equals ``ignore_index`` have loss 0 and gradient 0.
+    """
+    logits = tf.convert_to_tensor(logits)
+    labels = tf.convert_to_tensor(labels)
+    rank = logits.shape.rank
+    class_axis = axis % rank if rank else axis
+    loss_dtype = _loss_dtype(logits.dtype)
+
+    def compute(logits_array, labels_array):
+        return sparse_cross_entropy_with_grad(
+            logits_array, labels_array, from_logits=from_logits, reduction="none",
+            ignore_index=ignore_index, axis=class_axis)
+
+    @tf.custom_gradient
+    def fused(logits_in):
+        loss, grad = _host_call(_raise_label_errors(compute), [logits_in, labels], [loss_dtype, logits_in.dtype],
+                                [labels.shape, logits_in.shape])
+
+        def hessian_product(vector):
+            # Rows of the kept gradient are softmax - onehot(label) (0 for ignored rows, where the
+            # one-hot of an out-of-range index is 0 too), so softmax = grad + onehot and
+            # H v = p * v - p * sum(p * v) per row.
+            probs = grad + tf.one_hot(labels, tf.shape(grad)[class_axis], axis=class_axis, dtype=grad.dtype)
+            return probs * vector - probs * tf.reduce_sum(probs * vector, axis=class_axis, keepdims=True)
+
+        def backward(upstream):
+            held = _kept_gradient(logits_in, grad, hessian_product if from_logits else None)
+            return held * tf.expand_dims(tf.cast(upstream, held.dtype), class_axis)
+
+        return loss, backward
+
+    return fused(logits)
+
+
+@tf.autograph.experimental.do_not_convert
+def dense_per_row(logits, targets, *, from_logits: bool = True, label_smoothing: float = 0.0, axis: int = -1):
+    """Per-row categorical cross-entropy against dense ``targets`` with a fused gradient.
+
+    The gradient flows to ``logits`` only (``targets`` are data: their gradient is None).
+    """
+    logits = tf.convert_to_tensor(logits)
+    targets = tf.convert_to_tensor(targets)
+    rank = logits.shape.rank
+    class_axis = axis % rank if rank else axis
+    row_shape = logits.shape[:class_axis] + logits.shape[class_axis + 1:]
+    loss_dtype = _loss_dtype(logits.dtype)
+
+    def compute(logits_array, targets_array):
+        return categorical_cross_entropy_with_grad(
+            logits_array, targets_array, from_logits=from_logits, reduction="none",
+            label_smoothing=label_smoothing, axis=class_axis)
+
+    @tf.custom_gradient
+    def fused(logits_in):
+        loss, grad = _host_call(compute, [logits_in, tf.stop_gradient(targets)], [loss_dtype, logits_in.dtype],
+                                [row_shape, logits_in.shape])
+
+        def backward(upstream):
+            held = _kept_gradient(logits_in, grad, None)
+            return held * tf.expand_dims(tf.cast(upstream, held.dtype), class_axis)
+
+        return loss, backward
+
+    return fused(logits)
+
+
+# ----------------------------------------------------------------------------------------
+# The tf.nn drop-in
+# ----------------------------------------------------------------------------------------
+
+
+@tf.autograph.experimental.do_not_convert
+def sparse_softmax_cross_entropy_with_logits(labels, logits, name: Optional[str] = None):
+    """``tf.nn.sparse_softmax_cross_entropy_with_logits``, computed by fastxent's fused kernel.
+
+    Args:
+        labels: int32/int64 class indices, the logits' shape without the last axis.
+        logits: float16/bfloat16/float32/float64 logits, classes on the last axis.
+        name: a name scope for the operations.
+
+    Returns:
+        Per-row losses with the labels' shape and the logits' dtype. A label outside [0, C)
+        raises ``InvalidLabelError`` (a ``ValueError`` and an ``InvalidArgumentError``) naming it;
+        inside a ``tf.function`` TensorFlow reports it as an ``InvalidArgumentError`` with that text.
+    """
+    with tf.name_scope(name or "SparseSoftmaxCrossEntropyWithLogits"):
+        logits = tf.convert_to_tensor(logits)
+        labels = tf.convert_to_tensor(labels)
+        if not labels.dtype.is_integer:
+            raise TypeError(f"labels must be int32 or int64 class indices; got {labels.dtype.name}")
+        if not logits.dtype.is_floating:
+            raise TypeError(f"logits must be floating point; got {logits.dtype.name}")
+        if logits.shape.rank is not None and labels.shape.rank is not None:
+            if logits.shape.rank == 0:
+                raise ValueError(f"Logits cannot be scalars - received shape {logits.shape}.")
+            if labels.shape.rank != logits.shape.rank - 1:
+                raise ValueError(
+                    f"Rank mismatch: Rank of labels (received {labels.shape.rank}) should equal rank of "
+                    f"logits minus 1 (received {logits.shape.rank}).")
+            if not labels.shape.is_compatible_with(logits.shape[:-1]):
+                raise ValueError(f"labels shape {labels.shape} must equal logits shape without the last "
+                                 f"dimension, {logits.shape[:-1]}")
+        loss = sparse_per_row(logits, labels, from_logits=True, axis=-1)
+        return tf.cast(loss, logits.dtype)

@@ -1,0 +1,120 @@
+"""fastxent.tf.sparse_softmax_cross_entropy_with_logits against TensorFlow's own op: loss, first
+and second derivatives in eager mode and inside tf.function, dtypes, and the label error."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+tf = pytest.importorskip("tensorflow")
+
+import fastxent.tf as fxtf  # noqa: E402
+from conftest import assert_at_least_naive_accuracy, assert_grad_close, assert_loss_close  # noqa: E402
+from fastxent import reference  # noqa: E402
+
+pytestmark = pytest.mark.peers
+
+TF_DTYPES = {"float32": tf.float32, "float64": tf.float64, "float16": tf.float16, "bfloat16": tf.bfloat16}
+LEAD_SHAPES = {"row": (), "batch": (7,), "sequences": (2, 3)}
+NUM_CLASSES = 11
+EXACT = {tf.float32: dict(rtol=2e-5, atol=2e-6), tf.float64: dict(rtol=1e-12, atol=1e-13)}
+
+
+def numpy_dtype(dtype):
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if dtype == tf.bfloat16 else np.dtype(dtype.name)
+
+
+def as64(tensor):
+    return tf.cast(tensor, tf.float64).numpy()
+
+
+def derivatives(op, labels, logits, upstream, direction):
+    """Loss, its gradient scaled by ``upstream``, and the derivative of <gradient, direction>."""
+    with tf.GradientTape() as outer:
+        outer.watch(logits)
+        with tf.GradientTape() as inner:
+            inner.watch(logits)
+            loss = op(labels=labels, logits=logits)
+        grad = inner.gradient(loss, logits, output_gradients=upstream)
+        projected = tf.reduce_sum(grad * direction)
+    return loss, grad, outer.gradient(projected, logits)
+
+
+@pytest.mark.parametrize("dtype_name", list(TF_DTYPES))
+@pytest.mark.parametrize("lead_name", list(LEAD_SHAPES))
+@pytest.mark.parametrize("mode", ("eager", "graph"))
+def test_matches_tensorflow(rng, dtype_name, lead_name, mode):
+    dtype = TF_DTYPES[dtype_name]
+    lead = LEAD_SHAPES[lead_name]
+    logits = tf.cast(tf.constant(rng.standard_normal(lead + (NUM_CLASSES,)) * 3), dtype)
+    labels = tf.constant(rng.integers(0, NUM_CLASSES, lead), dtype=tf.int32 if lead_name == "batch" else tf.int64)
+    # Powers of two scale exactly, so half-precision checks see the kernel alone.
+    upstream = tf.cast(tf.constant(rng.choice([0.5, 1.0, 2.0], lead)), dtype)
+    direction = tf.cast(tf.constant(rng.standard_normal(lead + (NUM_CLASSES,))), dtype)
+    run = derivatives if mode == "eager" else tf.function(derivatives, reduce_retracing=False)
+    ours = run(fxtf.sparse_softmax_cross_entropy_with_logits, labels, logits, upstream, direction)
+    theirs = run(tf.nn.sparse_softmax_cross_entropy_with_logits, labels, logits, upstream, direction)
+    assert ours[0].dtype == theirs[0].dtype == dtype and ours[0].shape == theirs[0].shape
+    assert ours[1].dtype == dtype and ours[1].shape == logits.shape
+    ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(as64(logits), labels.numpy(), reduction="none")
+    ref_grad = ref_grad * as64(upstream)[..., None]
+    if dtype in EXACT:
+        for mine, other in zip(ours, theirs):
+            np.testing.assert_allclose(as64(mine), as64(other), rtol=EXACT[dtype]["rtol"],
+                                       atol=EXACT[dtype]["atol"] * max(1.0, float(np.abs(as64(other)).max())))
+        assert_loss_close(as64(ours[0]), ref_loss, numpy_dtype(dtype))
+        assert_grad_close(as64(ours[1]), ref_grad, numpy_dtype(dtype), scale=2.0)
+    else:
+        np_dtype = numpy_dtype(dtype)
+        assert_at_least_naive_accuracy(as64(ours[0]), ref_loss, as64(theirs[0]), np_dtype, "loss")
+        assert_at_least_naive_accuracy(as64(ours[1]), ref_grad, as64(theirs[1]), np_dtype, "grad", scale=2.0)
+        # Second derivatives in half precision: same magnitude as TensorFlow's, one rounding apart.
+        np.testing.assert_allclose(as64(ours[2]), as64(theirs[2]), rtol=0.05,
+                                   atol=0.05 * float(np.abs(as64(theirs[2])).max()))
+
+
+def test_label_errors_are_clear():
+    logits = tf.random.normal((3, 4))
+    with pytest.raises(fxtf.InvalidLabelError, match=r"label 4 at position \(2,\) is outside the valid range \[0, 4\)"):
+        fxtf.sparse_softmax_cross_entropy_with_logits(labels=[0, 1, 4], logits=logits)
+    # Both the type fastxent raises and the type TensorFlow raises catch it.
+    with pytest.raises(ValueError):
+        fxtf.sparse_softmax_cross_entropy_with_logits(labels=[0, -1, 1], logits=logits)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        fxtf.sparse_softmax_cross_entropy_with_logits(labels=[0, -1, 1], logits=logits)
+    # Inside a graph TensorFlow reports the host call's error as InvalidArgumentError, with our text.
+    graph = tf.function(fxtf.sparse_softmax_cross_entropy_with_logits)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"label 9 at position \(0,\) is outside the valid range"):
+        graph(labels=tf.constant([9, 0, 0]), logits=logits)
+    with pytest.raises(ValueError, match="Rank mismatch"):
+        fxtf.sparse_softmax_cross_entropy_with_logits(labels=[[0, 1, 2]], logits=logits)
+    with pytest.raises(TypeError, match="labels must be int32 or int64"):
+        fxtf.sparse_softmax_cross_entropy_with_logits(labels=[0.0, 1.0, 2.0], logits=logits)
+
+
+def test_xla_is_refused_with_a_hint():
+    compiled = tf.function(fxtf.sparse_softmax_cross_entropy_with_logits, jit_compile=True)
+    with pytest.raises(ValueError, match="jit_compile=False"):
+        compiled(labels=tf.constant([0, 1]), logits=tf.random.normal((2, 3)))
+
+
+def test_eager_exchange_shares_memory():
+    logits = tf.random.normal((64, 33))
+    array = fxtf._to_array(logits)
+    assert np.shares_memory(array, fxtf._to_array(logits))  # a view of the tensor, not a copy
+    halves = tf.cast(logits, tf.bfloat16)
+    assert fxtf._to_array(halves).dtype == numpy_dtype(tf.bfloat16)
+    np.testing.assert_array_equal(fxtf._to_array(halves).astype(np.float32), tf.cast(halves, tf.float32).numpy())
+    # A 64-byte aligned result goes back to TensorFlow without a copy.
+    buffer = np.empty(64 * 33 + 16, np.float32)
+    start = (-buffer.ctypes.data % 64) // 4
+    aligned = buffer[start:start + 64 * 33].reshape(64, 33)
+    aligned[:] = 1.0
+    tensor = fxtf._to_tensor(aligned, tf.float32)
+    aligned[0, 0] = 5.0
+    assert float(tensor[0, 0]) == 5.0
