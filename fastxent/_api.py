@@ -245,8 +245,10 @@ def _run(logits, labels, *, want_grad, inplace, from_logits, reduction, ignore_i
         negative = row_min < 0
         if bool(negative.any()):
             row = int(xp.argmax(negative))
+            # Plain ints: NumPy 2 would print np.int64(2) inside the tuple.
+            position = tuple(int(i) for i in np.unravel_index(row, lead_shape)) if lead_shape else ()
             raise ValueError(
-                f"from_logits=False expects probabilities, but row {np.unravel_index(row, lead_shape) if lead_shape else ()} "
+                f"from_logits=False expects probabilities, but row {position} "
                 f"has a negative value ({float(row_min[row]):.6g}); the input looks like logits: "
                 "pass from_logits=True"
             )

@@ -1,0 +1,577 @@
+"""The CUDA backend against the float64 reference and against the CPU backend.
+
+Skipped as a whole where CuPy is missing or sees no device. Every kernel path is forced in turn
+(``gpu_path``): one block per row, the fused path with the row kept in shared memory (whole or
+in part), and the split-row path; the launcher's own choice is recorded and checked so a
+patched threshold cannot silently leave a test on the wrong path.
+
+bfloat16 goes through the public API where the installed CuPy has a bfloat16 dtype, and through
+the launcher with uint16 storage (``storage="bfloat16"``) everywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy")
+
+
+def _device_count() -> int:
+    try:
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # CUDARuntimeError without a driver, or a broken install
+        return 0
+
+
+if _device_count() == 0:
+    pytest.skip("CuPy sees no CUDA device", allow_module_level=True)
+
+import fastxent  # noqa: E402
+from conftest import (  # noqa: E402
+    BFLOAT16,
+    FLOAT_DTYPES,
+    REDUCTIONS,
+    dtype_id,
+    ignored_labels,
+    loss_dtype_for,
+    random_class_weight,
+    random_labels,
+    random_logits,
+    random_probabilities,
+    random_sample_weight,
+    shape_id,
+    tolerance,
+)
+from fastxent import reference  # noqa: E402
+from fastxent._options import KernelOptions  # noqa: E402
+from fastxent.cpu import xent as cpu_xent  # noqa: E402
+from fastxent.gpu import xent as gpu_xent  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+# The host emulator (tools/gpu_emulator) stands in for CuPy in CI without a GPU: it runs every
+# kernel, but neither huge inputs nor streams.
+EMULATED = bool(getattr(cupy, "EMULATED", False))
+
+
+def _cupy_has_bfloat16() -> bool:
+    try:
+        cupy.empty(1, dtype=BFLOAT16)
+        return True
+    except Exception:
+        return False
+
+
+CUPY_BFLOAT16 = _cupy_has_bfloat16()
+API_DTYPES = tuple(
+    d if d != BFLOAT16 or CUPY_BFLOAT16 else pytest.param(d, marks=pytest.mark.skip("CuPy has no bfloat16 dtype"))
+    for d in FLOAT_DTYPES
+)
+
+# ----------------------------------------------------------------------------------------
+# Kernel paths
+# ----------------------------------------------------------------------------------------
+
+GPU_PATHS = ("rows", "cached", "cached_partial", "split")
+
+
+class PathRecorder:
+    """Records the kernels the launcher asks for and the row plans it makes."""
+
+    def __init__(self, monkeypatch):
+        self.kernels = []
+        self.plans = []
+        get_kernel, plan_rows = gpu_xent.get_kernel, gpu_xent.plan_rows
+
+        def recording_get_kernel(name):
+            self.kernels.append(name)
+            return get_kernel(name)
+
+        def recording_plan_rows(num_rows, num_classes, itemsize, want_grad, *args, **kwargs):
+            plan = plan_rows(num_rows, num_classes, itemsize, want_grad, *args, **kwargs)
+            if want_grad:
+                self.plans.append(plan)
+            return plan
+
+        monkeypatch.setattr(gpu_xent, "get_kernel", recording_get_kernel)
+        monkeypatch.setattr(gpu_xent, "plan_rows", recording_plan_rows)
+
+    def used(self, kind) -> bool:
+        return any(name.startswith(f"xent_{kind}_") for name in self.kernels)
+
+
+def force_gpu_path(monkeypatch, path: str) -> None:
+    """rows: one block per row, no shared-memory cache. cached: fwd_bwd keeps each row in
+    shared memory (a few hundred bytes of it with cached_partial, the rest from global memory).
+    split: every row of 512 classes or more cut into parts of 256 classes."""
+    monkeypatch.setattr(gpu_xent, "SPLIT_MIN_CLASSES", 0 if path == "split" else 2**62)
+    if path == "split":
+        monkeypatch.setattr(gpu_xent, "SPLIT_ROWS_PER_SM", 2**20)
+        monkeypatch.setattr(gpu_xent, "SPLIT_PART_ALIGN", 256)
+    monkeypatch.setattr(gpu_xent, "FUSED_CACHE_MIN_ROW_BYTES", 0 if path.startswith("cached") else 2**62)
+    if path == "cached_partial":
+        # A per-block share of 1/64 SM leaves about 1.5 KiB of cache after the reserves.
+        monkeypatch.setattr(gpu_xent, "FUSED_BLOCKS_PER_SM", 64)
+
+
+@pytest.fixture(params=GPU_PATHS)
+def gpu_path(request, monkeypatch):
+    force_gpu_path(monkeypatch, request.param)
+    recorder = PathRecorder(monkeypatch)
+    yield request.param, recorder
+
+
+def assert_path(path_and_recorder, num_rows, num_classes, want_grad=True):
+    """The launcher took the forced path (where the input allows it)."""
+    path, recorder = path_and_recorder
+    if num_rows == 0:
+        return
+    if path == "split" and num_classes >= 2 * gpu_xent.SPLIT_PART_ALIGN:
+        assert recorder.used("part_stats") and recorder.used("merge_parts")
+        assert recorder.used("part_grad") == want_grad
+    elif path != "split":
+        assert not recorder.used("part_stats")
+        if path.startswith("cached") and want_grad:
+            cached = [plan.cache_vectors for plan in recorder.plans]
+            assert cached and (num_classes < 64 or all(c > 0 for c in cached))
+
+
+# ----------------------------------------------------------------------------------------
+# Comparisons
+# ----------------------------------------------------------------------------------------
+
+
+def host(array) -> np.ndarray:
+    return cupy.asnumpy(array) if isinstance(array, cupy.ndarray) else np.asarray(array)
+
+
+def assert_loss_matches(got, ref, dtype):
+    tol = tolerance(dtype)
+    np.testing.assert_allclose(host(got).astype(np.float64), np.asarray(ref, np.float64),
+                               rtol=tol.loss_rtol, atol=tol.loss_atol, equal_nan=True)
+
+
+def natural_gradient_size(labels, reduction="mean", ignore_index=None, class_weight=None, sample_weight=None,
+                          **_other) -> float:
+    """Largest row weight times the reduction's factor: the scale of absolute gradient errors."""
+    labels = np.asarray(labels)
+    flat = labels.reshape(-1)
+    valid = np.ones(flat.shape, bool) if ignore_index is None else flat != ignore_index
+    weight = np.ones(flat.shape)
+    if class_weight is not None:
+        weight = weight * np.asarray(class_weight, np.float64)[np.where(valid, flat, 0)]
+    if sample_weight is not None:
+        weight = weight * np.broadcast_to(np.asarray(sample_weight, np.float64), labels.shape).reshape(-1)
+    weight = np.where(valid, weight, 0.0)
+    denominator = {"mean": weight.sum(), "sum_over_batch_size": np.count_nonzero(valid)}.get(reduction, 1.0)
+    return float(weight.max(initial=0.0) / denominator) if denominator else 0.0
+
+
+def assert_grad_matches(got, ref, dtype, scale=0.0):
+    """One unit in the last place of the storage type (relative), plus float32 compute error
+    relative to the gradient's natural size; float16 also one subnormal step."""
+    tol = tolerance(dtype)
+    ref64 = np.asarray(ref, np.float64)
+    finite = ref64[np.isfinite(ref64)]
+    magnitude = max(float(np.max(np.abs(finite), initial=0.0)), scale)
+    # A value beyond the storage type's range can only be stored as the infinity rounding gives.
+    with np.errstate(over="ignore"):
+        rounded = ref64.astype(dtype).astype(np.float64)
+    ref64 = np.where(np.isinf(rounded) & np.isfinite(ref64), rounded, ref64)
+    floor = 2.0**-24 if np.dtype(dtype) == np.float16 else 0.0
+    np.testing.assert_allclose(host(got).astype(np.float64), ref64, rtol=tol.grad_rtol,
+                               atol=floor + tol.grad_atol * magnitude, equal_nan=True)
+
+
+def to_device_options(options):
+    return {k: cupy.asarray(v) if isinstance(v, np.ndarray) else v for k, v in options.items()}
+
+
+def check_gpu(logits, labels, *, inplace=False, **options):
+    """Forward and forward+backward of host data on the GPU against the reference."""
+    dtype = logits.dtype
+    axis = options.get("axis", -1)
+    lead_shape = tuple(np.delete(np.array(logits.shape, dtype=np.int64), axis % logits.ndim))
+    ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(logits, labels, **options)
+    device_logits, device_labels = cupy.asarray(logits), cupy.asarray(labels)
+    device_options = to_device_options(options)
+
+    loss = fastxent.sparse_cross_entropy(device_logits, device_labels, **device_options)
+    assert isinstance(loss, cupy.ndarray)
+    assert loss.dtype == loss_dtype_for(dtype)
+    assert loss.shape == (lead_shape if options.get("reduction", "mean") == "none" else ())
+    assert_loss_matches(loss, ref_loss, dtype)
+
+    work = device_logits.copy() if inplace else device_logits
+    loss_g, grad = fastxent.sparse_cross_entropy_with_grad(work, device_labels, inplace=inplace, **device_options)
+    assert isinstance(grad, cupy.ndarray) and grad.dtype == dtype and grad.shape == logits.shape
+    if inplace:
+        assert grad is work
+    else:
+        assert host(device_logits).tobytes() == logits.tobytes(), "the logits were modified"
+    assert_loss_matches(loss_g, ref_loss, dtype)
+    assert_grad_matches(grad, ref_grad, dtype, natural_gradient_size(labels, **options))
+    return host(loss), host(grad)
+
+
+# ----------------------------------------------------------------------------------------
+# Shapes and dtypes on every path
+# ----------------------------------------------------------------------------------------
+
+# Class counts: 1 (loss 0), 7 (shorter than one 16-byte vector of 16-bit types: scalar head and
+# tail only), 1000 and 1029 (vectors plus a tail; 1029 * 2 bytes also misaligns most rows of
+# 16-bit types), 4099 (several unrolled iterations per thread and a remainder), 33000 (a row
+# longer than the 32 KiB fused threshold in float32).
+CLASS_COUNTS = (1, 7, 1000, 1029, 4099, 33000)
+LEAD_SHAPES = ((), (3,), (2, 3))
+
+
+@pytest.mark.parametrize("num_classes", CLASS_COUNTS)
+@pytest.mark.parametrize("dtype", API_DTYPES, ids=dtype_id)
+def test_shapes(rng, gpu_path, dtype, num_classes):
+    lead_shape = LEAD_SHAPES[num_classes % len(LEAD_SHAPES)]
+    logits = random_logits(rng, lead_shape + (num_classes,), dtype)
+    labels = random_labels(rng, lead_shape, num_classes)
+    reduction = REDUCTIONS[num_classes % len(REDUCTIONS)]
+    check_gpu(logits, labels, reduction=reduction, inplace=num_classes % 2 == 1)
+    assert_path(gpu_path, int(np.prod(lead_shape)), num_classes)
+
+
+@pytest.mark.parametrize("lead_shape", LEAD_SHAPES, ids=shape_id)
+def test_misaligned_views(rng, gpu_path, lead_shape):
+    """Rows that start off a 16-byte boundary (a view into a larger buffer), gradient to a new
+    buffer and in place."""
+    num_classes = 1029
+    num_rows = int(np.prod(lead_shape))
+    base = cupy.asarray(random_logits(rng, (num_rows * num_classes + 3,), np.float16))
+    view = base[3:].reshape(lead_shape + (num_classes,))
+    assert view.data.ptr % 16 != 0
+    logits = host(view)
+    labels = random_labels(rng, lead_shape, num_classes)
+    ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(logits, labels, reduction="sum")
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(view, cupy.asarray(labels), reduction="sum")
+    assert grad.data.ptr % 16 == view.data.ptr % 16  # the launcher's aligned allocation
+    assert_loss_matches(loss, ref_loss, np.float16)
+    assert_grad_matches(grad, ref_grad, np.float16)
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(view, cupy.asarray(labels), reduction="sum", inplace=True)
+    assert grad is view
+    assert_grad_matches(base[3:].reshape(view.shape), ref_grad, np.float16)
+
+
+# ----------------------------------------------------------------------------------------
+# Every option and reduction
+# ----------------------------------------------------------------------------------------
+
+OPTION_NAMES = ("plain", "ignore_index", "ignore_valid_class", "label_smoothing", "class_weight",
+                "sample_weight", "z_loss", "softcap", "smoothing_and_class_weight", "everything")
+
+
+def make_case(rng, option, lead_shape, num_classes, dtype, *, from_logits=True):
+    shape = lead_shape + (num_classes,)
+    inputs = random_logits(rng, shape, dtype) if from_logits else random_probabilities(rng, shape, dtype)
+    labels = random_labels(rng, lead_shape, num_classes)
+    options = {}
+    if option in ("ignore_index", "everything"):
+        options["ignore_index"] = -100
+    if option == "ignore_valid_class":
+        options["ignore_index"] = 2
+    if "ignore_index" in options:
+        labels = ignored_labels(rng, labels, options["ignore_index"])
+    if option in ("label_smoothing", "smoothing_and_class_weight", "everything"):
+        options["label_smoothing"] = 0.1
+    if option in ("class_weight", "smoothing_and_class_weight", "everything"):
+        options["class_weight"] = random_class_weight(rng, num_classes)
+    if option in ("sample_weight", "everything"):
+        options["sample_weight"] = random_sample_weight(rng, lead_shape)
+    if option in ("z_loss", "everything"):
+        options["z_loss"] = 1e-3
+    if option in ("softcap", "everything") and from_logits:
+        options["softcap"] = 5.0
+    return inputs, labels, options
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", OPTION_NAMES)
+@pytest.mark.parametrize("dtype", API_DTYPES, ids=dtype_id)
+def test_options(rng, gpu_path, dtype, option, reduction):
+    lead_shape, num_classes = (2, 3), 2500
+    logits, labels, options = make_case(rng, option, lead_shape, num_classes, dtype)
+    check_gpu(logits, labels, reduction=reduction, inplace=reduction in ("sum", "none"), **options)
+    assert_path(gpu_path, 6, num_classes)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", ("plain", "ignore_index", "label_smoothing", "class_weight",
+                                    "sample_weight", "z_loss", "everything"))
+@pytest.mark.parametrize("dtype", API_DTYPES, ids=dtype_id)
+def test_probabilities(rng, dtype, option, reduction):
+    lead_shape, num_classes = (3, 4), 1000
+    probs, labels, options = make_case(rng, option, lead_shape, num_classes, dtype, from_logits=False)
+    probs.reshape(-1, num_classes)[0, labels.reshape(-1)[0]] = 0  # a zero target: loss 16.118
+    # Probabilities are computed in float32 whatever their dtype (as on the CPU): float64
+    # inputs get float32 tolerances.
+    tol_dtype = np.float32 if dtype == np.float64 else dtype
+    ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(probs, labels, from_logits=False,
+                                                                  reduction=reduction, **options)
+    device_options = to_device_options(options)
+    device_probs = cupy.asarray(probs)
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(device_probs, cupy.asarray(labels), from_logits=False,
+                                                         reduction=reduction, inplace=True, **device_options)
+    assert grad is device_probs
+    assert_loss_matches(loss, ref_loss, tol_dtype)
+    assert_grad_matches(grad, ref_grad, tol_dtype, natural_gradient_size(labels, reduction=reduction, **options))
+
+
+# ----------------------------------------------------------------------------------------
+# Edge values (SEMANTICS "Edge values") on every path
+# ----------------------------------------------------------------------------------------
+
+
+def edge_rows(num_classes, dtype):
+    """(logits (R, C), labels (R,)): one row per case of the SEMANTICS table."""
+    rng = np.random.default_rng(7)
+    rows = np.tile(rng.standard_normal(num_classes) * 3, (8, 1))
+    labels = np.full(8, 5, dtype=np.int64)
+    rows[0, ::3] = -np.inf  # some -inf, target finite (label 5 is not a multiple of 3)
+    rows[1, 5] = -np.inf  # the target -inf: loss +inf
+    rows[2, :] = -np.inf  # every class -inf: NaN
+    rows[3, num_classes // 2] = np.inf  # +inf: NaN
+    rows[4, num_classes - 1] = np.nan  # NaN at the end (the scalar tail): NaN
+    rows[5, :] = 1e30 if dtype == np.float64 else 6e4  # huge, equal: loss ln C exactly
+    rows[5, 5] = -(1e30 if dtype == np.float64 else 6e4)  # and the target far below: a huge loss
+    rows[6, 0] = np.nan  # NaN at the start (the scalar head)
+    rows[7, :] = 0.0  # all equal: loss ln C
+    return rows.astype(dtype), labels
+
+
+@pytest.mark.parametrize("dtype", API_DTYPES, ids=dtype_id)
+def test_edge_values(gpu_path, dtype):
+    num_classes = 1029
+    logits, labels = edge_rows(num_classes, dtype)
+    loss, _ = check_gpu(logits, labels, reduction="none")
+    assert np.isfinite(loss[0]) and loss[1] == np.inf
+    assert np.isnan(loss[2]) and np.isnan(loss[3]) and np.isnan(loss[4]) and np.isnan(loss[6])
+    assert np.isfinite(loss[5])
+    np.testing.assert_allclose(loss[7], np.log(num_classes), rtol=1e-6)
+
+
+def test_zero_rows_and_all_ignored(gpu_path):
+    empty = cupy.zeros((0, 5), dtype=cupy.float32)
+    labels = cupy.zeros((0,), dtype=cupy.int64)
+    assert host(fastxent.sparse_cross_entropy(empty, labels, reduction="none")).shape == (0,)
+    assert float(fastxent.sparse_cross_entropy(empty, labels, reduction="sum")) == 0.0
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(empty, labels, reduction="mean")
+    assert float(loss) == 0.0 and grad.shape == (0, 5)
+    logits = cupy.full((3, 2500), cupy.nan, dtype=cupy.float32)
+    ignored = cupy.full((3,), -100, dtype=cupy.int64)
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(logits, ignored, ignore_index=-100)
+    assert float(loss) == 0.0 and not host(grad).any()
+
+
+# ----------------------------------------------------------------------------------------
+# Layouts
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inplace", (False, True), ids=("copy", "inplace"))
+@pytest.mark.parametrize("shape,axis", (((1000, 5), 0), ((3, 2049, 4), 1), ((2, 3, 7), -1)), ids=str)
+def test_class_axis(rng, gpu_path, shape, axis, inplace):
+    logits = random_logits(rng, shape, np.float32)
+    lead_shape = tuple(np.delete(np.array(shape), axis % len(shape)))
+    labels = random_labels(rng, lead_shape, shape[axis])
+    check_gpu(logits, labels, axis=axis, reduction="mean", inplace=inplace, label_smoothing=0.05)
+
+
+def test_inplace_on_a_strided_view_writes_back(rng, gpu_path):
+    base = cupy.asarray(random_logits(rng, (3, 2 * 2500), np.float32))
+    untouched = host(base[:, 1::2])
+    view = base[:, ::2]
+    original = host(view)
+    labels = random_labels(rng, (3,), 2500)
+    ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(original, labels, reduction="sum")
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(view, cupy.asarray(labels), reduction="sum", inplace=True)
+    assert grad is view
+    assert_loss_matches(loss, ref_loss, np.float32)
+    assert_grad_matches(base[:, ::2], ref_grad, np.float32)
+    assert host(base[:, 1::2]).tobytes() == untouched.tobytes()
+
+
+# ----------------------------------------------------------------------------------------
+# bfloat16 through the launcher (uint16 storage), and CPU-vs-GPU agreement of the launchers
+# ----------------------------------------------------------------------------------------
+
+
+def kernel_options(num_classes, *, from_logits=True, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                   class_weight=None, grad_scale=0.5, xp=np):
+    weights = None if class_weight is None else xp.asarray(class_weight, dtype=xp.float64)
+    return KernelOptions(
+        from_logits=from_logits, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        class_weight=weights, class_weight_total=float(num_classes if class_weight is None else class_weight.sum()),
+        num_classes=num_classes, grad_scale=grad_scale,
+    )
+
+
+LAUNCHER_OPTIONS = {
+    "plain": {},
+    "everything": {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 7.0, "class_weight": True},
+    "probabilities": {"from_logits": False, "label_smoothing": 0.05, "class_weight": True},
+}
+
+
+@pytest.mark.parametrize("inplace", (False, True), ids=("copy", "inplace"))
+@pytest.mark.parametrize("option", tuple(LAUNCHER_OPTIONS))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_launcher_agrees_with_cpu(rng, gpu_path, dtype, option, inplace):
+    """The GPU launcher and the CPU launcher on the same data: losses to float32 rounding of
+    the sums, gradients to one unit in the last place of the storage type."""
+    num_rows, num_classes = 5, 3001
+    settings = dict(LAUNCHER_OPTIONS[option])
+    from_logits = settings.get("from_logits", True)
+    if settings.pop("class_weight", False):
+        settings["class_weight"] = random_class_weight(rng, num_classes)
+    shape = (num_rows, num_classes)
+    inputs = random_logits(rng, shape, dtype) if from_logits else random_probabilities(rng, shape, dtype)
+    labels = random_labels(rng, (num_rows,), num_classes)
+    labels[1] = -1  # an ignored row
+    sample_weight = random_sample_weight(rng, (num_rows,))
+
+    cpu_loss, cpu_grad, cpu_min = cpu_xent.fused_xent(
+        inputs.copy(), labels, sample_weight, kernel_options(num_classes, **settings), want_grad=True)
+    storage = "bfloat16" if dtype == BFLOAT16 else None
+    device_inputs = cupy.asarray(inputs.view(np.uint16) if storage else inputs)
+    gpu_loss, gpu_grad, gpu_min = gpu_xent.fused_xent(
+        device_inputs, cupy.asarray(labels), cupy.asarray(sample_weight),
+        kernel_options(num_classes, xp=cupy, **settings), want_grad=True, inplace=inplace, storage=storage)
+
+    assert isinstance(gpu_loss, cupy.ndarray) and gpu_loss.dtype == np.float64
+    if inplace and from_logits:
+        assert gpu_grad is device_inputs
+    got_grad = host(gpu_grad).view(dtype) if storage else host(gpu_grad)
+    tol_dtype = np.float32 if (dtype == np.float64 and not from_logits) else dtype
+    tol = tolerance(tol_dtype)
+    np.testing.assert_allclose(host(gpu_loss), cpu_loss, rtol=4 * tol.loss_rtol, atol=tol.loss_atol)
+    cpu_grad64 = cpu_grad.astype(np.float64)
+    magnitude = float(np.max(np.abs(cpu_grad64[np.isfinite(cpu_grad64)]), initial=0.0))
+    np.testing.assert_allclose(got_grad.astype(np.float64), cpu_grad64,
+                               rtol=2 * tol.grad_rtol, atol=2**-24 + 2 * tol.grad_atol * magnitude)
+    assert not got_grad[1].any(), "an ignored row has a non-zero gradient"
+    if from_logits:
+        assert gpu_min is None and cpu_min is None
+    else:
+        np.testing.assert_array_equal(host(gpu_min), cpu_min)
+
+
+@pytest.mark.parametrize("option", ("plain", "everything"))
+@pytest.mark.parametrize("dtype", API_DTYPES, ids=dtype_id)
+def test_public_api_cpu_and_gpu_agree(rng, dtype, option):
+    """The same call on NumPy and on CuPy arrays gives the same loss and gradient."""
+    logits, labels, options = make_case(rng, option, (4, 3), 5000, dtype)
+    cpu_loss, cpu_grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, **options)
+    gpu_loss, gpu_grad = fastxent.sparse_cross_entropy_with_grad(cupy.asarray(logits), cupy.asarray(labels),
+                                                                 **to_device_options(options))
+    tol = tolerance(dtype)
+    np.testing.assert_allclose(host(gpu_loss).astype(np.float64), np.float64(cpu_loss), rtol=4 * tol.loss_rtol,
+                               atol=tol.loss_atol)
+    magnitude = float(np.max(np.abs(cpu_grad.astype(np.float64))))
+    np.testing.assert_allclose(host(gpu_grad).astype(np.float64), cpu_grad.astype(np.float64),
+                               rtol=2 * tol.grad_rtol, atol=2**-24 + 2 * tol.grad_atol * magnitude)
+
+
+def test_default_dispatch_few_long_rows(rng):
+    """Without patching, a few rows of a large vocabulary take the split-row path."""
+    limits = gpu_xent.device_limits(cupy.cuda.runtime.getDevice())
+    num_classes = max(gpu_xent.SPLIT_MIN_CLASSES, 40000)
+    assert gpu_xent.use_split_rows(1, num_classes, limits)
+    logits = random_logits(rng, (1, num_classes), np.float32)
+    labels = random_labels(rng, (1,), num_classes)
+    check_gpu(logits, labels, reduction="mean", z_loss=1e-4)
+
+
+# ----------------------------------------------------------------------------------------
+# Bad inputs: the same errors as on the CPU
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", (5, -1, 1000))
+def test_label_out_of_range_raises(value):
+    logits = cupy.zeros((2, 3, 5), dtype=cupy.float32)
+    labels = cupy.zeros((2, 3), dtype=cupy.int64)
+    labels[1, 2] = value
+    with pytest.raises(ValueError, match=rf"label {value} at position \(1, 2\) is outside the valid range \[0, 5\)"):
+        fastxent.sparse_cross_entropy(logits, labels)
+    with pytest.raises(ValueError, match=rf"label {value} at position \(1, 2\)"):
+        fastxent.sparse_cross_entropy_with_grad(logits, labels, ignore_index=-100)
+
+
+def test_negative_probability_raises(rng):
+    probs = cupy.asarray(random_probabilities(rng, (3, 20), np.float32))
+    probs[2, 4] = -0.5
+    before = host(probs)
+    with pytest.raises(ValueError, match=r"row \(2,\) has a negative value \(-0\.5\).*looks like logits"):
+        fastxent.sparse_cross_entropy_with_grad(probs, cupy.asarray([1, 2, 3]), from_logits=False, inplace=True)
+    assert host(probs).tobytes() == before.tobytes(), "rejected input was overwritten"
+
+
+def test_bad_arguments_raise():
+    logits = cupy.zeros((4, 5), dtype=cupy.float32)
+    with pytest.raises(TypeError, match="labels must be integers"):
+        fastxent.sparse_cross_entropy(logits, cupy.zeros(4, dtype=cupy.float32))
+    with pytest.raises(ValueError, match="labels shape"):
+        fastxent.sparse_cross_entropy(logits, cupy.zeros(3, dtype=cupy.int64))
+    with pytest.raises(TypeError, match="logits must be"):
+        fastxent.sparse_cross_entropy(cupy.zeros((4, 5), dtype=cupy.int32), cupy.zeros(4, dtype=cupy.int64))
+    with pytest.raises(ValueError, match="class_weight"):
+        fastxent.sparse_cross_entropy(logits, cupy.zeros(4, dtype=cupy.int64), class_weight=cupy.ones(4))
+
+
+def test_int32_labels(rng):
+    logits = random_logits(rng, (6, 300), np.float32)
+    labels = random_labels(rng, (6,), 300)
+    got = fastxent.sparse_cross_entropy(cupy.asarray(logits), cupy.asarray(labels.astype(np.int32)), reduction="none")
+    assert_loss_matches(got, reference.sparse_cross_entropy(logits, labels, reduction="none"), np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Streams and 64-bit offsets (real GPUs only)
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(EMULATED, reason="the host emulator has no streams")
+def test_runs_on_the_current_stream(rng):
+    logits = random_logits(rng, (64, 4096), np.float32)
+    labels = random_labels(rng, (64,), 4096)
+    ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(logits, labels)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        device_logits = cupy.asarray(logits)
+        loss, grad = fastxent.sparse_cross_entropy_with_grad(device_logits, cupy.asarray(labels))
+        loss_host = cupy.asnumpy(loss, stream=stream)
+        grad_host = cupy.asnumpy(grad, stream=stream)
+    stream.synchronize()
+    assert_loss_matches(loss_host, ref_loss, np.float32)
+    assert_grad_matches(grad_host, ref_grad, np.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(EMULATED, reason="too large for the host emulator")
+def test_more_than_2_31_elements():
+    """N * C > 2^31: offsets past the 32-bit range (float16, 4 GiB), forward and in place."""
+    num_classes = 131072
+    num_rows = 2**31 // num_classes + 2
+    try:
+        logits = cupy.zeros((num_rows, num_classes), dtype=cupy.float16)
+    except cupy.cuda.memory.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for 4 GiB of logits")
+    rng = np.random.default_rng(3)
+    tail = rng.standard_normal((2, num_classes)).astype(np.float16)
+    logits[-2:] = cupy.asarray(tail)
+    labels = cupy.zeros(num_rows, dtype=cupy.int64)
+    labels[-1] = num_classes - 1
+    per_row = fastxent.sparse_cross_entropy(logits, labels, reduction="none")
+    ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(tail, host(labels[-2:]), reduction="none")
+    assert_loss_matches(per_row[-2:], ref_loss, np.float16)
+    np.testing.assert_allclose(host(per_row[:3]), np.log(num_classes), rtol=1e-6)
+    _, grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction="sum", inplace=True)
+    assert grad is logits
+    assert_grad_matches(logits[-2:], ref_grad, np.float16)

@@ -1,0 +1,148 @@
+"""A NumPy-backed stand-in for the part of CuPy that fastxent and its GPU tests use.
+
+Put ``tools/gpu_emulator`` first on ``PYTHONPATH`` and ``import cupy`` gives this module: arrays
+are NumPy arrays of a subclass whose type lives in module "cupy" (so fastxent dispatches them
+to its GPU backend), with CuPy's ``.data.ptr``, ``.get()`` and flags (no "writeable"), and
+``RawModule`` compiles the CUDA source for the host emulator (see ``emulated_kernels.py``).
+It checks what a real launch would reject: block and grid limits, dynamic shared memory above
+the kernel's limit, arguments that are not explicitly typed or do not match the signature.
+Never installed: tests only.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import types
+
+import numpy
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import emulated_kernels  # noqa: E402
+
+__version__ = "0.0-emulated"
+EMULATED = True
+
+# Device figures of the emulated GPU. Few SMs keep the split-row path reachable with small
+# inputs and the number of emulated blocks small.
+_SM_COUNT = int(os.environ.get("FASTXENT_EMULATED_SM_COUNT", "4"))
+_LIMITS = {"shared_per_block": 227 * 1024, "shared_per_sm": 228 * 1024}
+_ATTRIBUTES = {16: _SM_COUNT, 81: _LIMITS["shared_per_sm"], 97: _LIMITS["shared_per_block"]}
+
+
+class _MemoryPointer:
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+
+class _Flags:
+    """CuPy's flags: contiguity and ownership, no "writeable"."""
+
+    def __init__(self, c_contiguous: bool, f_contiguous: bool, owndata: bool):
+        self.c_contiguous = c_contiguous
+        self.f_contiguous = f_contiguous
+        self.owndata = owndata
+
+
+class ndarray(numpy.ndarray):
+    """A "device" array: NumPy memory with CuPy's attributes."""
+
+    @property
+    def data(self):
+        return _MemoryPointer(self.__array_interface__["data"][0])
+
+    @property
+    def flags(self):
+        flags = numpy.ndarray.flags.__get__(self)
+        return _Flags(bool(flags.c_contiguous), bool(flags.f_contiguous), bool(flags.owndata))
+
+    def get(self):
+        return numpy.array(self.view(numpy.ndarray), copy=True)
+
+
+def _wrap(result):
+    if isinstance(result, numpy.ndarray) and not isinstance(result, ndarray):
+        return result.view(ndarray)
+    if isinstance(result, tuple):
+        return tuple(_wrap(item) for item in result)
+    return result
+
+
+def __getattr__(name):
+    attribute = getattr(numpy, name)
+    if isinstance(attribute, type) or not callable(attribute):
+        return attribute
+
+    @functools.wraps(attribute)
+    def wrapped(*args, **kwargs):
+        return _wrap(attribute(*args, **kwargs))
+
+    return wrapped
+
+
+def asarray(a, dtype=None, order=None):
+    """Device arrays pass through; host data is copied, as a transfer would."""
+    if isinstance(a, ndarray):
+        return _wrap(numpy.asarray(a, dtype=dtype, order=order))
+    return numpy.array(a, dtype=dtype, order=order, copy=True).view(ndarray)
+
+
+def array(a, dtype=None, copy=True, order="K"):
+    if isinstance(a, ndarray) and not copy:
+        return asarray(a, dtype=dtype)
+    return numpy.array(a, dtype=dtype, copy=True, order=order).view(ndarray)
+
+
+def asnumpy(a):
+    if isinstance(a, ndarray):
+        return a.get()
+    return numpy.asarray(a)
+
+
+def ascontiguousarray(a, dtype=None):
+    return _wrap(numpy.ascontiguousarray(a, dtype=dtype))
+
+
+class RawModule:
+    def __init__(self, *, code=None, path=None, options=(), backend="nvrtc", name_expressions=None, **_ignored):
+        if code is None:
+            raise ValueError("the emulator compiles source code only")
+        self._code = code
+        self.options = tuple(options)
+        self._library = None
+        self._kernels = {}
+
+    def get_function(self, name):
+        if self._library is None:
+            self._library = emulated_kernels.build(self._code)
+        if name not in self._kernels:
+            self._kernels[name] = emulated_kernels.EmulatedKernel(self._library, name, _LIMITS)
+        return self._kernels[name]
+
+
+class _Device:
+    def __init__(self, device_id=0):
+        self.id = int(device_id)
+        self.compute_capability = "90"
+
+    def synchronize(self):
+        pass
+
+
+def _device_get_attribute(attribute, device_id):
+    return _ATTRIBUTES[int(attribute)]
+
+
+cuda = types.SimpleNamespace(
+    runtime=types.SimpleNamespace(
+        getDeviceCount=lambda: 1,
+        getDevice=lambda: 0,
+        deviceGetAttribute=_device_get_attribute,
+        CUDARuntimeError=RuntimeError,
+        getDeviceProperties=lambda device_id: {"name": b"emulated GPU (host)"},
+    ),
+    Device=_Device,
+)
