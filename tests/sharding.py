@@ -40,6 +40,10 @@ OPTION_CASES = {
 }
 
 
+# Rows per case in the real-process tests: small, so the launches stay fast on two cores.
+NUM_ROWS = 12
+
+
 def bounds(widths: Sequence[int]) -> List[int]:
     """Shard starts and the end: [0, w0, w0 + w1, ..., V]."""
     return [int(v) for v in np.concatenate([[0], np.cumsum(widths)])]
@@ -64,6 +68,14 @@ def make_case(rng: np.random.Generator, name: str, num_rows: int, num_classes: i
     if spec.get("sample_weight"):
         kwargs["sample_weight"] = rng.uniform(0.0, 3.0, num_rows)
     return logits, labels, kwargs
+
+
+def case_inputs(seed: int, num_classes: int, num_rows: int = NUM_ROWS):
+    """(name, logits, labels, kwargs) for every option case, from one seed: the workers and the
+    test process draw the same inputs."""
+    rng = np.random.default_rng(seed)
+    for name in OPTION_CASES:
+        yield (name,) + make_case(rng, name, num_rows, num_classes)
 
 
 def shard_kwargs(kwargs: dict, lo: int, hi: int) -> dict:
@@ -129,6 +141,11 @@ def run_ranks(size: int, work: Callable[[ThreadCommunicator], object]) -> list:
         try:
             return work(ThreadCommunicator(exchange, rank))
         except Exception as error:  # returned, so the test can check every rank raised
+            if not isinstance(error, (ValueError, TypeError, threading.BrokenBarrierError)):
+                # A failure outside the protocol (the documented errors are ValueError and
+                # TypeError, raised by every rank together): release the others at once instead
+                # of letting them wait for the barrier's timeout.
+                exchange.barrier.abort()
             return error
 
     with ThreadPoolExecutor(max_workers=size) as pool:

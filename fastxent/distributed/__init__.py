@@ -53,7 +53,10 @@ def _local_rows(local_logits: Any, lead_shape: tuple, axis: int, inplace: bool):
         )
     if inplace and not logits.flags.writeable:
         raise ValueError("inplace=True needs a writeable array of logits")
-    return logits, _api._rows_view(logits, axis, np), axis
+    # (N, V_local) without reshape(-1, ...), which is ambiguous for a shard of zero classes.
+    moved = np.moveaxis(logits, axis, -1)
+    rows = np.ascontiguousarray(moved.reshape(int(np.prod(lead_shape, dtype=np.int64)), moved.shape[-1]))
+    return logits, rows, axis
 
 
 def _forward(local_logits, labels, *, vocab_start, group, inplace, from_logits, reduction, ignore_index,

@@ -29,6 +29,7 @@ class Communicator:
         group: the engine's own group object (the key under which a shard layout is cached).
         bytes_sent: payload bytes this rank has handed to collectives so far.
         collectives: collectives this rank has taken part in so far.
+        verified_layout: this rank's shard layout once the group has checked the tiling.
     """
 
     rank: int
@@ -38,6 +39,7 @@ class Communicator:
     def __init__(self) -> None:
         self.bytes_sent = 0
         self.collectives = 0
+        self.verified_layout = None
 
     def _count(self, nbytes: int) -> None:
         self.bytes_sent += int(nbytes)
@@ -132,7 +134,7 @@ class TorchCommunicator(Communicator):
         return np.stack([part.cpu().numpy() for part in gathered])
 
 
-# One adapter per group object, so byte counters and the layout cache see the same instance.
+# One adapter per group object, so byte counters and the verified layout stay with the group.
 _ADAPTERS: dict = {}
 
 

@@ -69,17 +69,13 @@ class ShardLayout:
     num_classes: int
 
 
-# Per group: (group object, last verified layout of this rank). Holding the group keeps its id
-# from being reused while cached.
-_LAYOUTS: dict = {}
-
-
 def cached_layout(comm: Communicator, vocab_start: int, width: int) -> Optional[ShardLayout]:
-    entry = _LAYOUTS.get(id(comm.group))
-    if entry is None or entry[0] is not comm.group:
-        return None
-    layout = entry[1]
-    return layout if (layout.vocab_start, layout.width) == (vocab_start, width) else None
+    """This rank's last verified layout in ``comm``'s group, if it is still (vocab_start, width).
+
+    Kept on the adapter, of which there is one per group (``communicator_for``).
+    """
+    layout = getattr(comm, "verified_layout", None)
+    return layout if layout is not None and (layout.vocab_start, layout.width) == (vocab_start, width) else None
 
 
 def check_tiling(comm: Communicator, vocab_start: int, width: int) -> ShardLayout:
@@ -112,7 +108,7 @@ def check_tiling(comm: Communicator, vocab_start: int, width: int) -> ShardLayou
             + "; ".join(problems) + f". Shards: {listing}{more}"
         )
     layout = ShardLayout(vocab_start, width, covered)
-    _LAYOUTS[id(comm.group)] = (comm.group, layout)
+    comm.verified_layout = layout
     return layout
 
 
@@ -366,8 +362,8 @@ def sharded_forward(comm: Communicator, kernel: Any, rows: Any, *, num_rows: int
         second[offset:offset + num_rows] = np.where(counted, relative, 0.0)
         offset += num_rows
     if weights is not None:
-        owned = local >= 0
-        second[offset:offset + num_rows] = np.where(owned, weights[np.where(owned, local, 0)], 0.0)
+        owned = np.flatnonzero(local >= 0)
+        second[offset + owned] = weights[local[owned]]
         offset += num_rows
         if smoothing:
             second[offset] = local_weight_total

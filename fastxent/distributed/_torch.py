@@ -1,0 +1,277 @@
+"""PyTorch autograd Function for vocabulary-parallel cross-entropy (Megatron-style, fused).
+
+``vocab_parallel_cross_entropy(local_logits, target, vocab_start=...)`` takes this rank's slice
+(..., V_local) of the logits and the global targets, and returns the loss over the whole
+vocabulary. The forward pass does the two all-reductions of ``fastxent.distributed._sharded``;
+the backward pass needs no communication: it sweeps this rank's slice once with the saved
+per-row statistics (O(N) numbers), so no N x V_local softmax is kept between the passes.
+
+CPU tensors run the core Numba kernels on a zero-copy NumPy view. CUDA tensors compute the
+per-slice statistics and the gradient with PyTorch operations on the device (``TorchKernel``);
+the per-row epilogue runs on the host on O(N) numbers, and the collectives go through the
+process group (NCCL stages them on the GPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from fastxent._api import Reduction
+from fastxent.cpu import _kernels
+from fastxent.distributed._comm import communicator_for
+from fastxent.distributed._sharded import (
+    PROB_EPS,
+    PROB_ONE_MINUS_EPS,
+    NumpyKernel,
+    check_labels,
+    check_settings,
+    sharded_forward,
+)
+
+try:
+    from ml_dtypes import bfloat16 as _NP_BFLOAT16
+except ImportError:  # pragma: no cover - ml_dtypes is a runtime dependency
+    _NP_BFLOAT16 = None
+
+# Rows per chunk of the device sweeps: bounds the float32/float64 temporaries to about this
+# many elements whatever N is.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """Zero-copy NumPy view of a CPU tensor (bfloat16 through its bits)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(_NP_BFLOAT16)
+    return tensor.numpy()
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    if _NP_BFLOAT16 is not None and array.dtype == _NP_BFLOAT16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def _host(value: Any, dtype=None) -> Optional[np.ndarray]:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value) if dtype is None else np.asarray(value, dtype=dtype)
+
+
+class TorchKernel:
+    """Per-slice statistics and gradient with PyTorch operations, for tensors on any device.
+
+    Follows the Numba kernels' arithmetic (float32 compute, float64 for float64 inputs; Keras'
+    float32 clip for probabilities). The per-target values go through the Numba kernels
+    themselves on O(N) host numbers, so the target's gradient is formed in float64 and rounded
+    once, as on the CPU.
+    """
+
+    @staticmethod
+    def _chunk(rows: torch.Tensor) -> int:
+        return max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
+
+    @staticmethod
+    def _values(x: torch.Tensor, options) -> torch.Tensor:
+        if options.softcap is not None:
+            return options.softcap * torch.tanh(x / options.softcap)
+        return x
+
+    def stats(self, rows: torch.Tensor, labels: np.ndarray, options):
+        from fastxent.cpu.partial import IGNORED, RowStats
+
+        num_rows, width = rows.shape
+        row_max = np.full(num_rows, -np.inf)
+        sum_exp = np.zeros(num_rows)
+        weighted = np.zeros(num_rows)
+        row_min = np.full(num_rows, np.inf)
+        target_value = np.zeros(num_rows)
+        target_input = np.zeros(num_rows)
+        if num_rows == 0 or width == 0:
+            return RowStats(row_max, sum_exp, target_value, target_input, weighted, row_min)
+        compute = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        weights = None if options.class_weight is None else torch.from_numpy(options.class_weight).to(rows.device)
+        smoothing = options.label_smoothing != 0.0
+        parts = {"max": [], "sum": [], "weighted": [], "min": []}
+        step = self._chunk(rows)
+        for lo in range(0, num_rows, step):
+            x = rows[lo:lo + step].to(compute)
+            if options.from_logits:
+                values = self._values(x, options)
+                part_max = values.amax(dim=1)
+                # While the max is -inf every value is -inf: sum relative to 0 (gives 0, not NaN).
+                reference = torch.where(part_max > -torch.inf, part_max, torch.zeros_like(part_max))
+                parts["max"].append(part_max)
+                parts["sum"].append(torch.exp(values - reference[:, None]).sum(dim=1))
+            else:
+                probs = x.to(torch.float32)
+                clipped = probs.clamp(float(PROB_EPS), float(PROB_ONE_MINUS_EPS))
+                values = torch.log(clipped)
+                parts["max"].append(torch.zeros(probs.shape[0], dtype=compute, device=rows.device))
+                parts["sum"].append(clipped.sum(dim=1))
+                parts["min"].append(probs.amin(dim=1))
+            if smoothing:
+                wide = values.to(torch.float64)
+                parts["weighted"].append((wide if weights is None else wide * weights).sum(dim=1))
+        row_max[:] = torch.cat(parts["max"]).cpu().numpy()
+        sum_exp[:] = torch.cat(parts["sum"]).cpu().numpy()
+        if smoothing:
+            weighted[:] = torch.cat(parts["weighted"]).cpu().numpy()
+        if not options.from_logits:
+            row_min[:] = torch.cat(parts["min"]).cpu().numpy()
+        ignored = labels == IGNORED
+        row_max[ignored], sum_exp[ignored], weighted[ignored], row_min[ignored] = -np.inf, 0.0, 0.0, np.inf
+
+        owned = np.flatnonzero(labels >= 0)
+        if owned.size:
+            index = torch.from_numpy(owned).to(rows.device)
+            raw = rows[index, torch.from_numpy(labels[owned]).to(rows.device)].to(compute).cpu().numpy()
+            values = np.zeros(owned.size)
+            inputs = np.zeros(owned.size)
+            _kernels.targets_value(raw.reshape(-1, 1), np.zeros(owned.size, dtype=np.int64),
+                                   not options.from_logits, options.softcap, values, inputs)
+            target_value[owned], target_input[owned] = values, inputs
+        return RowStats(row_max, sum_exp, target_value, target_input, weighted, row_min)
+
+    def grad(self, rows: torch.Tensor, labels: np.ndarray, stats, coefs, target_weight, options, *,
+             inplace: bool):
+        from fastxent.cpu.partial import IGNORED
+
+        num_rows, width = rows.shape
+        out = rows if inplace else torch.empty_like(rows)
+        if num_rows == 0 or width == 0:
+            return out
+        device = rows.device
+        compute = torch.float64 if rows.dtype == torch.float64 else torch.float32
+
+        def column(values):
+            return torch.from_numpy(np.ascontiguousarray(values)).to(device=device, dtype=compute)[:, None]
+
+        row_max, coef_p, coef_w = column(stats.row_max), column(coefs.coef_p), column(coefs.coef_w)
+        counted = torch.from_numpy(labels != IGNORED).to(device)[:, None]
+        weights = None if options.class_weight is None else torch.from_numpy(options.class_weight).to(
+            device=device, dtype=compute)
+        step = self._chunk(rows)
+        for lo in range(0, num_rows, step):
+            hi = min(lo + step, num_rows)
+            x = rows[lo:hi].to(compute)
+            weight_term = coef_w[lo:hi] if weights is None else coef_w[lo:hi] * weights
+            if options.from_logits:
+                values = self._values(x, options)
+                reference = torch.where(row_max[lo:hi] > -torch.inf, row_max[lo:hi], torch.zeros_like(row_max[lo:hi]))
+                grad = coef_p[lo:hi] * torch.exp(values - reference) - weight_term
+                if options.softcap is not None:
+                    grad = grad * (1.0 - (values / options.softcap) ** 2)
+            else:
+                probs = x.to(torch.float32)
+                clipped = probs.clamp(float(PROB_EPS), float(PROB_ONE_MINUS_EPS))
+                inside = (probs >= float(PROB_EPS)) & (probs <= float(PROB_ONE_MINUS_EPS))
+                grad = torch.where(inside, coef_p[lo:hi] - weight_term / clipped, torch.zeros_like(clipped))
+            grad = torch.where(counted[lo:hi], grad, torch.zeros_like(grad))
+            out[lo:hi] = grad.to(out.dtype)
+
+        # The target's gradient: the Numba kernel on a one-column host array, in float64.
+        owned = np.flatnonzero(labels >= 0)
+        if owned.size:
+            target = np.zeros((owned.size, 1))
+            _kernels.targets_grad(target, np.zeros(owned.size, dtype=np.int64), not options.from_logits,
+                                  stats.target_value[owned], stats.target_input[owned], target_weight[owned],
+                                  stats.row_max[owned], coefs.coef_p[owned], coefs.coef_t[owned],
+                                  coefs.coef_w[owned], options.softcap)
+            index = torch.from_numpy(owned).to(device)
+            out[index, torch.from_numpy(labels[owned]).to(device)] = torch.from_numpy(target[:, 0]).to(
+                device=device, dtype=out.dtype)
+        return out
+
+
+def kernel_for(tensor: torch.Tensor):
+    """The core Numba kernels for CPU tensors, PyTorch operations on the device otherwise."""
+    return NumpyKernel() if tensor.device.type == "cpu" else TorchKernel()
+
+
+class VocabParallelCrossEntropy(torch.autograd.Function):
+    """Forward: loss over the whole vocabulary (two collectives). Backward: this slice's gradient."""
+
+    @staticmethod
+    def forward(ctx, local_logits, target, vocab_start, group, settings, class_weight, sample_weight, kernel):
+        labels = check_labels(_host(target))
+        comm = communicator_for(group)
+        lead_shape = tuple(labels.shape)
+        rows, width, dtype, local_error = None, 0, np.float32, None
+        try:
+            if not local_logits.is_floating_point() or local_logits.dim() < 1:
+                raise TypeError(f"local_logits must be a floating tensor of rank >= 1; got {local_logits.dtype} "
+                                f"of shape {tuple(local_logits.shape)}")
+            if tuple(local_logits.shape[:-1]) != lead_shape:
+                raise ValueError(f"target shape {lead_shape} must equal the local logits' shape without the "
+                                 f"class axis, {tuple(local_logits.shape[:-1])}")
+            width = int(local_logits.shape[-1])
+            flat = local_logits.detach().reshape(-1, width).contiguous()
+            rows = _to_numpy(flat) if isinstance(kernel, NumpyKernel) else flat
+            dtype = np.float64 if local_logits.dtype == torch.float64 else np.float32
+        except (TypeError, ValueError) as error:
+            local_error = error
+        forward = sharded_forward(
+            comm, kernel, rows, num_rows=labels.size, width=width, logits_dtype=dtype, vocab_start=vocab_start,
+            labels=labels, sample_weight=_host(sample_weight, np.float64), class_weight=_host(class_weight, np.float64),
+            settings=settings, local_error=local_error,
+        )
+        ctx.forward = forward
+        ctx.shape = tuple(local_logits.shape)
+        ctx.save_for_backward(local_logits)  # autograd then refuses a backward after in-place edits
+        loss = torch.from_numpy(np.asarray(forward.loss)).to(local_logits.device)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        ctx.saved_tensors  # noqa: B018  (the version check on the saved logits)
+        forward = ctx.forward
+        upstream = grad_output.detach().to(torch.float64).cpu().numpy()
+        grad_rows = forward.grad(upstream=upstream)
+        grad = _from_numpy(grad_rows) if isinstance(grad_rows, np.ndarray) else grad_rows
+        return grad.reshape(ctx.shape).to(grad_output.device), None, None, None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    local_logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    vocab_start: int,
+    group: Any = None,
+    reduction: Reduction = "none",
+    from_logits: bool = True,
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    class_weight: Any = None,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """Cross-entropy of logits whose class axis (the last) is sharded across ``group``'s ranks.
+
+    Megatron-LM's ``vocab_parallel_cross_entropy`` with fastxent's kernels and options: by
+    default the per-token loss (``reduction="none"``), the other reductions as in
+    ``fastxent.sparse_cross_entropy`` with global denominators. Differentiable w.r.t.
+    ``local_logits``; the gradient of this rank's slice needs no further communication.
+
+    Args:
+        local_logits: (..., V_local) this rank's classes [vocab_start, vocab_start + V_local).
+            CPU tensors use the Numba kernels; CUDA tensors PyTorch operations on the device.
+        target: (...) integer global class ids, identical on every rank.
+        vocab_start: this shard's first global class (shards may differ in size).
+        group: a torch.distributed process group (Gloo for CPU tensors, NCCL for CUDA
+            tensors), an mpi4py communicator, or None (the default group).
+        class_weight: this shard's (V_local,) class weights. sample_weight: per-token weights,
+            identical on every rank. The other options are those of the core API.
+
+    Returns:
+        The loss tensor (float32; float64 for float64 logits) on the logits' device, identical
+        on every rank.
+    """
+    settings = check_settings(from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap, vocab_start)
+    return VocabParallelCrossEntropy.apply(local_logits, target, int(vocab_start), group, settings, class_weight,
+                                           sample_weight, kernel_for(local_logits))
