@@ -309,9 +309,7 @@ def test_probabilities(rng, dtype, option, reduction):
     lead_shape, num_classes = (3, 4), 1000
     probs, labels, options = make_case(rng, option, lead_shape, num_classes, dtype, from_logits=False)
     probs.reshape(-1, num_classes)[0, labels.reshape(-1)[0]] = 0  # a zero target: loss 16.118
-    # Probabilities are computed in float32 whatever their dtype (as on the CPU): float64
-    # inputs get float32 tolerances.
-    tol_dtype = np.float32 if dtype == np.float64 else dtype
+    tol_dtype = dtype
     ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(probs, labels, from_logits=False,
                                                                   reduction=reduction, **options)
     device_options = to_device_options(options)
@@ -448,8 +446,7 @@ def test_launcher_agrees_with_cpu(rng, gpu_path, dtype, option, inplace):
     if inplace and from_logits:
         assert gpu_grad is device_inputs
     got_grad = host(gpu_grad).view(dtype) if storage else host(gpu_grad)
-    tol_dtype = np.float32 if (dtype == np.float64 and not from_logits) else dtype
-    tol = tolerance(tol_dtype)
+    tol = tolerance(dtype)
     np.testing.assert_allclose(host(gpu_loss), cpu_loss, rtol=4 * tol.loss_rtol, atol=tol.loss_atol)
     cpu_grad64 = cpu_grad.astype(np.float64)
     magnitude = float(np.max(np.abs(cpu_grad64[np.isfinite(cpu_grad64)]), initial=0.0))

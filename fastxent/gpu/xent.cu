@@ -38,9 +38,10 @@ constexpr int kWarpSize = 32;
 constexpr int kMaxWarps = kMaxThreads / kWarpSize;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Keras' epsilon() = 1e-7, rounded to float32 as Keras clips float32 probabilities.
-constexpr float kProbEps = (float)1e-7;
-constexpr float kProbOneMinusEps = (float)(1.0 - 1e-7);
+// Keras' epsilon() = 1e-7. The clip bounds are rounded to the compute type (float32, or double
+// for double input), as Keras clips in the input's dtype.
+constexpr double kProbEps = 1e-7;
+constexpr double kProbOneMinusEps = 1.0 - 1e-7;
 
 // ------------------------------------------------------------------------------------------
 // Scalars: -inf, max/min that skip NaN, exp, tanh in the compute type
@@ -118,11 +119,24 @@ __device__ __forceinline__ A apply_softcap(A x, A cap) {
   return kSoftcap ? cap * tanh_acc(x / cap) : x;
 }
 
-// Keras' clip of a probability to [eps, 1 - eps] in float32; NaN passes through.
-__device__ __forceinline__ float clip_prob(float raw) {
-  const float low = raw < kProbEps ? kProbEps : raw;
-  return low > kProbOneMinusEps ? kProbOneMinusEps : low;
+// Keras' clip of a probability to [eps, 1 - eps] in the compute type; NaN passes through.
+template <typename A>
+__device__ __forceinline__ A clip_prob(A raw) {
+  const A low = raw < A(kProbEps) ? A(kProbEps) : raw;
+  return low > A(kProbOneMinusEps) ? A(kProbOneMinusEps) : low;
 }
+
+// Whether clip's derivative is 1 at `raw`: inside [eps, 1 - eps], bounds included (as
+// TensorFlow's clip_by_value gradient); false for NaN.
+template <typename A>
+__device__ __forceinline__ bool prob_inside(A raw) {
+  return raw >= A(kProbEps) && raw <= A(kProbOneMinusEps);
+}
+
+// log of a clipped probability as a double, for the smoothing sum: the float log of a float
+// differs from the double log of it by about 1e-8 relative, far below what eps / C leaves of it.
+__device__ __forceinline__ double prob_log(float clipped) { return (double)logf(clipped); }
+__device__ __forceinline__ double prob_log(double clipped) { return log(clipped); }
 
 __device__ __forceinline__ unsigned long long address_of(const void* pointer) {
   return reinterpret_cast<unsigned long long>(pointer);
@@ -432,30 +446,34 @@ __device__ __forceinline__ LogitStats<A> shuffle_xor(const LogitStats<A>& stats,
 
 // Probability inputs: the smallest raw value (to reject negative "probabilities"), the sum of
 // the clipped values and the weighted sum of their logs (label smoothing).
+template <typename A>
 struct ProbStats {
-  float min_value;
-  float clipped_sum;
+  A min_value;
+  A clipped_sum;
   double weighted_log_sum;
 };
 
-__device__ __forceinline__ ProbStats identity_stats(ProbStats*) {
-  ProbStats stats;
-  stats.min_value = __uint_as_float(0x7f800000u);  // +inf
-  stats.clipped_sum = 0.0f;
+template <typename A>
+__device__ __forceinline__ ProbStats<A> identity_stats(ProbStats<A>*) {
+  ProbStats<A> stats;
+  stats.min_value = -neg_inf(A(0));  // +inf
+  stats.clipped_sum = A(0);
   stats.weighted_log_sum = 0.0;
   return stats;
 }
 
-__device__ __forceinline__ ProbStats merge(const ProbStats& a, const ProbStats& b) {
-  ProbStats merged;
+template <typename A>
+__device__ __forceinline__ ProbStats<A> merge(const ProbStats<A>& a, const ProbStats<A>& b) {
+  ProbStats<A> merged;
   merged.min_value = b.min_value < a.min_value ? b.min_value : a.min_value;
   merged.clipped_sum = a.clipped_sum + b.clipped_sum;
   merged.weighted_log_sum = a.weighted_log_sum + b.weighted_log_sum;
   return merged;
 }
 
-__device__ __forceinline__ ProbStats shuffle_xor(const ProbStats& stats, int lane_mask) {
-  ProbStats other;
+template <typename A>
+__device__ __forceinline__ ProbStats<A> shuffle_xor(const ProbStats<A>& stats, int lane_mask) {
+  ProbStats<A> other;
   other.min_value = __shfl_xor_sync(kFullMask, stats.min_value, lane_mask);
   other.clipped_sum = __shfl_xor_sync(kFullMask, stats.clipped_sum, lane_mask);
   other.weighted_log_sum = __shfl_xor_sync(kFullMask, stats.weighted_log_sum, lane_mask);
@@ -562,50 +580,48 @@ struct LogitGradOp {
 
 template <typename A>
 struct ProbStatsVisitor {
-  ProbStats stats;
-  const float* class_weight;  // float32 per class, or null
+  ProbStats<A> stats;
+  const double* class_weight;  // float64 per class (the whole row), or null
   bool want_weighted_sum;
 
   template <int N>
   __device__ __forceinline__ void operator()(A (&x)[N], int first_class) {
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float raw = (float)x[k];
-      stats.min_value = raw < stats.min_value ? raw : stats.min_value;  // NaN skipped
-      const float clipped = clip_prob(raw);
+      stats.min_value = x[k] < stats.min_value ? x[k] : stats.min_value;  // NaN skipped
+      const A clipped = clip_prob(x[k]);
       stats.clipped_sum += clipped;
       if (want_weighted_sum) {
-        const float weight = class_weight ? class_weight[first_class + k] : 1.0f;
-        stats.weighted_log_sum += (double)weight * (double)logf(clipped);
+        const double weight = class_weight ? class_weight[first_class + k] : 1.0;
+        stats.weighted_log_sum += weight * prob_log(clipped);
       }
     }
   }
 };
 
+template <typename A>
 struct ProbGradCoefs {
-  float coef_p;
-  float coef_w;
-  float target_grad;
+  A coef_p;
+  A coef_w;
+  A target_grad;
 };
 
-// d/dp of the softmax loss on log(clip(p)): inside_j (coef_p - coef_w w_j / clip(p_j)); clip's
-// derivative is 1 inside [eps, 1 - eps] (bounds included, as TensorFlow's) and 0 outside.
+// d/dp of the softmax loss on log(clip(p)): inside_j (coef_p - coef_w w_j / clip(p_j)), in the
+// compute type; clip's derivative is 0 outside [eps, 1 - eps].
 template <typename A>
 struct ProbGradOp {
-  ProbGradCoefs coefs;
-  const float* class_weight;
+  ProbGradCoefs<A> coefs;
+  const A* class_weight;  // per class in the compute type, or null
   int target;
 
   template <int N>
   __device__ __forceinline__ void operator()(A (&x)[N], int first_class) {
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float raw = (float)x[k];
-      const float clipped = clip_prob(raw);
-      const float weight = class_weight ? class_weight[first_class + k] : 1.0f;
-      const bool inside = raw >= kProbEps && raw <= kProbOneMinusEps;
-      const float grad = inside ? coefs.coef_p - coefs.coef_w * weight / clipped : 0.0f;
-      x[k] = first_class + k == target ? A(coefs.target_grad) : A(grad);
+      const A clipped = clip_prob(x[k]);
+      const A weight = class_weight ? class_weight[first_class + k] : A(1);
+      const A grad = prob_inside(x[k]) ? coefs.coef_p - coefs.coef_w * weight / clipped : A(0);
+      x[k] = first_class + k == target ? coefs.target_grad : grad;
     }
   }
 };
@@ -664,9 +680,11 @@ __device__ __forceinline__ double logit_target_grad(double value, double row_max
   return grad;
 }
 
-__device__ __forceinline__ double prob_target_grad(float raw, const RowEpilogue& e, double target_weight) {
-  if (!(raw >= kProbEps && raw <= kProbOneMinusEps)) return 0.0;
-  return e.coef_p - (e.coef_t + e.coef_w * target_weight) / (double)clip_prob(raw);
+// Inside the clip the probability is its own clipped value: divide by the input itself.
+template <typename A>
+__device__ __forceinline__ double prob_target_grad(A raw, const RowEpilogue& e, double target_weight) {
+  if (!prob_inside(raw)) return 0.0;
+  return e.coef_p - (e.coef_t + e.coef_w * target_weight) / (double)raw;
 }
 
 template <typename A>
@@ -855,18 +873,18 @@ __device__ __forceinline__ void part_grad(const T* logits, T* grad, const long l
   sweep_write<Storage<T>::kUnroll>(in, out, length, vectorize, op, (const uint4*)nullptr, 0);
 }
 
-// Probability inputs (from_logits=False), one block per row: Keras' log(clip(p)) then softmax.
-// grad may be null (loss only); it is never the input (the caller checks the row minima first).
-// row_min_out: each row's smallest raw value (0 for ignored rows).
+// Probability inputs (from_logits=False), one block per row: Keras' log(clip(p)) then softmax,
+// in the compute type. grad may be null (loss only); it is never the input (the caller checks
+// the row minima first). row_min_out: each row's smallest value (0 for ignored rows).
 template <typename T>
 __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long long* labels,
                                           const double* sample_weight, const double* class_weight,
-                                          const float* class_weight_elem, double class_weight_total,
-                                          long long num_rows, long long num_classes, double num_classes_total,
-                                          double smoothing, double z_loss, double grad_scale, double* loss_out,
-                                          double* row_min_out) {
+                                          const typename Storage<T>::Acc* class_weight_elem,
+                                          double class_weight_total, long long num_rows, long long num_classes,
+                                          double num_classes_total, double smoothing, double z_loss,
+                                          double grad_scale, double* loss_out, double* row_min_out) {
   typedef typename Storage<T>::Acc A;
-  __shared__ ProbGradCoefs shared_coefs;
+  __shared__ ProbGradCoefs<A> shared_coefs;
   const int width = (int)num_classes;
   const bool want_grad = grad != nullptr;
   for (long long row = blockIdx.x; row < num_rows; row += gridDim.x) {
@@ -882,15 +900,15 @@ __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long lo
       if (want_grad) fill_zero(out, width);
       continue;
     }
-    ProbStatsVisitor<A> visit = {identity_stats(static_cast<ProbStats*>(nullptr)), class_weight_elem,
+    ProbStatsVisitor<A> visit = {identity_stats(static_cast<ProbStats<A>*>(nullptr)), class_weight,
                                  smoothing != 0.0};
     // One vector at a time: the log and the double sum of the smoothing term need the registers,
     // and probabilities are a compatibility path, not the fast one.
     sweep_read<1>(in, width, vectorize, visit, (uint4*)nullptr, 0, want_grad);
-    const ProbStats stats = block_reduce(visit.stats);
+    const ProbStats<A> stats = block_reduce(visit.stats);
     if (threadIdx.x == 0) {
       row_min_out[row] = (double)stats.min_value;
-      const float raw_target = (float)Storage<T>::to_acc(in[label]);
+      const A raw_target = Storage<T>::to_acc(in[label]);
       const double target_value = log((double)clip_prob(raw_target));
       const double target_weight = class_weight ? class_weight[label] : 1.0;
       const RowEpilogue e = row_epilogue(0.0, (double)stats.clipped_sum, target_value, stats.weighted_log_sum,
@@ -898,9 +916,9 @@ __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long lo
                                          num_classes_total, smoothing, z_loss, grad_scale);
       loss_out[row] = e.loss;
       if (want_grad) {
-        shared_coefs.coef_p = (float)e.coef_p;
-        shared_coefs.coef_w = (float)e.coef_w;
-        shared_coefs.target_grad = (float)prob_target_grad(raw_target, e, target_weight);
+        shared_coefs.coef_p = (A)e.coef_p;
+        shared_coefs.coef_w = (A)e.coef_w;
+        shared_coefs.target_grad = (A)prob_target_grad(raw_target, e, target_weight);
       }
     }
     if (want_grad) {
@@ -966,7 +984,7 @@ __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long lo
   }                                                                                                         \
   extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads, 1) xent_prob_##DTYPE(                   \
       const T* probs, T* grad, const long long* labels, const double* sample_weight,                        \
-      const double* class_weight, const float* class_weight_elem, double class_weight_total,                \
+      const double* class_weight, const A* class_weight_elem, double class_weight_total,                    \
       long long num_rows, long long num_classes, double num_classes_total, double smoothing, double z_loss, \
       double grad_scale, double* loss_out, double* row_min_out) {                                           \
     fastxent::prob_rows<T>(probs, grad, labels, sample_weight, class_weight, class_weight_elem,             \

@@ -376,8 +376,9 @@ def _split_rows(logits, grad, labels, sample_weight, class_weight, class_weight_
 
 
 def _prob_rows(probs, labels, sample_weight, options, dtype_name, want_grad, loss):
-    """Probability inputs. An in-place request still writes a new buffer, so the input is intact
-    if the caller's check of the row minima rejects it (as on the CPU)."""
+    """Probability inputs, computed in the compute type like logits. An in-place request still
+    writes a new buffer, so the input is intact if the caller's check of the row minima rejects
+    it (as on the CPU)."""
     num_rows, num_classes = probs.shape
     row_min = cupy.empty(num_rows, dtype=cupy.float64)
     grad = empty_rows_like(probs) if want_grad else None
@@ -386,7 +387,7 @@ def _prob_rows(probs, labels, sample_weight, options, dtype_name, want_grad, los
     class_weight = options.class_weight
     class_weight_elem = None
     if class_weight is not None and options.label_smoothing != 0.0:
-        class_weight_elem = cupy.ascontiguousarray(class_weight, dtype=cupy.float32)
+        class_weight_elem = cupy.ascontiguousarray(class_weight, dtype=_acc_dtype(dtype_name))
     threads = threads_for(num_classes * _itemsize(dtype_name) // VECTOR_BYTES, FORWARD_MAX_THREADS)
     launch_prob_rows(get_kernel(kernel_name("prob", dtype_name)), min(num_rows, 2**31 - 1), threads, probs, grad,
                      labels, sample_weight, class_weight, class_weight_elem, options, loss, row_min)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 import types
 
 import numpy
@@ -28,7 +29,7 @@ EMULATED = True
 # inputs and the number of emulated blocks small.
 _SM_COUNT = int(os.environ.get("FASTXENT_EMULATED_SM_COUNT", "4"))
 _LIMITS = {"shared_per_block": 227 * 1024, "shared_per_sm": 228 * 1024}
-_ATTRIBUTES = {16: _SM_COUNT, 81: _LIMITS["shared_per_sm"], 97: _LIMITS["shared_per_block"]}
+_ATTRIBUTES = {16: _SM_COUNT, 81: _LIMITS["shared_per_sm"], 89: 1 << 20, 97: _LIMITS["shared_per_block"]}
 
 
 class _MemoryPointer:
@@ -136,6 +137,32 @@ def _device_get_attribute(attribute, device_id):
     return _ATTRIBUTES[int(attribute)]
 
 
+class _Event:
+    """Host clock instead of a GPU timeline: the emulator runs kernels synchronously."""
+
+    def __init__(self, *args, **kwargs):
+        self.time = None
+
+    def record(self, stream=None):
+        self.time = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
+def _get_elapsed_time(start, end):
+    return (end.time - start.time) * 1e3
+
+
+class _MemoryPool:
+    def free_all_blocks(self):
+        pass
+
+
+def get_default_memory_pool():
+    return _MemoryPool()
+
+
 cuda = types.SimpleNamespace(
     runtime=types.SimpleNamespace(
         getDeviceCount=lambda: 1,
@@ -143,6 +170,10 @@ cuda = types.SimpleNamespace(
         deviceGetAttribute=_device_get_attribute,
         CUDARuntimeError=RuntimeError,
         getDeviceProperties=lambda device_id: {"name": b"emulated GPU (host)"},
+        runtimeGetVersion=lambda: 0,
     ),
     Device=_Device,
+    Event=_Event,
+    get_elapsed_time=_get_elapsed_time,
+    get_current_stream=lambda: None,
 )
