@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from fastxent._api import sparse_cross_entropy_with_grad, sparse_cross_entropy
 from fastxent._dense_api import categorical_cross_entropy, categorical_cross_entropy_with_grad
+from fastxent.distributed._torch import vocab_parallel_cross_entropy  # noqa: F401  (re-export)
 
 __all__ = ["CrossEntropyLoss", "TargetOutOfBoundsError", "cross_entropy"]
 
