@@ -56,7 +56,10 @@ def _dense_launcher(backend):
 
 
 def _run(logits, targets, *, want_grad, from_logits, reduction, label_smoothing, class_weight,
-         sample_weight, axis):
+         sample_weight, axis, unit_mass_grad=False):
+    """The shared body of the public functions. ``unit_mass_grad`` (for the TensorFlow adapter):
+    the gradient TensorFlow's softmax_cross_entropy_with_logits returns, softmax - targets, which
+    differs from the derivative when target rows do not sum to 1."""
     _check_options(from_logits, reduction, label_smoothing)
     backend = _backend_for(logits)
     xp, logits = _as_logits(logits, backend)
@@ -119,7 +122,9 @@ def _run(logits, targets, *, want_grad, from_logits, reduction, label_smoothing,
     target_rows = _rows_view(targets, axis, xp)
     if from_logits:
         _warn_if_probabilities(rows, xp)
-    per_row, grad_rows, row_min = launch(rows, target_rows, row_weight, options, want_grad=want_grad)
+    launch_options = {"unit_mass_grad": True} if unit_mass_grad else {}
+    per_row, grad_rows, row_min = launch(rows, target_rows, row_weight, options, want_grad=want_grad,
+                                         **launch_options)
     if row_min is not None:
         negative = row_min < 0
         if bool(negative.any()):

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from fastxent._api import sparse_cross_entropy_with_grad
-from fastxent._dense_api import categorical_cross_entropy_with_grad
+from fastxent import _dense_api
 
 __all__ = ["InvalidLabelError", "sparse_softmax_cross_entropy_with_logits"]
 
@@ -209,7 +209,9 @@ def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Op
 def dense_per_row(logits, targets, *, from_logits: bool = True, label_smoothing: float = 0.0, axis: int = -1):
     """Per-row categorical cross-entropy against dense ``targets`` with a fused gradient.
 
-    The gradient flows to ``logits`` only (``targets`` are data: their gradient is None).
+    As ``tf.nn.softmax_cross_entropy_with_logits`` for logits (whose gradient is softmax - targets
+    even for target rows that do not sum to 1), Keras' clipped formula for probabilities. The
+    gradient flows to ``logits`` only (``targets`` are data: their gradient is None).
     """
     logits = tf.convert_to_tensor(logits)
     targets = tf.convert_to_tensor(targets)
@@ -219,9 +221,12 @@ def dense_per_row(logits, targets, *, from_logits: bool = True, label_smoothing:
     loss_dtype = _loss_dtype(logits.dtype)
 
     def compute(logits_array, targets_array):
-        return categorical_cross_entropy_with_grad(
-            logits_array, targets_array, from_logits=from_logits, reduction="none",
-            label_smoothing=label_smoothing, axis=class_axis)
+        # With logits the gradient is TensorFlow's softmax - targets (what its op returns; the
+        # exact derivative has (sum of the row's targets) * softmax, equal for rows summing to 1).
+        return _dense_api._run(
+            logits_array, targets_array, want_grad=True, from_logits=from_logits, reduction="none",
+            label_smoothing=label_smoothing, class_weight=None, sample_weight=None, axis=class_axis,
+            unit_mass_grad=from_logits)
 
     @tf.custom_gradient
     def fused(logits_in):

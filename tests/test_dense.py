@@ -179,3 +179,22 @@ def test_errors(rng):
         fastxent.categorical_cross_entropy(logits, np.full((4, 5), "a"))
     with pytest.raises(ValueError, match=r"negative value .* pass from_logits=True"):
         fastxent.categorical_cross_entropy(logits, targets, from_logits=False)
+
+
+def test_tensorflow_style_gradient(rng):
+    """The TensorFlow adapter's variant: softmax - targets, which is the derivative only for rows
+    that sum to 1 (as TensorFlow's op returns it)."""
+    from fastxent import _dense_api
+
+    logits = random_logits(rng, (5, 8), np.float64)
+    targets = random_probabilities(rng, (5, 8), np.float64) * rng.uniform(0.5, 2.0, (5, 1))
+    options = dict(want_grad=True, from_logits=True, reduction="none", label_smoothing=0.0, class_weight=None,
+                   sample_weight=None, axis=-1)
+    loss, grad = _dense_api._run(logits, targets, unit_mass_grad=True, **options)
+    exact_loss, exact_grad = _dense_api._run(logits, targets, **options)
+    softmax = np.exp(logits - logits.max(1, keepdims=True))
+    softmax /= softmax.sum(1, keepdims=True)
+    np.testing.assert_array_equal(loss, exact_loss)
+    np.testing.assert_allclose(grad, softmax - targets, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(exact_grad, targets.sum(1, keepdims=True) * softmax - targets, rtol=1e-12, atol=1e-15)
+    assert not np.allclose(grad, exact_grad)

@@ -152,11 +152,13 @@ def logit_row_grad(row, targets, row_out, class_weight, keep, uniform, reference
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
 def logit_rows(logits, targets, grad_out, class_weight, keep, uniform, sample_weight, grad_scale,
-               loss_out):
+               unit_mass_grad, loss_out):
     """Row-parallel loss (and gradient into ``grad_out`` unless it is None) for logits (N, C).
 
     targets: (N, C) in the logits' storage type. class_weight: None or (C,) in the compute type.
     sample_weight: float64 (N,). grad_scale: the reduction's factor on each row's gradient.
+    unit_mass_grad: write softmax - a instead of (sum a) softmax - a, which is what TensorFlow's
+    softmax_cross_entropy_with_logits returns as its gradient (equal when target rows sum to 1).
     """
     num_rows = logits.shape[0]
     for i in prange(num_rows):
@@ -169,8 +171,9 @@ def logit_rows(logits, targets, grad_out, class_weight, keep, uniform, sample_we
         # 3. gradient: mass * softmax_j - a_j, softmax_j = exp(x_j - r) / sum_exp
         if grad_out is not None:
             row_scale = grad_scale * sample_weight[i]
+            prob_mass = 1.0 if unit_mass_grad else mass
             logit_row_grad(row, row_targets, grad_out[i], class_weight, keep, uniform,
-                           reference, row_scale * mass / sum_exp, row_scale)
+                           reference, row_scale * prob_mass / sum_exp, row_scale)
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")

@@ -28,6 +28,7 @@ def fused_dense_xent(
     options: KernelOptions,
     *,
     want_grad: bool,
+    unit_mass_grad: bool = False,
 ) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
     """Per-row loss and, if asked, the gradient of logits (N, C) against target rows (N, C).
 
@@ -38,6 +39,8 @@ def fused_dense_xent(
         options: validated options (``z_loss`` and ``softcap`` unused); ``options.grad_scale``
             is the reduction's factor.
         want_grad: also compute d(loss)/d(logits).
+        unit_mass_grad: with logits, return softmax - targets as the gradient, as TensorFlow's
+            op does (the exact derivative has (sum of the row's targets) * softmax).
 
     Returns:
         (loss float64 (N,), gradient (N, C) in the logits' dtype or None, row minimum float64
@@ -52,10 +55,10 @@ def fused_dense_xent(
     keep = compute.type(1.0 - smoothing)
     uniform = compute.type(smoothing / num_classes)
     args = (storage_view(logits), storage_view(targets), None if grad is None else storage_view(grad),
-            class_weight, keep, uniform, sample_weight, options.grad_scale, loss)
+            class_weight, keep, uniform, sample_weight, options.grad_scale)
     if options.from_logits:
-        _dense_kernels.logit_rows(*args)
+        _dense_kernels.logit_rows(*args, bool(unit_mass_grad), loss)
         return loss, grad, None
     row_min = np.empty(num_rows, dtype=np.float64)
-    _dense_kernels.prob_rows(*args, row_min)
+    _dense_kernels.prob_rows(*args, loss, row_min)
     return loss, grad, row_min

@@ -1,0 +1,221 @@
+"""fastxent.keras against Keras 3's own losses: loss and gradient for every constructor option,
+reduction and sample weight, Keras' quirks (softmax outputs read as logits, ignore_class masks),
+serialization, and the classic tutorial model trained with each loss."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+import fastxent.keras as fxk  # noqa: E402
+from conftest import random_probabilities  # noqa: E402
+from fastxent import reference  # noqa: E402
+
+pytestmark = [
+    pytest.mark.peers,
+    pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="fastxent.keras needs the TensorFlow backend"),
+]
+
+REDUCTIONS = ("sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none", None)
+NUM_CLASSES = 6
+# Both sides compute in float32; Keras' reduction runs on our per-row losses unchanged.
+LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def assert_grad_equal(ours, theirs, rtol=1e-5):
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    np.testing.assert_allclose(ours, theirs, rtol=rtol, atol=rtol * max(1e-3, float(np.abs(theirs).max())))
+
+
+def loss_and_grad(loss_object, y_true, inputs, sample_weight, *, through_softmax=False, axis=-1):
+    """The loss and its gradient with respect to ``inputs`` (logits when ``through_softmax``)."""
+    inputs = tf.constant(inputs)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        y_pred = keras.activations.softmax(inputs, axis=axis) if through_softmax else inputs
+        loss = loss_object(y_true, y_pred, sample_weight=sample_weight)
+    return loss.numpy(), tape.gradient(loss, inputs).numpy()
+
+
+def sparse_case(rng, lead_shape, input_kind, ignore_class):
+    logits = (rng.standard_normal(lead_shape + (NUM_CLASSES,)) * 3).astype(np.float32)
+    labels = rng.integers(0, NUM_CLASSES, lead_shape)
+    if ignore_class is not None:
+        labels.reshape(-1)[rng.random(labels.size) < 0.3] = ignore_class
+    if input_kind == "probabilities":
+        inputs = random_probabilities(rng, logits.shape, np.float32)
+    else:
+        inputs = logits
+    return inputs, labels
+
+
+@pytest.mark.parametrize("input_kind", ("logits", "probabilities", "softmax_output"))
+@pytest.mark.parametrize("ignore_class", (None, 2, -1))
+@pytest.mark.parametrize("lead_shape", ((8,), (3, 5)), ids=("batch", "sequences"))
+def test_sparse_matches_keras(rng, input_kind, ignore_class, lead_shape):
+    inputs, labels = sparse_case(rng, lead_shape, input_kind, ignore_class)
+    from_logits = input_kind == "logits"
+    through_softmax = input_kind == "softmax_output"
+    if lead_shape == (8,):
+        labels = labels[:, None]  # Keras squeezes a trailing axis of 1
+    for reduction in REDUCTIONS:
+        for sample_weight in (None, rng.uniform(0.0, 2.0, lead_shape).astype(np.float32)):
+            options = dict(from_logits=from_logits, ignore_class=ignore_class, reduction=reduction)
+            ours = loss_and_grad(fxk.SparseCategoricalCrossentropy(**options), labels, inputs, sample_weight,
+                                 through_softmax=through_softmax)
+            theirs = loss_and_grad(keras.losses.SparseCategoricalCrossentropy(**options), labels, inputs,
+                                   sample_weight, through_softmax=through_softmax)
+            assert ours[0].shape == theirs[0].shape and ours[0].dtype == theirs[0].dtype
+            np.testing.assert_allclose(ours[0], theirs[0], **LOSS_TOL)
+            assert_grad_equal(ours[1], theirs[1])
+
+
+@pytest.mark.parametrize("mode", ("eager", "graph"))
+def test_softmax_outputs_are_read_as_logits(rng, mode):
+    """Keras' from_logits=False on a softmax output uses the softmax's input: with a label 40
+    below the best logit the loss is 40, not the clipped log(1e-7) = 16.1 of the probabilities."""
+    logits = rng.standard_normal((4, NUM_CLASSES)).astype(np.float32)
+    labels = np.arange(4)
+    logits[np.arange(4), labels] -= 40.0
+
+    def run(loss_object, softmax):
+        inputs = tf.constant(logits)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            loss = loss_object(labels, softmax(inputs))
+        return loss, tape.gradient(loss, inputs)
+
+    # Eager: Keras marks its softmax's output. In a graph a plain tf.nn.softmax is found by its op.
+    softmax = keras.activations.softmax if mode == "eager" else tf.nn.softmax
+    call = run if mode == "eager" else tf.function(run, autograph=False)
+    ours = call(fxk.SparseCategoricalCrossentropy(), softmax)
+    theirs = call(keras.losses.SparseCategoricalCrossentropy(), softmax)
+    assert float(theirs[0]) > 39.0
+    np.testing.assert_allclose(ours[0].numpy(), theirs[0].numpy(), **LOSS_TOL)
+    assert_grad_equal(ours[1].numpy(), theirs[1].numpy())
+    # ignore_class hides the softmax (Keras masks y_pred first): probabilities, clipped.
+    masked = run(fxk.SparseCategoricalCrossentropy(ignore_class=-1), keras.activations.softmax)
+    masked_keras = run(keras.losses.SparseCategoricalCrossentropy(ignore_class=-1), keras.activations.softmax)
+    np.testing.assert_allclose(masked[0].numpy(), masked_keras[0].numpy(), **LOSS_TOL)
+    assert float(masked_keras[0]) < 16.2
+
+
+def test_sparse_against_reference(rng):
+    """Keras' default reduction with ignore_class is fastxent's "sum_over_batch_size"."""
+    logits, labels = sparse_case(rng, (9,), "logits", 4)
+    ours = loss_and_grad(fxk.SparseCategoricalCrossentropy(from_logits=True, ignore_class=4), labels, logits, None)
+    ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(
+        logits, labels, ignore_index=4, reduction="sum_over_batch_size")
+    np.testing.assert_allclose(ours[0], ref_loss, rtol=1e-6)
+    assert_grad_equal(ours[1], ref_grad)
+    # Every row ignored: 0 and a zero gradient, as Keras (no NaN).
+    everything = np.full(9, 4)
+    loss, grad = loss_and_grad(fxk.SparseCategoricalCrossentropy(from_logits=True, ignore_class=4), everything,
+                               logits, None)
+    assert float(loss) == 0.0 and not grad.any()
+
+
+@pytest.mark.parametrize("input_kind", ("logits", "probabilities", "softmax_output"))
+@pytest.mark.parametrize("label_smoothing", (0.0, 0.2))
+@pytest.mark.parametrize("axis", (-1, 1))
+def test_dense_matches_keras(rng, input_kind, label_smoothing, axis):
+    lead_shape = (4, 3)
+    labels = rng.integers(0, NUM_CLASSES, lead_shape)
+    soft = rng.random(lead_shape + (NUM_CLASSES,))
+    targets = np.where(rng.random(lead_shape + (1,)) < 0.5, np.eye(NUM_CLASSES)[labels],
+                       soft / soft.sum(-1, keepdims=True)).astype(np.float32)
+    logits = (rng.standard_normal(lead_shape + (NUM_CLASSES,)) * 3).astype(np.float32)
+    inputs = random_probabilities(rng, logits.shape, np.float32) * 1.3 if input_kind == "probabilities" else logits
+    # Classes on axis 1: Keras still smooths with the size of the last axis, so target rows no
+    # longer sum to 1 and TensorFlow's gradient (softmax - targets) is not its loss's derivative.
+    if axis == 1:
+        targets, inputs = np.moveaxis(targets, -1, 1).copy(), np.moveaxis(inputs, -1, 1).copy()
+    for reduction in ("sum_over_batch_size", "sum", None):
+        sample_weight = rng.uniform(0.0, 2.0, lead_shape).astype(np.float32)
+        options = dict(from_logits=input_kind == "logits", label_smoothing=label_smoothing, axis=axis,
+                       reduction=reduction)
+        through_softmax = input_kind == "softmax_output"
+        ours = loss_and_grad(fxk.CategoricalCrossentropy(**options), targets, inputs, sample_weight,
+                             through_softmax=through_softmax, axis=axis)
+        theirs = loss_and_grad(keras.losses.CategoricalCrossentropy(**options), targets, inputs, sample_weight,
+                               through_softmax=through_softmax, axis=axis)
+        assert ours[0].shape == theirs[0].shape
+        np.testing.assert_allclose(ours[0], theirs[0], **LOSS_TOL)
+        assert_grad_equal(ours[1], theirs[1], rtol=2e-5)
+
+
+def test_drop_in_classes_and_names():
+    loss = fxk.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1, reduction="sum", name="xent")
+    assert isinstance(loss, keras.losses.SparseCategoricalCrossentropy)
+    config = loss.get_config()
+    assert config["from_logits"] is True and config["ignore_class"] == -1 and config["reduction"] == "sum"
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert type(restored) is fxk.SparseCategoricalCrossentropy and restored.get_config() == config
+    dense = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(
+        fxk.CategoricalCrossentropy(label_smoothing=0.1)))
+    assert type(dense) is fxk.CategoricalCrossentropy and dense.get_config()["label_smoothing"] == 0.1
+    assert isinstance(fxk.get("SparseCategoricalCrossentropy"), fxk.SparseCategoricalCrossentropy)
+    assert fxk.get("fastxent_categorical_crossentropy") is fxk.categorical_crossentropy
+    assert fxk.get("mse") is keras.losses.get("mse")
+    fxk.register()
+    assert keras.losses.get("fastxent_sparse_categorical_crossentropy") is fxk.sparse_categorical_crossentropy
+    assert keras.losses.get("sparse_categorical_crossentropy") is keras.losses.sparse_categorical_crossentropy
+
+
+def test_errors_are_clear(rng):
+    logits = rng.standard_normal((4, NUM_CLASSES)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"label 6 at position \(3,\) is outside the valid range \[0, 6\)"):
+        fxk.SparseCategoricalCrossentropy(from_logits=True)(np.array([0, 1, 2, 6]), logits)
+    with pytest.raises(ValueError, match="looks like logits: pass from_logits=True"):
+        fxk.SparseCategoricalCrossentropy()(np.array([0, 1, 2, 3]), logits)
+    with pytest.raises(ValueError, match="same shape up until the class dimension"):
+        fxk.sparse_categorical_crossentropy(np.zeros((4, 2)), logits)
+
+
+def tutorial_model(seed):
+    """The classic sparse-categorical-crossentropy example: 32 features, Dense(10, relu), Dense(4, softmax)."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((32,)),
+        keras.layers.Dense(10, activation="relu"),
+        keras.layers.Dense(4, activation="softmax"),
+    ])
+
+
+def fit_history(loss, labels_kind, seed=3):
+    data = np.random.default_rng(seed)
+    features = data.standard_normal((256, 32)).astype(np.float32)
+    labels = data.integers(0, 4, 256)
+    if labels_kind == "one_hot":
+        labels = np.eye(4, dtype=np.float32)[labels]
+    model = tutorial_model(seed)
+    model.compile(optimizer="adam", loss=loss, jit_compile=False)
+    history = model.fit(features, labels, epochs=4, batch_size=32, shuffle=False, verbose=0)
+    return np.array(history.history["loss"]), model.evaluate(features, labels, verbose=0)
+
+
+@pytest.mark.parametrize("labels_kind", ("sparse", "one_hot"))
+def test_tutorial_training_matches_keras(labels_kind):
+    ours_class, theirs_class = {
+        "sparse": (fxk.SparseCategoricalCrossentropy, keras.losses.SparseCategoricalCrossentropy),
+        "one_hot": (fxk.CategoricalCrossentropy, keras.losses.CategoricalCrossentropy),
+    }[labels_kind]
+    ours, our_eval = fit_history(ours_class(), labels_kind)
+    theirs, their_eval = fit_history(theirs_class(), labels_kind)
+    # Same float32 arithmetic up to the order of a few sums: 1e-5 relative per epoch.
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    np.testing.assert_allclose(our_eval, their_eval, rtol=1e-5)
+    assert theirs[-1] < theirs[0]  # it trained
+
+
+def test_xla_compile_is_refused_with_a_hint():
+    model = tutorial_model(0)
+    model.compile(optimizer="adam", loss=fxk.SparseCategoricalCrossentropy(), jit_compile=True)
+    with pytest.raises(ValueError, match="jit_compile=False"):
+        model.fit(np.zeros((8, 32), np.float32), np.zeros(8), epochs=1, verbose=0)
