@@ -175,15 +175,23 @@ def grad_atol(ref, dtype, scale=0.0) -> float:
     return tol.grad_atol_abs + tol.grad_atol * magnitude
 
 
-def assert_grad_close(got, ref, dtype, *, scale=0.0):
+# Comparing with another library's float32 result adds that library's own error: PyTorch's
+# float32 gradient differs from float64 by up to 3e-5 (relative) for (N, C, d) inputs with
+# label smoothing, where fastxent's stays under 1e-6.
+PEER_GRAD_RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+
+
+def assert_grad_close(got, ref, dtype, *, scale=0.0, rtol=None):
     """Gradient within one unit in the last place of the storage dtype (the ceiling).
 
     ``scale``: the gradient's natural size (``gradient_scale``) when it may exceed max|ref|.
+    ``rtol``: a wider relative tolerance where ``ref`` is not float64 (``PEER_GRAD_RTOL``).
     """
     tol = tolerance(dtype)
     got64, ref64 = _as64(got), representable(ref, dtype)
     assert got64.shape == ref64.shape, (got64.shape, ref64.shape)
-    np.testing.assert_allclose(got64, ref64, rtol=tol.grad_rtol, atol=grad_atol(ref, dtype, scale), equal_nan=True)
+    np.testing.assert_allclose(got64, ref64, rtol=tol.grad_rtol if rtol is None else rtol,
+                               atol=grad_atol(ref, dtype, scale), equal_nan=True)
 
 
 def assert_at_least_naive_accuracy(got, ref, naive, dtype, kind, *, scale=0.0):
