@@ -2,6 +2,7 @@
 
     mpiexec -n 3 python distributed_worker.py mpi --widths 400,350,250 --seed 7 --out DIR
     python distributed_worker.py gloo --widths 600,400 --seed 7 --out DIR   (spawns the ranks)
+    python distributed_worker.py nccl --device cuda --widths 1000 --seed 7 --out DIR
 
 Every rank regenerates the same inputs from the seed (``sharding.make_case``), runs every
 option case and reduction on its slice, then the error cases, and writes what it got to
@@ -35,7 +36,7 @@ def _error_of(call) -> str:
     return "no error"
 
 
-def run_rank(rank: int, group, widths, seed: int, out: str, with_torch: bool) -> None:
+def run_rank(rank: int, group, widths, seed: int, out: str, with_torch: bool, device: str = "cpu") -> None:
     starts = bounds(widths)
     lo, hi, num_classes = starts[rank], starts[rank + 1], starts[-1]
     comm = distributed.communicator_for(group)
@@ -47,6 +48,8 @@ def run_rank(rank: int, group, widths, seed: int, out: str, with_torch: bool) ->
         from fastxent.distributed import _torch
 
         torch_kernels = (("torch-fn", _torch.NumpyKernel()), ("torch-ops", _torch.TorchKernel()))
+        if device != "cpu":  # CUDA tensors: the PyTorch-operations kernel on the device
+            torch_kernels = (("torch-fn", _torch.TorchKernel()), ("torch-ops", _torch.TorchKernel()))
 
     for name, logits, labels, kwargs in case_inputs(seed, num_classes):
         local_kwargs = shard_kwargs(kwargs, lo, hi)
@@ -59,17 +62,17 @@ def run_rank(rank: int, group, widths, seed: int, out: str, with_torch: bool) ->
             arrays[f"numpy/{name}/{reduction}/comm"] = np.array(
                 [comm.collectives - before[0], comm.bytes_sent - before[1]])
             for label, kernel in torch_kernels:
-                local = torch.tensor(logits[:, lo:hi], requires_grad=True)
+                local = torch.tensor(logits[:, lo:hi], device=device, requires_grad=True)
                 settings = distributed._sharded.check_settings(
                     local_kwargs.get("from_logits", True), reduction, local_kwargs.get("ignore_index"),
                     local_kwargs.get("label_smoothing", 0.0), local_kwargs.get("z_loss", 0.0),
                     local_kwargs.get("softcap"), lo)
                 value = _torch.VocabParallelCrossEntropy.apply(
-                    local, torch.from_numpy(labels), lo, group, settings, local_kwargs.get("class_weight"),
-                    local_kwargs.get("sample_weight"), kernel)
+                    local, torch.from_numpy(labels).to(device), lo, group, settings,
+                    local_kwargs.get("class_weight"), local_kwargs.get("sample_weight"), kernel)
                 value.sum().backward()
-                arrays[f"{label}/{name}/{reduction}/loss"] = value.detach().numpy()
-                arrays[f"{label}/{name}/{reduction}/grad"] = local.grad.numpy()
+                arrays[f"{label}/{name}/{reduction}/loss"] = value.detach().cpu().numpy()
+                arrays[f"{label}/{name}/{reduction}/grad"] = local.grad.cpu().numpy()
 
     logits, labels, _ = make_case(np.random.default_rng(seed + 1), "plain", NUM_ROWS, num_classes)
     local = logits[:, lo:hi]
@@ -112,35 +115,41 @@ def _mpi_main(args) -> None:
     run_rank(comm.Get_rank(), None, args.widths, args.seed, args.out, with_torch=False)
 
 
-def _gloo_rank(rank: int, port: int, args) -> None:
+def _torch_rank(rank: int, port: int, args) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    backend = "nccl" if args.engine == "nccl" else "gloo"
+    if args.device != "cpu":
+        import torch
+
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=len(args.widths))
     try:
         # group=None resolves to torch's default group once it is initialised.
-        run_rank(rank, None, args.widths, args.seed, args.out, with_torch=True)
+        run_rank(rank, None, args.widths, args.seed, args.out, with_torch=True, device=args.device)
     finally:
         dist.destroy_process_group()
 
 
-def _gloo_main(args) -> None:
+def _torch_main(args) -> None:
     import torch.multiprocessing as mp
 
     with socket.socket() as probe:  # a free loopback port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_gloo_rank, args=(port, args), nprocs=len(args.widths))
+    mp.spawn(_torch_rank, args=(port, args), nprocs=len(args.widths))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("engine", choices=("mpi", "gloo"))
+    parser.add_argument("engine", choices=("mpi", "gloo", "nccl"))
+    parser.add_argument("--device", default="cpu", help="torch engines: cpu or cuda tensors")
     parser.add_argument("--widths", type=lambda text: [int(w) for w in text.split(",")], required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    (_mpi_main if args.engine == "mpi" else _gloo_main)(args)
+    (_mpi_main if args.engine == "mpi" else _torch_main)(args)
 
 
 if __name__ == "__main__":
