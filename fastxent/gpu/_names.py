@@ -13,9 +13,8 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 # Kernels over logits, each compiled with and without the softcap transform.
 LOGIT_KINDS = ("fwd", "fwd_bwd", "part_stats", "part_grad")
-# Kernels compiled once per dtype: the split-row merge (softcap is a run-time argument there,
-# it touches one element per row) and the probability-input path.
-PLAIN_KINDS = ("merge_parts", "prob")
+# Kernels compiled once per dtype: the probability-input path.
+PLAIN_KINDS = ("prob",)
 
 
 def kernel_name(kind: str, dtype: str, softcap: bool = False) -> str:

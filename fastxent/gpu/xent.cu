@@ -12,8 +12,8 @@
 //     dlogits_j = (coef_p exp(v_j - row_max) - coef_w w_j) dv_j/dx_j,  the target's entry apart.
 //
 // Work split: one thread block per row (fwd, fwd_bwd, prob), or, for few long rows, one block
-// per (row, part) writing partial statistics that a tiny kernel merges (part_stats, merge_parts,
-// part_grad). Inside a block:
+// per (row, part) writing partial statistics, merged by the last block of the row to finish
+// (part_stats), then the gradient per part (part_grad). Inside a block:
 //   1. every thread keeps an online (row_max, sum_exp) over 16-byte vectors of its row;
 //   2. warp shuffles, then shared memory, merge the threads' partials exactly;
 //   3. thread 0 runs the epilogue in double and publishes the coefficients;
@@ -766,76 +766,80 @@ __device__ __forceinline__ void logit_rows(const T* logits, T* grad, const long 
 }
 
 // Split rows, step 1: partial statistics of part blockIdx.x of row blockIdx.y, classes
-// [part * part_len, min((part + 1) * part_len, C)). part_stats: three (num_rows, num_parts)
-// float64 planes: row_max, sum_exp, weighted_sum.
+// [part * part_len, min((part + 1) * part_len, C)), into part_stats: three (num_rows,
+// num_parts) float64 planes (row_max, sum_exp, weighted_sum). The last block of a row to finish
+// (counted in row_counters, which it leaves at 0 again) merges the row's parts and runs the
+// epilogue: one launch instead of a separate merge kernel, which matters when a handful of rows
+// take a few microseconds. row_coefs: (num_rows, 4) float64 of reference, coef_p, coef_w and
+// the target's gradient for step 2, or null (loss only).
 template <typename T, bool kSoftcap>
-__device__ __forceinline__ void part_stats(const T* logits, const long long* labels,
+__device__ __forceinline__ void part_stats(const T* logits, const long long* labels, const double* sample_weight,
+                                           const double* class_weight,
                                            const typename Storage<T>::Acc* class_weight_elem,
-                                           long long num_classes, long long part_len, double smoothing,
-                                           double softcap, double* part_stats_out) {
+                                           double class_weight_total, long long num_classes, long long part_len,
+                                           double num_classes_total, double smoothing, double z_loss,
+                                           double softcap, double grad_scale, double* part_stats_out,
+                                           unsigned int* row_counters, double* loss_out, double* row_coefs) {
   typedef typename Storage<T>::Acc A;
+  __shared__ bool is_last_block;
   const long long row = blockIdx.y;
   const long long num_parts = gridDim.x;
   const long long lo = (long long)blockIdx.x * part_len;
   const long long hi = lo + part_len < num_classes ? lo + part_len : num_classes;
-  const long long slot = row * num_parts + blockIdx.x;
   const long long plane = (long long)gridDim.y * num_parts;
-  LogitStatsVisitor<A, kSoftcap> visit = {identity_stats(static_cast<LogitStats<A>*>(nullptr)), (A)softcap,
+  const long long label = labels[row];
+  const A cap = (A)softcap;
+  LogitStatsVisitor<A, kSoftcap> visit = {identity_stats(static_cast<LogitStats<A>*>(nullptr)), cap,
                                           class_weight_elem ? class_weight_elem + lo : nullptr,
                                           smoothing != 0.0};
-  if (labels[row] >= 0) {  // ignored rows keep the identity; the merge skips them anyway
-    // keep_in_l2: part_grad reads the range again right after the merge.
-    sweep_read<Storage<T>::kUnroll>(logits + row * num_classes + lo, (int)(hi - lo), true, visit, (uint4*)nullptr, 0, true);
+  if (label >= 0) {  // ignored rows keep the identity; their epilogue writes zeros
+    // keep_in_l2: part_grad reads the range again right after.
+    sweep_read<Storage<T>::kUnroll>(logits + row * num_classes + lo, (int)(hi - lo), true, visit, (uint4*)nullptr,
+                                    0, true);
   }
   const LogitStats<A> stats = block_reduce(visit.stats);
   if (threadIdx.x == 0) {
+    const long long slot = row * num_parts + blockIdx.x;
     part_stats_out[slot] = (double)stats.row_max;
     part_stats_out[plane + slot] = (double)stats.sum_exp;
     part_stats_out[2 * plane + slot] = stats.weighted_sum;
+    // Publish the partial before counting it (the CUDA guide's threadfence reduction).
+    __threadfence();
+    is_last_block = atomicAdd(row_counters + row, 1u) == (unsigned)(num_parts - 1);
   }
-}
+  __syncthreads();
+  if (!is_last_block || threadIdx.x >= kWarpSize) return;
 
-// Split rows, step 2: one thread per row merges its parts (in double, exactly as the CPU's
-// merge_parts), reads the target and runs the epilogue. row_coefs: (num_rows, 4) float64 of
-// reference, coef_p, coef_w and the target's gradient.
-template <typename T>
-__device__ __forceinline__ void merge_parts(const T* logits, const long long* labels,
-                                            const double* sample_weight, const double* class_weight,
-                                            const double* part_stats_in, double class_weight_total,
-                                            long long num_rows, long long num_classes, long long num_parts,
-                                            double num_classes_total, double smoothing, double z_loss,
-                                            double softcap, double grad_scale, double* loss_out,
-                                            double* row_coefs) {
-  typedef typename Storage<T>::Acc A;
-  const long long plane = num_rows * num_parts;
-  for (long long row = (long long)blockIdx.x * blockDim.x + threadIdx.x; row < num_rows;
-       row += (long long)gridDim.x * blockDim.x) {
-    const long long label = labels[row];
-    double* coefs = row_coefs + row * 4;
-    if (label < 0) {
-      loss_out[row] = 0.0;
-      coefs[0] = coefs[1] = coefs[2] = coefs[3] = 0.0;
-      continue;
-    }
-    const double* parts = part_stats_in + row * num_parts;
-    double row_max = parts[0];
-    double sum_exp = parts[plane];
-    double weighted_sum = parts[2 * plane];
-    for (long long part = 1; part < num_parts; ++part) {
-      const double part_max = parts[part];
-      const double merged_max = max_of(row_max, part_max);
-      sum_exp = sum_exp * rescale_factor(row_max, merged_max) + parts[plane + part] * rescale_factor(part_max, merged_max);
-      row_max = merged_max;
-      weighted_sum += parts[2 * plane + part];
-    }
-    const A raw_target = Storage<T>::to_acc(logits[row * num_classes + label]);
-    const A target = softcap > 0.0 ? apply_softcap<true>(raw_target, (A)softcap) : raw_target;
-    const double target_weight = class_weight ? class_weight[label] : 1.0;
-    const RowEpilogue e = row_epilogue(row_max, sum_exp, (double)target, weighted_sum, sample_weight[row],
-                                       target_weight, class_weight_total, num_classes_total, smoothing,
-                                       z_loss, grad_scale);
-    loss_out[row] = e.loss;
-    const LogitGradCoefs<A> grad_coefs = logit_grad_coefs<A>(row_max, (double)target, e, target_weight, softcap);
+  // Step 1b, warp 0 of the row's last block: exact merge of the parts, lanes strided over them.
+  __threadfence();
+  const double* parts = part_stats_out + row * num_parts;
+  LogitStats<double> merged = identity_stats(static_cast<LogitStats<double>*>(nullptr));
+  for (long long part = threadIdx.x; part < num_parts; part += kWarpSize) {
+    LogitStats<double> partial;
+    // .cg: the other blocks' partials are in L2, never in this SM's L1.
+    partial.row_max = __ldcg(parts + part);
+    partial.sum_exp = __ldcg(parts + plane + part);
+    partial.weighted_sum = __ldcg(parts + 2 * plane + part);
+    merged = merge(merged, partial);
+  }
+  merged = warp_reduce(merged);
+  if (threadIdx.x != 0) return;
+  row_counters[row] = 0u;  // every part has arrived: ready for the next launch
+  double* coefs = row_coefs ? row_coefs + row * 4 : nullptr;
+  if (label < 0) {
+    loss_out[row] = 0.0;
+    if (coefs) coefs[0] = coefs[1] = coefs[2] = coefs[3] = 0.0;
+    return;
+  }
+  const A target = apply_softcap<kSoftcap>(Storage<T>::to_acc(logits[row * num_classes + label]), cap);
+  const double target_weight = class_weight ? class_weight[label] : 1.0;
+  const RowEpilogue e = row_epilogue(merged.row_max, merged.sum_exp, (double)target, merged.weighted_sum,
+                                     sample_weight[row], target_weight, class_weight_total, num_classes_total,
+                                     smoothing, z_loss, grad_scale);
+  loss_out[row] = e.loss;
+  if (coefs) {
+    const LogitGradCoefs<A> grad_coefs = logit_grad_coefs<A>(merged.row_max, (double)target, e, target_weight,
+                                                             kSoftcap ? softcap : 0.0);
     coefs[0] = (double)grad_coefs.reference;
     coefs[1] = (double)grad_coefs.coef_p;
     coefs[2] = (double)grad_coefs.coef_w;
@@ -843,7 +847,7 @@ __device__ __forceinline__ void merge_parts(const T* logits, const long long* la
   }
 }
 
-// Split rows, step 3: the gradient of part blockIdx.x of row blockIdx.y (grad may be logits).
+// Split rows, step 2: the gradient of part blockIdx.x of row blockIdx.y (grad may be logits).
 template <typename T, bool kSoftcap>
 __device__ __forceinline__ void part_grad(const T* logits, T* grad, const long long* labels,
                                           const typename Storage<T>::Acc* class_weight_elem,
@@ -949,11 +953,15 @@ __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long lo
   }
 
 #define FASTXENT_PART_STATS_ENTRY(NAME, T, A, SOFTCAP)                                                      \
-  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads, 1)                                       \
-      NAME(const T* logits, const long long* labels, const A* class_weight_elem, long long num_classes,     \
-           long long part_len, double smoothing, double softcap, double* part_stats_out) {                  \
-    fastxent::part_stats<T, SOFTCAP>(logits, labels, class_weight_elem, num_classes, part_len, smoothing,   \
-                                     softcap, part_stats_out);                                              \
+  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads, 1)                                    \
+      NAME(const T* logits, const long long* labels, const double* sample_weight, const double* class_weight, \
+           const A* class_weight_elem, double class_weight_total, long long num_classes, long long part_len,  \
+           double num_classes_total, double smoothing, double z_loss, double softcap, double grad_scale,     \
+           double* part_stats_out, unsigned int* row_counters, double* loss_out, double* row_coefs) {        \
+    fastxent::part_stats<T, SOFTCAP>(logits, labels, sample_weight, class_weight, class_weight_elem,         \
+                                     class_weight_total, num_classes, part_len, num_classes_total, smoothing, \
+                                     z_loss, softcap, grad_scale, part_stats_out, row_counters, loss_out,    \
+                                     row_coefs);                                                             \
   }
 
 #define FASTXENT_PART_GRAD_ENTRY(NAME, T, A, SOFTCAP)                                                       \
@@ -973,15 +981,6 @@ __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long lo
   FASTXENT_PART_STATS_ENTRY(xent_part_stats_softcap_##DTYPE, T, A, true)                                    \
   FASTXENT_PART_GRAD_ENTRY(xent_part_grad_##DTYPE, T, A, false)                                             \
   FASTXENT_PART_GRAD_ENTRY(xent_part_grad_softcap_##DTYPE, T, A, true)                                      \
-  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads, 1) xent_merge_parts_##DTYPE(            \
-      const T* logits, const long long* labels, const double* sample_weight, const double* class_weight,    \
-      const double* part_stats, double class_weight_total, long long num_rows, long long num_classes,       \
-      long long num_parts, double num_classes_total, double smoothing, double z_loss, double softcap,       \
-      double grad_scale, double* loss_out, double* row_coefs) {                                             \
-    fastxent::merge_parts<T>(logits, labels, sample_weight, class_weight, part_stats, class_weight_total,   \
-                             num_rows, num_classes, num_parts, num_classes_total, smoothing, z_loss,        \
-                             softcap, grad_scale, loss_out, row_coefs);                                     \
-  }                                                                                                         \
   extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads, 1) xent_prob_##DTYPE(                   \
       const T* probs, T* grad, const long long* labels, const double* sample_weight,                        \
       const double* class_weight, const A* class_weight_elem, double class_weight_total,                    \

@@ -17,9 +17,10 @@ Paths (tunables are module constants so tests and benchmarks can move the thresh
   is kept in shared memory between the two sweeps, so the second sweep reads (almost) nothing
   from HBM.
 * split: few rows of many classes (fewer than ``SPLIT_ROWS_PER_SM`` per SM): several blocks per
-  row write partial (max, sum-exp) (``xent_part_stats_*``), a tiny kernel merges them and runs
-  the epilogue (``xent_merge_parts_*``), and the gradient is written per part
-  (``xent_part_grad_*``).
+  row write partial (max, sum-exp); the last block of each row to finish merges them and runs
+  the epilogue (``xent_part_stats_*``), and the gradient is written per part
+  (``xent_part_grad_*``). Two launches at most: a handful of rows takes microseconds, so the
+  launches and allocations on the host are what is left to save.
 * probabilities (``from_logits=False``): ``xent_prob_*``, one block per row.
 """
 
@@ -59,7 +60,6 @@ SPLIT_MIN_CLASSES = 16 * 1024
 # Blocks the split path aims for per SM, and the granularity of a part (classes).
 SPLIT_BLOCKS_PER_SM = 4
 SPLIT_PART_ALIGN = 1024
-MERGE_THREADS = 128
 # Rows are indexed by int inside a row: 2^31 - 1 classes at most (N * C may be anything).
 MAX_CLASSES = 2**31 - 1
 
@@ -132,6 +132,21 @@ def _current_limits() -> DeviceLimits:
 
 
 _dynamic_shared_set = {}
+_row_counters = {}
+
+
+def row_counters(num_rows: int):
+    """A zeroed uint32 buffer of at least num_rows for the split path's arrival counts.
+
+    The kernel leaves it zeroed, so one buffer per (device, stream) serves every launch without
+    a memset; launches on the same stream never overlap.
+    """
+    key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
+    counters = _row_counters.get(key)
+    if counters is None or counters.size < num_rows:
+        counters = cupy.zeros(max(num_rows, 256), dtype=cupy.uint32)
+        _row_counters[key] = counters
+    return counters
 
 
 def _allow_dynamic_shared(kernel, name: str, num_bytes: int) -> None:
@@ -221,29 +236,20 @@ def launch_logit_rows(kernel, plan: RowsPlan, logits, grad, labels, sample_weigh
     )
 
 
-def launch_part_stats(kernel, num_parts: int, threads: int, logits, labels, class_weight_elem, part_len: int,
-                      options: KernelOptions, part_stats) -> None:
-    """xent_part_stats_*: (3, N, P) float64 partial statistics of every (row, part)."""
+def launch_part_stats(kernel, num_parts: int, threads: int, logits, labels, sample_weight, class_weight,
+                      class_weight_elem, part_len: int, options: KernelOptions, part_stats, row_counters, loss,
+                      row_coefs) -> None:
+    """xent_part_stats_*: partial statistics of every (row, part) into part_stats (3, N, P)
+    float64, merged per row into loss (N,) and, unless None, row_coefs (N, 4) float64.
+    row_counters: uint32 (>= N,), zero, and zero again afterwards."""
     num_rows, num_classes = logits.shape
     kernel(
         (num_parts, num_rows), (threads,),
-        (logits, labels, _pointer(class_weight_elem), numpy.int64(num_classes), numpy.int64(part_len),
-         numpy.float64(options.label_smoothing), numpy.float64(options.softcap or 0.0), part_stats),
-    )
-
-
-def launch_merge_parts(kernel, logits, labels, sample_weight, class_weight, part_stats, num_parts: int,
-                       options: KernelOptions, loss, row_coefs) -> None:
-    """xent_merge_parts_*: loss (N,) and the (N, 4) gradient coefficients of every row."""
-    num_rows, num_classes = logits.shape
-    grid = -(-num_rows // MERGE_THREADS)
-    kernel(
-        (grid,), (MERGE_THREADS,),
-        (logits, labels, sample_weight, _pointer(class_weight), part_stats,
-         numpy.float64(options.class_weight_total), numpy.int64(num_rows), numpy.int64(num_classes),
-         numpy.int64(num_parts), numpy.float64(options.num_classes), numpy.float64(options.label_smoothing),
+        (logits, labels, sample_weight, _pointer(class_weight), _pointer(class_weight_elem),
+         numpy.float64(options.class_weight_total), numpy.int64(num_classes), numpy.int64(part_len),
+         numpy.float64(options.num_classes), numpy.float64(options.label_smoothing),
          numpy.float64(options.z_loss), numpy.float64(options.softcap or 0.0),
-         numpy.float64(options.grad_scale), loss, row_coefs),
+         numpy.float64(options.grad_scale), part_stats, row_counters, loss, _pointer(row_coefs)),
     )
 
 
@@ -320,8 +326,8 @@ def fused_xent(
     num_rows, num_classes = logits.shape
     if num_classes > MAX_CLASSES:
         raise ValueError(f"the GPU kernels index classes with 32-bit integers: C = {num_classes} is too large")
-    labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
-    sample_weight = cupy.ascontiguousarray(sample_weight, dtype=cupy.float64)
+    labels = _contiguous(labels, numpy.int64)
+    sample_weight = _contiguous(sample_weight, numpy.float64)
     loss = cupy.empty(num_rows, dtype=cupy.float64)
 
     if not options.from_logits:
@@ -359,17 +365,25 @@ def fused_xent(
     return loss, grad, None
 
 
+def _contiguous(array, dtype):
+    """``array`` itself when it already is C-contiguous of ``dtype`` (the usual case: the
+    checks cost less than the CuPy call they avoid), otherwise a converted copy."""
+    if array.dtype == dtype and array.flags.c_contiguous:
+        return array
+    return cupy.ascontiguousarray(array, dtype=dtype)
+
+
 def _split_rows(logits, grad, labels, sample_weight, class_weight, class_weight_elem, options, dtype_name,
                 softcap, part_len, num_parts, loss) -> None:
-    """Few rows, many classes: statistics per (row, part), exact merge, gradient per part."""
+    """Few rows, many classes: statistics per (row, part) merged exactly by each row's last
+    block, then the gradient per part."""
     num_rows = logits.shape[0]
     threads = threads_for(part_len * _itemsize(dtype_name) // VECTOR_BYTES)
     part_stats = cupy.empty(3 * num_rows * num_parts, dtype=cupy.float64)
+    row_coefs = None if grad is None else cupy.empty((num_rows, 4), dtype=cupy.float64)
     launch_part_stats(get_kernel(kernel_name("part_stats", dtype_name, softcap)), num_parts, threads, logits,
-                      labels, class_weight_elem, part_len, options, part_stats)
-    row_coefs = cupy.empty((num_rows, 4), dtype=cupy.float64)
-    launch_merge_parts(get_kernel(kernel_name("merge_parts", dtype_name)), logits, labels, sample_weight,
-                       class_weight, part_stats, num_parts, options, loss, row_coefs)
+                      labels, sample_weight, class_weight, class_weight_elem, part_len, options, part_stats,
+                      row_counters(num_rows), loss, row_coefs)
     if grad is not None:
         launch_part_grad(get_kernel(kernel_name("part_grad", dtype_name, softcap)), num_parts, threads, logits,
                          grad, labels, class_weight_elem, row_coefs, part_len, options)

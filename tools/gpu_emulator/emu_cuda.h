@@ -86,6 +86,12 @@ inline int __double2loint(double d) { unsigned long long bits; std::memcpy(&bits
 inline int __double2hiint(double d) { unsigned long long bits; std::memcpy(&bits, &d, 8); return (int)(unsigned)(bits >> 32); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+inline void __threadfence() {}  // blocks run one after another: every write is already visible
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
+}
 template <typename T> inline T __ldcg(const T* pointer) { return *pointer; }
 template <typename T> inline T __ldcs(const T* pointer) { return *pointer; }
 template <typename T> inline void __stcs(T* pointer, T value) { *pointer = value; }

@@ -175,5 +175,5 @@ cuda = types.SimpleNamespace(
     Device=_Device,
     Event=_Event,
     get_elapsed_time=_get_elapsed_time,
-    get_current_stream=lambda: None,
+    get_current_stream=lambda: types.SimpleNamespace(ptr=0),
 )
