@@ -80,8 +80,8 @@ class Tolerance:
     Half-precision logits are decoded exactly and the loss is computed in float32, so their loss
     tolerance is float32's. Their gradient is computed in float32 and rounded once to the
     storage type: ``half_ulp`` is that rounding (relative), ``grad_rtol`` one whole unit in the
-    last place, and float16's ``grad_atol_abs`` one subnormal step (values below 6e-5 lose
-    relative precision).
+    last place. ``grad_atol_abs`` is where relative precision ends: float16's subnormal step
+    (values below 6e-5 lose it), or the compute type's smallest normal number.
     """
 
     loss_rtol: float
@@ -95,14 +95,14 @@ class Tolerance:
 TOLERANCES = {
     # float64 logits are computed in float64 throughout.
     np.dtype(np.float64): Tolerance(loss_rtol=1e-11, loss_atol=1e-11, grad_rtol=1e-10, grad_atol=1e-13,
-                                    grad_atol_abs=0.0, half_ulp=2.0**-53),
+                                    grad_atol_abs=float(np.finfo(np.float64).tiny), half_ulp=2.0**-53),
     # float32 compute: block sums of 2048 terms in 16 float32 lanes, a 2-ulp exp.
     np.dtype(np.float32): Tolerance(loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2e-5, grad_atol=1e-6,
-                                    grad_atol_abs=0.0, half_ulp=2.0**-24),
+                                    grad_atol_abs=float(np.finfo(np.float32).tiny), half_ulp=2.0**-24),
     np.dtype(np.float16): Tolerance(loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2.0**-10, grad_atol=1e-6,
                                     grad_atol_abs=2.0**-24, half_ulp=2.0**-11),
     BFLOAT16: Tolerance(loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2.0**-7, grad_atol=1e-6,
-                        grad_atol_abs=0.0, half_ulp=2.0**-8),
+                        grad_atol_abs=float(np.finfo(np.float32).tiny), half_ulp=2.0**-8),
 }
 # Float32 compute error on top of the final rounding (the gradient's relative error in float32).
 COMPUTE_SLACK = 1e-5
