@@ -119,23 +119,37 @@ def compile_with_nvcc(nvcc: str, arch: str, options: Sequence[str]) -> Tuple[int
 
 
 def _cuda_include_dir(nvcc: str) -> Optional[str]:
+    """The toolkit headers NVRTC needs on its include path (CuPy adds the same directory)."""
     home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    include = os.path.join(home, "include")
-    return include if os.path.isfile(os.path.join(include, "cuda_fp16.h")) else None
+    for base in (home, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if base and os.path.isfile(os.path.join(base, "include", "cuda_fp16.h")):
+            return os.path.join(base, "include")
+    return None
 
 
-def _load_nvrtc(nvcc: str):
+def _load_nvrtc(nvcc: str, explicit: Optional[str] = None):
+    """libnvrtc: the given path, the toolkit's, the system's, or a pip wheel's (nvidia-cuda-nvrtc-cu12,
+    which CuPy's wheels use)."""
     home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    candidates = sorted(glob.glob(os.path.join(home, "lib64", "libnvrtc.so*")))
+    candidates = [explicit] if explicit else []
+    candidates += sorted(glob.glob(os.path.join(home, "lib64", "libnvrtc.so*")))
     found = ctypes.util.find_library("nvrtc")
     if found:
         candidates.append(found)
+    for entry in sys.path:
+        candidates += sorted(glob.glob(os.path.join(entry, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*")))
     for path in candidates:
         try:
             return ctypes.CDLL(path)
         except OSError:
             continue
     return None
+
+
+def _nvrtc_version(nvrtc) -> str:
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    nvrtc.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    return f"{major.value}.{minor.value}"
 
 
 def compile_with_nvrtc(nvrtc, arch: str, options: Sequence[str], include_dir: Optional[str]) -> Tuple[int, str]:
@@ -167,6 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--arch", action="append", help="compute capability, e.g. 80 (repeatable)")
     parser.add_argument("--nvcc", help="path to nvcc (default: the one on the PATH)")
     parser.add_argument("--no-nvrtc", action="store_true", help="skip the NVRTC compile")
+    parser.add_argument("--nvrtc", help="path to libnvrtc.so (default: searched)")
     args = parser.parse_args(argv)
     archs = tuple(args.arch or DEFAULT_ARCHS)
 
@@ -211,7 +226,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(row)
 
     if not args.no_nvrtc:
-        nvrtc = _load_nvrtc(nvcc)
+        nvrtc = _load_nvrtc(nvcc, args.nvrtc)
         if nvrtc is None:
             print("check_cuda: NVRTC compile skipped: libnvrtc not found")
         else:
@@ -222,7 +237,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     failures.append(f"compute_{arch}: NVRTC failed (status {status}):\n    "
                                     + "\n    ".join(log.splitlines()[-20:]))
                 else:
-                    print(f"check_cuda: NVRTC compile for compute_{arch}: ok")
+                    print(f"check_cuda: NVRTC {_nvrtc_version(nvrtc)} compile for compute_{arch}: ok")
 
     if failures:
         print("check_cuda: FAILED", file=sys.stderr)
