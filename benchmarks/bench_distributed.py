@@ -12,8 +12,9 @@ Both configurations use the same two cores on the same (N, V) float32 problem:
 * sharded: ``mpiexec -n 2``, ``NUMBA_NUM_THREADS=1`` per rank, each rank holding half the
   classes, ``fastxent.distributed.sparse_cross_entropy[_with_grad]`` over MPI.COMM_WORLD.
 
-For each mode (forward; forward+backward, the gradient into a new buffer) it times ``--repeats``
-calls after one warm-up; a sharded call's time is the slowest rank's, after a barrier. The
+For each mode (forward; forward+backward with the gradient in a new buffer; forward+backward in
+place, over a work copy of the logits that is restored, untimed, before each call) it times
+``--repeats`` calls after one warm-up; a sharded call's time is the slowest rank's, after a barrier. The
 configurations alternate for ``--rounds`` rounds (each a fresh launch), and the report gives the
 per-round ratio sharded / single: on a shared machine absolute times drift, a ratio measured
 back to back drifts much less. Every rank also reports the payload bytes it handed to
@@ -40,6 +41,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BLOCK_CLASSES = 501  # 128256 = 256 x 501: shard boundaries fall on block edges
+MODES = ("forward", "forward+backward", "forward+backward in place")
 
 
 def logits_block(num_rows: int, lo: int, hi: int) -> np.ndarray:
@@ -61,10 +63,12 @@ def labels_for(num_rows: int, num_classes: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 
 
-def _time_calls(call, repeats: int, barrier=lambda: None, slowest=lambda t: t):
+def _time_calls(call, repeats: int, barrier=lambda: None, slowest=lambda t: t, before=lambda: None):
+    before()
     call()  # warm-up: Numba's cache load, first-touch of the output buffers
     times = []
     for _ in range(repeats):
+        before()  # untimed: restore the logits an in-place call overwrote
         barrier()
         start = time.perf_counter()
         call()
@@ -77,10 +81,14 @@ def measure_single(args) -> dict:
 
     logits = logits_block(args.rows, 0, args.classes)
     labels = labels_for(args.rows, args.classes)
+    work = np.empty_like(logits)
     result = {
         "forward": _time_calls(lambda: fastxent.sparse_cross_entropy(logits, labels), args.repeats),
         "forward+backward": _time_calls(lambda: fastxent.sparse_cross_entropy_with_grad(logits, labels),
                                         args.repeats),
+        "forward+backward in place": _time_calls(
+            lambda: fastxent.sparse_cross_entropy_with_grad(work, labels, inplace=True), args.repeats,
+            before=lambda: np.copyto(work, logits)),
         "loss": float(fastxent.sparse_cross_entropy(logits, labels)),
     }
     return result
@@ -116,15 +124,20 @@ def measure_sharded(args) -> dict:
     def slowest(seconds):
         return world.allreduce(seconds, op=MPI.MAX)
 
+    work = np.empty_like(local)
     result = {}
-    for mode, call in (
-        ("forward", lambda: distributed.sparse_cross_entropy(local, labels, vocab_start=lo, group=world)),
+    for mode, call, before in (
+        ("forward", lambda: distributed.sparse_cross_entropy(local, labels, vocab_start=lo, group=world), None),
         ("forward+backward", lambda: distributed.sparse_cross_entropy_with_grad(local, labels, vocab_start=lo,
-                                                                               group=world)),
+                                                                               group=world), None),
+        ("forward+backward in place", lambda: distributed.sparse_cross_entropy_with_grad(
+            work, labels, vocab_start=lo, group=world, inplace=True), lambda: np.copyto(work, local)),
     ):
+        before = before or (lambda: None)
+        before()
         call()  # the layout's one-time check, outside the counts
         bytes_before, collectives_before, in_before = comm.bytes_sent, comm.collectives, in_collectives[0]
-        result[mode] = _time_calls(call, args.repeats, world.Barrier, slowest)
+        result[mode] = _time_calls(call, args.repeats, world.Barrier, slowest, before)
         calls = args.repeats + 1
         result[f"{mode} bytes/call"] = (comm.bytes_sent - bytes_before) / calls
         result[f"{mode} collectives/call"] = (comm.collectives - collectives_before) / calls
@@ -175,13 +188,20 @@ def report(args, rounds) -> str:
         f"holding {num_classes // 2} classes, `fastxent.distributed.sparse_cross_entropy[_with_grad]`; a "
         "call's time is the slowest rank's, after a barrier.",
         "",
-        "The machine is shared with other work, so absolute times are unreliable; the ratio of two "
-        "configurations measured back to back in the same round is what to read.",
+        "Modes: forward (the loss); forward+backward (loss and gradient, the gradient in a newly "
+        "allocated buffer, as `sparse_cross_entropy_with_grad` returns it); forward+backward in place "
+        "(`inplace=True`, over a work copy of the logits restored untimed before each call: the same "
+        "arithmetic without the page faults of a fresh gradient buffer).",
         "",
-        "| round | mode | single median (ms) | sharded median (ms) | sharded / single | sharded: in collectives (ms) |",
+        f"The machine is shared with other work (1-minute load average {args.load[0]:.1f} before and "
+        f"{args.load[1]:.1f} after this run, on {os.cpu_count()} cores), so absolute times are unreliable; "
+        "the ratio of the two configurations measured back to back in the same round is what to read, "
+        "and its median over rounds.",
+        "",
+        "| round | mode | single median (ms) | sharded median (ms) | sharded / single | sharded: inside the collectives, mean per call, slowest rank (ms) |",
         "|---|---|---|---|---|---|",
     ]
-    ratios = {"forward": [], "forward+backward": []}
+    ratios = {mode: [] for mode in MODES}
     for index, (single, sharded) in enumerate(rounds, start=1):
         for mode in ratios:
             single_ms, sharded_ms = statistics.median(single[mode]), statistics.median(sharded[mode])
@@ -213,10 +233,16 @@ def report(args, rounds) -> str:
         f"plus 44 bytes of per-call flags; the gradient needs no communication. Loss (mean) single vs "
         f"sharded: {min(losses):.7f} .. {max(losses):.7f} over all runs, relative spread {spread:.1e}.",
         "",
-        "Why forward+backward costs the sharded run more than the forward: the single process sweeps "
-        "each row for its statistics and writes its gradient while the row is still in L2; a rank "
-        "cannot write any gradient before the global statistics arrive, so it reads its slice from "
-        "memory a second time. The forward passes do the same work per element.",
+        "What differs between the two configurations besides the communication: the single process "
+        "sweeps each row for its statistics and writes its gradient while the row is still in L2, "
+        "whereas a rank cannot write any gradient before the global statistics arrive, so it reads "
+        "its slice from memory a second time; the forward passes do the same work per element. The "
+        f"single process, in turn, faults in a new {num_rows * num_classes * 4 / 2**30:.2f} GiB gradient buffer "
+        "from two threads of one "
+        "address space, where the two ranks each fault in half of it in their own; the in-place "
+        "mode takes that allocation out of both. Where the allocating mode's times swing between "
+        "rounds (in either configuration) while the in-place mode's stay put, the swing is that "
+        "buffer's page faults under memory pressure from other work, not the kernels.",
         "",
         COMMUNICATION_MODEL,
     ]
@@ -292,14 +318,16 @@ def main(argv=None) -> None:
         return
 
     Path(args.scratch).mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
     rounds = []
     for index in range(args.rounds):
         pair = (_launch("single", args), _launch("sharded", args))
         rounds.append(pair)
-        for mode in ("forward", "forward+backward"):
+        for mode in MODES:
             ratio = statistics.median(pair[1][mode]) / statistics.median(pair[0][mode])
             print(f"round {index + 1} {mode}: single {_ms(statistics.median(pair[0][mode]))} ms, "
                   f"sharded {_ms(statistics.median(pair[1][mode]))} ms, ratio {ratio:.3f}", flush=True)
+    args.load = (load_before, os.getloadavg()[0])
     text = report(args, rounds)
     if args.out:
         Path(args.out).write_text(text)
