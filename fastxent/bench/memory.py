@@ -22,6 +22,7 @@ Run as ``python -m fastxent.bench.memory`` with a JSON request on stdin (see ``m
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import select
@@ -36,6 +37,7 @@ CPU_METHOD = ("resident-set high-water mark (VmHWM) of a new process per impleme
               "(outputs included)")
 CPU_METHOD_SAMPLED = ("resident set sampled every 0.2 ms in a new process per implementation, case and "
                       "mode; extra = peak - resident set before the call (outputs included)")
+PROGRESS_TAG = "fastxent-bench-memory:"
 GPU_METHOD = ("allocator statistics of each framework (CuPy memory hook, PyTorch and TensorFlow "
               "peak-memory counters), reset before the call; outputs included")
 
@@ -99,11 +101,11 @@ def peak_extra_bytes(call: Callable[[], object]) -> Tuple[int, str]:
 def _measure_one(impl, logits, labels, mode: str) -> Tuple[int, str]:
     """In a fresh child: prepare, warm up on a few rows, then measure one full call."""
     warm_rows = min(logits.shape[0], 16)
-    small = impl.prepare(logits[:warm_rows].copy(), labels[:warm_rows].copy())
+    small = impl.prepare(logits[:warm_rows].copy(), labels[:warm_rows].copy(), modes=(mode,))
     impl.reset(small)
     impl.wait(impl.run(small, mode))
     del small
-    state = impl.prepare(logits, labels)
+    state = impl.prepare(logits, labels, modes=(mode,))
     impl.reset(state)
 
     def call():
@@ -149,6 +151,8 @@ def _in_child(work: Callable[[], Dict], timeout: float) -> Dict:
 
 
 def _measure_in_this_process(request) -> Dict:
+    """Import each framework here, but start none: a child forked after a framework started its
+    threads (XLA's compiler pool, for one) can deadlock. Each child loads and measures."""
     from fastxent.bench.cases import Case, make_inputs
     from fastxent.bench.peers import IMPLEMENTATIONS
 
@@ -158,11 +162,31 @@ def _measure_in_this_process(request) -> Dict:
     impls = []
     for name in request["impls"]:
         impl = IMPLEMENTATIONS[name]()
+        if not impl.installed():
+            errors[name] = "not installed"
+            continue
+        if impl.framework == "tensorflow":
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        importlib.import_module(impl.framework)
+        if impl.framework == "fastxent":
+            # Numba's TBB layer is fork-safe: load the compiled kernels once, here, not per child.
+            impl.load("cpu", request["threads"])
+            for dtype in {dtype for _, _, dtype in request["cases"]}:
+                tiny_logits, tiny_labels = make_inputs(Case(4, 64, dtype))
+                for mode in impl.modes:
+                    state = impl.prepare(tiny_logits, tiny_labels)
+                    impl.reset(state)
+                    impl.run(state, mode)
+        impls.append(impl)
+    timeout = request.get("timeout", 300.0)
+
+    def measure(impl, logits, labels, mode):
         reason = impl.load("cpu", request["threads"])
-        if reason is None:
-            impls.append(impl)
-        else:
-            errors[name] = reason
+        if reason is not None:
+            return {"error": reason}
+        extra, method = _measure_one(impl, logits, labels, mode)
+        return {"extra": extra, "method": method}
+
     for rows, classes, dtype in request["cases"]:
         case = Case(rows, classes, dtype)
         logits, labels = make_inputs(case, request.get("seed", 0))
@@ -173,10 +197,15 @@ def _measure_in_this_process(request) -> Dict:
                 if mode not in impl.modes:
                     continue
                 key = f"{impl.name}|{case.id}|{mode}"
-                found = _in_child(lambda: dict(zip(("extra", "method"), _measure_one(impl, logits, labels, mode))),
-                                  request.get("timeout", 600.0))
+                if impl.name in errors:  # an earlier child of this implementation timed out
+                    errors[key] = errors[impl.name]
+                    continue
+                found = _in_child(lambda: measure(impl, logits, labels, mode), timeout)
+                print(f"{PROGRESS_TAG} {key}", file=sys.stderr, flush=True)
                 if "error" in found:
                     errors[key] = found["error"]
+                    if found["error"] == "timed out":
+                        errors[impl.name] = "skipped after a measurement timed out"
                 else:
                     results[key] = found["extra"]
                     methods.add(found["method"])
@@ -185,24 +214,30 @@ def _measure_in_this_process(request) -> Dict:
 
 
 def measure_cpu(impl_names: List[str], cases, modes, threads: int, seed: int = 0,
-                timeout: float = 900.0) -> Dict:
+                on_progress: Optional[Callable[[str], None]] = None) -> Dict:
     """Run the measurement in a new process; returns {"results": {"impl|case|mode": bytes},
-    "errors": {...}, "methods": [...]}. Errors (including a crashed process) are reported,
-    never raised."""
+    "errors": {...}, "methods": [...]}. ``on_progress(key)`` is called after each measurement.
+    Errors (including a crashed process) are reported, never raised."""
     request = {"impls": impl_names, "cases": [[c.num_rows, c.num_classes, c.dtype] for c in cases],
                "modes": list(modes), "threads": threads, "seed": seed}
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-    try:
-        done = subprocess.run([sys.executable, "-m", "fastxent.bench.memory"], input=json.dumps(request),
-                              capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"results": {}, "errors": {name: "memory measurement timed out" for name in impl_names},
-                "methods": []}
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    process = subprocess.Popen([sys.executable, "-m", "fastxent.bench.memory"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process.stdin.write(json.dumps(request))
+    process.stdin.close()
+    last_lines: List[str] = []
+    for line in process.stderr:  # progress lines, and whatever the frameworks log
+        if line.startswith(PROGRESS_TAG):
+            if on_progress:
+                on_progress(line[len(PROGRESS_TAG):].strip())
+        elif line.strip():
+            last_lines = (last_lines + [line.strip()])[-3:]
+    output = process.stdout.read()
+    if process.wait() != 0 or not output.strip():
+        tail = last_lines[-1] if last_lines else f"exit status {process.returncode}"
         return {"results": {}, "errors": {name: f"memory process failed: {tail}" for name in impl_names},
                 "methods": []}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(output.strip().splitlines()[-1])
 
 
 class GpuPeak:

@@ -91,7 +91,8 @@ class Progress:
             self.stream.write(text[:118].ljust(118))
             self.stream.flush()
         elif heading != self.last_heading:
-            self.stream.write(f"[{100 * self.done // self.total:3d}%] {heading}\n")
+            elapsed = time.perf_counter() - self.started
+            self.stream.write(f"[{100 * self.done // self.total:3d}% {elapsed:4.0f}s] {heading}\n")
             self.stream.flush()
         self.last_heading = heading
 
@@ -162,7 +163,7 @@ def _time_call(impl, state, mode: str, device: str) -> float:
     if device == "gpu":
         import cupy
 
-        cupy.cuda.runtime.deviceSynchronize()
+        cupy.cuda.Device().synchronize()
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
         start.record()
         out = impl.run(state, mode)
@@ -220,7 +221,9 @@ def _plan(settings: Settings, impls: List[Implementation]) -> int:
         for mode in settings.modes:
             active = sum(1 for impl in impls if mode in impl.modes)
             steps += active + (settings.warmup + settings.repeats) * (active + 1)
-    return steps + (len(_memory_groups(impls)) if settings.measure_memory else 0)
+    if settings.measure_memory and settings.device == "cpu":
+        steps += len(settings.cases) * sum(1 for impl in impls for mode in settings.modes if mode in impl.modes)
+    return steps
 
 
 def run(settings: Settings, progress_enabled: bool = True) -> Dict:
@@ -238,17 +241,16 @@ def run(settings: Settings, progress_enabled: bool = True) -> Dict:
         heading = case.name
         progress.step(heading, "building inputs and the float64 reference")
         case_entries = [Entry(case, mode) for mode in settings.modes]
-        skip = None
-        if settings.device == "gpu" and case.dtype == "bfloat16":
-            skip = "CuPy has no bfloat16 arrays"
-        if skip:
+        host_logits, host_labels = make_inputs(case, settings.seed)
+        try:
+            logits, labels = _to_device(host_logits, settings.device), _to_device(host_labels, settings.device)
+        except (TypeError, ValueError) as error:  # e.g. a CuPy without a bfloat16 dtype
             for entry in case_entries:
-                entry.rows = [blank_row(impl, "skipped", skip) for impl in impls if entry.mode in impl.modes]
+                entry.rows = [blank_row(impl, "skipped", f"{case.dtype} arrays: {error}")
+                              for impl in impls if entry.mode in impl.modes]
             entries.extend(case_entries)
             continue
-        host_logits, host_labels = make_inputs(case, settings.seed)
         ref = Reference(host_logits, host_labels, FORWARD_BACKWARD in settings.modes)
-        logits, labels = _to_device(host_logits, settings.device), _to_device(host_labels, settings.device)
         # Per implementation: its prepared inputs, or why it cannot run this case.
         states: Dict[str, object] = {}
         for impl in usable:
@@ -339,8 +341,8 @@ def _measure_memory(settings: Settings, usable, entries: List[Entry], progress) 
         return memory.GPU_METHOD
     methods = set()
     for group, names in _memory_groups(usable).items():
-        progress.step("peak memory", f"measuring {group} in a new process")
-        found = memory.measure_cpu(names, settings.cases, settings.modes, settings.threads, settings.seed)
+        found = memory.measure_cpu(names, settings.cases, settings.modes, settings.threads, settings.seed,
+                                   on_progress=lambda key: progress.step("peak memory", key.replace("|", " ")))
         methods.update(found.get("methods", []))
         for entry in entries:
             for row in entry.rows:
