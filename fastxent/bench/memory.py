@@ -9,7 +9,9 @@ and builds each case's inputs once; for each measurement it forks a child, which
 inputs (``prepare``), makes a small warm-up call (compilation, tracing, thread pools), resets
 the kernel's high-water mark (``/proc/self/clear_refs``), reads its resident set, makes one
 call on the full input and reports ``VmHWM - VmRSS before``: every page the call touched and
-had not before, its outputs included. Where the high-water mark cannot be reset, a thread
+had not before, its outputs included. glibc is told to map every block of 128 KiB or more
+afresh and to return freed heap pages first, so that memory a warm-up call left behind cannot
+hide what the measured call allocates. Where the high-water mark cannot be reset, a thread
 samples the resident set every 0.2 ms instead (the method is reported).
 
 GPU: each framework's allocator statistics in the benchmarking process (CuPy memory hook,
@@ -68,9 +70,43 @@ def _current_rss() -> int:
         return psutil.Process().memory_info().rss
 
 
+def _libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc
+        return None
+
+
+# glibc's mallopt parameter M_MMAP_THRESHOLD.
+_M_MMAP_THRESHOLD = -3
+
+
+def fix_mmap_threshold(num_bytes: int = 128 * 1024) -> None:
+    """Serve every allocation of ``num_bytes`` or more by mmap, so that each is fresh memory.
+
+    glibc raises the threshold on its own (up to 32 MiB) after a large block is freed; blocks
+    below it then come from heap memory that an earlier call already made resident, and their
+    pages would not show in the resident set.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, num_bytes)
+
+
+def _release_free_heap() -> None:
+    """Give freed heap pages back to the system, so that reusing them counts again."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def peak_extra_bytes(call: Callable[[], object]) -> Tuple[int, str]:
     """(peak resident bytes during ``call()`` above those before it, method used)."""
     gc.collect()
+    _release_free_heap()
     if _reset_high_water():
         before = _current_rss()
         out = call()
@@ -156,6 +192,7 @@ def _measure_in_this_process(request) -> Dict:
     from fastxent.bench.cases import Case, make_inputs
     from fastxent.bench.peers import IMPLEMENTATIONS
 
+    fix_mmap_threshold()
     results: Dict[str, int] = {}
     errors: Dict[str, str] = {}
     methods = set()
