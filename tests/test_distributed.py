@@ -328,7 +328,8 @@ def test_torch_function(rng, monkeypatch, case, kernel):
     assert_grad_close(grad, ref_grad * upstream[:, None], np.float32)
 
 
-def test_torch_function_bfloat16_on_the_torch_kernel(rng):
+@pytest.mark.parametrize("kernel", ["numba", "torch-ops"])
+def test_torch_function_bfloat16(rng, kernel):
     torch = pytest.importorskip("torch")
     from fastxent.distributed import _sharded as sharded_module
     from fastxent.distributed import _torch
@@ -346,7 +347,7 @@ def test_torch_function_bfloat16_on_the_torch_kernel(rng):
                                                  local_kwargs["softcap"], lo)
         loss = _torch.VocabParallelCrossEntropy.apply(local, torch.from_numpy(labels), lo, comm, settings,
                                                       local_kwargs["class_weight"], local_kwargs["sample_weight"],
-                                                      _torch.TorchKernel())
+                                                      _torch.NumpyKernel() if kernel == "numba" else _torch.TorchKernel())
         loss.backward()
         return loss.detach().numpy(), _torch._to_numpy(local.grad)
 
