@@ -345,9 +345,9 @@ def test_torch_function_bfloat16(rng, kernel):
         settings = sharded_module.check_settings(True, "sum", local_kwargs["ignore_index"],
                                                  local_kwargs["label_smoothing"], local_kwargs["z_loss"],
                                                  local_kwargs["softcap"], lo)
+        use = _torch.NumpyKernel() if kernel == "numba" else _torch.TorchKernel()
         loss = _torch.VocabParallelCrossEntropy.apply(local, torch.from_numpy(labels), lo, comm, settings,
-                                                      local_kwargs["class_weight"], local_kwargs["sample_weight"],
-                                                      _torch.NumpyKernel() if kernel == "numba" else _torch.TorchKernel())
+                                                      local_kwargs["class_weight"], local_kwargs["sample_weight"], use)
         loss.backward()
         return loss.detach().numpy(), _torch._to_numpy(local.grad)
 
