@@ -199,7 +199,11 @@ def target_weights(labels: np.ndarray, class_weight: Optional[np.ndarray]) -> np
     """class_weight[label] per row (1.0 without class weights; 0.0 for rows without a label)."""
     if class_weight is None:
         return np.ones(labels.shape[0])
-    return np.where(labels >= 0, class_weight[np.where(labels >= 0, labels, 0)], 0.0)
+    has_target = labels >= 0
+    weights = np.zeros(labels.shape[0])
+    # Indexing only the rows with a target here also works for an empty (zero-width) range.
+    weights[has_target] = class_weight[labels[has_target]]
+    return weights
 
 
 def split_rows(rows: np.ndarray, labels: np.ndarray, sample_weight: np.ndarray, options: KernelOptions,
