@@ -256,8 +256,9 @@ struct Storage<__nv_bfloat16> : Storage16<Storage<__nv_bfloat16> > {
 
 // ------------------------------------------------------------------------------------------
 // Sweeps over a class range: scalar head up to the first 16-byte boundary, whole vectors,
-// scalar tail. Thread t takes vectors t, t + T, t + 2T, ... in every sweep, so a vector a thread
-// parks in shared memory in the first sweep is read back by the same thread in the second.
+// scalar tail. Thread t takes vectors t, t + T, t + 2T, ... (T threads): a warp's loads cover
+// 512 contiguous bytes. The shared-memory row cache is indexed by vector, written by the first
+// sweep and read by the second only after the block's barriers between them.
 // ------------------------------------------------------------------------------------------
 
 struct RangeSplit {
@@ -331,28 +332,17 @@ __device__ __forceinline__ void sweep_read(const T* first, int length, bool vect
   }
 }
 
-// out[j] = op(in[j]) over a range, op(values, first_class) rewriting the values in place.
-// `in` and `out` may be the same memory (in-place gradient): every element is read by the
-// thread that writes it, before it writes it. The first `cache_vectors` vectors come from
-// `cache` instead of `in`. Stores are evict-first: the gradient is not read again here.
+// Vectors [begin, end) of a range through op, each thread taking the indices congruent to its
+// own modulo the block size, as in sweep_read.
 template <int kUnroll, typename T, typename Op>
-__device__ __forceinline__ void sweep_write(const T* in, T* out, int length, bool vectorize, Op& op,
-                                            const uint4* cache, int cache_vectors) {
+__device__ __forceinline__ void write_vectors(const uint4* in_vectors, uint4* out_vectors, int begin, int end,
+                                              int first_class, Op& op, const uint4* cache, int cache_vectors) {
   typedef typename Storage<T>::Acc A;
   constexpr int kVec = Storage<T>::kVec;
-  const int tid = threadIdx.x;
   const int num_threads = blockDim.x;
-  const RangeSplit split = split_range(in, length, vectorize);
-#pragma unroll 1
-  for (int j = tid; j < split.head; j += num_threads) {
-    A x[1] = {Storage<T>::to_acc(in[j])};
-    op(x, j);
-    out[j] = Storage<T>::from_acc(x[0]);
-  }
-  const uint4* in_vectors = reinterpret_cast<const uint4*>(in + split.head);
-  uint4* out_vectors = reinterpret_cast<uint4*>(out + split.head);
-  int v = tid;
-  for (; v + (kUnroll - 1) * num_threads < split.num_vectors; v += kUnroll * num_threads) {
+  int offset = ((int)threadIdx.x - begin) % num_threads;
+  int v = begin + (offset < 0 ? offset + num_threads : offset);
+  for (; v + (kUnroll - 1) * num_threads < end; v += kUnroll * num_threads) {
     uint4 raw[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -364,18 +354,44 @@ __device__ __forceinline__ void sweep_write(const T* in, T* out, int length, boo
       const int index = v + u * num_threads;
       A x[kVec];
       Storage<T>::unpack(raw[u], x);
-      op(x, split.head + index * kVec);
+      op(x, first_class + index * kVec);
       __stcs(out_vectors + index, Storage<T>::pack(x));
     }
   }
 #pragma unroll 1
-  for (; v < split.num_vectors; v += num_threads) {
+  for (; v < end; v += num_threads) {
     const uint4 raw = v < cache_vectors ? cache[v] : __ldcs(in_vectors + v);
     A x[kVec];
     Storage<T>::unpack(raw, x);
-    op(x, split.head + v * kVec);
+    op(x, first_class + v * kVec);
     __stcs(out_vectors + v, Storage<T>::pack(x));
   }
+}
+
+// out[j] = op(in[j]) over a range, op(values, first_class) rewriting the values in place.
+// `in` and `out` may be the same memory (in-place gradient): every element is read by the
+// thread that writes it, before it writes it. The first `cache_vectors` vectors come from
+// `cache` instead of `in`. Stores are evict-first: the gradient is not read again here.
+template <int kUnroll, typename T, typename Op>
+__device__ __forceinline__ void sweep_write(const T* in, T* out, int length, bool vectorize, Op& op,
+                                            const uint4* cache, int cache_vectors) {
+  typedef typename Storage<T>::Acc A;
+  const int tid = threadIdx.x;
+  const int num_threads = blockDim.x;
+  const RangeSplit split = split_range(in, length, vectorize);
+#pragma unroll 1
+  for (int j = tid; j < split.head; j += num_threads) {
+    A x[1] = {Storage<T>::to_acc(in[j])};
+    op(x, j);
+    out[j] = Storage<T>::from_acc(x[0]);
+  }
+  const uint4* in_vectors = reinterpret_cast<const uint4*>(in + split.head);
+  uint4* out_vectors = reinterpret_cast<uint4*>(out + split.head);
+  // The vectors not cached first: they are the ones read last by sweep_read, the likeliest to
+  // still be in L2. Then the cached ones, from shared memory.
+  const int cached = cache_vectors < split.num_vectors ? cache_vectors : split.num_vectors;
+  write_vectors<kUnroll, T>(in_vectors, out_vectors, cached, split.num_vectors, split.head, op, cache, cache_vectors);
+  write_vectors<kUnroll, T>(in_vectors, out_vectors, 0, cached, split.head, op, cache, cache_vectors);
 #pragma unroll 1
   for (int j = split.tail + tid; j < length; j += num_threads) {
     A x[1] = {Storage<T>::to_acc(in[j])};
