@@ -236,23 +236,11 @@ def test_options(rng, kernel_path, dtype, option, reduction, inplace):
     check_parity(logits, labels, reduction=reduction, inplace=inplace, **options)
 
 
-# The probability kernel rounds every input to float32 before clipping and sums the clipped
-# values in float32, so float64 probabilities get float32 accuracy (relative error ~6e-8 instead
-# of ~1e-15), unlike float64 logits and unlike Keras, which clips and logs in float64.
-FLOAT64_PROBABILITIES_IN_FLOAT32 = pytest.mark.xfail(
-    strict=True,
-    reason="probability kernel computes float64 inputs in float32 (clip_prob/prob_range_stats)",
-)
-PROBABILITY_DTYPES = tuple(
-    pytest.param(d, marks=FLOAT64_PROBABILITIES_IN_FLOAT32) if d == np.float64 else d for d in FLOAT_DTYPES
-)
-
-
 @pytest.mark.parametrize("inplace", (False, True), ids=("copy", "inplace"))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", ("plain", "ignore_index", "label_smoothing", "class_weight",
                                     "sample_weight", "z_loss", "everything"))
-@pytest.mark.parametrize("dtype", PROBABILITY_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_probabilities(rng, dtype, option, reduction, inplace):
     lead_shape, num_classes = (3, 4), 1000
     probs, labels, options = make_case(rng, option, lead_shape, num_classes, dtype, from_logits=False)

@@ -23,19 +23,24 @@ from conftest import (
 )
 from fastxent import reference
 
-# Keras clips float32 probabilities to float32 bounds: epsilon() = 1e-7 rounded to float32.
-PROB_LOW = float(np.float32(1e-7))
-PROB_HIGH = float(np.float32(1 - 1e-7))
+
+def clip_bounds(dtype):
+    """Keras clips with epsilon() = 1e-7 in the input's dtype: float64 bounds for float64 input,
+    float32 bounds otherwise (half-precision inputs are clipped as float32)."""
+    bound_type = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    return float(bound_type(1e-7)), float(bound_type(1 - 1e-7))
+
 
 NUM_CLASSES = 5
 LEAD_SHAPES = ((), (4,), (2, 3))
 
 
-def naive_values(row, from_logits, softcap):
+def naive_values(row, from_logits, softcap, bounds):
     """The values the softmax sees: (softcapped) logits, or log of clipped probabilities."""
     if from_logits:
         return [x if softcap is None else softcap * math.tanh(x / softcap) for x in row]
-    return [p if math.isnan(p) else math.log(min(max(p, PROB_LOW), PROB_HIGH)) for p in row]
+    low, high = bounds
+    return [p if math.isnan(p) else math.log(min(max(p, low), high)) for p in row]
 
 
 def naive_log_softmax(values):
@@ -67,7 +72,9 @@ def naive_row_loss(values, label, class_weight, smoothing, z_loss):
 
 def naive_loss(logits, labels, *, from_logits=True, reduction="mean", ignore_index=None,
                label_smoothing=0.0, class_weight=None, sample_weight=None, z_loss=0.0,
-               softcap=None, axis=-1):
+               softcap=None, axis=-1, input_dtype=None):
+    """``input_dtype``: the dtype whose clip bounds apply (default: the logits' own)."""
+    bounds = clip_bounds(np.asarray(logits).dtype if input_dtype is None else input_dtype)
     rows = np.moveaxis(np.asarray(logits, dtype=np.float64), axis, -1)
     lead_shape = rows.shape[:-1]
     num_classes = rows.shape[-1]
@@ -82,7 +89,7 @@ def naive_loss(logits, labels, *, from_logits=True, reduction="mean", ignore_ind
         if ignore_index is not None and label == ignore_index:
             per_row.append(0.0)
             continue
-        values = naive_values(row, from_logits, softcap)
+        values = naive_values(row, from_logits, softcap, bounds)
         per_row.append(sample * naive_row_loss(values, label, weights, label_smoothing, z_loss))
         weight_total += weights[label] * sample
         counted += 1
@@ -100,9 +107,10 @@ def finite_difference_grad(logits, labels, **options):
     """Central differences of the naive scalar loss (the sum of the rows for "none"), with one
     Richardson step so the error is O(step**4)."""
     x = np.asarray(logits, dtype=np.float64)
+    input_dtype = np.asarray(logits).dtype
 
     def total(values):
-        return math.fsum(np.ravel(naive_loss(values, labels, **options)).tolist())
+        return math.fsum(np.ravel(naive_loss(values, labels, input_dtype=input_dtype, **options)).tolist())
 
     def central(index, step):
         plus, minus = x.copy(), x.copy()
@@ -117,7 +125,7 @@ def finite_difference_grad(logits, labels, **options):
         # clipped and its derivative (zero, as TensorFlow's clip gives) is what is measured.
         reach = abs(x[index])
         if not options.get("from_logits", True):
-            reach = min(reach, abs(PROB_HIGH - x[index]))
+            reach = min(reach, abs(clip_bounds(input_dtype)[1] - x[index]))
         step = 1e-3 * reach if reach != 0 else 1e-12
         grad[index] = (4 * central(index, step / 2) - central(index, step)) / 3
     return grad
@@ -180,10 +188,11 @@ def test_reference_logits_match_naive_loop(rng, lead_shape, option, reduction):
 @pytest.mark.parametrize("reduction", reference.REDUCTIONS)
 @pytest.mark.parametrize("option", ("plain", "ignore_index", "label_smoothing", "class_weight",
                                     "sample_weight", "z_loss", "smoothing_and_class_weight"))
-def test_reference_probabilities_match_naive_loop(rng, option, reduction):
+@pytest.mark.parametrize("dtype", (np.float64, np.float32), ids=("float64", "float32"))
+def test_reference_probabilities_match_naive_loop(rng, dtype, option, reduction):
     lead_shape = (2, 3)
     options = option_cases(rng, NUM_CLASSES, lead_shape)[option]
-    probs = random_probabilities(rng, lead_shape + (NUM_CLASSES,), np.float64, zero_fraction=0.2)
+    probs = random_probabilities(rng, lead_shape + (NUM_CLASSES,), dtype, zero_fraction=0.2)
     probs.reshape(-1, NUM_CLASSES)[0, 1] = 0.0  # at least one exact zero
     # Rows that do not sum to 1 are allowed (Keras normalises through the softmax).
     probs[0] *= 0.5
