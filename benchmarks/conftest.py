@@ -81,6 +81,7 @@ class Bench:
             self.case, self.states, self.inputs = case, {}, ()
             self.inputs = make_inputs(case)
         if impl.name not in self.states:
+            self.states = {}  # the previous implementation's copy of the inputs goes first
             self.states[impl.name] = impl.prepare(*self.inputs)
         return self.states[impl.name]
 

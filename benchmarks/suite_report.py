@@ -48,7 +48,7 @@ def render(medians, threads: int, rounds: int, info: Dict) -> str:
         f"- Settings: {threads} threads for every implementation (NumPy's ufuncs use one), "
         f"{rounds} rounds after one warm-up round, median",
         f"- {report.BYTES_MODEL}",
-        f"- {report.FLOOR_METHOD}",
+        f"- floor: {report.FLOOR_METHOD}",
         "- fastxent speed-up = the implementation's median / fastxent's median",
         "", "## Summary", "",
     ]

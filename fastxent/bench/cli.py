@@ -138,7 +138,7 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("\nfastxent bench: interrupted", file=sys.stderr)
         return 130
-    result["machine"] = machine.describe(args.device, threads)
+    result["machine"] = machine.describe(args.device, threads if args.device == "cpu" else None)
     print(report.terminal(result, settings))
     paths = report.write(result, settings, args.output)
     print("\nwrote " + ", ".join(path for kind, path in paths.items() if kind != "plot_error"))

@@ -23,10 +23,10 @@ TIMING_METHOD = ("warm-up round, then {repeats} rounds; each round calls every i
                  "{timer}")
 BYTES_MODEL = ("GB/s = bytes that must move / time: forward reads the logits once; forward+backward "
                "reads them once and writes a gradient of the same size")
-FLOOR_METHOD = ("floor: forward is compared with one read of the logits (a bitwise OR over their bytes), "
+FLOOR_METHOD = ("forward is compared with one read of the logits (a bitwise OR over their bytes), "
                 "forward+backward with one read + one write (a copy into a buffer allocated and touched "
                 "beforehand), both on the same threads as fastxent")
-ERROR_METHOD = ("errors against fastxent.reference (float64): loss |loss - ref| / |ref|; gradient "
+ERROR_METHOD = ("against fastxent.reference (float64): loss |loss - ref| / |ref|; gradient "
                 "max |grad - ref| / max |ref|; the tolerance is that of the dtype each result comes in")
 
 
@@ -238,7 +238,7 @@ def markdown(result: Dict, settings, plot_name: Optional[str]) -> str:
         "Method:",
         "",
     ]
-    lines += [f"- {text}" for text in methods.values()]
+    lines += [f"- {name.replace('_', ' ')}: {text}" for name, text in methods.items()]
     lines.append("- tolerances: " + ", ".join(f"{dtype} {tol:.1e}" for dtype, tol in TOLERANCE.items()))
     for impl in result["impls"]:
         for note in impl.notes:
