@@ -138,6 +138,9 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("\nfastxent bench: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("\nfastxent bench: out of memory; try smaller --shapes or fewer --peers", file=sys.stderr)
+        return 2
     result["machine"] = machine.describe(args.device, threads if args.device == "cpu" else None)
     print(report.terminal(result, settings))
     paths = report.write(result, settings, args.output)

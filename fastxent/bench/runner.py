@@ -288,7 +288,8 @@ def _run_entry(entry: Entry, settings: Settings, impls, unavailable, states, log
             continue
         state = states[impl.name]
         if isinstance(state, Unusable):
-            entry.rows.append(blank_row(impl, state.status, state.reason))
+            broken = state.status == ERROR and not impl.is_peer
+            entry.rows.append(blank_row(impl, FAILED if broken else state.status, state.reason))
             continue
         row = blank_row(impl, ERROR)
         entry.rows.append(row)
@@ -296,9 +297,7 @@ def _run_entry(entry: Entry, settings: Settings, impls, unavailable, states, log
         try:
             _validate(impl, state, mode, ref, row)
         except Exception as error:
-            row["note"] = f"{type(error).__name__}: {error}"
-            # fastxent raising on valid input is a failure; a peer raising is only reported.
-            row["status"] = FAILED if not impl.is_peer else ERROR
+            _record_error(impl, row, error)
             continue
         timed.append((impl, state, row))
 
@@ -309,9 +308,17 @@ def _run_entry(entry: Entry, settings: Settings, impls, unavailable, states, log
     players = timed + [(floor, floor_state, None)]
     for round_index in range(settings.warmup + settings.repeats):
         shift = round_index % len(players)
-        for impl, state, row in players[shift:] + players[:shift]:
+        for player in players[shift:] + players[:shift]:
+            impl, state, row = player
             progress.step(heading, f"timing {impl.label}")
-            elapsed = _time_call(impl, state, mode, settings.device)
+            try:
+                elapsed = _time_call(impl, state, mode, settings.device)
+            except Exception as error:  # e.g. out of memory on a later call: drop it, go on
+                if row is None:
+                    raise
+                _record_error(impl, row, error)
+                players.remove(player)
+                continue
             if round_index < settings.warmup:
                 continue
             if row is None:
@@ -320,10 +327,17 @@ def _run_entry(entry: Entry, settings: Settings, impls, unavailable, states, log
                 row["times_s"].append(elapsed)
     del floor_state
     entry.floor_s = float(np.median(floor_times))
+    timed = [player for player in timed if player in players]
     for _, _, row in timed:
         row["median_s"] = float(np.median(row["times_s"]))
     if settings.device == "gpu":
         _measure_gpu_memory(entry, timed, mode)
+
+
+def _record_error(impl, row: Dict, error: Exception) -> None:
+    row["note"] = f"{type(error).__name__}: {error}".strip()
+    # fastxent raising on valid input is a failure; a peer raising is only reported.
+    row["status"] = FAILED if not impl.is_peer else ERROR
 
 
 def _measure_gpu_memory(entry: Entry, timed, mode: str) -> None:
