@@ -49,13 +49,15 @@ def problems(draw, *, with_options=True, values=None):
     logits = draw(hnp.arrays(np.float32, shape, elements=values)).astype(dtype)
     labels = draw(hnp.arrays(np.int64, lead_shape, elements=st.integers(0, num_classes - 1)))
     options = {}
+    # Weights of zero or of a sensible size: a subnormal total weight makes "mean" divide by ~0.
+    weights = st.one_of(st.just(0.0), st.floats(1e-3, 4.0))
     if with_options:
         if draw(st.booleans()):
             options["label_smoothing"] = draw(st.floats(0.0, 0.9))
         if draw(st.booleans()):
-            options["class_weight"] = draw(hnp.arrays(np.float64, (num_classes,), elements=st.floats(0.0, 4.0)))
+            options["class_weight"] = draw(hnp.arrays(np.float64, (num_classes,), elements=weights))
         if draw(st.booleans()):
-            options["sample_weight"] = draw(hnp.arrays(np.float64, lead_shape, elements=st.floats(0.0, 4.0)))
+            options["sample_weight"] = draw(hnp.arrays(np.float64, lead_shape, elements=weights))
         if draw(st.booleans()):
             options["z_loss"] = draw(st.floats(0.0, 1e-2))
         if draw(st.booleans()):
