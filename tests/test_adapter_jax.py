@@ -1,0 +1,124 @@
+"""fastxent.jax against optax.softmax_cross_entropy_with_integer_labels: loss and gradient under
+jit, grad and vmap, optax's ``axis`` and ``where``, and fastxent's own options against the
+float64 reference. Skipped where JAX (the ``jax`` extra) is not installed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+import jax.numpy as jnp  # noqa: E402
+
+import fastxent.jax as fxj  # noqa: E402
+from conftest import assert_at_least_naive_accuracy, assert_grad_close, assert_loss_close  # noqa: E402
+from fastxent import reference  # noqa: E402
+
+pytestmark = pytest.mark.peers
+
+# float64 needs JAX's x64 mode, switched on only inside the float64 test.
+try:
+    enable_x64 = jax.enable_x64
+except AttributeError:  # older JAX
+    from jax.experimental import enable_x64
+NUM_CLASSES = 13
+EXACT = {"float32": dict(rtol=2e-5, atol=2e-6), "float64": dict(rtol=1e-12, atol=1e-13)}
+
+
+def value_and_grad(function, logits, labels, upstream, jit, **options):
+    def weighted(x):
+        return jnp.sum(function(x, labels, **options) * upstream)
+
+    run = jax.jit(jax.value_and_grad(weighted)) if jit else jax.value_and_grad(weighted)
+    return function(logits, labels, **options), run(logits)[1]
+
+
+def as64(array):
+    return np.asarray(array).astype(np.float64)
+
+
+# Every dtype once, both ranks in float32: each new shape and dtype costs JAX a compile.
+CASES = (("float32", (9,)), ("float32", (2, 5)), ("float64", (9,)), ("bfloat16", (9,)), ("float16", (2, 5)))
+
+
+@pytest.mark.parametrize("dtype_name, lead_shape", CASES, ids=[f"{d}-{len(s)}d" for d, s in CASES])
+@pytest.mark.parametrize("jit", (False, True), ids=("eager", "jit"))
+def test_matches_optax(rng, dtype_name, lead_shape, jit):
+    with enable_x64(dtype_name == "float64"):
+        dtype = jnp.dtype(dtype_name)
+        logits = jnp.asarray(rng.standard_normal(lead_shape + (NUM_CLASSES,)) * 3, dtype)
+        labels = jnp.asarray(rng.integers(0, NUM_CLASSES, lead_shape))
+        upstream = jnp.asarray(rng.choice([0.5, 1.0, 2.0], lead_shape), dtype)  # exact scalings
+        ours = value_and_grad(fxj.sparse_cross_entropy, logits, labels, upstream, jit)
+        theirs = value_and_grad(optax.softmax_cross_entropy_with_integer_labels, logits, labels, upstream, jit)
+        assert ours[0].dtype == theirs[0].dtype == dtype and ours[0].shape == theirs[0].shape
+        assert ours[1].dtype == theirs[1].dtype and ours[1].shape == logits.shape
+        ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(as64(logits), np.asarray(labels), reduction="none")
+        ref_grad = ref_grad * as64(upstream)[..., None]
+        if dtype_name in EXACT:
+            np.testing.assert_allclose(as64(ours[0]), as64(theirs[0]), **EXACT[dtype_name])
+            np.testing.assert_allclose(as64(ours[1]), as64(theirs[1]), rtol=EXACT[dtype_name]["rtol"],
+                                       atol=EXACT[dtype_name]["atol"] * 2)
+            assert_loss_close(as64(ours[0]), ref_loss, np.dtype(dtype))
+            assert_grad_close(as64(ours[1]), ref_grad, np.dtype(dtype), scale=2.0)
+        else:
+            assert_at_least_naive_accuracy(as64(ours[0]), ref_loss, as64(theirs[0]), np.dtype(dtype), "loss")
+            assert_at_least_naive_accuracy(as64(ours[1]), ref_grad, as64(theirs[1]), np.dtype(dtype), "grad", scale=2.0)
+
+
+def test_optax_axis_and_where(rng):
+    logits = jnp.asarray(rng.standard_normal((4, NUM_CLASSES, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, NUM_CLASSES, (4, 3)))
+    row_mask = jnp.asarray(rng.random((4, 3)) < 0.6).at[0, 0].set(False)
+    class_mask = jnp.asarray(rng.random(logits.shape) < 0.7)
+    # Keep each label's class in the softmax (optax keeps the label's logit even when masked).
+    class_mask = class_mask | (jnp.arange(NUM_CLASSES)[None, :, None] == labels[:, None, :])
+    class_mask = class_mask.at[1, :, 2].set(False)  # a row with nothing left: loss 0, as optax
+    cases = [dict(axis=1), dict(axis=1, where=row_mask), dict(axis=1, where=class_mask)]
+    for options in cases:
+        ours = value_and_grad(fxj.sparse_cross_entropy, logits, labels, 1.0, True, **options)
+        theirs = value_and_grad(optax.softmax_cross_entropy_with_integer_labels, logits, labels, 1.0, True, **options)
+        np.testing.assert_allclose(ours[0], theirs[0], rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(ours[1], theirs[1], rtol=2e-5, atol=2e-6)
+    assert float(fxj.sparse_cross_entropy(logits, labels, axis=1, where=row_mask)[0, 0]) == 0.0
+    # A tuple of axes: the classes are a flattened (3, 4) slice, as in optax's example.
+    grid = jnp.asarray(rng.standard_normal((2, 3, 4)), jnp.float32)
+    flat_labels = jnp.asarray([5, 11])
+    np.testing.assert_allclose(fxj.sparse_cross_entropy(grid, flat_labels, axis=(1, 2)),
+                               optax.softmax_cross_entropy_with_integer_labels(grid, flat_labels, axis=(1, 2)),
+                               rtol=2e-5)
+
+
+def test_vmap(rng):
+    logits = jnp.asarray(rng.standard_normal((3, 5, NUM_CLASSES)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, NUM_CLASSES, (3, 5)))
+    mapped = jax.vmap(lambda x, y: jnp.mean(fxj.sparse_cross_entropy(x, y)))
+    expected = jax.vmap(lambda x, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x, y)))
+    np.testing.assert_allclose(mapped(logits, labels), expected(logits, labels), rtol=2e-5)
+    np.testing.assert_allclose(jax.grad(lambda x: mapped(x, labels).sum())(logits),
+                               jax.grad(lambda x: expected(x, labels).sum())(logits), rtol=2e-5, atol=2e-6)
+
+
+def test_fastxent_options_match_reference(rng):
+    logits = jnp.asarray(rng.standard_normal((8, NUM_CLASSES)) * 2, jnp.float32)
+    labels = rng.integers(0, NUM_CLASSES, 8)
+    labels[[1, 5]] = -100
+    options = dict(ignore_index=-100, label_smoothing=0.1, class_weight=rng.uniform(0.5, 2.0, NUM_CLASSES),
+                   sample_weight=rng.uniform(0.0, 2.0, 8), z_loss=1e-3, softcap=5.0)
+    for reduction in ("none", "sum", "mean", "sum_over_batch_size"):
+        loss, grad = jax.jit(jax.value_and_grad(
+            lambda x: jnp.sum(fxj.sparse_cross_entropy(x, jnp.asarray(labels), reduction=reduction, **options))))(logits)
+        ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(as64(logits), labels, reduction=reduction, **options)
+        assert_loss_close(loss, np.sum(ref_loss), np.float32, scale=8.0)
+        assert_grad_close(grad, ref_grad, np.float32, scale=2.0)
+
+
+def test_errors(rng):
+    logits = jnp.zeros((3, 4))
+    with pytest.raises(Exception, match=r"label 4 at position \(1,\) is outside the valid range"):
+        jax.block_until_ready(fxj.sparse_cross_entropy(logits, jnp.asarray([0, 4, 1])))
+    with pytest.raises(TypeError, match="labels must be integers"):
+        fxj.sparse_cross_entropy(logits, jnp.zeros(3))
+    with pytest.raises(ValueError, match="unknown reduction"):
+        fxj.sparse_cross_entropy(logits, jnp.zeros(3, int), reduction="avg")
