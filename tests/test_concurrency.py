@@ -74,6 +74,9 @@ def _child_compute(logits, labels, options):
     return compute(logits, labels, options)
 
 
+# Forking is the point of this test; Python warns about it when another test module has
+# imported a multithreaded library (JAX) into the same session.
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 @pytest.mark.timeout(300)
 def test_forked_child_after_parallel_kernels(rng):
     cases = problems(rng)
