@@ -145,7 +145,7 @@ def terminal(result: Dict, settings) -> str:
         for index, row in enumerate(cells):
             text = "  ".join(cell.rjust(width) if i else cell.ljust(width)
                              for i, (cell, width) in enumerate(zip(row, widths)))
-            lines.append("  " + text + "  " + row[-1])
+            lines.append(("  " + text + "  " + row[-1]).rstrip())
             if index == 0:
                 lines.append("  " + "-" * (sum(widths) + 2 * len(widths) + 6))
         lines.append("")
