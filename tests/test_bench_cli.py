@@ -4,7 +4,6 @@ is reported without a traceback. Tiny shapes and the NumPy peer only, to stay fa
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

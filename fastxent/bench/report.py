@@ -8,7 +8,7 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 from fastxent.bench import machine
-from fastxent.bench.cases import FORWARD, TOLERANCE
+from fastxent.bench.cases import TOLERANCE
 from fastxent.bench.runner import Entry
 
 COLUMNS = ("implementation", "time ms", "fastxent speed-up", "x floor", "GB/s", "peak extra mem",
