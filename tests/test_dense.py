@@ -76,7 +76,8 @@ def test_logits_match_reference(rng, dtype, case, option_kind):
         assert_grad_close(grad, ref_grad, dtype, scale=grad_scale_of(options, int(np.prod(lead_shape)), reduction))
         if dtype in (np.float32, np.float64):  # the loss-only kernel, compiled for these two only
             only_loss = fastxent.categorical_cross_entropy(logits, targets, reduction=reduction, **options)
-            np.testing.assert_array_equal(only_loss, loss)
+            # Compiled separately, its sums may be vectorized in another order: rounding apart.
+            assert_loss_close(only_loss, ref_loss, dtype, scale=float(np.prod(lead_shape)) if reduction == "sum" else 1.0)
 
 
 @pytest.mark.parametrize("dtype", (np.dtype(np.float32), np.dtype(np.float64)), ids=dtype_id)
