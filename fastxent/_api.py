@@ -191,6 +191,13 @@ def _rows_view(logits, axis: int, xp: Any):
     return xp.ascontiguousarray(moved.reshape(-1, moved.shape[-1]))
 
 
+def _float_eps(dtype) -> float:
+    """Machine epsilon of a floating dtype, bfloat16 included."""
+    if _BFLOAT16 is not None and dtype == _BFLOAT16:
+        return 2.0**-7
+    return float(np.finfo(dtype).eps)
+
+
 def _warn_if_probabilities(rows, xp: Any) -> None:
     """Keras-style hint when from_logits=True receives what looks like a softmax output.
 
@@ -199,7 +206,10 @@ def _warn_if_probabilities(rows, xp: Any) -> None:
     if rows.shape[0] == 0 or rows.shape[1] < 2:
         return
     first = rows[0].astype(xp.float64)
-    if bool(xp.all((first >= 0) & (first <= 1))) and abs(float(first.sum()) - 1.0) < 1e-3:
+    # A softmax rounded to the input's precision sums to 1 only within a few of its ulps
+    # (bfloat16: 2**-8 already for five classes); float32 and wider keep the 1e-3 margin.
+    tolerance = max(1e-3, 2.0 * _float_eps(rows.dtype) * float(np.sqrt(rows.shape[1])))
+    if bool(xp.all((first >= 0) & (first <= 1))) and abs(float(first.sum()) - 1.0) < tolerance:
         warnings.warn(
             "logits look like probabilities (the first row is in [0, 1] and sums to 1); "
             "pass from_logits=False if they come out of a softmax",

@@ -90,30 +90,13 @@ def expected_loss(kind, row, label):
     }[kind]
 
 
-# The row-parallel kernel loses the exactness SEMANTICS promises for huge logits: a row whose
-# target ties with two other classes at 1e30 scores 0.0 instead of ln 3 (float32 and bfloat16
-# always, float64 when the gradient is asked for); the split-row path gets ln 3. The loss is
-# evidently formed as lse - v_y, which cancels, rather than (max - v_y) + log(sum).
-ROW_PATH_LOSES_HUGE_EXACTNESS = pytest.mark.xfail(
-    strict=True,
-    reason="row path: row tied at a max of 1e30 scores 0.0 instead of ln k (lse - x_y cancels)",
-)
-
-
-def row_path_loses_exactness(kernel_path, dtype) -> bool:
-    """float16 cannot hold 1e30: its huge rows (6e4) are small enough for the row path."""
-    return kernel_path == "rows" and np.dtype(dtype) != np.float16
-
-
 EDGE_KINDS = ("some_neg_inf", "target_neg_inf", "all_neg_inf", "pos_inf", "pos_inf_target", "nan",
               "huge_target_at_max", "huge_target_below")
 
 
 @pytest.mark.parametrize("kind", EDGE_KINDS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
-def test_edge_row(request, rng, kernel_path, dtype, kind):
-    if kind == "huge_target_at_max" and row_path_loses_exactness(kernel_path, dtype):
-        request.applymarker(ROW_PATH_LOSES_HUGE_EXACTNESS)
+def test_edge_row(rng, kernel_path, dtype, kind):
     if kernel_path == "split":
         assert split_part_count(2, NUM_CLASSES) >= 2
     row, label = edge_row(kind, rng, dtype)
@@ -158,10 +141,8 @@ def test_edge_row(request, rng, kernel_path, dtype, kind):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
-def test_huge_logits_finite_and_exact_small_rows(request, kernel_path, dtype):
+def test_huge_logits_finite_and_exact_small_rows(kernel_path, dtype):
     """The SEMANTICS example on a short row: [M, M, -M, 3, -2] scores ln 2 for a max class."""
-    if row_path_loses_exactness(kernel_path, dtype):
-        request.applymarker(ROW_PATH_LOSES_HUGE_EXACTNESS)
     logits = np.array([[huge_value(dtype), huge_value(dtype), -huge_value(dtype), 3.0, -2.0]] * 3, dtype=dtype)
     labels = np.array([0, 2, 3])
     top = float(logits[0, 0].astype(np.float64))

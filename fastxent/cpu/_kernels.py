@@ -43,6 +43,12 @@ from fastxent.cpu._math import FASTMATH, exp_c, tanh_c
 # scanned again for the exp-sum: one pass over memory, two over cache.
 BLOCK = 2048
 
+# Fast-math flags go on the leaf loops only (segment_*, *_range_grad, prob_range_stats), which
+# need "reassoc" to vectorize their reductions. Everything that calls them is compiled without
+# fast-math: the flags of a caller also reach the code LLVM inlines into it, and with
+# "reassoc" the epilogue's (row_max - x_y) + log(sum_exp) becomes lse - x_y, which returns 0
+# instead of ln 2 for logits of magnitude 1e30.
+
 # Keras' epsilon() = 1e-7; the bounds are rounded to the compute type (float32, or float64
 # for float64 input), as Keras clips in the input's dtype.
 PROB_EPS = 1e-7
@@ -156,7 +162,7 @@ def segment_weighted_sum(segment, weights, softcap):
     return total
 
 
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def rescale_factor(old_max, new_max):
     """Factor that moves a sum_exp taken relative to ``old_max`` to ``new_max`` (>= old_max).
 
@@ -168,7 +174,7 @@ def rescale_factor(old_max, new_max):
     return math.exp(np.float64(old_max) - np.float64(new_max))
 
 
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def merge_max_sum(max_a, sum_a, max_b, sum_b):
     """Exact merge of two (row_max, sum_exp) partials of disjoint class ranges."""
     merged_max = max_a if max_a > max_b else max_b
@@ -176,7 +182,7 @@ def merge_max_sum(max_a, sum_a, max_b, sum_b):
     return merged_max, merged_sum
 
 
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def logit_range_stats(row, lo, hi, softcap, class_weight, want_weighted_sum):
     """Partial statistics of row[lo:hi] for logit inputs: (row_max, sum_exp, weighted_sum).
 
@@ -221,7 +227,7 @@ def prob_range_stats(row, lo, hi, class_weight, want_weighted_sum):
     return 0.0, np.float64(clipped_sum), weighted_log_sum, np.float64(from_order_key(smallest))
 
 
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def row_epilogue(row_max, sum_exp, target_value, weighted_sum, sample_weight, target_weight,
                  class_weight_total, num_classes, smoothing, z_loss, grad_scale):
     """Loss and gradient coefficients of one row from its merged statistics (float64).
@@ -274,7 +280,7 @@ def logit_range_grad(row_in, row_out, lo, hi, row_max, coef_p, coef_w, class_wei
         dest[j] = from_compute(grad, dest[0])
 
 
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def logit_target_grad(value, row_max, coef_p, coef_t, coef_w, target_weight_w, softcap):
     """The gradient at the target class from its (softcapped) logit ``value``, in float64.
 
@@ -309,7 +315,7 @@ def prob_range_grad(row_in, row_out, lo, hi, coef_p, coef_w, class_weight):
         dest[j] = from_compute(grad if inside else as_compute(0.0, source[j]), dest[0])
 
 
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def prob_target_grad_of(probability, like, coef_p, coef_t, coef_w, target_weight_w):
     """Gradient w.r.t. the target probability (its input value as float64), in float64.
 
@@ -327,7 +333,7 @@ def prob_target_grad_of(probability, like, coef_p, coef_t, coef_w, target_weight
 # ----------------------------------------------------------------------------------------
 
 
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def logit_row(row_in, row_out, label, sample_weight, class_weight, class_weight_total, num_classes,
               smoothing, z_loss, softcap, grad_scale):
     """Loss of one row of logits; writes its gradient into ``row_out`` (True: over ``row_in``).
@@ -353,7 +359,7 @@ def logit_row(row_in, row_out, label, sample_weight, class_weight, class_weight_
     return loss
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def logit_rows(logits, grad_out, labels, sample_weight, class_weight, class_weight_total,
                smoothing, z_loss, softcap, grad_scale, loss_out):
     """Row-parallel loss (and gradient into ``grad_out`` unless it is None) for logits (N, C).
@@ -375,7 +381,7 @@ def logit_rows(logits, grad_out, labels, sample_weight, class_weight, class_weig
         )
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def logit_rows_inplace(logits, labels, sample_weight, class_weight, class_weight_total,
                        smoothing, z_loss, softcap, grad_scale, loss_out):
     """As ``logit_rows`` with the gradient written over the logits (see ``grad_dest``)."""
@@ -393,7 +399,7 @@ def logit_rows_inplace(logits, labels, sample_weight, class_weight, class_weight
         )
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def prob_rows(probs, grad_out, labels, sample_weight, class_weight, class_weight_total,
               smoothing, z_loss, grad_scale, loss_out, row_min_out):
     """Row-parallel loss (and gradient unless ``grad_out`` is None) for probabilities (N, C).
@@ -456,7 +462,7 @@ def _out_row_overload(grad_out, i):
     return lambda grad_out, i: grad_out[i]
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def parts_stats(rows, labels, part_bounds, from_probs, softcap, class_weight, want_weighted_sum,
                 part_max, part_sum, part_weighted, part_min):
     """Partial statistics of every (row, part) of rows (N, W): outputs are (N, P) float64.
@@ -491,7 +497,7 @@ def parts_stats(rows, labels, part_bounds, from_probs, softcap, class_weight, wa
         part_weighted[i, part] = weighted_sum
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def parts_grad(rows, grad_out, labels, part_bounds, from_probs, row_max, coef_p, coef_w,
                class_weight, softcap):
     """Gradient of every (row, part) without the target term (see ``targets_grad``).
@@ -516,7 +522,7 @@ def parts_grad(rows, grad_out, labels, part_bounds, from_probs, row_max, coef_p,
             logit_range_grad(rows[i], dest_row, lo, hi, row_max[i], coef_p[i], coef_w[i], class_weight, softcap)
 
 
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def targets_value(rows, labels, from_probs, softcap, target_value, target_input):
     """Per row with its target in range: v_y (logits) or log clip(p_y), and the raw input x_y.
 
@@ -536,7 +542,7 @@ def targets_value(rows, labels, from_probs, softcap, target_value, target_input)
             target_value[i] = np.float64(load_logit(raw, softcap))
 
 
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def targets_grad(grad, labels, from_probs, target_value, target_input, target_weight, row_max,
                  coef_p, coef_t, coef_w, softcap):
     """Write the gradient at each row's target (when it is in range), in float64, rounded once."""
@@ -553,7 +559,7 @@ def targets_grad(grad, labels, from_probs, target_value, target_input, target_we
         grad[i, label] = from_compute(as_compute(value, grad[0, 0]), grad[0, 0])
 
 
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def epilogue_rows(row_max, sum_exp, target_value, weighted_sum, labels, sample_weight, target_weight,
                   class_weight_total, num_classes, smoothing, z_loss, grad_scale,
                   loss_out, coef_p, coef_t, coef_w):
@@ -572,7 +578,7 @@ def epilogue_rows(row_max, sum_exp, target_value, weighted_sum, labels, sample_w
         loss_out[i] = loss
 
 
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def merge_parts(part_max, part_sum, row_max, sum_exp):
     """Exact merge of (N, P) partial (row_max, sum_exp) into per-row (N,) values."""
     for i in range(part_max.shape[0]):
