@@ -114,6 +114,45 @@ def _find_bad_label(labels, valid, num_classes: int, xp: Any):
     return position, int(labels.reshape(-1)[first])
 
 
+def _class_weights(class_weight, num_classes: int, xp: Any):
+    """(float64 (C,) weights or None, their sum: the class count without weights)."""
+    if class_weight is None:
+        return None, float(num_classes)
+    weights = xp.asarray(class_weight, dtype=xp.float64)
+    if weights.shape != (num_classes,):
+        raise ValueError(
+            f"class_weight must have one entry per class, shape ({num_classes},); got {tuple(weights.shape)}"
+        )
+    return weights, float(weights.sum())
+
+
+def _row_weights(sample_weight, lead_shape: Tuple[int, ...], num_rows: int, xp: Any, rows_name: str):
+    """float64 (N,) weight per row from ``sample_weight`` broadcast to the rows' shape (ones without)."""
+    if sample_weight is None:
+        return xp.ones(num_rows, dtype=xp.float64)
+    sample = xp.asarray(sample_weight, dtype=xp.float64)
+    try:
+        return xp.ascontiguousarray(xp.broadcast_to(sample, lead_shape).reshape(-1))
+    except ValueError:
+        raise ValueError(
+            f"sample_weight shape {tuple(sample.shape)} does not broadcast to {rows_name} {lead_shape}"
+        ) from None
+
+
+def _reject_negative_probabilities(row_min, lead_shape: Tuple[int, ...], xp: Any) -> None:
+    """ValueError naming the first row with a negative value (``from_logits=False``)."""
+    negative = row_min < 0
+    if bool(negative.any()):
+        row = int(xp.argmax(negative))
+        # Plain ints: NumPy 2 would print np.int64(2) inside the tuple.
+        position = tuple(int(i) for i in np.unravel_index(row, lead_shape)) if lead_shape else ()
+        raise ValueError(
+            f"from_logits=False expects probabilities, but row {position} "
+            f"has a negative value ({float(row_min[row]):.6g}); the input looks like logits: "
+            "pass from_logits=True"
+        )
+
+
 def _prepare(logits, labels, *, from_logits, reduction, ignore_index, label_smoothing, class_weight,
              sample_weight, z_loss, softcap, axis):
     """Validate everything; return what a backend launcher needs and how to shape the result."""
@@ -139,27 +178,9 @@ def _prepare(logits, labels, *, from_logits, reduction, ignore_index, label_smoo
     if valid is not None:
         flat_labels[~valid.reshape(-1)] = -1
 
-    weights = None
-    weight_total = float(num_classes)
-    if class_weight is not None:
-        weights = xp.asarray(class_weight, dtype=xp.float64)
-        if weights.shape != (num_classes,):
-            raise ValueError(
-                f"class_weight must have one entry per class, shape ({num_classes},); got {tuple(weights.shape)}"
-            )
-        weight_total = float(weights.sum())
-
+    weights, weight_total = _class_weights(class_weight, num_classes, xp)
     num_rows = flat_labels.shape[0]
-    if sample_weight is None:
-        row_weight = xp.ones(num_rows, dtype=xp.float64)
-    else:
-        sample = xp.asarray(sample_weight, dtype=xp.float64)
-        try:
-            row_weight = xp.ascontiguousarray(xp.broadcast_to(sample, lead_shape).reshape(-1))
-        except ValueError:
-            raise ValueError(
-                f"sample_weight shape {tuple(sample.shape)} does not broadcast to the labels shape {lead_shape}"
-            ) from None
+    row_weight = _row_weights(sample_weight, lead_shape, num_rows, xp, "the labels shape")
 
     counted = flat_labels >= 0
     if reduction == "mean":
@@ -252,16 +273,7 @@ def _run(logits, labels, *, want_grad, inplace, from_logits, reduction, ignore_i
         rows, flat_labels, row_weight, options, want_grad=want_grad, inplace=inplace,
     )
     if row_min is not None:
-        negative = row_min < 0
-        if bool(negative.any()):
-            row = int(xp.argmax(negative))
-            # Plain ints: NumPy 2 would print np.int64(2) inside the tuple.
-            position = tuple(int(i) for i in np.unravel_index(row, lead_shape)) if lead_shape else ()
-            raise ValueError(
-                f"from_logits=False expects probabilities, but row {position} "
-                f"has a negative value ({float(row_min[row]):.6g}); the input looks like logits: "
-                "pass from_logits=True"
-            )
+        _reject_negative_probabilities(row_min, lead_shape, xp)
     loss = _reduce(per_row, reduction, denominator, lead_shape, _loss_dtype(logits.dtype), xp)
     if not want_grad:
         return loss

@@ -23,9 +23,12 @@ from fastxent._api import (
     Reduction,
     _as_logits,
     _backend_for,
+    _class_weights,
     _loss_dtype,
     _normalise_axis,
     _reduce,
+    _reject_negative_probabilities,
+    _row_weights,
     _rows_view,
     _warn_if_probabilities,
 )
@@ -82,25 +85,8 @@ def _run(logits, targets, *, want_grad, from_logits, reduction, label_smoothing,
     lead_shape = tuple(logits.shape[:axis] + logits.shape[axis + 1:])
     num_rows = int(np.prod(lead_shape, dtype=np.int64))
 
-    weights = None
-    weight_total = float(num_classes)
-    if class_weight is not None:
-        weights = xp.asarray(class_weight, dtype=xp.float64)
-        if weights.shape != (num_classes,):
-            raise ValueError(
-                f"class_weight must have one entry per class, shape ({num_classes},); got {tuple(weights.shape)}"
-            )
-        weight_total = float(weights.sum())
-    if sample_weight is None:
-        row_weight = xp.ones(num_rows, dtype=xp.float64)
-    else:
-        sample = xp.asarray(sample_weight, dtype=xp.float64)
-        try:
-            row_weight = xp.ascontiguousarray(xp.broadcast_to(sample, lead_shape).reshape(-1))
-        except ValueError:
-            raise ValueError(
-                f"sample_weight shape {tuple(sample.shape)} does not broadcast to the rows' shape {lead_shape}"
-            ) from None
+    weights, weight_total = _class_weights(class_weight, num_classes, xp)
+    row_weight = _row_weights(sample_weight, lead_shape, num_rows, xp, "the rows' shape")
 
     if reduction == "mean":
         denominator = float(row_weight.sum())
@@ -126,14 +112,7 @@ def _run(logits, targets, *, want_grad, from_logits, reduction, label_smoothing,
     per_row, grad_rows, row_min = launch(rows, target_rows, row_weight, options, want_grad=want_grad,
                                          **launch_options)
     if row_min is not None:
-        negative = row_min < 0
-        if bool(negative.any()):
-            row = int(xp.argmax(negative))
-            raise ValueError(
-                f"from_logits=False expects probabilities, but row {np.unravel_index(row, lead_shape) if lead_shape else ()} "
-                f"has a negative value ({float(row_min[row]):.6g}); the input looks like logits: "
-                "pass from_logits=True"
-            )
+        _reject_negative_probabilities(row_min, lead_shape, xp)
     loss = _reduce(per_row, reduction, denominator, lead_shape, _loss_dtype(logits.dtype), xp)
     if not want_grad:
         return loss

@@ -53,14 +53,10 @@ def _on_gpu(tensor) -> bool:
 
 
 def _cupy():
-    try:
-        import cupy
-    except ImportError as error:  # pragma: no cover - depends on the machine
-        raise ImportError(
-            "GPU tensors run on fastxent's GPU backend, which needs CuPy: install it for your CUDA "
-            "version, e.g. `pip install cupy-cuda12x`"
-        ) from error
-    return cupy
+    """CuPy, through fastxent's GPU backend (which raises an install hint without it)."""
+    from fastxent.gpu import load_backend
+
+    return load_backend()[0]
 
 
 def _bfloat16_numpy():
