@@ -48,7 +48,9 @@ def random_case(rng, shape_name, dtype, target_kind, with_options):
             flat[torch.from_numpy(rng.permutation(flat.numel())[: max(1, flat.numel() // 4)])] = -100
     else:
         raw = torch.from_numpy(rng.random(shape))
-        target = (raw / raw.sum(dim=len(batch), keepdim=True)).to(dtype)
+        # Rows summing to 1 or not: PyTorch's gradient is the exact derivative either way.
+        row_total = torch.from_numpy(rng.choice([1.0, 0.7, 1.6], batch + (1,) + spatial))
+        target = (raw / raw.sum(dim=len(batch), keepdim=True) * row_total).to(dtype)
     if with_options:
         options = {"weight": torch.from_numpy(rng.uniform(0.25, 2.0, NUM_CLASSES)).to(dtype),
                    "label_smoothing": float(rng.uniform(0.05, 0.3))}
