@@ -74,8 +74,8 @@ def _to_array(tensor: torch.Tensor):
     return np.from_dlpack(tensor)
 
 
-def _to_tensor(array, like: torch.Tensor) -> torch.Tensor:
-    """A tensor sharing the array's memory (NumPy or CuPy), on ``like``'s device."""
+def _to_tensor(array) -> torch.Tensor:
+    """A tensor sharing the array's memory: on the CPU for NumPy, on the GPU for CuPy."""
     if isinstance(array, np.ndarray):
         if array.dtype == _bfloat16_numpy():
             return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
@@ -148,8 +148,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
                     raise
         loss_array, grad_array = result if want_grad else (result, None)
         out_dtype = torch.promote_types(input.dtype, target.dtype) if probabilities else input.dtype
-        loss = _to_tensor(loss_array, input).to(out_dtype)
-        grad = None if grad_array is None else _to_tensor(grad_array, input)
+        loss = _to_tensor(loss_array).to(out_dtype)
+        grad = None if grad_array is None else _to_tensor(grad_array)
 
         # fastxent's "mean" is 0.0 when there is nothing to divide by; PyTorch's is NaN (0 / 0),
         # and its gradient is NaN on every counted row.

@@ -198,7 +198,7 @@ def test_exchange_is_zero_copy():
         tensor = torch.randn(4, 6).to(dtype)
         array = fxt._to_array(tensor)
         assert array.ctypes.data == tensor.data_ptr() and array.shape == (4, 6)
-        back = fxt._to_tensor(array, tensor)
+        back = fxt._to_tensor(array)
         assert back.data_ptr() == tensor.data_ptr() and back.dtype == dtype
     # A non-contiguous view is shared as a view too.
     wide = torch.randn(6, 4)
