@@ -14,7 +14,7 @@ on PyTorch's current stream). Import this module explicitly: ``import fastxent.t
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -112,7 +112,8 @@ def _nothing_counted(target: torch.Tensor, weight: Optional[torch.Tensor], ignor
     if weight is None:
         return not bool(counted.any())
     safe = torch.where(counted, target, torch.zeros_like(target)).long()
-    return float(torch.where(counted, weight[safe], torch.zeros((), dtype=weight.dtype, device=weight.device)).sum()) == 0.0
+    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    return float(torch.where(counted, weight[safe], zero).sum()) == 0.0
 
 
 class _FusedCrossEntropy(torch.autograd.Function):

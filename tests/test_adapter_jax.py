@@ -54,7 +54,8 @@ def test_matches_optax(rng, dtype_name, lead_shape, jit):
         theirs = value_and_grad(optax.softmax_cross_entropy_with_integer_labels, logits, labels, upstream, jit)
         assert ours[0].dtype == theirs[0].dtype == dtype and ours[0].shape == theirs[0].shape
         assert ours[1].dtype == theirs[1].dtype and ours[1].shape == logits.shape
-        ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(as64(logits), np.asarray(labels), reduction="none")
+        ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(
+            as64(logits), np.asarray(labels), reduction="none")
         ref_grad = ref_grad * as64(upstream)[..., None]
         if dtype_name in EXACT:
             np.testing.assert_allclose(as64(ours[0]), as64(theirs[0]), **EXACT[dtype_name])
@@ -107,9 +108,12 @@ def test_fastxent_options_match_reference(rng):
     options = dict(ignore_index=-100, label_smoothing=0.1, class_weight=rng.uniform(0.5, 2.0, NUM_CLASSES),
                    sample_weight=rng.uniform(0.0, 2.0, 8), z_loss=1e-3, softcap=5.0)
     for reduction in ("none", "sum", "mean", "sum_over_batch_size"):
-        loss, grad = jax.jit(jax.value_and_grad(
-            lambda x: jnp.sum(fxj.sparse_cross_entropy(x, jnp.asarray(labels), reduction=reduction, **options))))(logits)
-        ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(as64(logits), labels, reduction=reduction, **options)
+        def total(x, reduction=reduction):
+            return jnp.sum(fxj.sparse_cross_entropy(x, jnp.asarray(labels), reduction=reduction, **options))
+
+        loss, grad = jax.jit(jax.value_and_grad(total))(logits)
+        ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(
+            as64(logits), labels, reduction=reduction, **options)
         assert_loss_close(loss, np.sum(ref_loss), np.float32, scale=8.0)
         assert_grad_close(grad, ref_grad, np.float32, scale=2.0)
 

@@ -77,7 +77,8 @@ def test_logits_match_reference(rng, dtype, case, option_kind):
         if dtype in (np.float32, np.float64):  # the loss-only kernel, compiled for these two only
             only_loss = fastxent.categorical_cross_entropy(logits, targets, reduction=reduction, **options)
             # Compiled separately, its sums may be vectorized in another order: rounding apart.
-            assert_loss_close(only_loss, ref_loss, dtype, scale=float(np.prod(lead_shape)) if reduction == "sum" else 1.0)
+            assert_loss_close(only_loss, ref_loss, dtype,
+                              scale=float(np.prod(lead_shape)) if reduction == "sum" else 1.0)
 
 
 @pytest.mark.parametrize("dtype", (np.dtype(np.float32), np.dtype(np.float64)), ids=dtype_id)
