@@ -251,8 +251,25 @@ def _loss_dtype(logits_dtype):
     return np.float64 if logits_dtype == np.float64 else np.float32
 
 
+def _check_out(out, logits, inplace: bool, xp: Any) -> None:
+    """``out`` must be a writeable array like ``logits`` that does not overlap it."""
+    if inplace:
+        raise ValueError("pass either inplace=True (gradient over the logits) or out=, not both")
+    if type(out) is not type(logits):
+        raise TypeError(f"out must be a {type(logits).__name__} like the logits; got {type(out).__name__}")
+    if tuple(out.shape) != tuple(logits.shape) or out.dtype != logits.dtype:
+        raise ValueError(
+            f"out must have the logits' shape {tuple(logits.shape)} and dtype {logits.dtype}; "
+            f"got shape {tuple(out.shape)} and dtype {out.dtype}"
+        )
+    if not getattr(out.flags, "writeable", True):
+        raise ValueError("out must be writeable")
+    if xp.may_share_memory(out, logits):
+        raise ValueError("out overlaps the logits; use inplace=True to write the gradient over them")
+
+
 def _run(logits, labels, *, want_grad, inplace, from_logits, reduction, ignore_index, label_smoothing,
-         class_weight, sample_weight, z_loss, softcap, axis):
+         class_weight, sample_weight, z_loss, softcap, axis, out=None):
     (backend, xp, logits, axis, lead_shape, flat_labels, row_weight, options,
      denominator) = _prepare(
         logits, labels, from_logits=from_logits, reduction=reduction, ignore_index=ignore_index,
@@ -263,14 +280,23 @@ def _run(logits, labels, *, want_grad, inplace, from_logits, reduction, ignore_i
     if inplace and not (isinstance(logits, xp.ndarray) and getattr(logits.flags, "writeable", True)):
         raise ValueError("inplace=True needs a writeable array of logits")
     rows = _rows_view(logits, axis, xp)
+    out_rows = None
+    if out is not None:
+        _check_out(out, logits, inplace, xp)
+        moved_out = xp.moveaxis(out, axis, -1)
+        # The kernels write straight into ``out`` when its rows are contiguous; otherwise into a
+        # new buffer that is copied into ``out`` below.
+        if moved_out.flags.c_contiguous:
+            out_rows = moved_out.reshape(rows.shape)
     if from_logits:
         _warn_if_probabilities(rows, xp)
     # In place works directly on the caller's buffer when the rows are a view of it; otherwise
     # the gradient lands in the contiguous copy and is written back below.
     writes_through = inplace and xp.shares_memory(rows, logits) if backend.name == "cpu" else (
         inplace and rows.data.ptr == logits.data.ptr and rows.flags.c_contiguous)
+    extra = {} if out_rows is None else {"grad_out": out_rows}
     per_row, grad_rows, row_min = backend.launcher.fused_xent(
-        rows, flat_labels, row_weight, options, want_grad=want_grad, inplace=inplace,
+        rows, flat_labels, row_weight, options, want_grad=want_grad, inplace=inplace, **extra,
     )
     if row_min is not None:
         _reject_negative_probabilities(row_min, lead_shape, xp)
@@ -283,6 +309,10 @@ def _run(logits, labels, *, want_grad, inplace, from_logits, reduction, ignore_i
             moved[...] = grad_rows.reshape(moved.shape)
         return loss, logits
     grad = xp.moveaxis(grad_rows.reshape(lead_shape + (grad_rows.shape[-1],)), -1, axis)
+    if out is not None:
+        if grad_rows is not out_rows:
+            out[...] = grad
+        return loss, out
     return loss, grad
 
 
@@ -343,6 +373,7 @@ def sparse_cross_entropy_with_grad(
     softcap: Optional[float] = None,
     axis: int = -1,
     inplace: bool = False,
+    out: Any = None,
 ):
     """Loss and its gradient d(loss)/d(logits), computed in the same fused call.
 
@@ -352,15 +383,19 @@ def sparse_cross_entropy_with_grad(
     Args:
         inplace: write the gradient over ``logits`` (which must be a writeable array) instead of
             allocating an N x C buffer; ``logits`` no longer holds the logits afterwards.
+        out: a writeable array with the logits' shape and dtype (and type: NumPy or CuPy), not
+            overlapping them, that receives the gradient. Reusing one across training steps
+            saves allocating and page-faulting a fresh N x C array on every call.
 
     Returns:
         (loss, grad): the loss as ``sparse_cross_entropy`` returns it, and the gradient with the
-        logits' shape and dtype (the ``logits`` array itself when ``inplace=True``).
+        logits' shape and dtype (the ``logits`` array itself when ``inplace=True``, ``out`` when
+        given).
     """
     return _run(logits, labels, want_grad=True, inplace=bool(inplace), from_logits=from_logits,
                 reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                 class_weight=class_weight, sample_weight=sample_weight, z_loss=z_loss,
-                softcap=softcap, axis=axis)
+                softcap=softcap, axis=axis, out=out)
 
 
 def log_softmax_gather(logits: Any, labels: Any, *, axis: int = -1):

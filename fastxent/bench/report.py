@@ -15,8 +15,9 @@ COLUMNS = ("implementation", "time ms", "fastxent speed-up", "x floor", "GB/s", 
            "loss err", "grad err", "status")
 
 # One colour per implementation in every panel.
-COLORS = {"fastxent": "tab:blue", "fastxent-inplace": "tab:cyan", "numpy": "tab:green",
-          "tensorflow": "tab:orange", "torch": "tab:red", "jax": "tab:purple"}
+COLORS = {"fastxent": "tab:blue", "fastxent-inplace": "tab:cyan", "fastxent-out": "tab:purple",
+          "numpy": "tab:green",
+          "tensorflow": "tab:orange", "torch": "tab:red", "jax": "tab:olive"}
 
 TIMING_METHOD = ("warm-up round, then {repeats} rounds; each round calls every implementation and the "
                  "floor once, in an order rotating from round to round; median of the rounds; "

@@ -172,17 +172,18 @@ def finish_rows(stats: RowStats, labels: np.ndarray, target_weight: np.ndarray,
 
 def range_grad(rows: np.ndarray, labels: np.ndarray, stats: RowStats, coefs: RowCoefficients,
                target_weight: np.ndarray, options: KernelOptions, *, inplace: bool = False,
-               part_bounds: Optional[np.ndarray] = None) -> np.ndarray:
+               part_bounds: Optional[np.ndarray] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Gradient of the loss w.r.t. rows (N, W) of one class range, from merged statistics.
 
     ``stats`` must be merged over the whole vocabulary (global row_max; target values where the
     target lies in this range, as ``range_stats`` gives them). Returns a new array with the rows'
-    shape and dtype, or ``rows`` itself holding the gradient when ``inplace``.
+    shape and dtype (``out`` when given: a C-contiguous buffer like ``rows``), or ``rows``
+    itself holding the gradient when ``inplace``.
     """
     num_rows, width = rows.shape
     if part_bounds is None:
         part_bounds = np.array([0, width], dtype=np.int64)
-    grad = rows if inplace else np.empty_like(rows)
+    grad = rows if inplace else (np.empty_like(rows) if out is None else out)
     if num_rows == 0 or width == 0:
         return grad
     source = _storage(rows)
@@ -207,8 +208,8 @@ def target_weights(labels: np.ndarray, class_weight: Optional[np.ndarray]) -> np
 
 
 def split_rows(rows: np.ndarray, labels: np.ndarray, sample_weight: np.ndarray, options: KernelOptions,
-               part_bounds: np.ndarray, *, want_grad: bool, inplace: bool
-               ) -> Tuple[np.ndarray, Optional[np.ndarray], RowStats]:
+               part_bounds: np.ndarray, *, want_grad: bool, inplace: bool,
+               grad_out: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Optional[np.ndarray], RowStats]:
     """Loss and gradient of few long rows, cut into parts (labels: int64, -1 ignored)."""
     stats = range_stats(rows, labels, options, part_bounds)
     weights = target_weights(labels, options.class_weight)
@@ -216,5 +217,5 @@ def split_rows(rows: np.ndarray, labels: np.ndarray, sample_weight: np.ndarray, 
     grad = None
     if want_grad:
         grad = range_grad(rows, labels, stats, coefs, weights, options, inplace=inplace,
-                          part_bounds=part_bounds)
+                          part_bounds=part_bounds, out=grad_out)
     return coefs.loss, grad, stats

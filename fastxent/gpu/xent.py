@@ -305,6 +305,7 @@ def fused_xent(
     want_grad: bool,
     inplace: bool = False,
     storage: Optional[str] = None,
+    grad_out: Optional[Any] = None,
 ) -> Tuple[Any, Optional[Any], Optional[Any]]:
     """Per-row loss and, if asked, the gradient of logits (N, C) in one fused call, on the GPU.
 
@@ -317,6 +318,8 @@ def fused_xent(
         want_grad: also compute d(loss)/d(logits).
         inplace: write the gradient over ``logits`` (only with ``want_grad``).
         storage: kernel dtype name overriding ``logits.dtype`` (see ``storage_name``).
+        grad_out: C-contiguous (N, C) CuPy buffer like ``logits`` to receive the gradient
+            instead of a new array (only with ``want_grad``, not with ``inplace``).
 
     Returns:
         (loss float64 (N,), gradient (N, C) in the logits' dtype or None, row minimum float64
@@ -331,10 +334,10 @@ def fused_xent(
     loss = cupy.empty(num_rows, dtype=cupy.float64)
 
     if not options.from_logits:
-        return _prob_rows(logits, labels, sample_weight, options, dtype_name, want_grad, loss)
+        return _prob_rows(logits, labels, sample_weight, options, dtype_name, want_grad, loss, grad_out)
     grad = None
     if want_grad:
-        grad = logits if inplace else empty_rows_like(logits)
+        grad = logits if inplace else (empty_rows_like(logits) if grad_out is None else grad_out)
     if num_rows == 0:
         return loss, grad, None
 
@@ -389,13 +392,13 @@ def _split_rows(logits, grad, labels, sample_weight, class_weight, class_weight_
                          grad, labels, class_weight_elem, row_coefs, part_len, options)
 
 
-def _prob_rows(probs, labels, sample_weight, options, dtype_name, want_grad, loss):
+def _prob_rows(probs, labels, sample_weight, options, dtype_name, want_grad, loss, grad_out=None):
     """Probability inputs, computed in the compute type like logits. An in-place request still
     writes a new buffer, so the input is intact if the caller's check of the row minima rejects
     it (as on the CPU)."""
     num_rows, num_classes = probs.shape
     row_min = cupy.empty(num_rows, dtype=cupy.float64)
-    grad = empty_rows_like(probs) if want_grad else None
+    grad = (empty_rows_like(probs) if grad_out is None else grad_out) if want_grad else None
     if num_rows == 0:
         return loss, grad, row_min
     class_weight = options.class_weight
