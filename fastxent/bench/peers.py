@@ -378,8 +378,9 @@ IMPLEMENTATIONS = {"fastxent": Fastxent, "fastxent-inplace": FastxentInplace, "f
 
 
 def implementations(peers) -> List[Implementation]:
-    """fastxent, fastxent in place, then the named peers, each a fresh (unloaded) object."""
+    """fastxent (new gradient, in place, into a kept buffer), then the named peers, each a fresh
+    (unloaded) object."""
     unknown = [name for name in peers if name not in PEERS]
     if unknown:
         raise ValueError(f"unknown peer {unknown[0]!r}; expected some of {', '.join(PEER_NAMES)}")
-    return [Fastxent(), FastxentInplace()] + [PEERS[name]() for name in peers]
+    return [Fastxent(), FastxentInplace(), FastxentOut()] + [PEERS[name]() for name in peers]
