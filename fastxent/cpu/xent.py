@@ -86,7 +86,6 @@ def fused_xent(
         negative "probabilities".
     """
     num_rows, num_classes = logits.shape
-    loss = np.empty(num_rows, dtype=np.float64)
     source = storage_view(logits)
     class_weight = options.class_weight
     grad = None
@@ -94,6 +93,7 @@ def fused_xent(
         # Probabilities are a compatibility path: an in-place request still computes into a
         # new buffer, so the input is intact if the caller's check below rejects it.
         row_min = np.empty(num_rows, dtype=np.float64)
+        loss = np.empty(num_rows, dtype=np.float64)
         if want_grad:
             grad = np.empty_like(logits) if grad_out is None else grad_out
         _kernels.prob_rows(
@@ -105,11 +105,11 @@ def fused_xent(
 
     if num_rows and use_split_rows(num_rows, num_classes):
         bounds = part_bounds_for(num_rows, num_classes)
-        per_row, grad, _ = partial.split_rows(logits, labels, sample_weight, options, bounds,
-                                              want_grad=want_grad, inplace=inplace, grad_out=grad_out)
-        loss[:] = per_row
+        loss, grad, _ = partial.split_rows(logits, labels, sample_weight, options, bounds,
+                                           want_grad=want_grad, inplace=inplace, grad_out=grad_out)
         return loss, grad, None
 
+    loss = np.empty(num_rows, dtype=np.float64)
     args = (labels, sample_weight, class_weight, options.class_weight_total, options.label_smoothing,
             options.z_loss, options.softcap, options.grad_scale, loss)
     if want_grad and inplace:
