@@ -328,3 +328,33 @@ def kernel_path(request, monkeypatch) -> str:
 def split_rows(monkeypatch) -> None:
     """Forces the split-row path for this test."""
     force_kernel_path(monkeypatch, "split")
+
+
+# Named option sets shared by the CPU and GPU parity suites.
+OPTION_NAMES = ("plain", "ignore_index", "ignore_valid_class", "label_smoothing", "class_weight",
+                "sample_weight", "z_loss", "softcap", "smoothing_and_class_weight", "everything")
+
+
+def make_case(rng, option, lead_shape, num_classes, dtype, *, from_logits=True):
+    """(logits or probabilities, labels, options) for one named option set."""
+    shape = lead_shape + (num_classes,)
+    inputs = random_logits(rng, shape, dtype) if from_logits else random_probabilities(rng, shape, dtype)
+    labels = random_labels(rng, lead_shape, num_classes)
+    options = {}
+    if option in ("ignore_index", "everything"):
+        options["ignore_index"] = -100
+    if option == "ignore_valid_class":
+        options["ignore_index"] = 2  # a real class index may be the ignored one
+    if "ignore_index" in options:
+        labels = ignored_labels(rng, labels, options["ignore_index"])
+    if option in ("label_smoothing", "smoothing_and_class_weight", "everything"):
+        options["label_smoothing"] = 0.1
+    if option in ("class_weight", "smoothing_and_class_weight", "everything"):
+        options["class_weight"] = random_class_weight(rng, num_classes)
+    if option in ("sample_weight", "everything"):
+        options["sample_weight"] = random_sample_weight(rng, lead_shape)
+    if option in ("z_loss", "everything"):
+        options["z_loss"] = 1e-3
+    if option in ("softcap", "everything") and from_logits:
+        options["softcap"] = 5.0
+    return inputs, labels, options

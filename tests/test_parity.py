@@ -12,6 +12,7 @@ import pytest
 
 import fastxent
 from conftest import (
+    OPTION_NAMES,
     CLASS_COUNTS,
     FLOAT_DTYPES,
     LARGE_CLASS_COUNT,
@@ -26,13 +27,11 @@ from conftest import (
     assert_path_taken,
     dtype_id,
     gradient_scale,
-    ignored_labels,
     loss_dtype_for,
-    random_class_weight,
+    make_case,
     random_labels,
     random_logits,
     random_probabilities,
-    random_sample_weight,
     shape_id,
     split_part_count,
 )
@@ -195,33 +194,6 @@ def test_default_dispatch_few_long_rows(rng, dtype):
 # into at least two parts per row.
 OPTION_SHAPES = {"rows": ((2, 3), 2500), "split": SPLIT_CASES[1]}
 
-OPTION_NAMES = ("plain", "ignore_index", "ignore_valid_class", "label_smoothing", "class_weight",
-                "sample_weight", "z_loss", "softcap", "smoothing_and_class_weight", "everything")
-
-
-def make_case(rng, option, lead_shape, num_classes, dtype, *, from_logits=True):
-    """(logits or probabilities, labels, options) for one named option set."""
-    shape = lead_shape + (num_classes,)
-    inputs = random_logits(rng, shape, dtype) if from_logits else random_probabilities(rng, shape, dtype)
-    labels = random_labels(rng, lead_shape, num_classes)
-    options = {}
-    if option in ("ignore_index", "everything"):
-        options["ignore_index"] = -100
-    if option == "ignore_valid_class":
-        options["ignore_index"] = 2  # a real class index may be the ignored one
-    if "ignore_index" in options:
-        labels = ignored_labels(rng, labels, options["ignore_index"])
-    if option in ("label_smoothing", "smoothing_and_class_weight", "everything"):
-        options["label_smoothing"] = 0.1
-    if option in ("class_weight", "smoothing_and_class_weight", "everything"):
-        options["class_weight"] = random_class_weight(rng, num_classes)
-    if option in ("sample_weight", "everything"):
-        options["sample_weight"] = random_sample_weight(rng, lead_shape)
-    if option in ("z_loss", "everything"):
-        options["z_loss"] = 1e-3
-    if option in ("softcap", "everything") and from_logits:
-        options["softcap"] = 5.0
-    return inputs, labels, options
 
 
 @pytest.mark.parametrize("inplace", (False, True), ids=("copy", "inplace"))
