@@ -123,10 +123,14 @@ def finite_difference_grad(logits, labels, **options):
         # The step is relative to the entry and, for probabilities, to its distance from the
         # upper clip bound, so a probability stays on its side of both bounds; a zero stays
         # clipped and its derivative (zero, as TensorFlow's clip gives) is what is measured.
-        reach = abs(x[index])
+        reach, fraction = abs(x[index]), 1e-3
         if not options.get("from_logits", True):
-            reach = min(reach, abs(clip_bounds(input_dtype)[1] - x[index]))
-        step = 1e-3 * reach if reach != 0 else 1e-12
+            low, high = clip_bounds(input_dtype)
+            reach = min(reach, abs(high - x[index]), abs(x[index] - low))
+            # A probability's gradient is O(1) however small the entry, so a step relative to a
+            # tiny entry would drown the difference in the rounding of the O(1) loss.
+            fraction = 1e-2
+        step = fraction * reach if reach != 0 else 1e-12
         grad[index] = (4 * central(index, step / 2) - central(index, step)) / 3
     return grad
 
@@ -196,6 +200,9 @@ def test_reference_probabilities_match_naive_loop(rng, dtype, option, reduction)
     probs.reshape(-1, NUM_CLASSES)[0, 1] = 0.0  # at least one exact zero
     # Rows that do not sum to 1 are allowed (Keras normalises through the softmax).
     probs[0] *= 0.5
+    # Finite differences need room to step without crossing the lower clip bound.
+    low = clip_bounds(dtype)[0]
+    probs[(probs > low / 2) & (probs < 4 * low)] = dtype(4 * low)
     labels = make_labels(rng, lead_shape, options)
     check_against_naive(probs, labels, from_logits=False, reduction=reduction, **options)
 
