@@ -464,6 +464,8 @@ def test_cuda_tensors(tmp_path, engine, widths):
     ranks sharing one GPU with CUDA tensors (the device kernel with real collectives)."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
+        if os.environ.get("FASTXENT_REQUIRE_GPU") == "1":
+            pytest.fail("FASTXENT_REQUIRE_GPU=1 but PyTorch sees no CUDA device")
         pytest.skip("no CUDA device visible to PyTorch")
     command = [sys.executable, str(HERE / "distributed_worker.py"), engine, "--device", "cuda",
                "--widths", ",".join(map(str, widths)), "--seed", str(SEED), "--out", str(tmp_path)]

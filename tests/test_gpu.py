@@ -11,10 +11,16 @@ the launcher with uint16 storage (``storage="bfloat16"``) everywhere.
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
+# tools/gpu_check.sh sets this on a GPU machine, where a skip would hide a broken install.
+REQUIRE_GPU = os.environ.get("FASTXENT_REQUIRE_GPU") == "1"
+
+cupy = importlib.import_module("cupy") if REQUIRE_GPU else pytest.importorskip("cupy")
 
 
 def _device_count() -> int:
@@ -25,6 +31,8 @@ def _device_count() -> int:
 
 
 if _device_count() == 0:
+    if REQUIRE_GPU:
+        raise RuntimeError("FASTXENT_REQUIRE_GPU=1 but CuPy sees no CUDA device")
     pytest.skip("CuPy sees no CUDA device", allow_module_level=True)
 
 import fastxent  # noqa: E402

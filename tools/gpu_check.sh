@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, in one run: the GPU tests, then the GPU benchmark.
+#
+# Usage: tools/gpu_check.sh [OUT_DIR]        (default OUT_DIR: gpu-check-out)
+#
+# Runs from a plain checkout with no install step (the repository root goes on PYTHONPATH), on
+# a machine whose python3 already has numpy, numba, ml_dtypes, CuPy, pytest and hypothesis
+# (PyTorch too for its peer and the CUDA-tensor tests). Writes into OUT_DIR:
+#   machine.txt   GPU, driver and package versions
+#   tests.log     pytest -m gpu (the CUDA parity suite, CPU-vs-GPU agreement, 64-bit
+#                 indexing, streams, and the CUDA-tensor distributed tests)
+#   bench.log     the benchmark's progress
+#   gpu.md        the benchmark table (copy it to benchmarks/results/gpu.md)
+# Each stage has its own time limit (TEST_SECONDS, BENCH_SECONDS) so one slow stage cannot
+# take the other's time. Exit status: 0 when both stages passed, else the first failure's.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out="${1:-gpu-check-out}"
+mkdir -p "$out"
+python="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+# A GPU test that would skip fails instead: here a skip means a broken install.
+export FASTXENT_REQUIRE_GPU=1
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv || true
+    "$python" - <<'EOF'
+import importlib
+for name in ("numpy", "numba", "ml_dtypes", "cupy", "torch", "pytest", "hypothesis"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as error:  # report and go on: the stages below say what they lack
+        print(name, "unavailable:", error)
+EOF
+} >"$out/machine.txt" 2>&1
+cat "$out/machine.txt"
+
+status=0
+echo "== GPU tests (limit ${TEST_SECONDS:-330} s)"
+timeout "${TEST_SECONDS:-330}" "$python" -m pytest -q -p no:cacheprovider -m gpu \
+    tests/test_gpu.py tests/test_distributed.py >"$out/tests.log" 2>&1
+test_status=$?
+tail -n 25 "$out/tests.log"
+[ "$test_status" -ne 0 ] && status=$test_status
+
+echo "== GPU benchmark (limit ${BENCH_SECONDS:-200} s)"
+timeout "${BENCH_SECONDS:-200}" "$python" benchmarks/bench_gpu.py --out "$out/gpu.md" >"$out/bench.log" 2>&1
+bench_status=$?
+tail -n 40 "$out/bench.log"
+[ -f "$out/gpu.md" ] && cat "$out/gpu.md"
+[ "$status" -eq 0 ] && [ "$bench_status" -ne 0 ] && status=$bench_status
+
+echo "== tests exit $test_status, benchmark exit $bench_status"
+exit "$status"
