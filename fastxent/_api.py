@@ -8,6 +8,8 @@ get wrong is caught here and reported with the offending value.
 from __future__ import annotations
 
 import numbers
+import os
+import sys
 import warnings
 from typing import Any, Literal, Optional, Tuple
 
@@ -115,15 +117,32 @@ def _find_bad_label(labels, valid, num_classes: int, xp: Any):
 
 
 def _class_weights(class_weight, num_classes: int, xp: Any):
-    """(float64 (C,) weights or None, their sum: the class count without weights)."""
+    """float64 (C,) weights on the logits' device, or None."""
     if class_weight is None:
-        return None, float(num_classes)
+        return None
     weights = xp.asarray(class_weight, dtype=xp.float64)
     if weights.shape != (num_classes,):
         raise ValueError(
             f"class_weight must have one entry per class, shape ({num_classes},); got {tuple(weights.shape)}"
         )
-    return weights, float(weights.sum())
+    return weights
+
+
+def _to_host(values: dict, xp: Any) -> dict:
+    """Python floats of a few device scalars, brought over in one transfer.
+
+    On a GPU every read of a device value waits for the stream; packing the scalars the API
+    needs (label check, class-weight sum, "mean" denominator, the softmax hint) into one array
+    makes that a single synchronisation per call, the one the label check needs anyway.
+    """
+    if xp is np:  # host memory already: nothing to pack
+        return {name: float(value) for name, value in values.items()}
+    if not values:
+        return {}
+    names = list(values)
+    packed = xp.stack([xp.asarray(values[name], dtype=xp.float64).reshape(()) for name in names])
+    host = packed.get() if hasattr(packed, "get") else np.asarray(packed)
+    return dict(zip(names, host.tolist()))
 
 
 def _row_weights(sample_weight, lead_shape: Tuple[int, ...], num_rows: int, xp: Any, rows_name: str):
@@ -166,30 +185,47 @@ def _prepare(logits, labels, *, from_logits, reduction, ignore_index, label_smoo
     lead_shape = tuple(logits.shape[:axis] + logits.shape[axis + 1:])
     labels = _check_labels(labels, xp, lead_shape)
 
-    valid = None if ignore_index is None else labels != ignore_index
-    bad = _find_bad_label(labels, valid, num_classes, xp)
-    if bad is not None:
-        position, value = bad
+    flat = labels.reshape(-1)
+    num_rows = flat.shape[0]
+    out_of_range = (flat < 0) | (flat >= num_classes)
+    flat_labels = flat.astype(xp.int64)
+    if ignore_index is not None:
+        ignored = flat == ignore_index
+        out_of_range &= ~ignored
+        flat_labels = xp.where(ignored, -1, flat_labels)
+    weights = _class_weights(class_weight, num_classes, xp)
+    row_weight = _row_weights(sample_weight, lead_shape, num_rows, xp, "the labels shape")
+    counted = flat_labels >= 0
+
+    # Every scalar the host needs, computed on the device and read back together.
+    device_scalars = {}
+    if num_rows:
+        device_scalars["bad_labels"] = xp.any(out_of_range)
+        device_scalars["first_bad"] = xp.argmax(out_of_range)
+    if weights is not None:
+        device_scalars["weight_total"] = weights.sum()
+    if reduction == "mean":
+        if weights is None:
+            target_weight = row_weight
+        else:  # out-of-range labels are replaced so the gather stays in bounds until reported
+            target_weight = row_weight * weights[xp.where(counted & ~out_of_range, flat_labels, 0)]
+        device_scalars["denominator"] = xp.sum(xp.where(counted, target_weight, 0.0))
+    elif reduction == "sum_over_batch_size":
+        device_scalars["denominator"] = xp.count_nonzero(counted)
+    device_scalars.update(_hint_scalars(logits, axis, from_logits, xp))
+    host = _to_host(device_scalars, xp)
+
+    if host.get("bad_labels"):
+        first = int(host["first_bad"])
+        position = tuple(int(i) for i in np.unravel_index(first, labels.shape)) if labels.ndim else ()
+        value = int(flat[first])
         hint = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
         raise ValueError(
             f"label {value} at position {position} is outside the valid range [0, {num_classes}){hint}"
         )
-    flat_labels = labels.reshape(-1).astype(xp.int64)
-    if valid is not None:
-        flat_labels[~valid.reshape(-1)] = -1
-
-    weights, weight_total = _class_weights(class_weight, num_classes, xp)
-    num_rows = flat_labels.shape[0]
-    row_weight = _row_weights(sample_weight, lead_shape, num_rows, xp, "the labels shape")
-
-    counted = flat_labels >= 0
-    if reduction == "mean":
-        target_weight = xp.ones(num_rows) if weights is None else weights[xp.where(counted, flat_labels, 0)]
-        denominator = float(xp.sum(xp.where(counted, row_weight * target_weight, 0.0)))
-    elif reduction == "sum_over_batch_size":
-        denominator = float(xp.count_nonzero(counted))
-    else:
-        denominator = 1.0
+    _warn_if_probabilities(host, logits.dtype, num_classes)
+    weight_total = host["weight_total"] if weights is not None else float(num_classes)
+    denominator = host.get("denominator", 1.0)
     # Nothing counted: the loss is 0.0 with a zero gradient (PyTorch returns NaN here).
     grad_scale = 0.0 if denominator == 0.0 else 1.0 / denominator
 
@@ -219,23 +255,48 @@ def _float_eps(dtype) -> float:
     return float(np.finfo(dtype).eps)
 
 
-def _warn_if_probabilities(rows, xp: Any) -> None:
-    """Keras-style hint when from_logits=True receives what looks like a softmax output.
+def _hint_scalars(logits, axis: int, from_logits: bool, xp: Any) -> dict:
+    """Device scalars for the softmax hint (see ``_warn_if_probabilities``): whether the first
+    row lies in [0, 1], and its sum. Empty when there is nothing to check.
 
-    Looks at the first row only, so the cost is one row, not N x C.
+    Looks at one row only, so the cost is C values, not N x C.
     """
-    if rows.shape[0] == 0 or rows.shape[1] < 2:
+    if not from_logits or logits.shape[axis] < 2 or logits.size == 0:
+        return {}
+    index = [0] * logits.ndim
+    index[axis] = slice(None)
+    first = logits[tuple(index)].astype(xp.float64)
+    return {"first_row_in_unit": xp.all((first >= 0) & (first <= 1)), "first_row_sum": first.sum()}
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _stacklevel_outside_package() -> int:
+    """The ``stacklevel`` that points a warning raised by the caller at the first frame outside
+    fastxent (the user's line, whichever entry point or adapter it came through)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _warn_if_probabilities(host: dict, dtype, num_classes: int) -> None:
+    """Keras-style hint when from_logits=True receives what looks like a softmax output:
+    the first row is in [0, 1] and sums to 1 (``host``: ``_hint_scalars`` read back)."""
+    if not host.get("first_row_in_unit"):
         return
-    first = rows[0].astype(xp.float64)
     # A softmax rounded to the input's precision sums to 1 only within a few of its ulps
     # (bfloat16: 2**-8 already for five classes); float32 and wider keep the 1e-3 margin.
-    tolerance = max(1e-3, 2.0 * _float_eps(rows.dtype) * float(np.sqrt(rows.shape[1])))
-    if bool(xp.all((first >= 0) & (first <= 1))) and abs(float(first.sum()) - 1.0) < tolerance:
+    tolerance = max(1e-3, 2.0 * _float_eps(dtype) * float(np.sqrt(num_classes)))
+    if abs(host["first_row_sum"] - 1.0) < tolerance:
         warnings.warn(
             "logits look like probabilities (the first row is in [0, 1] and sums to 1); "
             "pass from_logits=False if they come out of a softmax",
             UserWarning,
-            stacklevel=3,
+            stacklevel=_stacklevel_outside_package(),
         )
 
 
@@ -288,8 +349,6 @@ def _run(logits, labels, *, want_grad, inplace, from_logits, reduction, ignore_i
         # new buffer that is copied into ``out`` below.
         if moved_out.flags.c_contiguous:
             out_rows = moved_out.reshape(rows.shape)
-    if from_logits:
-        _warn_if_probabilities(rows, xp)
     # In place works directly on the caller's buffer when the rows are a view of it; otherwise
     # the gradient lands in the contiguous copy and is written back below.
     writes_through = inplace and xp.shares_memory(rows, logits) if backend.name == "cpu" else (

@@ -24,12 +24,14 @@ from fastxent._api import (
     _as_logits,
     _backend_for,
     _class_weights,
+    _hint_scalars,
     _loss_dtype,
     _normalise_axis,
     _reduce,
     _reject_negative_probabilities,
     _row_weights,
     _rows_view,
+    _to_host,
     _warn_if_probabilities,
 )
 from fastxent._options import KernelOptions
@@ -85,15 +87,19 @@ def _run(logits, targets, *, want_grad, from_logits, reduction, label_smoothing,
     lead_shape = tuple(logits.shape[:axis] + logits.shape[axis + 1:])
     num_rows = int(np.prod(lead_shape, dtype=np.int64))
 
-    weights, weight_total = _class_weights(class_weight, num_classes, xp)
+    weights = _class_weights(class_weight, num_classes, xp)
     row_weight = _row_weights(sample_weight, lead_shape, num_rows, xp, "the rows' shape")
 
+    # The scalars the host needs, read back together (one synchronisation on a GPU).
+    device_scalars = _hint_scalars(logits, axis, from_logits, xp)
+    if weights is not None:
+        device_scalars["weight_total"] = weights.sum()
     if reduction == "mean":
-        denominator = float(row_weight.sum())
-    elif reduction == "sum_over_batch_size":
-        denominator = float(num_rows)
-    else:
-        denominator = 1.0
+        device_scalars["denominator"] = row_weight.sum()
+    host = _to_host(device_scalars, xp)
+    _warn_if_probabilities(host, logits.dtype, num_classes)
+    weight_total = host["weight_total"] if weights is not None else float(num_classes)
+    denominator = float(num_rows) if reduction == "sum_over_batch_size" else host.get("denominator", 1.0)
     options = KernelOptions(
         from_logits=bool(from_logits),
         label_smoothing=float(label_smoothing),
@@ -106,8 +112,6 @@ def _run(logits, targets, *, want_grad, from_logits, reduction, label_smoothing,
     )
     rows = _rows_view(logits, axis, xp)
     target_rows = _rows_view(targets, axis, xp)
-    if from_logits:
-        _warn_if_probabilities(rows, xp)
     launch_options = {"unit_mass_grad": True} if unit_mass_grad else {}
     per_row, grad_rows, row_min = launch(rows, target_rows, row_weight, options, want_grad=want_grad,
                                          **launch_options)

@@ -218,8 +218,10 @@ def test_logits_passed_as_probabilities(rng, entry):
 def test_softmax_output_as_logits_warns(rng, entry, dtype):
     probs = random_probabilities(rng, (3, NUM_CLASSES), np.float64, zero_fraction=0.0)
     probs = (probs / probs.sum(axis=-1, keepdims=True)).astype(dtype)
-    with pytest.warns(UserWarning, match="from_logits=False"):
+    with pytest.warns(UserWarning, match="from_logits=False") as record:
         result = call(entry, probs, np.array([0, 1, 2]))
+    # Attributed to the caller's line, not to fastxent's internals.
+    assert [w.filename for w in record] == [__file__]
     loss = result[0] if isinstance(result, tuple) else result
     assert np.isfinite(loss)  # a warning, not an error: the call still computes
 

@@ -512,6 +512,32 @@ def test_int32_labels(rng):
     assert_loss_matches(got, reference.sparse_cross_entropy(logits, labels, reduction="none"), np.float32)
 
 
+@pytest.mark.skipif(not EMULATED, reason="counts the host emulator's device-to-host reads")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("from_logits", (True, False), ids=("logits", "probabilities"))
+def test_one_synchronisation_per_call(rng, reduction, from_logits):
+    """A valid call reads the device once (the label check, with the class-weight sum, the
+    "mean" denominator and the softmax hint packed into the same read); probabilities add the
+    negative-value check after the launch."""
+    num_classes = 300
+    values = (random_logits(rng, (2, 3, num_classes), np.float32) if from_logits
+              else random_probabilities(rng, (2, 3, num_classes), np.float32))
+    labels = random_labels(rng, (2, 3), num_classes)
+    labels[0, 0] = -100
+    options = dict(reduction=reduction, from_logits=from_logits, ignore_index=-100,
+                   class_weight=cupy.asarray(random_class_weight(rng, num_classes)),
+                   sample_weight=cupy.asarray(random_sample_weight(rng, (2, 3))), label_smoothing=0.1)
+    device_values, device_labels = cupy.asarray(values), cupy.asarray(labels)
+    before = cupy.host_reads()
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(device_values, device_labels, **options)
+    assert cupy.host_reads() - before == (1 if from_logits else 2)
+    ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(
+        values, labels, **dict(options, class_weight=host(options["class_weight"]),
+                               sample_weight=host(options["sample_weight"])))
+    assert_loss_matches(loss, ref_loss, np.float32)
+    assert_grad_matches(grad, ref_grad, np.float32)
+
+
 # ----------------------------------------------------------------------------------------
 # Streams and 64-bit offsets (real GPUs only)
 # ----------------------------------------------------------------------------------------

@@ -48,8 +48,54 @@ class _Flags:
         self.owndata = owndata
 
 
+# Reads of device values by the host (each one a synchronisation on a real GPU), counted so the
+# tests can check how many a call makes. Emulator only: CuPy has no such counter.
+_host_reads = 0
+
+
+def host_reads() -> int:
+    """How many device-to-host reads (bool/int/float/item/get/tolist of a device array) so far."""
+    return _host_reads
+
+
+def _count_read():
+    global _host_reads
+    _host_reads += 1
+
+
 class ndarray(numpy.ndarray):
-    """A "device" array: NumPy memory with CuPy's attributes."""
+    """A "device" array: NumPy memory with CuPy's attributes.
+
+    As in CuPy, reductions give 0-d device arrays rather than host scalars, and turning one into
+    a Python value is a device-to-host read (counted, see ``host_reads``).
+    """
+
+    def __array_wrap__(self, array, context=None, return_scalar=False):
+        return numpy.ndarray.__array_wrap__(self, array, context, False)
+
+    def __bool__(self):
+        _count_read()
+        return numpy.ndarray.__bool__(self)
+
+    def __float__(self):
+        _count_read()
+        return numpy.ndarray.__float__(self)
+
+    def __int__(self):
+        _count_read()
+        return numpy.ndarray.__int__(self)
+
+    def __index__(self):
+        _count_read()
+        return numpy.ndarray.__index__(self)
+
+    def item(self, *args):
+        _count_read()
+        return numpy.ndarray.item(self, *args)
+
+    def tolist(self):
+        _count_read()
+        return numpy.ndarray.tolist(self)
 
     @property
     def data(self):
@@ -61,12 +107,15 @@ class ndarray(numpy.ndarray):
         return _Flags(bool(flags.c_contiguous), bool(flags.f_contiguous), bool(flags.owndata))
 
     def get(self):
+        _count_read()
         return numpy.array(self.view(numpy.ndarray), copy=True)
 
 
 def _wrap(result):
     if isinstance(result, numpy.ndarray) and not isinstance(result, ndarray):
         return result.view(ndarray)
+    if isinstance(result, numpy.generic):  # CuPy functions return 0-d device arrays
+        return numpy.asarray(result).view(ndarray)
     if isinstance(result, tuple):
         return tuple(_wrap(item) for item in result)
     return result
