@@ -229,7 +229,7 @@ def report(args, rounds) -> str:
     spread = (max(losses) - min(losses)) / abs(statistics.median(losses))
     lines += [
         "",
-        f"The payload is 12 bytes per row (row max in the MAX; rescaled sum-exp and target logit in the SUM) "
+        f"The payload is 12 bytes per row (row max in the MAX; rescaled sum-exp and the target logit relative to the max in the SUM) "
         f"plus 44 bytes of per-call flags; the gradient needs no communication. Loss (mean) single vs "
         f"sharded: {min(losses):.7f} .. {max(losses):.7f} over all runs, relative spread {spread:.1e}.",
         "",
@@ -263,7 +263,7 @@ def communication_model(num_rows: int = 2048) -> str:
         "",
         f"Per step, N = {num_rows} rows (tokens), float32 logits, R ranks each holding V / R classes.",
         "",
-        "* **fastxent.distributed**: each rank contributes 12 bytes per row (16 with label smoothing) "
+        "* **fastxent.distributed**: each rank contributes 12 bytes per row (16 with class weights) "
         "to two all-reductions, whatever R and V: 12 N bytes of payload. A ring all-reduce sends "
         "2 (R - 1) / R times the payload per rank; for payloads this small MPI and NCCL switch to "
         "tree or recursive-doubling algorithms, and the cost is latency: about 2 log2(R) message "

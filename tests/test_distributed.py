@@ -8,7 +8,7 @@ timeout, so a rank that hangs fails the test instead of the suite.
 
 The targets: the loss within 1e-6 relative (float32), the gathered gradient within the core's
 tolerances, two collectives per call (after the first for a layout), 12 bytes per row and rank
-(16 with label smoothing).
+(16 with class weights, label smoothing or not).
 """
 
 from __future__ import annotations
@@ -141,8 +141,12 @@ def test_inplace(rng):
     assert_grad_close(np.concatenate([g for _, g in results], axis=1), ref_grad, np.float32)
 
 
-def test_edge_values(rng):
+@pytest.mark.parametrize("options", ("plain", "smoothing", "smoothing_and_class_weight"))
+def test_edge_values(rng, options):
     """-inf classes, a target at -inf, a row of -inf in one shard only, +inf, NaN, and 1e30."""
+    kwargs = {"plain": {}, "smoothing": {"label_smoothing": 0.1},
+              "smoothing_and_class_weight": {"label_smoothing": 0.1,
+                                             "class_weight": rng.uniform(0.5, 2.0, 1000)}}[options]
     logits = rng.standard_normal((7, 1000)).astype(np.float32)
     labels = rng.integers(0, 1000, 7)
     labels[1] = 10
@@ -154,8 +158,8 @@ def test_edge_values(rng):
     logits[5] *= 1e30
     logits[6, :] = -np.inf
     for reduction in ("none", "sum"):
-        ref_loss, ref_grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction=reduction)
-        results = sharded((600, 400), logits, labels, reduction=reduction)
+        ref_loss, ref_grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction=reduction, **kwargs)
+        results = sharded((600, 400), logits, labels, reduction=reduction, **kwargs)
         np.testing.assert_array_equal(np.isnan(results[0][0]), np.isnan(ref_loss))
         np.testing.assert_array_equal(np.isinf(results[0][0]), np.isinf(ref_loss))
         assert_sharded_loss(results[0][0], ref_loss)
@@ -260,13 +264,15 @@ def test_layout_change_on_some_ranks_does_not_deadlock(rng):
         assert_sharded_loss(loss, fastxent.sparse_cross_entropy(logits[:, :total], labels % 1000, reduction="none"))
 
 
-@pytest.mark.parametrize("kwargs, per_row", [
-    ({}, 12),
-    ({"label_smoothing": 0.1}, 16),
-    ({"class_weight": True, "reduction": "mean"}, 16),
-    ({"from_logits": False}, 12),
+@pytest.mark.parametrize("kwargs, per_row, per_call", [
+    ({}, 12, 0),
+    ({"label_smoothing": 0.1}, 12, 0),
+    ({"class_weight": True, "reduction": "mean"}, 16, 0),
+    ({"class_weight": True, "label_smoothing": 0.1, "z_loss": 1e-3}, 16, 4),  # + the shard's weight sum
+    ({"from_logits": False}, 12, 0),
+    ({"from_logits": False, "label_smoothing": 0.1, "class_weight": True}, 16, 4),
 ])
-def test_two_collectives_and_bytes_per_row(rng, kwargs, per_row):
+def test_two_collectives_and_bytes_per_row(rng, kwargs, per_row, per_call):
     case = "probabilities" if kwargs.get("from_logits") is False else "plain"
     logits, labels, case_kwargs = make_case(rng, case, 64, 1000)
     kwargs = dict(kwargs)
@@ -288,7 +294,7 @@ def test_two_collectives_and_bytes_per_row(rng, kwargs, per_row):
     for first, steady in run_ranks(2, work):
         assert first[0] == 3  # the layout's one-time all-gather
         assert steady[0] == 2
-        assert steady[1] == per_row * 64 + 4 * _sharded.TAIL
+        assert steady[1] == per_row * 64 + 4 * _sharded.TAIL + per_call
 
 
 # ----------------------------------------------------------------------------------------

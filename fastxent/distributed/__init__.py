@@ -4,7 +4,7 @@ Each rank holds a class range [vocab_start, vocab_start + V_local) of every row'
 labels (global class ids), sample weights and options are the same on every rank. The loss is
 the one a single process computes on the concatenated logits, and each rank gets the gradient
 of its own slice. Per call two all-reductions of per-row statistics move (12 bytes per row per
-rank for float32 logits, see ``fastxent.distributed._sharded``); the logits never do.
+rank for float32 logits, 16 with class weights, see ``fastxent.distributed._sharded``); the logits never do.
 
 ``group`` is an mpi4py communicator or a torch.distributed process group; None means torch's
 default group when torch.distributed is initialised, else ``MPI.COMM_WORLD``. For PyTorch

@@ -12,16 +12,17 @@ make them global:
                  negated, so one MAX tells whether every rank holds the same value), and a
                  bad-label flag
 2. SUM (same dtype):
-       per row   sum_exp rescaled to the global max (probabilities: the clipped sum), the
-                 target logit where this rank owns the target (probabilities: the target's
-                 input), [with label smoothing] sum_c w_c (v_c - global max), [with class
-                 weights] the target's class weight
+       per row   sum_exp rescaled to the global max (probabilities: the clipped sum); the
+                 target's value relative to the global max, d = v_y - max, from the rank that
+                 owns the target (probabilities: log clip(p_y)), or with label smoothing
+                 A = (1 - eps) w_y d + eps / V sum_c w_c (v_c - max), to which every rank adds
+                 its share; [with class weights] the target's class weight
        per call  [with class weights and label smoothing] this shard's sum of class weights
 
-That is 12 bytes per row per rank for float32 logits, 16 with label smoothing or with class
-weights, 20 with both. From the global statistics every rank computes the same per-row losses
-(``finish_rows``) and reduction, and the gradient of its own slice (``range_grad``), without
-further communication.
+That is 12 bytes per row per rank for float32 logits, label smoothing included, and 16 with
+class weights. From the global statistics every rank computes the same per-row losses
+(``finish_rows``) and reduction, and the gradient of its own slice (``range_grad``, with the
+owner's exact local target value), without further communication.
 
 The shard layout (vocab_start, width per rank) is checked once per group by an all-gather, the
 first time a rank sees a new layout; the "not verified" flag of collective 1 makes every rank
@@ -341,62 +342,65 @@ def sharded_forward(comm: Communicator, kernel: Any, rows: Any, *, num_rows: int
 
     # ---- collective 2: SUM ------------------------------------------------------------------
     smoothing = settings.label_smoothing != 0.0
+    eps, num_classes = settings.label_smoothing, layout.num_classes
     global_max = first[:num_rows].astype(np.float64) if settings.from_logits else np.zeros(num_rows)
     local_weight_total = float(width) if weights is None else float(weights.sum())
-    fields = 2 + int(smoothing) + int(weights is not None)
+    fields = 2 + int(weights is not None)
     second = np.zeros(fields * num_rows + int(weights is not None and smoothing), dtype=comm_dtype)
     sum_part, target_part = second[:num_rows], second[num_rows:2 * num_rows]
     counted = flat_labels != partial.IGNORED
+    owned = np.flatnonzero(local >= 0)
+    local_target_weight = np.zeros(num_rows)
+    local_target_weight[owned] = 1.0 if weights is None else weights[local[owned]]
     if settings.from_logits:
         sum_part[:] = partial.rescale_sum_exp(stats.row_max, stats.sum_exp, global_max)
-        target_part[:] = stats.target_value
     else:
         sum_part[:] = stats.sum_exp
-        target_part[:] = stats.target_input
-    offset = 2 * num_rows
-    if smoothing:
-        # sum_c w_c (v_c - global max) rather than sum_c w_c v_c: the loss needs the difference
-        # W max - sum_c w_c v_c, which float32 could not resolve next to a large sum_c w_c v_c.
-        with np.errstate(invalid="ignore"):
-            relative = stats.weighted_sum - (local_weight_total * global_max if local_weight_total else 0.0)
-        second[offset:offset + num_rows] = np.where(counted, relative, 0.0)
-        offset += num_rows
-    if weights is not None:
-        owned = np.flatnonzero(local >= 0)
-        second[offset + owned] = weights[local[owned]]
-        offset += num_rows
+    # The target's value relative to the global max, d = v_y - max (probabilities: log clip(p_y)),
+    # from the rank that owns it. With label smoothing the loss needs d only inside
+    #     A = (1 - eps) w_y d + eps / V * sum_c w_c (v_c - max),
+    # a sum over the ranks like the rest, so A travels in d's place (every rank adds its share
+    # of the smoothing sum): label smoothing costs no extra bytes. Relative to the max, because
+    # float32 could not resolve a difference next to a large logit.
+    with np.errstate(invalid="ignore", over="ignore"):
+        relative_target = stats.target_value[owned] - global_max[owned]
         if smoothing:
-            second[offset] = local_weight_total
+            relative_sum = stats.weighted_sum - (local_weight_total * global_max if local_weight_total else 0.0)
+            share = np.where(counted, eps / num_classes * relative_sum, 0.0)
+            share[owned] += (1.0 - eps) * local_target_weight[owned] * relative_target
+            target_part[:] = share
+        else:
+            target_part[owned] = relative_target
+    if weights is not None:
+        second[2 * num_rows:3 * num_rows] = local_target_weight
+        if smoothing:
+            second[3 * num_rows] = local_weight_total
     comm.allreduce_sum(second)
 
     # ---- finish: global statistics -> per-row loss and gradient coefficients -----------------
     sum_exp = second[:num_rows].astype(np.float64)
-    target = second[num_rows:2 * num_rows].astype(np.float64)
-    offset = 2 * num_rows
-    weight_total = float(layout.num_classes)
-    weighted_sum = np.zeros(num_rows)
-    if smoothing:
-        relative = second[offset:offset + num_rows].astype(np.float64)
-        offset += num_rows
+    combined = second[num_rows:2 * num_rows].astype(np.float64)
+    weight_total = float(num_classes)
     if weights is not None:
-        target_weight = np.where(counted, second[offset:offset + num_rows].astype(np.float64), 0.0)
-        offset += num_rows
+        target_weight = np.where(counted, second[2 * num_rows:3 * num_rows].astype(np.float64), 0.0)
         if smoothing:
-            weight_total = float(second[offset])
+            weight_total = float(second[3 * num_rows])
     else:
         target_weight = np.where(counted, 1.0, 0.0)
-    if smoothing:
-        with np.errstate(invalid="ignore", over="ignore"):
-            weighted_sum = np.where(counted, weight_total * global_max + relative, 0.0)
-    if settings.from_logits:
-        target_value, target_input = target, np.zeros(num_rows)
-    else:
-        # The kernels' log(clip(p_y)): clipped in float32, the log taken in float64.
-        clipped = np.clip(target.astype(np.float32), PROB_EPS, PROB_ONE_MINUS_EPS).astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            target_value, target_input = np.log(clipped), target
-    merged = partial.RowStats(global_max, sum_exp, target_value, target_input, weighted_sum,
-                              np.full(num_rows, np.inf))
+    # The epilogue takes (target value, weighted sum); give it values that reproduce A: with
+    # smoothing, target value = max and (eps / V)(W max - weighted sum) = -A; without, max + d.
+    with np.errstate(invalid="ignore", over="ignore"):
+        if smoothing:
+            epilogue_target = global_max
+            weighted_sum = np.where(counted, weight_total * global_max + combined * (num_classes / eps), 0.0)
+        else:
+            epilogue_target = global_max + combined
+            weighted_sum = np.zeros(num_rows)
+    no_min = np.full(num_rows, np.inf)
+    merged = partial.RowStats(global_max, sum_exp, epilogue_target, np.zeros(num_rows), weighted_sum, no_min)
+    # The gradient at the target is the owner's alone: it uses its exact local values.
+    grad_stats = partial.RowStats(global_max, sum_exp, stats.target_value, stats.target_input, weighted_sum,
+                                  no_min)
 
     if settings.reduction == "mean":
         denominator = float(np.sum(np.where(counted, row_weight * target_weight, 0.0)))
@@ -409,5 +413,5 @@ def sharded_forward(comm: Communicator, kernel: Any, rows: Any, *, num_rows: int
     coefs = partial.finish_rows(merged, local, target_weight, row_weight, options)
     loss = _api._reduce(coefs.loss, settings.reduction, denominator, lead_shape,
                         _api._loss_dtype(np.dtype(logits_dtype)), np)
-    return ShardedForward(loss, coefs.loss, rows, local, merged, coefs, target_weight, options, kernel, layout,
+    return ShardedForward(loss, coefs.loss, rows, local, grad_stats, coefs, target_weight, options, kernel, layout,
                           comm.bytes_sent - bytes_before, comm.collectives - collectives_before)
