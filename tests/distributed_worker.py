@@ -48,8 +48,8 @@ def run_rank(rank: int, group, widths, seed: int, out: str, with_torch: bool, de
         from fastxent.distributed import _torch
 
         torch_kernels = (("torch-fn", _torch.NumpyKernel()), ("torch-ops", _torch.TorchKernel()))
-        if device != "cpu":  # CUDA tensors: the PyTorch-operations kernel on the device
-            torch_kernels = (("torch-fn", _torch.TorchKernel()), ("torch-ops", _torch.TorchKernel()))
+        if device != "cpu":  # CUDA tensors: the kernel the Function picks (CUDA kernels), and torch ops
+            torch_kernels = (("torch-fn", None), ("torch-ops", _torch.TorchKernel()))
 
     for name, logits, labels, kwargs in case_inputs(seed, num_classes):
         local_kwargs = shard_kwargs(kwargs, lo, hi)
@@ -67,9 +67,10 @@ def run_rank(rank: int, group, widths, seed: int, out: str, with_torch: bool, de
                     local_kwargs.get("from_logits", True), reduction, local_kwargs.get("ignore_index"),
                     local_kwargs.get("label_smoothing", 0.0), local_kwargs.get("z_loss", 0.0),
                     local_kwargs.get("softcap"), lo)
+                use = kernel if kernel is not None else _torch.kernel_for(local, settings.from_logits)
                 value = _torch.VocabParallelCrossEntropy.apply(
                     local, torch.from_numpy(labels).to(device), lo, group, settings,
-                    local_kwargs.get("class_weight"), local_kwargs.get("sample_weight"), kernel)
+                    local_kwargs.get("class_weight"), local_kwargs.get("sample_weight"), use)
                 value.sum().backward()
                 arrays[f"{label}/{name}/{reduction}/loss"] = value.detach().cpu().numpy()
                 arrays[f"{label}/{name}/{reduction}/grad"] = local.grad.cpu().numpy()

@@ -315,7 +315,7 @@ def test_torch_function(rng, monkeypatch, case, kernel):
     ref_loss, ref_grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction="none", **kwargs)
     starts = bounds((400, 350, 250))
     use = _torch.NumpyKernel() if kernel == "numba" else _torch.TorchKernel()
-    monkeypatch.setattr(_torch, "kernel_for", lambda tensor: use)
+    monkeypatch.setattr(_torch, "kernel_for", lambda tensor, from_logits=True: use)
 
     def work(comm):
         lo, hi = starts[comm.rank], starts[comm.rank + 1]

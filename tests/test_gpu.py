@@ -39,6 +39,7 @@ import fastxent  # noqa: E402
 from conftest import (  # noqa: E402
     OPTION_NAMES,
     BFLOAT16,
+    assert_grad_close,
     FLOAT_DTYPES,
     REDUCTIONS,
     dtype_id,
@@ -581,3 +582,184 @@ def test_more_than_2_31_elements():
     _, grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction="sum", inplace=True)
     assert grad is logits
     assert_grad_matches(logits[-2:], ref_grad, np.float16)
+
+
+# ----------------------------------------------------------------------------------------
+# Class ranges (vocabulary-parallel shards): the GPU statistics and gradient of one range
+# against the CPU's, and a sharded loss over GPU ranks against the core
+# ----------------------------------------------------------------------------------------
+
+RANGE_OPTIONS = {
+    "plain": {},
+    "smoothing_and_class_weight": {"label_smoothing": 0.2, "class_weight": True},
+    "softcap": {"softcap": 4.0, "label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-3},
+}
+
+
+def device_rows(rows):
+    """(CuPy rows, storage) for a NumPy array: bfloat16 as uint16 bits where CuPy lacks it."""
+    if rows.dtype == BFLOAT16 and not CUPY_BFLOAT16:
+        return cupy.asarray(rows.view(np.uint16)), "bfloat16"
+    return cupy.asarray(rows), None
+
+
+def from_device_rows(array, dtype):
+    values = host(array)
+    return values.view(dtype) if values.dtype != dtype else values
+
+
+def range_case(rng, dtype, option, num_rows=7, num_classes=1500, lo=400, hi=1300):
+    """Rows of classes [lo, hi) of longer rows; targets inside, elsewhere (both sides), ignored."""
+    from fastxent.cpu import partial as cpu_partial
+
+    logits = random_logits(rng, (num_rows, num_classes), dtype)
+    labels = rng.integers(lo, hi, num_rows)
+    labels[1], labels[2], labels[3] = lo - 5, hi + 7, -1
+    weights = rng.uniform(0.5, 2.0, num_classes) if RANGE_OPTIONS[option].get("class_weight") else None
+    spec = {k: v for k, v in RANGE_OPTIONS[option].items() if k != "class_weight"}
+    options = KernelOptions(from_logits=True, label_smoothing=spec.get("label_smoothing", 0.0),
+                            z_loss=spec.get("z_loss", 0.0), softcap=spec.get("softcap"),
+                            class_weight=None if weights is None else weights[lo:hi],
+                            class_weight_total=float(num_classes if weights is None else weights.sum()),
+                            num_classes=num_classes, grad_scale=0.25)
+    rows = np.ascontiguousarray(logits[:, lo:hi])
+    local = cpu_partial.local_labels(labels, lo, hi - lo)
+    assert set(local[:4]) >= {cpu_partial.ELSEWHERE, cpu_partial.IGNORED}
+    return rows, local, options
+
+
+def value_rtol_for(options, dtype) -> float:
+    """Softcapped values may differ by an ulp of the compute type between the backends' tanh;
+    without a softcap they are the inputs themselves."""
+    if options.softcap is None:
+        return 0.0
+    return 1e-15 if dtype == np.float64 else 5e-7
+
+
+@pytest.mark.parametrize("layout", ("one_part", "parts", "row_chunks"))
+@pytest.mark.parametrize("option", tuple(RANGE_OPTIONS))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_class_range_matches_cpu(rng, monkeypatch, dtype, option, layout):
+    from fastxent.cpu import partial as cpu_partial
+    from fastxent.gpu import partial as gpu_partial
+
+    if layout == "parts":  # parts of 256 classes: four per row of this range
+        monkeypatch.setattr(gpu_xent, "SPLIT_PART_ALIGN", 256)
+        monkeypatch.setattr(gpu_xent, "SPLIT_BLOCKS_PER_SM", 2**20)
+    if layout == "row_chunks":  # launches of at most 3 rows
+        monkeypatch.setattr(gpu_partial, "MAX_GRID_ROWS", 3)
+    rows, local, options = range_case(rng, dtype, option)
+    dev_rows, storage = device_rows(rows)
+    kernel = gpu_partial.CupyKernel(storage)
+
+    ref = cpu_partial.range_stats(rows, local, options)
+    got = kernel.stats(dev_rows, local, options)
+    stats_rtol = 1e-12 if dtype == np.float64 else 2e-6
+    np.testing.assert_allclose(got.row_max, ref.row_max, rtol=value_rtol_for(options, dtype), atol=0.0)
+    np.testing.assert_allclose(got.sum_exp, ref.sum_exp, rtol=stats_rtol)
+    np.testing.assert_allclose(got.weighted_sum, ref.weighted_sum, rtol=stats_rtol,
+                               atol=stats_rtol * np.abs(ref.weighted_sum).max(initial=1.0))
+    np.testing.assert_allclose(got.target_value, ref.target_value, rtol=value_rtol_for(options, dtype), atol=0.0)
+    np.testing.assert_array_equal(got.target_input, ref.target_input)
+    assert got.row_max[3] == -np.inf and got.sum_exp[3] == 0.0  # the ignored row: the identity
+
+    # Gradient from the same coefficients (as if this range were merged with the others).
+    target_weight = cpu_partial.target_weights(local, options.class_weight)
+    coefs = cpu_partial.finish_rows(ref, local, target_weight, np.ones(len(local)), options)
+    ref_grad = cpu_partial.range_grad(rows, local, ref, coefs, target_weight, options)
+    for inplace in (False, True):
+        source = dev_rows.copy()
+        grad = kernel.grad(source, local, ref, coefs, target_weight, options, inplace=inplace)
+        assert (grad is source) == inplace
+        assert_grad_close(from_device_rows(grad, dtype), ref_grad.astype(np.float64), dtype)
+    np.testing.assert_array_equal(from_device_rows(dev_rows, dtype), rows)  # input untouched
+
+
+def test_class_range_rejects_probabilities(rng):
+    from fastxent.gpu import partial as gpu_partial
+
+    rows, local, options = range_case(rng, np.float32, "plain")
+    from dataclasses import replace
+    with pytest.raises(NotImplementedError, match="probabilities"):
+        gpu_partial.range_stats(cupy.asarray(rows), local, replace(options, from_logits=False))
+
+
+@pytest.mark.parametrize("option", ("plain", "everything"))
+def test_sharded_loss_on_gpu_ranks(rng, option):
+    """Two ranks (threads) whose rows are CuPy arrays, through fastxent.distributed's two
+    collectives, against the core on the whole rows."""
+    import threading
+
+    from sharding import bounds, make_case, run_ranks, shard_kwargs
+
+    from fastxent.distributed import _sharded
+    from fastxent.gpu import partial as gpu_partial
+
+    logits, labels, kwargs = make_case(rng, option, 9, 1000)
+    ref_loss, ref_grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction="sum", **kwargs)
+    starts = bounds((600, 400))
+    lock = threading.Lock()  # one rank on the device at a time (the emulator runs one launch at once)
+
+    class SerialKernel(gpu_partial.CupyKernel):
+        def stats(self, *args, **kw):
+            with lock:
+                return super().stats(*args, **kw)
+
+        def grad(self, *args, **kw):
+            with lock:
+                return super().grad(*args, **kw)
+
+    def work(comm):
+        lo, hi = starts[comm.rank], starts[comm.rank + 1]
+        local_kwargs = shard_kwargs(kwargs, lo, hi)
+        settings = _sharded.check_settings(True, "sum", local_kwargs.get("ignore_index"),
+                                           local_kwargs.get("label_smoothing", 0.0), local_kwargs.get("z_loss", 0.0),
+                                           local_kwargs.get("softcap"), lo)
+        rows = cupy.asarray(np.ascontiguousarray(logits[:, lo:hi]))
+        forward = _sharded.sharded_forward(
+            comm, SerialKernel(), rows, num_rows=labels.size, width=hi - lo, logits_dtype=np.float32,
+            vocab_start=lo, labels=labels, sample_weight=local_kwargs.get("sample_weight"),
+            class_weight=local_kwargs.get("class_weight"), settings=settings)
+        return forward.loss, host(forward.grad())
+
+    results = run_ranks(2, work)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    np.testing.assert_allclose(results[0][0], ref_loss, rtol=1e-6)
+    assert results[0][0] == results[1][0]
+    assert_grad_close(np.concatenate([g for _, g in results], axis=1), ref_grad, np.float32)
+
+
+@pytest.mark.parametrize("dtype", ("float32", "bfloat16", "float64"))
+def test_torch_tensors_through_the_cuda_kernel(rng, dtype):
+    """fastxent.distributed's CudaKernel: DLPack views of tensors (bfloat16 as its bits), the
+    gradient into a new tensor or in place. CUDA tensors on a GPU; CPU tensors on the host
+    emulator, whose CuPy stand-in takes DLPack from any tensor."""
+    torch = pytest.importorskip("torch")
+    from fastxent.cpu import partial as cpu_partial
+    from fastxent.distributed import _torch
+
+    device = "cpu" if EMULATED else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("PyTorch sees no CUDA device")
+    rows, local, options = range_case(rng, np.float32, "smoothing_and_class_weight")
+    tensor = torch.from_numpy(rows).to(getattr(torch, dtype)).to(device)
+    rows = _torch._to_numpy(tensor.cpu())  # the values as stored
+    ref = cpu_partial.range_stats(rows, local, options)
+    kernel = _torch.CudaKernel()
+    got = kernel.stats(tensor, local, options)
+    np.testing.assert_array_equal(got.row_max, ref.row_max)
+    np.testing.assert_allclose(got.sum_exp, ref.sum_exp, rtol=1e-12 if dtype == "float64" else 2e-6)
+    np.testing.assert_array_equal(got.target_input, ref.target_input)
+
+    target_weight = cpu_partial.target_weights(local, options.class_weight)
+    coefs = cpu_partial.finish_rows(ref, local, target_weight, np.ones(len(local)), options)
+    ref_grad = cpu_partial.range_grad(rows, local, ref, coefs, target_weight, options).astype(np.float64)
+    grad = kernel.grad(tensor, local, ref, coefs, target_weight, options, inplace=False)
+    assert grad.dtype == tensor.dtype and grad.device == tensor.device and grad.data_ptr() != tensor.data_ptr()
+    assert_grad_close(_torch._to_numpy(grad.cpu()), ref_grad, rows.dtype)
+    same = kernel.grad(tensor, local, ref, coefs, target_weight, options, inplace=True)
+    assert same is tensor
+    assert_grad_close(_torch._to_numpy(tensor.cpu()), ref_grad, rows.dtype)

@@ -6,14 +6,17 @@ vocabulary. The forward pass does the two all-reductions of ``fastxent.distribut
 the backward pass needs no communication: it sweeps this rank's slice once with the saved
 per-row statistics (O(N) numbers), so no N x V_local softmax is kept between the passes.
 
-CPU tensors run the core Numba kernels on a zero-copy NumPy view. CUDA tensors compute the
-per-slice statistics and the gradient with PyTorch operations on the device (``TorchKernel``);
-the per-row epilogue runs on the host on O(N) numbers, and the collectives go through the
-process group (NCCL stages them on the GPU).
+CPU tensors run the core Numba kernels on a zero-copy NumPy view. CUDA tensors of logits run
+fastxent's CUDA kernels (``fastxent.gpu.partial``) on a zero-copy CuPy view, on PyTorch's
+current stream (``CudaKernel``); without CuPy, and for probabilities, the per-slice statistics
+and gradient are PyTorch operations on the device (``TorchKernel``). Either way the per-row
+epilogue runs on the host on O(N) numbers, and the collectives go through the process group
+(NCCL stages them on the GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import numpy as np
@@ -188,9 +191,66 @@ class TorchKernel:
         return out
 
 
-def kernel_for(tensor: torch.Tensor):
-    """The core Numba kernels for CPU tensors, PyTorch operations on the device otherwise."""
-    return NumpyKernel() if tensor.device.type == "cpu" else TorchKernel()
+class CudaKernel:
+    """fastxent's CUDA kernels on tensors of logits: zero-copy CuPy views through DLPack,
+    launched on PyTorch's current stream of the tensor's device (bfloat16 travels as its bits,
+    for CuPy releases without a bfloat16 dtype)."""
+
+    def __init__(self):
+        import cupy  # noqa: F401  (ImportError here: the caller picks another kernel)
+
+        from fastxent.gpu import partial
+
+        self._partial = partial
+
+    @staticmethod
+    def _view(tensor: torch.Tensor):
+        import cupy
+
+        if tensor.dtype == torch.bfloat16:
+            return cupy.from_dlpack(tensor.view(torch.int16)).view(cupy.uint16), "bfloat16"
+        return cupy.from_dlpack(tensor), None
+
+    @staticmethod
+    def _on_stream(tensor: torch.Tensor):
+        """CuPy's current device and stream set to PyTorch's for ``tensor`` (for a CUDA tensor)."""
+        if tensor.device.type != "cuda":
+            return contextlib.nullcontext()
+        import cupy
+
+        stream = torch.cuda.current_stream(tensor.device)
+        context = contextlib.ExitStack()
+        context.enter_context(cupy.cuda.Device(tensor.device.index))
+        context.enter_context(cupy.cuda.ExternalStream(stream.cuda_stream))
+        return context
+
+    def stats(self, rows: torch.Tensor, labels: np.ndarray, options):
+        view, storage = self._view(rows)
+        with self._on_stream(rows):
+            return self._partial.range_stats(view, labels, options, storage=storage)
+
+    def grad(self, rows: torch.Tensor, labels: np.ndarray, stats, coefs, target_weight, options, *,
+             inplace: bool):
+        out = rows if inplace else torch.empty_like(rows)
+        view, storage = self._view(rows)
+        out_view = None if inplace else self._view(out)[0]
+        with self._on_stream(rows):
+            self._partial.range_grad(view, labels, stats, coefs, target_weight, options, inplace=inplace,
+                                     out=out_view, storage=storage)
+        return out
+
+
+def kernel_for(tensor: torch.Tensor, from_logits: bool = True):
+    """The core Numba kernels for CPU tensors; for device tensors, fastxent's CUDA kernels where
+    CuPy is importable and the inputs are logits, else PyTorch operations."""
+    if tensor.device.type == "cpu":
+        return NumpyKernel()
+    if from_logits and tensor.device.type == "cuda":
+        try:
+            return CudaKernel()
+        except ImportError:
+            pass
+    return TorchKernel()
 
 
 class VocabParallelCrossEntropy(torch.autograd.Function):
@@ -260,7 +320,8 @@ def vocab_parallel_cross_entropy(
 
     Args:
         local_logits: (..., V_local) this rank's classes [vocab_start, vocab_start + V_local).
-            CPU tensors use the Numba kernels; CUDA tensors PyTorch operations on the device.
+            CPU tensors use the Numba kernels; CUDA tensors fastxent's CUDA kernels through
+            CuPy (PyTorch operations without CuPy, and for probabilities).
         target: (...) integer global class ids, identical on every rank.
         vocab_start: this shard's first global class (shards may differ in size).
         group: a torch.distributed process group (Gloo for CPU tensors, NCCL for CUDA
@@ -274,4 +335,4 @@ def vocab_parallel_cross_entropy(
     """
     settings = check_settings(from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap, vocab_start)
     return VocabParallelCrossEntropy.apply(local_logits, target, int(vocab_start), group, settings, class_weight,
-                                           sample_weight, kernel_for(local_logits))
+                                           sample_weight, kernel_for(local_logits, settings.from_logits))

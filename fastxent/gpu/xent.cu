@@ -788,6 +788,14 @@ __device__ __forceinline__ void logit_rows(const T* logits, T* grad, const long 
 // epilogue: one launch instead of a separate merge kernel, which matters when a handful of rows
 // take a few microseconds. row_coefs: (num_rows, 4) float64 of reference, coef_p, coef_w and
 // the target's gradient for step 2, or null (loss only).
+//
+// Class-range mode (range_stats_out not null; vocabulary-parallel shards): the logits are one
+// class range of longer rows, a label is local (kIgnored, kElsewhere when the target lies in
+// another range, else its offset here), and instead of the epilogue the merging block writes
+// the row's range statistics as five float64 planes of num_rows: row_max, sum_exp,
+// weighted_sum, the target's (softcapped) value and raw input (0 without a target here).
+constexpr long long kIgnored = -1;
+
 template <typename T, bool kSoftcap>
 __device__ __forceinline__ void part_stats(const T* logits, const long long* labels, const double* sample_weight,
                                            const double* class_weight,
@@ -795,7 +803,8 @@ __device__ __forceinline__ void part_stats(const T* logits, const long long* lab
                                            double class_weight_total, long long num_classes, long long part_len,
                                            double num_classes_total, double smoothing, double z_loss,
                                            double softcap, double grad_scale, double* part_stats_out,
-                                           unsigned int* row_counters, double* loss_out, double* row_coefs) {
+                                           unsigned int* row_counters, double* loss_out, double* row_coefs,
+                                           double* range_stats_out) {
   typedef typename Storage<T>::Acc A;
   __shared__ bool is_last_block;
   const long long row = blockIdx.y;
@@ -808,7 +817,7 @@ __device__ __forceinline__ void part_stats(const T* logits, const long long* lab
   LogitStatsVisitor<A, kSoftcap> visit = {identity_stats(static_cast<LogitStats<A>*>(nullptr)), cap,
                                           class_weight_elem ? class_weight_elem + lo : nullptr,
                                           smoothing != 0.0};
-  if (label >= 0) {  // ignored rows keep the identity; their epilogue writes zeros
+  if (label != kIgnored) {  // ignored rows keep the identity; their epilogue writes zeros
     // keep_in_l2: part_grad reads the range again right after.
     sweep_read<Storage<T>::kUnroll>(logits + row * num_classes + lo, (int)(hi - lo), true, visit, (uint4*)nullptr,
                                     0, true);
@@ -841,6 +850,17 @@ __device__ __forceinline__ void part_stats(const T* logits, const long long* lab
   merged = warp_reduce(merged);
   if (threadIdx.x != 0) return;
   row_counters[row] = 0u;  // every part has arrived: ready for the next launch
+  if (range_stats_out) {
+    const long long rows = gridDim.y;
+    const bool has_target = label >= 0 && label < num_classes;
+    const A raw = has_target ? Storage<T>::to_acc(logits[row * num_classes + label]) : A(0);
+    range_stats_out[row] = merged.row_max;
+    range_stats_out[rows + row] = merged.sum_exp;
+    range_stats_out[2 * rows + row] = merged.weighted_sum;
+    range_stats_out[3 * rows + row] = has_target ? (double)apply_softcap<kSoftcap>(raw, cap) : 0.0;
+    range_stats_out[4 * rows + row] = (double)raw;
+    return;
+  }
   double* coefs = row_coefs ? row_coefs + row * 4 : nullptr;
   if (label < 0) {
     loss_out[row] = 0.0;
@@ -877,7 +897,7 @@ __device__ __forceinline__ void part_grad(const T* logits, T* grad, const long l
   T* out = grad + row * num_classes + lo;
   const int length = (int)(hi - lo);
   const long long label = labels[row];
-  if (label < 0) {
+  if (label == kIgnored) {
     fill_zero(out, length);
     return;
   }
@@ -973,11 +993,12 @@ __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long lo
       NAME(const T* logits, const long long* labels, const double* sample_weight, const double* class_weight, \
            const A* class_weight_elem, double class_weight_total, long long num_classes, long long part_len,  \
            double num_classes_total, double smoothing, double z_loss, double softcap, double grad_scale,     \
-           double* part_stats_out, unsigned int* row_counters, double* loss_out, double* row_coefs) {        \
+           double* part_stats_out, unsigned int* row_counters, double* loss_out, double* row_coefs,         \
+           double* range_stats_out) {                                                                        \
     fastxent::part_stats<T, SOFTCAP>(logits, labels, sample_weight, class_weight, class_weight_elem,         \
                                      class_weight_total, num_classes, part_len, num_classes_total, smoothing, \
                                      z_loss, softcap, grad_scale, part_stats_out, row_counters, loss_out,    \
-                                     row_coefs);                                                             \
+                                     row_coefs, range_stats_out);                                            \
   }
 
 #define FASTXENT_PART_GRAD_ENTRY(NAME, T, A, SOFTCAP)                                                       \

@@ -238,18 +238,24 @@ def launch_logit_rows(kernel, plan: RowsPlan, logits, grad, labels, sample_weigh
 
 def launch_part_stats(kernel, num_parts: int, threads: int, logits, labels, sample_weight, class_weight,
                       class_weight_elem, part_len: int, options: KernelOptions, part_stats, row_counters, loss,
-                      row_coefs) -> None:
+                      row_coefs, range_stats=None) -> None:
     """xent_part_stats_*: partial statistics of every (row, part) into part_stats (3, N, P)
     float64, merged per row into loss (N,) and, unless None, row_coefs (N, 4) float64.
-    row_counters: uint32 (>= N,), zero, and zero again afterwards."""
+    row_counters: uint32 (>= N,), zero, and zero again afterwards.
+
+    Class-range mode: with ``range_stats`` (5, N) float64, the merged statistics of each row
+    (row_max, sum_exp, weighted_sum, target value, target input) go there instead of an
+    epilogue; labels are local to the range (-1 ignored, -2 elsewhere), loss and row_coefs None.
+    """
     num_rows, num_classes = logits.shape
     kernel(
         (num_parts, num_rows), (threads,),
-        (logits, labels, sample_weight, _pointer(class_weight), _pointer(class_weight_elem),
+        (logits, labels, _pointer(sample_weight), _pointer(class_weight), _pointer(class_weight_elem),
          numpy.float64(options.class_weight_total), numpy.int64(num_classes), numpy.int64(part_len),
          numpy.float64(options.num_classes), numpy.float64(options.label_smoothing),
          numpy.float64(options.z_loss), numpy.float64(options.softcap or 0.0),
-         numpy.float64(options.grad_scale), part_stats, row_counters, loss, _pointer(row_coefs)),
+         numpy.float64(options.grad_scale), part_stats, row_counters, _pointer(loss), _pointer(row_coefs),
+         _pointer(range_stats)),
     )
 
 
