@@ -255,6 +255,10 @@ def _float_eps(dtype) -> float:
     return float(np.finfo(dtype).eps)
 
 
+# Values of the first row checked before the whole row (see _hint_scalars).
+_HINT_PREFIX = 64
+
+
 def _hint_scalars(logits, axis: int, from_logits: bool, xp: Any) -> dict:
     """Device scalars for the softmax hint (see ``_warn_if_probabilities``): whether the first
     row lies in [0, 1], and its sum. Empty when there is nothing to check.
@@ -265,7 +269,14 @@ def _hint_scalars(logits, axis: int, from_logits: bool, xp: Any) -> dict:
         return {}
     index = [0] * logits.ndim
     index[axis] = slice(None)
-    first = logits[tuple(index)].astype(xp.float64)
+    first = logits[tuple(index)]
+    if xp is np:
+        # Real logits almost always leave [0, 1] within a few values: decide on a prefix first,
+        # so the usual call does not convert a whole row of 128k classes (measured: ~100 us).
+        prefix = first[:_HINT_PREFIX].astype(np.float64)
+        if not bool(np.all((prefix >= 0) & (prefix <= 1))):
+            return {}
+    first = first.astype(xp.float64)
     return {"first_row_in_unit": xp.all((first >= 0) & (first <= 1)), "first_row_sum": first.sum()}
 
 

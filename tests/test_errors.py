@@ -226,6 +226,24 @@ def test_softmax_output_as_logits_warns(rng, entry, dtype):
     assert np.isfinite(loss)  # a warning, not an error: the call still computes
 
 
+@pytest.mark.parametrize("axis", (-1, 0))
+def test_long_softmax_row_warns_and_a_row_leaving_unit_range_late_does_not(rng, axis):
+    """The hint looks at a prefix of the first row first: rows longer than it still get the
+    whole-row check, both ways, along any class axis."""
+    probs = random_probabilities(rng, (3, 300), np.float64, zero_fraction=0.0)
+    probs = (probs / probs.sum(axis=-1, keepdims=True)).astype(np.float32)
+    late = probs.copy()
+    late[0, 250] = 1.5  # in [0, 1] for the first 250 classes, then not
+    labels = np.array([0, 1, 2])
+    if axis == 0:
+        probs, late = np.ascontiguousarray(probs.T), np.ascontiguousarray(late.T)
+    with pytest.warns(UserWarning, match="from_logits=False"):
+        fastxent.sparse_cross_entropy(probs, labels, axis=axis)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fastxent.sparse_cross_entropy(late, labels, axis=axis)
+
+
 def test_real_logits_and_real_probabilities_do_not_warn(rng, entry):
     logits = random_logits(rng, (3, NUM_CLASSES), np.float32)
     probs = random_probabilities(rng, (3, NUM_CLASSES), np.float32)
