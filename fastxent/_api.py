@@ -201,7 +201,8 @@ def _prepare(logits, labels, *, from_logits, reduction, ignore_index, label_smoo
     device_scalars = {}
     if num_rows:
         device_scalars["bad_labels"] = xp.any(out_of_range)
-        device_scalars["first_bad"] = xp.argmax(out_of_range)
+        if xp is not np:  # on the host the position is looked up only when there is one
+            device_scalars["first_bad"] = xp.argmax(out_of_range)
     if weights is not None:
         device_scalars["weight_total"] = weights.sum()
     if reduction == "mean":
@@ -216,7 +217,7 @@ def _prepare(logits, labels, *, from_logits, reduction, ignore_index, label_smoo
     host = _to_host(device_scalars, xp)
 
     if host.get("bad_labels"):
-        first = int(host["first_bad"])
+        first = int(host["first_bad"] if "first_bad" in host else np.argmax(out_of_range))
         position = tuple(int(i) for i in np.unravel_index(first, labels.shape)) if labels.ndim else ()
         value = int(flat[first])
         hint = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
@@ -244,7 +245,7 @@ def _prepare(logits, labels, *, from_logits, reduction, ignore_index, label_smoo
 
 def _rows_view(logits, axis: int, xp: Any):
     """(N, C) C-contiguous rows of the logits: a view where possible, otherwise a copy."""
-    moved = xp.moveaxis(logits, axis, -1)
+    moved = logits if axis == logits.ndim - 1 else xp.moveaxis(logits, axis, -1)
     return xp.ascontiguousarray(moved.reshape(-1, moved.shape[-1]))
 
 
@@ -378,7 +379,9 @@ def _run(logits, labels, *, want_grad, inplace, from_logits, reduction, ignore_i
             moved = xp.moveaxis(logits, axis, -1)
             moved[...] = grad_rows.reshape(moved.shape)
         return loss, logits
-    grad = xp.moveaxis(grad_rows.reshape(lead_shape + (grad_rows.shape[-1],)), -1, axis)
+    grad = grad_rows.reshape(lead_shape + (grad_rows.shape[-1],))
+    if axis != grad.ndim - 1:
+        grad = xp.moveaxis(grad, -1, axis)
     if out is not None:
         if grad_rows is not out_rows:
             out[...] = grad
