@@ -685,7 +685,20 @@ def test_class_range_rejects_probabilities(rng):
         gpu_partial.range_stats(cupy.asarray(rows), local, replace(options, from_logits=False))
 
 
-@pytest.mark.parametrize("option", ("plain", "everything"))
+def put_edge_values(logits, labels):
+    """-inf classes, a target at -inf, a row of -inf in rank 0's shard only, +inf, NaN, 1e30,
+    and a row of -inf everywhere (rows 0-6 of at least 7, 1000 classes split 600/400)."""
+    labels[1] = 10
+    logits[0, ::3] = -np.inf
+    logits[1, 10] = -np.inf
+    logits[2, :600] = -np.inf
+    logits[3, 700] = np.inf
+    logits[4, 5] = np.nan
+    logits[5] *= 1e30
+    logits[6, :] = -np.inf
+
+
+@pytest.mark.parametrize("option", ("plain", "everything", "edges", "edges_smoothing"))
 def test_sharded_loss_on_gpu_ranks(rng, option):
     """Two ranks (threads) whose rows are CuPy arrays, through fastxent.distributed's two
     collectives, against the core on the whole rows."""
@@ -696,8 +709,12 @@ def test_sharded_loss_on_gpu_ranks(rng, option):
     from fastxent.distributed import _sharded
     from fastxent.gpu import partial as gpu_partial
 
-    logits, labels, kwargs = make_case(rng, option, 9, 1000)
-    ref_loss, ref_grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction="sum", **kwargs)
+    case = {"edges": "plain", "edges_smoothing": "smoothing+class_weight"}.get(option, option)
+    logits, labels, kwargs = make_case(rng, case, 9, 1000)
+    if option.startswith("edges"):
+        put_edge_values(logits, labels)
+    reduction = "none" if option.startswith("edges") else "sum"
+    ref_loss, ref_grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction=reduction, **kwargs)
     starts = bounds((600, 400))
     lock = threading.Lock()  # one rank on the device at a time (the emulator runs one launch at once)
 
@@ -713,7 +730,7 @@ def test_sharded_loss_on_gpu_ranks(rng, option):
     def work(comm):
         lo, hi = starts[comm.rank], starts[comm.rank + 1]
         local_kwargs = shard_kwargs(kwargs, lo, hi)
-        settings = _sharded.check_settings(True, "sum", local_kwargs.get("ignore_index"),
+        settings = _sharded.check_settings(True, reduction, local_kwargs.get("ignore_index"),
                                            local_kwargs.get("label_smoothing", 0.0), local_kwargs.get("z_loss", 0.0),
                                            local_kwargs.get("softcap"), lo)
         rows = cupy.asarray(np.ascontiguousarray(logits[:, lo:hi]))
@@ -727,9 +744,13 @@ def test_sharded_loss_on_gpu_ranks(rng, option):
     for result in results:
         if isinstance(result, BaseException):
             raise result
-    np.testing.assert_allclose(results[0][0], ref_loss, rtol=1e-6)
-    assert results[0][0] == results[1][0]
-    assert_grad_close(np.concatenate([g for _, g in results], axis=1), ref_grad, np.float32)
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(np.isnan(results[0][0]), np.isnan(ref_loss))
+    np.testing.assert_allclose(results[0][0], ref_loss, rtol=1e-6, atol=0.0, equal_nan=True)
+    grad = np.concatenate([g for _, g in results], axis=1)
+    np.testing.assert_array_equal(np.isnan(grad), np.isnan(ref_grad))
+    finite = np.isfinite(ref_grad).all(axis=1)
+    assert_grad_close(grad[finite], ref_grad[finite], np.float32)
 
 
 @pytest.mark.parametrize("dtype", ("float32", "bfloat16", "float64"))
