@@ -784,3 +784,77 @@ def test_torch_tensors_through_the_cuda_kernel(rng, dtype):
     same = kernel.grad(tensor, local, ref, coefs, target_weight, options, inplace=True)
     assert same is tensor
     assert_grad_close(_torch._to_numpy(tensor.cpu()), ref_grad, rows.dtype)
+
+
+def serialise_gpu_ranks(monkeypatch):
+    """One thread rank at a time in the class-range launchers (the host emulator runs one
+    launch at once; on a GPU the ranks would be processes)."""
+    import threading
+
+    from fastxent.gpu import partial as gpu_partial
+
+    lock = threading.Lock()
+    for name in ("range_stats", "range_grad"):
+        original = getattr(gpu_partial, name)
+
+        def locked(*args, _original=original, **kwargs):
+            with lock:
+                return _original(*args, **kwargs)
+
+        monkeypatch.setattr(gpu_partial, name, locked)
+
+
+@pytest.mark.parametrize("mode", ("new", "inplace", "class_axis_first"))
+def test_distributed_api_takes_cupy_arrays(rng, monkeypatch, mode):
+    """fastxent.distributed with CuPy logits: CUDA kernels, CuPy results, the core's values."""
+    from sharding import bounds, make_case, run_ranks, shard_kwargs
+
+    from fastxent import distributed
+
+    serialise_gpu_ranks(monkeypatch)
+    logits, labels, kwargs = make_case(rng, "everything", 6, 1000)
+    axis = 0 if mode == "class_axis_first" else -1
+    ref_loss, ref_grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction="mean", **kwargs)
+    starts = bounds((600, 400))
+
+    def work(comm):
+        lo, hi = starts[comm.rank], starts[comm.rank + 1]
+        local = np.ascontiguousarray(logits[:, lo:hi])
+        if axis == 0:
+            local = np.ascontiguousarray(local.T)
+        device_local = cupy.asarray(local)
+        local_kwargs = to_device_options(shard_kwargs(kwargs, lo, hi))
+        loss, grad = distributed.sparse_cross_entropy_with_grad(
+            device_local, cupy.asarray(labels), vocab_start=lo, group=comm, axis=axis,
+            inplace=mode == "inplace", **local_kwargs)
+        assert isinstance(loss, cupy.ndarray) and isinstance(grad, cupy.ndarray)
+        assert (grad is device_local) == (mode == "inplace")
+        grad = host(grad)
+        return host(loss), grad.T if axis == 0 else grad
+
+    results = run_ranks(2, work)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    np.testing.assert_allclose(results[0][0], ref_loss, rtol=1e-6)
+    assert_grad_close(np.concatenate([g for _, g in results], axis=1), ref_grad, np.float32)
+
+
+def test_distributed_api_rejects_cupy_probabilities_on_every_rank(rng, monkeypatch):
+    from sharding import bounds, run_ranks
+
+    from fastxent import distributed
+
+    serialise_gpu_ranks(monkeypatch)
+    probs = random_probabilities(rng, (4, 1000), np.float32)
+    labels = random_labels(rng, (4,), 1000)
+    starts = bounds((600, 400))
+
+    def work(comm):
+        lo, hi = starts[comm.rank], starts[comm.rank + 1]
+        return distributed.sparse_cross_entropy(cupy.asarray(probs[:, lo:hi]), labels, vocab_start=lo, group=comm,
+                                                from_logits=False)
+
+    for result in run_ranks(2, work):
+        assert isinstance(result, ValueError)
+        assert "CuPy" in str(result) or "rejected its arguments" in str(result)

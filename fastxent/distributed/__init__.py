@@ -7,7 +7,9 @@ of its own slice. Per call two all-reductions of per-row statistics move (12 byt
 rank for float32 logits, 16 with class weights, see ``fastxent.distributed._sharded``); the logits never do.
 
 ``group`` is an mpi4py communicator or a torch.distributed process group; None means torch's
-default group when torch.distributed is initialised, else ``MPI.COMM_WORLD``. For PyTorch
+default group when torch.distributed is initialised, else ``MPI.COMM_WORLD``. NumPy logits run
+the Numba kernels; CuPy logits run the CUDA kernels (``fastxent.gpu.partial``) and get CuPy
+results, while the O(N) statistics travel through the group from host memory. For PyTorch
 tensors and autograd use ``fastxent.distributed._torch.vocab_parallel_cross_entropy``
 (re-exported by ``fastxent.torch``).
 """
@@ -38,46 +40,63 @@ __all__ = [
 ]
 
 
-def _local_rows(local_logits: Any, lead_shape: tuple, axis: int, inplace: bool):
-    """(N, V_local) rows of this rank's logits, their class axis and dtype.
+def _on_host(value: Any) -> Any:
+    """A CuPy array's values in host memory (the O(N) inputs the collectives need); else as is."""
+    if value is not None and _api._is_cupy_array(value):
+        return value.get()
+    return value
+
+
+def _local_rows(local_logits: Any, lead_shape: tuple, axis: int, inplace: bool, from_logits: bool):
+    """(N, V_local) rows of this rank's logits, their class axis, and the array module.
 
     Raises for mistakes that may be this rank's alone; the caller hands them to the collective.
     """
-    backend = _api._Backend("cpu", np, None)
-    _, logits = _api._as_logits(local_logits, backend)
+    on_gpu = _api._is_cupy_array(local_logits)
+    backend = _api._backend_for(local_logits) if on_gpu else _api._Backend("cpu", np, None)
+    xp, logits = _api._as_logits(local_logits, backend)
     axis = _api._normalise_axis(axis, logits.ndim)
     own_lead = tuple(logits.shape[:axis] + logits.shape[axis + 1:])
     if own_lead != lead_shape:
         raise ValueError(
             f"labels shape {lead_shape} must equal the local logits' shape without the class axis, {own_lead}"
         )
-    if inplace and not logits.flags.writeable:
+    if inplace and not getattr(logits.flags, "writeable", True):  # CuPy arrays are always writeable
         raise ValueError("inplace=True needs a writeable array of logits")
+    if on_gpu and not from_logits:
+        raise ValueError("from_logits=False with CuPy arrays is not supported: the GPU class-range kernels "
+                         "take logits (pass NumPy arrays or torch tensors for probabilities)")
     # (N, V_local) without reshape(-1, ...), which is ambiguous for a shard of zero classes.
-    moved = np.moveaxis(logits, axis, -1)
-    rows = np.ascontiguousarray(moved.reshape(int(np.prod(lead_shape, dtype=np.int64)), moved.shape[-1]))
-    return logits, rows, axis
+    moved = xp.moveaxis(logits, axis, -1)
+    rows = xp.ascontiguousarray(moved.reshape(int(np.prod(lead_shape, dtype=np.int64)), moved.shape[-1]))
+    return logits, rows, axis, xp
 
 
 def _forward(local_logits, labels, *, vocab_start, group, inplace, from_logits, reduction, ignore_index,
              label_smoothing, class_weight, sample_weight, z_loss, softcap, axis):
     settings = check_settings(from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap, vocab_start)
-    labels = check_labels(labels)
+    labels = check_labels(_on_host(labels))
     comm = communicator_for(group)
     lead_shape = tuple(labels.shape)
     logits = rows = None
-    width, dtype, local_error = 0, np.dtype(np.float32), None
+    xp, width, dtype, local_error = np, 0, np.dtype(np.float32), None
     try:
-        logits, rows, axis = _local_rows(local_logits, lead_shape, axis, inplace)
+        logits, rows, axis, xp = _local_rows(local_logits, lead_shape, axis, inplace, settings.from_logits)
         width, dtype = rows.shape[1], logits.dtype
     except (TypeError, ValueError) as error:
         local_error = error
+    if xp is np:
+        kernel = NumpyKernel()
+    else:
+        from fastxent.gpu.partial import CupyKernel
+
+        kernel = CupyKernel()
     forward = sharded_forward(
-        comm, NumpyKernel(), rows, num_rows=labels.size, width=width, logits_dtype=dtype,
-        vocab_start=vocab_start, labels=labels, sample_weight=sample_weight, class_weight=class_weight,
-        settings=settings, local_error=local_error,
+        comm, kernel, rows, num_rows=labels.size, width=width, logits_dtype=dtype,
+        vocab_start=vocab_start, labels=labels, sample_weight=_on_host(sample_weight),
+        class_weight=_on_host(class_weight), settings=settings, local_error=local_error,
     )
-    return forward, logits, axis
+    return forward, logits, axis, xp
 
 
 def sparse_cross_entropy(
@@ -121,12 +140,12 @@ def sparse_cross_entropy(
         negative probability, shards that do not tile the vocabulary, or arguments one rank
         gets wrong.
     """
-    forward, _, _ = _forward(
+    forward, _, _, xp = _forward(
         local_logits, labels, vocab_start=vocab_start, group=group, inplace=False, from_logits=from_logits,
         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
         class_weight=class_weight, sample_weight=sample_weight, z_loss=z_loss, softcap=softcap, axis=axis,
     )
-    return forward.loss
+    return forward.loss if xp is np else xp.asarray(forward.loss)
 
 
 def sparse_cross_entropy_with_grad(
@@ -155,19 +174,24 @@ def sparse_cross_entropy_with_grad(
         (loss, grad): the loss, identical on every rank, and the gradient of this rank's slice
         with the local logits' shape and dtype (the ``local_logits`` array itself when inplace).
     """
-    forward, logits, axis = _forward(
+    forward, logits, axis, xp = _forward(
         local_logits, labels, vocab_start=vocab_start, group=group, inplace=bool(inplace),
         from_logits=from_logits, reduction=reduction, ignore_index=ignore_index,
         label_smoothing=label_smoothing, class_weight=class_weight, sample_weight=sample_weight,
         z_loss=z_loss, softcap=softcap, axis=axis,
     )
     grad_rows = forward.grad(inplace=bool(inplace))
+    loss = forward.loss if xp is np else xp.asarray(forward.loss)
     lead_shape = tuple(np.shape(labels))
     if inplace:
-        if not (grad_rows is forward.rows and np.shares_memory(forward.rows, logits)):
-            moved = np.moveaxis(logits, axis, -1)
+        if xp is np:
+            writes_through = np.shares_memory(forward.rows, logits)
+        else:
+            writes_through = forward.rows.data.ptr == logits.data.ptr and logits.flags.c_contiguous
+        if not (grad_rows is forward.rows and writes_through):
+            moved = xp.moveaxis(logits, axis, -1)
             moved[...] = grad_rows.reshape(moved.shape)
-        return forward.loss, logits
-    grad = np.moveaxis(grad_rows.reshape(lead_shape + (grad_rows.shape[-1],)), -1, axis)
-    return forward.loss, grad
+        return loss, logits
+    grad = xp.moveaxis(grad_rows.reshape(lead_shape + (grad_rows.shape[-1],)), -1, axis)
+    return loss, grad
 
