@@ -103,6 +103,12 @@ def _check_options(from_logits, reduction, ignore_index, label_smoothing, z_loss
             raise ValueError("softcap applies to logits; it cannot be combined with from_logits=False")
 
 
+def _position(flat_index: int, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    """The index tuple of element ``flat_index`` of an array of ``shape``, as plain ints (NumPy 2
+    would print np.int64(2) inside the tuple); () for a 0-d array."""
+    return tuple(int(i) for i in np.unravel_index(flat_index, shape)) if shape else ()
+
+
 def _find_bad_label(labels, valid, num_classes: int, xp: Any):
     """Position and value of the first label outside [0, C) that is not ignored, or None."""
     out_of_range = (labels < 0) | (labels >= num_classes)
@@ -112,8 +118,7 @@ def _find_bad_label(labels, valid, num_classes: int, xp: Any):
     if not bool(flat.any()):
         return None
     first = int(xp.argmax(flat))
-    position = tuple(int(i) for i in np.unravel_index(first, labels.shape)) if labels.ndim else ()
-    return position, int(labels.reshape(-1)[first])
+    return _position(first, tuple(labels.shape)), int(labels.reshape(-1)[first])
 
 
 def _class_weights(class_weight, num_classes: int, xp: Any):
@@ -163,8 +168,7 @@ def _reject_negative_probabilities(row_min, lead_shape: Tuple[int, ...], xp: Any
     negative = row_min < 0
     if bool(negative.any()):
         row = int(xp.argmax(negative))
-        # Plain ints: NumPy 2 would print np.int64(2) inside the tuple.
-        position = tuple(int(i) for i in np.unravel_index(row, lead_shape)) if lead_shape else ()
+        position = _position(row, lead_shape)
         raise ValueError(
             f"from_logits=False expects probabilities, but row {position} "
             f"has a negative value ({float(row_min[row]):.6g}); the input looks like logits: "
@@ -218,7 +222,7 @@ def _prepare(logits, labels, *, from_logits, reduction, ignore_index, label_smoo
 
     if host.get("bad_labels"):
         first = int(host["first_bad"] if "first_bad" in host else np.argmax(out_of_range))
-        position = tuple(int(i) for i in np.unravel_index(first, labels.shape)) if labels.ndim else ()
+        position = _position(first, tuple(labels.shape))
         value = int(flat[first])
         hint = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
         raise ValueError(

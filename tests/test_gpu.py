@@ -686,6 +686,24 @@ def test_class_range_rejects_probabilities(rng):
         gpu_partial.range_stats(cupy.asarray(rows), local, replace(options, from_logits=False))
 
 
+def serialise_gpu_ranks(monkeypatch):
+    """One thread rank at a time in the class-range launchers (the host emulator runs one
+    launch at once; on a GPU the ranks would be processes)."""
+    import threading
+
+    from fastxent.gpu import partial as gpu_partial
+
+    lock = threading.Lock()
+    for name in ("range_stats", "range_grad"):
+        original = getattr(gpu_partial, name)
+
+        def locked(*args, _original=original, **kwargs):
+            with lock:
+                return _original(*args, **kwargs)
+
+        monkeypatch.setattr(gpu_partial, name, locked)
+
+
 def put_edge_values(logits, labels):
     """-inf classes, a target at -inf, a row of -inf in rank 0's shard only, +inf, NaN, 1e30,
     and a row of -inf everywhere (rows 0-6 of at least 7, 1000 classes split 600/400)."""
@@ -700,15 +718,15 @@ def put_edge_values(logits, labels):
 
 
 @pytest.mark.parametrize("option", ("plain", "everything", "edges", "edges_smoothing"))
-def test_sharded_loss_on_gpu_ranks(rng, option):
+def test_sharded_loss_on_gpu_ranks(rng, monkeypatch, option):
     """Two ranks (threads) whose rows are CuPy arrays, through fastxent.distributed's two
     collectives, against the core on the whole rows."""
-    import threading
-
     from sharding import bounds, make_case, run_ranks, shard_kwargs
 
     from fastxent.distributed import _sharded
     from fastxent.gpu import partial as gpu_partial
+
+    serialise_gpu_ranks(monkeypatch)
 
     case = {"edges": "plain", "edges_smoothing": "smoothing+class_weight"}.get(option, option)
     logits, labels, kwargs = make_case(rng, case, 9, 1000)
@@ -717,16 +735,6 @@ def test_sharded_loss_on_gpu_ranks(rng, option):
     reduction = "none" if option.startswith("edges") else "sum"
     ref_loss, ref_grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction=reduction, **kwargs)
     starts = bounds((600, 400))
-    lock = threading.Lock()  # one rank on the device at a time (the emulator runs one launch at once)
-
-    class SerialKernel(gpu_partial.CupyKernel):
-        def stats(self, *args, **kw):
-            with lock:
-                return super().stats(*args, **kw)
-
-        def grad(self, *args, **kw):
-            with lock:
-                return super().grad(*args, **kw)
 
     def work(comm):
         lo, hi = starts[comm.rank], starts[comm.rank + 1]
@@ -736,7 +744,7 @@ def test_sharded_loss_on_gpu_ranks(rng, option):
                                            local_kwargs.get("softcap"), lo)
         rows = cupy.asarray(np.ascontiguousarray(logits[:, lo:hi]))
         forward = _sharded.sharded_forward(
-            comm, SerialKernel(), rows, num_rows=labels.size, width=hi - lo, logits_dtype=np.float32,
+            comm, gpu_partial.CupyKernel(), rows, num_rows=labels.size, width=hi - lo, logits_dtype=np.float32,
             vocab_start=lo, labels=labels, sample_weight=local_kwargs.get("sample_weight"),
             class_weight=local_kwargs.get("class_weight"), settings=settings)
         return forward.loss, host(forward.grad())
@@ -785,24 +793,6 @@ def test_torch_tensors_through_the_cuda_kernel(rng, dtype):
     same = kernel.grad(tensor, local, ref, coefs, target_weight, options, inplace=True)
     assert same is tensor
     assert_grad_close(_torch._to_numpy(tensor.cpu()), ref_grad, rows.dtype)
-
-
-def serialise_gpu_ranks(monkeypatch):
-    """One thread rank at a time in the class-range launchers (the host emulator runs one
-    launch at once; on a GPU the ranks would be processes)."""
-    import threading
-
-    from fastxent.gpu import partial as gpu_partial
-
-    lock = threading.Lock()
-    for name in ("range_stats", "range_grad"):
-        original = getattr(gpu_partial, name)
-
-        def locked(*args, _original=original, **kwargs):
-            with lock:
-                return _original(*args, **kwargs)
-
-        monkeypatch.setattr(gpu_partial, name, locked)
 
 
 @pytest.mark.parametrize("mode", ("new", "inplace", "class_axis_first"))

@@ -196,6 +196,23 @@ def range_grad(rows: np.ndarray, labels: np.ndarray, stats: RowStats, coefs: Row
     return grad
 
 
+def target_grads(labels: np.ndarray, stats: RowStats, coefs: RowCoefficients, target_weight: np.ndarray,
+                 options: KernelOptions) -> Tuple[np.ndarray, np.ndarray]:
+    """The whole gradient at the target of every row whose target lies in this range, formed in
+    float64 by the CPU kernel's own code (for backends that write the target entry apart).
+
+    Returns (rows int64 (K,), float64 (K,) gradients), K the rows with a target here.
+    """
+    owned = np.flatnonzero(labels >= 0)
+    values = np.zeros((owned.size, 1))
+    if owned.size:
+        _kernels.targets_grad(values, np.zeros(owned.size, dtype=np.int64), not options.from_logits,
+                              stats.target_value[owned], stats.target_input[owned], target_weight[owned],
+                              stats.row_max[owned], coefs.coef_p[owned], coefs.coef_t[owned],
+                              coefs.coef_w[owned], options.softcap)
+    return owned, values[:, 0]
+
+
 def target_weights(labels: np.ndarray, class_weight: Optional[np.ndarray]) -> np.ndarray:
     """class_weight[label] per row (1.0 without class weights; 0.0 for rows without a label)."""
     if class_weight is None:

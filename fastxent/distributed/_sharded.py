@@ -334,7 +334,7 @@ def sharded_forward(comm: Communicator, kernel: Any, rows: Any, *, num_rows: int
         negative = first[:num_rows] > 0
         if bool(negative.any()):
             row = int(np.argmax(negative))
-            position = tuple(int(i) for i in np.unravel_index(row, lead_shape)) if lead_shape else ()
+            position = _api._position(row, lead_shape)
             raise ValueError(
                 f"from_logits=False expects probabilities, but row {position} has a negative value "
                 f"({-float(first[row]):.6g}) in some shard; the input looks like logits: pass from_logits=True"
@@ -350,8 +350,7 @@ def sharded_forward(comm: Communicator, kernel: Any, rows: Any, *, num_rows: int
     sum_part, target_part = second[:num_rows], second[num_rows:2 * num_rows]
     counted = flat_labels != partial.IGNORED
     owned = np.flatnonzero(local >= 0)
-    local_target_weight = np.zeros(num_rows)
-    local_target_weight[owned] = 1.0 if weights is None else weights[local[owned]]
+    local_target_weight = partial.target_weights(local, weights)
     if settings.from_logits:
         sum_part[:] = partial.rescale_sum_exp(stats.row_max, stats.sum_exp, global_max)
     else:

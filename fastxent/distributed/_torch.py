@@ -24,6 +24,7 @@ import torch
 
 from fastxent._api import Reduction
 from fastxent.cpu import _kernels
+from fastxent.cpu.partial import target_grads
 from fastxent.distributed._comm import communicator_for
 from fastxent.distributed._sharded import (
     PROB_EPS,
@@ -177,16 +178,11 @@ class TorchKernel:
             grad = torch.where(counted[lo:hi], grad, torch.zeros_like(grad))
             out[lo:hi] = grad.to(out.dtype)
 
-        # The target's gradient: the Numba kernel on a one-column host array, in float64.
-        owned = np.flatnonzero(labels >= 0)
+        # The target's gradient, formed in float64 on the host as the CPU kernel forms it.
+        owned, target = target_grads(labels, stats, coefs, target_weight, options)
         if owned.size:
-            target = np.zeros((owned.size, 1))
-            _kernels.targets_grad(target, np.zeros(owned.size, dtype=np.int64), not options.from_logits,
-                                  stats.target_value[owned], stats.target_input[owned], target_weight[owned],
-                                  stats.row_max[owned], coefs.coef_p[owned], coefs.coef_t[owned],
-                                  coefs.coef_w[owned], options.softcap)
             index = torch.from_numpy(owned).to(device)
-            out[index, torch.from_numpy(labels[owned]).to(device)] = torch.from_numpy(target[:, 0]).to(
+            out[index, torch.from_numpy(labels[owned]).to(device)] = torch.from_numpy(target).to(
                 device=device, dtype=out.dtype)
         return out
 

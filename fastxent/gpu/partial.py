@@ -21,8 +21,7 @@ from typing import Optional
 import numpy
 
 from fastxent._options import KernelOptions
-from fastxent.cpu import _kernels as cpu_kernels
-from fastxent.cpu.partial import ELSEWHERE, IGNORED, RowCoefficients, RowStats
+from fastxent.cpu.partial import ELSEWHERE, IGNORED, RowCoefficients, RowStats, target_grads
 from fastxent.gpu import xent
 from fastxent.gpu.xent import cupy
 
@@ -108,14 +107,8 @@ def _row_coefs(labels: numpy.ndarray, stats: RowStats, coefs: RowCoefficients, t
         row_coefs[:, 0] = numpy.where(stats.row_max > -numpy.inf, stats.row_max, 0.0)
     row_coefs[:, 1] = coefs.coef_p
     row_coefs[:, 2] = coefs.coef_w
-    owned = numpy.flatnonzero(labels >= 0)
-    if owned.size:
-        target = numpy.zeros((owned.size, 1))
-        cpu_kernels.targets_grad(target, numpy.zeros(owned.size, dtype=numpy.int64), False,
-                                 stats.target_value[owned], stats.target_input[owned], target_weight[owned],
-                                 stats.row_max[owned], coefs.coef_p[owned], coefs.coef_t[owned],
-                                 coefs.coef_w[owned], options.softcap)
-        row_coefs[owned, 3] = target[:, 0]
+    owned, target_grad = target_grads(labels, stats, coefs, target_weight, options)
+    row_coefs[owned, 3] = target_grad
     return row_coefs
 
 
