@@ -6,9 +6,24 @@ Same signature and semantics as ``torch.nn.functional.cross_entropy`` and
 NaN when that sum is 0, as PyTorch) and probability targets (the input's shape, float).
 
 The forward pass computes the loss and its gradient in one fused call and keeps the gradient;
-the backward pass only scales it by the incoming gradient. Tensors are exchanged without
-copies through DLPack: CPU tensors with NumPy, CUDA tensors with CuPy (fastxent's GPU backend,
-on PyTorch's current stream). Import this module explicitly: ``import fastxent.torch``.
+the backward pass only scales it by the incoming gradient, and ``loss.backward()`` hands the
+kept gradient to ``.grad`` without a copy. When no gradient can be asked for (``torch.no_grad``,
+an input that does not require grad) the forward-only kernel runs.
+
+Every autograd feature of PyTorch's own loss is there, exactly:
+- ``torch.func`` (``grad``, ``vmap``, ``jacrev``, ``jacfwd``, ``hessian``; ``vmap`` runs one
+  fused call per mapped element) and forward-mode AD (``jvp``, dual tensors);
+- second derivatives (double backward, gradient penalties, Hessian-vector products) and
+  gradients with respect to probability targets: these come from PyTorch's own cross-entropy on
+  the saved inputs, so they are exact but not fused.
+
+Errors are PyTorch's types too: a label out of range is a ``TargetOutOfBoundsError``
+(``ValueError`` and ``IndexError``), a bad shape, dtype or option an ``InvalidInputError``
+(``ValueError`` and ``RuntimeError``).
+
+Tensors are exchanged without copies through DLPack: CPU tensors with NumPy, CUDA tensors with
+CuPy (fastxent's GPU backend, on PyTorch's current stream). Import this module explicitly:
+``import fastxent.torch``.
 """
 
 from __future__ import annotations
@@ -18,14 +33,16 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
+from torch._C import _functorch
+from torch.autograd import forward_ad
 
 from fastxent._api import sparse_cross_entropy_with_grad, sparse_cross_entropy
 from fastxent._dense_api import categorical_cross_entropy, categorical_cross_entropy_with_grad
 from fastxent.distributed._torch import vocab_parallel_cross_entropy  # noqa: F401  (re-export)
 
-__all__ = ["CrossEntropyLoss", "TargetOutOfBoundsError", "cross_entropy"]
+__all__ = ["CrossEntropyLoss", "InvalidInputError", "TargetOutOfBoundsError", "cross_entropy"]
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -36,6 +53,11 @@ class TargetOutOfBoundsError(ValueError, IndexError):
     fastxent reports it as a ``ValueError``; it is also an ``IndexError``, the type PyTorch raises,
     so code written for ``torch.nn.functional.cross_entropy`` keeps catching it.
     """
+
+
+class InvalidInputError(ValueError, RuntimeError):
+    """A shape, dtype or option that PyTorch rejects: fastxent's ``ValueError``, also the
+    ``RuntimeError`` PyTorch raises for it, so code written for PyTorch keeps catching it."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -116,70 +138,178 @@ def _nothing_counted(target: torch.Tensor, weight: Optional[torch.Tensor], ignor
     return float(torch.where(counted, weight[safe], zero).sum()) == 0.0
 
 
-class _FusedCrossEntropy(torch.autograd.Function):
-    """Forward: loss and gradient in one fused call. Backward: scale the kept gradient."""
-
-    @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing):
-        class_axis = _class_axis(input)
-        want_grad = ctx.needs_input_grad[0]
-        probabilities = target.is_floating_point()
-        if probabilities and ignore_index >= 0:
-            raise RuntimeError("ignore_index is not supported for floating point target")
-        logits = _to_array(input)
-        class_weight = None if weight is None else _to_array(weight)
+def _fused_loss_and_grad(input, target, weight, ignore_index, reduction, label_smoothing, want_grad):
+    """fastxent's kernel on the tensors' memory: the loss, and d loss / d input when ``want_grad``
+    (else an empty placeholder). PyTorch's conventions: "mean" over probability targets divides
+    by the number of rows; a "mean" over nothing is NaN."""
+    class_axis = _class_axis(input)
+    probabilities = target.is_floating_point()
+    logits = _to_array(input)
+    class_weight = None if weight is None else _to_array(weight)
+    try:
         with _device_stream(input):
             if probabilities:
-                targets = _to_array(target)
-                # PyTorch divides a "mean" over probability targets by the number of rows.
                 core_reduction = "sum_over_batch_size" if reduction == "mean" else reduction
                 run = categorical_cross_entropy_with_grad if want_grad else categorical_cross_entropy
-                result = run(logits, targets, reduction=core_reduction, label_smoothing=label_smoothing,
-                             class_weight=class_weight, axis=class_axis)
+                result = run(logits, _to_array(target), reduction=core_reduction,
+                             label_smoothing=label_smoothing, class_weight=class_weight, axis=class_axis)
             else:
-                labels = _to_array(target)
                 run = sparse_cross_entropy_with_grad if want_grad else sparse_cross_entropy
-                try:
-                    result = run(logits, labels, reduction=reduction, ignore_index=ignore_index,
-                                 label_smoothing=label_smoothing, class_weight=class_weight,
-                                 axis=class_axis)
-                except ValueError as error:
-                    if "outside the valid range" in str(error):
-                        raise TargetOutOfBoundsError(str(error)) from None
-                    raise
-        loss_array, grad_array = result if want_grad else (result, None)
-        out_dtype = torch.promote_types(input.dtype, target.dtype) if probabilities else input.dtype
-        loss = _to_tensor(loss_array).to(out_dtype)
-        grad = None if grad_array is None else _to_tensor(grad_array)
+                result = run(logits, _to_array(target), reduction=reduction, ignore_index=ignore_index,
+                             label_smoothing=label_smoothing, class_weight=class_weight, axis=class_axis)
+    except ValueError as error:
+        if "outside the valid range" in str(error):
+            raise TargetOutOfBoundsError(str(error)) from None
+        raise InvalidInputError(str(error)) from None
+    loss_array, grad_array = result if want_grad else (result, None)
+    out_dtype = torch.promote_types(input.dtype, target.dtype) if probabilities else input.dtype
+    loss = _to_tensor(loss_array).to(out_dtype)
+    grad = input.new_empty(0) if grad_array is None else _to_tensor(grad_array)
 
-        # fastxent's "mean" is 0.0 when there is nothing to divide by; PyTorch's is NaN (0 / 0),
-        # and its gradient is NaN on every counted row.
-        num_rows = target.numel() if not probabilities else input.numel() // max(input.shape[class_axis], 1)
-        if reduction == "mean" and float(loss) == 0.0 and (
-            num_rows == 0 or (not probabilities and _nothing_counted(target, weight, ignore_index))
-        ):
-            loss = torch.full_like(loss, float("nan"))
-            if grad is not None and not probabilities:
-                counted = (target != ignore_index).unsqueeze(class_axis).expand_as(grad)
-                grad = grad.masked_fill(counted, float("nan"))
+    # fastxent's "mean" is 0.0 when there is nothing to divide by; PyTorch's is NaN (0 / 0),
+    # and its gradient is NaN on every counted row.
+    num_rows = target.numel() if not probabilities else input.numel() // max(input.shape[class_axis], 1)
+    if reduction == "mean" and float(loss) == 0.0 and (
+        num_rows == 0 or (not probabilities and _nothing_counted(target, weight, ignore_index))
+    ):
+        loss = torch.full_like(loss, float("nan"))
+        if grad_array is not None and not probabilities:
+            counted = (target != ignore_index).unsqueeze(class_axis).expand_as(grad)
+            grad = grad.masked_fill(counted, float("nan"))
+    return loss, grad
 
-        ctx.grad = grad
-        ctx.class_axis = class_axis
-        ctx.per_row = reduction == "none"
-        return loss
+
+def _torch_loss(options, input, target, weight):
+    """PyTorch's own cross-entropy with the same options: the exact path for derivatives the
+    fused kernel does not provide (second order, probability targets, tangents of the target)."""
+    ignore_index, reduction, label_smoothing = options
+    return F.cross_entropy(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+
+
+def _is_wrapped(tensor: torch.Tensor) -> bool:
+    """Whether a torch.func transform (or gradcheck's older vmap) wraps the tensor."""
+    return _functorch.is_functorch_wrapped_tensor(tensor) or _functorch.is_legacy_batchedtensor(tensor)
+
+
+def _is_plain_cpu_one(grad_output: torch.Tensor) -> bool:
+    """Whether the incoming gradient is the 1.0 of ``loss.backward()``, read without a device
+    sync: only a plain CPU scalar is looked at (never a CUDA tensor, never under a transform)."""
+    return (grad_output.device.type == "cpu" and grad_output.numel() == 1
+            and not _is_wrapped(grad_output) and grad_output.item() == 1.0)
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """The loss and, when needed, its gradient in one fused call; the backward scales the kept
+    gradient. Derivatives the kept gradient cannot give exactly (second order, probability
+    targets that require grad) come from PyTorch's own cross-entropy on the saved inputs."""
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        grad = ctx.grad
-        if ctx.per_row:
-            grad_input = grad * grad_output.unsqueeze(ctx.class_axis).to(grad.dtype)
-        elif grad_output.device.type == "cpu" and float(grad_output) == 1.0:
+    def forward(input, target, weight, ignore_index, reduction, label_smoothing, want_grad):
+        return _fused_loss_and_grad(input, target, weight, ignore_index, reduction, label_smoothing,
+                                    want_grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, ignore_index, reduction, label_smoothing, _ = inputs
+        _, grad = output
+        ctx.mark_non_differentiable(grad)
+        # Version-checked references, not copies: an in-place change to any of them before the
+        # backward raises instead of giving a stale gradient.
+        ctx.save_for_backward(input, target, weight, grad)
+        ctx.save_for_forward(input, target, weight, grad)
+        ctx.options = (ignore_index, reduction, label_smoothing)
+        ctx.class_axis = _class_axis(input)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_of_kept_gradient):
+        input, target, weight, grad = ctx.saved_tensors
+        need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        kept = grad.numel() > 0 or input.numel() == 0
+        if torch.is_grad_enabled() or need_target or (need_input and not kept):
+            # A graph is being built through this backward (double backward, torch.func), or the
+            # target needs a gradient: differentiate PyTorch's own loss, exactly.
+            probabilities = target.is_floating_point()
+            primals = (input, target) if probabilities else (input,)
+
+            def loss_of(*args):
+                return _torch_loss(ctx.options, args[0], args[1] if probabilities else target, weight)
+
+            _, vjp = torch.func.vjp(loss_of, *primals)
+            grads = vjp(grad_loss)
+            grad_input = grads[0] if need_input else None
+            grad_target = grads[1] if probabilities and need_target else None
+            return grad_input, grad_target, None, None, None, None, None
+        if not need_input:
+            return None, None, None, None, None, None, None
+        if ctx.options[1] == "none":
+            grad_input = grad * grad_loss.unsqueeze(ctx.class_axis).to(grad.dtype)
+        elif _is_plain_cpu_one(grad_loss):
             # The usual case, loss.backward(): the kept gradient is the answer, no N x C multiply.
             grad_input = grad
         else:
-            grad_input = grad * grad_output.to(grad.dtype)
-        return grad_input, None, None, None, None, None
+            grad_input = grad * grad_loss.to(grad.dtype)
+        return grad_input, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, input_tangent, target_tangent, *_):
+        input, target, weight, grad = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing = ctx.options
+        probabilities = target.is_floating_point()
+        out_dtype = torch.promote_types(input.dtype, target.dtype) if probabilities else input.dtype
+        wide = torch.promote_types(out_dtype, torch.float32)
+        per_row = reduction == "none"
+        tangent = None
+        if input_tangent is not None:
+            if grad.numel() != input.numel():
+                # No gradient was kept (a tangent the forward could not see): PyTorch's own.
+                # Each row's loss depends on its own row only, so one vjp gives every row's gradient.
+                loss, vjp = torch.func.vjp(lambda x: _torch_loss(ctx.options, x, target, weight), input)
+                (grad,) = vjp(torch.ones_like(loss))
+            # The loss's derivative in the input is ``grad``: contract it with the tangent.
+            product = grad.to(wide) * input_tangent.to(wide)
+            tangent = product.sum(ctx.class_axis) if per_row else product.sum()
+        if target_tangent is not None and probabilities:
+            # loss_i = -sum_c w_c ((1 - eps) q_ic + eps / C) log p_ic, linear in the target q.
+            log_probs = torch.log_softmax(input.to(wide), ctx.class_axis)
+            if weight is not None:
+                shape = [1] * input.dim()
+                shape[ctx.class_axis] = -1
+                log_probs = log_probs * weight.to(wide).view(shape)
+            product = -(1.0 - label_smoothing) * log_probs * target_tangent.to(wide)
+            part = product.sum(ctx.class_axis) if per_row else product.sum()
+            if reduction == "mean":
+                part = part / (input.numel() // max(input.shape[ctx.class_axis], 1))
+            tangent = part if tangent is None else tangent + part
+        if tangent is None:
+            tangent = torch.zeros((), dtype=wide, device=input.device)
+        return tangent.to(out_dtype), None
+
+    @staticmethod
+    def vmap(info, in_dims, input, target, weight, ignore_index, reduction, label_smoothing, want_grad):
+        # One fused call per mapped element: each is an independent loss with its own reduction.
+        def element(tensor, dim, index):
+            return tensor if tensor is None or dim is None else tensor.select(dim, index)
+
+        losses, grads = [], []
+        for index in range(info.batch_size):
+            loss, grad = _FusedCrossEntropy.apply(
+                element(input, in_dims[0], index), element(target, in_dims[1], index),
+                element(weight, in_dims[2], index), ignore_index, reduction, label_smoothing, want_grad)
+            losses.append(loss)
+            grads.append(grad)
+        return (torch.stack(losses), torch.stack(grads)), (0, 0)
+
+
+def _wants_input_grad(input: torch.Tensor) -> bool:
+    """Whether anything can ask for d loss / d input: autograd recording with an input that
+    requires grad, a torch.func transform, or a forward-mode dual tensor. When none can, the
+    forward-only kernel runs."""
+    if _is_wrapped(input):
+        return True
+    if torch.is_grad_enabled() and input.requires_grad:
+        return True
+    return forward_ad.unpack_dual(input).tangent is not None
 
 
 # ----------------------------------------------------------------------------------------
@@ -218,7 +348,30 @@ def cross_entropy(
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("cross_entropy takes tensors for input and target")
-    return _FusedCrossEntropy.apply(input, target, weight, int(ignore_index), reduction, float(label_smoothing))
+    _check_target(input, target, ignore_index)
+    if weight is not None and weight.requires_grad:
+        # PyTorch's own loss is not differentiable in the class weights either.
+        raise InvalidInputError("cross_entropy is not differentiable with respect to argument 'weight'. "
+                                "This input cannot have requires_grad True.")
+    loss, _ = _FusedCrossEntropy.apply(input, target, weight, int(ignore_index), reduction,
+                                       float(label_smoothing), _wants_input_grad(input))
+    return loss
+
+
+def _check_target(input: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
+    """The target checks PyTorch makes before choosing between index and probability targets."""
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise InvalidInputError(f"expected target dtype to be Long or Byte, but got {target.dtype} "
+                                    f"(a floating target holds class probabilities and must have the "
+                                    f"input's shape {tuple(input.shape)}; got {tuple(target.shape)})")
+        if ignore_index >= 0:
+            raise InvalidInputError("ignore_index is not supported for floating point target")
+    elif target.shape == input.shape and input.dim() > 0:
+        raise InvalidInputError(f"Expected floating point type for target with class probabilities, "
+                                f"got {target.dtype}")
+    elif target.dtype == torch.bool or target.is_complex():
+        raise InvalidInputError(f"expected target dtype to be Long or Byte, but got {target.dtype}")
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):

@@ -177,20 +177,46 @@ def test_gradient_is_kept_from_forward_and_scaled(rng):
     logits = torch.randn(5, 7, requires_grad=True)
     target = torch.randint(0, 7, (5,))
     loss = fxt.cross_entropy(logits, target)
-    kept = loss.grad_fn.grad
-    assert kept is not None and kept.shape == logits.shape
+    kept = loss.grad_fn.saved_tensors[3]
+    assert kept.shape == logits.shape
     (grad,) = torch.autograd.grad(loss * 3.0, logits)
     torch.testing.assert_close(grad, 3.0 * kept)
-    # No gradient wanted: the forward computes the loss alone.
-    with torch.no_grad():
-        loss_only = fxt.cross_entropy(logits, target)
-    assert loss_only.grad_fn is None
-    torch.testing.assert_close(loss_only, loss.detach())
-    # Second derivatives are not provided: PyTorch is told so instead of getting zeros.
+    # loss.backward(): the kept gradient becomes .grad itself, without a copy.
     loss = fxt.cross_entropy(logits, target)
-    (first,) = torch.autograd.grad(loss, logits, create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(first.sum(), logits)
+    kept_pointer = loss.grad_fn.saved_tensors[3].data_ptr()
+    loss.backward()
+    assert logits.grad.data_ptr() == kept_pointer
+    # No gradient wanted: the forward computes the loss alone (the kept gradient is empty).
+    for no_grad_needed in (lambda: fxt.cross_entropy(logits.detach(), target),):
+        with torch.no_grad():
+            loss_only = fxt.cross_entropy(logits, target)
+        assert loss_only.grad_fn is None
+        torch.testing.assert_close(loss_only, loss.detach())
+        assert no_grad_needed().grad_fn is None
+
+
+def test_forward_only_when_no_gradient_can_be_asked(monkeypatch):
+    calls = []
+    original = fxt.sparse_cross_entropy_with_grad
+    monkeypatch.setattr(fxt, "sparse_cross_entropy_with_grad", lambda *a, **k: calls.append(1) or original(*a, **k))
+    logits = torch.randn(5, 7, requires_grad=True)
+    target = torch.randint(0, 7, (5,))
+    with torch.no_grad():
+        fxt.cross_entropy(logits, target)
+    fxt.cross_entropy(logits.detach(), target)
+    assert calls == []
+    fxt.cross_entropy(logits, target)
+    assert calls == [1]
+
+
+def test_an_in_place_change_before_backward_raises():
+    logits = torch.randn(5, 7, requires_grad=True)
+    scaled = logits * 1.0
+    loss = fxt.cross_entropy(scaled, torch.randint(0, 7, (5,)))
+    (first,) = torch.autograd.grad(loss, scaled, retain_graph=True)
+    first.mul_(2.0)  # the caller's gradient is the kept one: changing it must not go unnoticed
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, scaled)
 
 
 def test_exchange_is_zero_copy():
@@ -231,3 +257,249 @@ def test_training_follows_pytorch_step_for_step():
     assert theirs[-1] < 0.8 * theirs[0]  # it did train
     for mine, other in zip(our_params, their_params):
         torch.testing.assert_close(mine, other, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# PyTorch's own test inputs: the OpInfo of nn.functional.cross_entropy and the ModuleInfo of
+# nn.CrossEntropyLoss, run through fastxent.torch
+# ----------------------------------------------------------------------------------------
+
+pytest.importorskip("expecttest")  # torch.testing._internal needs it
+
+
+def _opinfo():
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    (op,) = [o for o in op_db if o.name == "nn.functional.cross_entropy" and o.variant_test_name == ""]
+    return op
+
+
+def _moduleinfo():
+    from torch.testing._internal.common_modules import module_db
+
+    (info,) = [m for m in module_db if m.module_cls is torch.nn.CrossEntropyLoss]
+    return info
+
+
+def _opinfo_samples(dtype):
+    torch.manual_seed(1234)
+    return list(_opinfo().sample_inputs("cpu", dtype, requires_grad=True))
+
+
+def _sample_id(sample):
+    target = sample.args[0]
+    kind = "probs" if target.is_floating_point() else "index"
+    options = ",".join(f"{k}" if k == "weight" else f"{k}={v}" for k, v in sample.kwargs.items())
+    return f"{tuple(sample.input.shape)}-{kind}-{options or 'default'}"
+
+
+def _differentiable(sample):
+    """The sample's tensors that require grad (the input; a probability target too)."""
+    return [t for t in (sample.input, sample.args[0]) if t.requires_grad]
+
+
+def _call(function, sample):
+    def loss_of(*tensors):
+        input, target = (tensors[0], tensors[1]) if len(tensors) == 2 else (tensors[0], sample.args[0])
+        return function(input, target, **sample.kwargs)
+
+    return loss_of
+
+
+OPINFO_TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.float16, torch.bfloat16), ids=str)
+def test_opinfo_values_and_gradients(dtype):
+    """Every OpInfo sample: the loss and the gradient of every input that requires grad, against
+    PyTorch in the same dtype (float32, float64) or at least as accurate as PyTorch against float64
+    (float16, bfloat16)."""
+    assert dtype in _opinfo().dtypes
+    samples = _opinfo_samples(dtype)
+    assert len(samples) >= 20
+    for sample in samples:
+        tensors = _differentiable(sample)
+        ours = _call(fxt.cross_entropy, sample)(*tensors)
+        theirs = _call(F.cross_entropy, sample)(*tensors)
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, _sample_id(sample)
+        upstream = torch.rand_like(theirs) + 0.5
+        our_grads = torch.autograd.grad(ours, tensors, upstream)
+        their_grads = torch.autograd.grad(theirs, tensors, upstream)
+        if dtype in OPINFO_TOLERANCE:
+            torch.testing.assert_close(ours, theirs, **OPINFO_TOLERANCE[dtype], msg=_sample_id(sample))
+            for mine, other in zip(our_grads, their_grads):
+                torch.testing.assert_close(mine, other, **OPINFO_TOLERANCE[dtype], msg=_sample_id(sample))
+            continue
+        wide = [t.detach().double().requires_grad_() for t in tensors]
+        exact = _call(F.cross_entropy, sample_in_float64(sample))(*wide)
+        exact_grads = torch.autograd.grad(exact, wide, upstream.double())
+        for mine, other, ref in zip((ours, *our_grads), (theirs, *their_grads), (exact, *exact_grads)):
+            our_error = (mine.double() - ref).abs().max().item()
+            their_error = (other.double() - ref).abs().max().item()
+            scale = max(1.0, ref.abs().max().item())
+            assert our_error <= their_error + 2 * torch.finfo(dtype).eps * scale, _sample_id(sample)
+
+
+def sample_in_float64(sample):
+    """The sample with its floating keyword tensors (the class weights) in float64."""
+    kwargs = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for k, v in sample.kwargs.items()}
+    return type(sample)(sample.input, *sample.args, **kwargs)
+
+
+@pytest.mark.parametrize("index", range(21))
+def test_opinfo_gradcheck(index):
+    """gradcheck and gradgradcheck in float64 with every mode PyTorch's OpInfo declares for
+    cross_entropy: reverse, batched reverse, forward AD, batched forward AD, second derivatives
+    (reverse over reverse, forward over reverse) and batched second derivatives."""
+    op = _opinfo()
+    assert op.supports_forward_ad and op.supports_fwgrad_bwgrad
+    samples = _opinfo_samples(torch.float64)
+    assert len(samples) == 21
+    sample = samples[index]
+    function = _call(fxt.cross_entropy, sample)
+    inputs = tuple(_differentiable(sample))
+    assert torch.autograd.gradcheck(function, inputs, check_batched_grad=True, check_forward_ad=True,
+                                    check_batched_forward_grad=True, check_undefined_grad=True)
+    assert torch.autograd.gradgradcheck(function, inputs, check_batched_grad=True, check_fwd_over_rev=True,
+                                        check_rev_over_rev=True)
+
+
+def test_opinfo_torch_func_transforms():
+    """vmap, grad, vmap of grad (per-sample gradients), jvp, jacrev, jacfwd and hessian agree with
+    PyTorch's own loss on every float64 OpInfo sample."""
+    from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
+
+    for sample in _opinfo_samples(torch.float64):
+        x = sample.input.detach()
+        target = sample.args[0].detach()
+        for transform in (jacrev, jacfwd, hessian):
+            ours = transform(lambda x: fxt.cross_entropy(x, target, **sample.kwargs))(x)
+            theirs = transform(lambda x: F.cross_entropy(x, target, **sample.kwargs))(x)
+            torch.testing.assert_close(ours, theirs, msg=f"{transform.__name__} {_sample_id(sample)}")
+        tangent = torch.randn_like(x)
+        torch.testing.assert_close(jvp(lambda x: fxt.cross_entropy(x, target, **sample.kwargs), (x,), (tangent,)),
+                                   jvp(lambda x: F.cross_entropy(x, target, **sample.kwargs), (x,), (tangent,)))
+        # Per-sample losses and gradients: map over a new leading batch of 3 inputs and targets.
+        xs = torch.randn((3,) + x.shape, dtype=x.dtype)
+        targets = torch.stack([target[torch.randperm(target.shape[0])] if target.dim() else target for _ in range(3)])
+        for function in (lambda x, t: fxt.cross_entropy(x, t, **sample.kwargs),):
+            reference_function = lambda x, t: F.cross_entropy(x, t, **sample.kwargs)  # noqa: E731
+            torch.testing.assert_close(vmap(function)(xs, targets), vmap(reference_function)(xs, targets))
+            if sample.kwargs.get("reduction", "mean") != "none":
+                torch.testing.assert_close(vmap(grad(function))(xs, targets), vmap(grad(reference_function))(xs, targets))
+
+
+def test_double_backward_reaches_the_weights_exactly():
+    """A gradient penalty through the loss: the second-order term reaches the model's weights."""
+    torch.manual_seed(0)
+    inputs = torch.randn(6, 5)
+    target = torch.randint(0, 7, (6,))
+    grads = []
+    for function in (fxt.cross_entropy, F.cross_entropy):
+        torch.manual_seed(1)
+        layer = torch.nn.Linear(5, 7)
+        logits = layer(inputs)
+        loss = function(logits, target, label_smoothing=0.1)
+        (penalty,) = torch.autograd.grad(loss, logits, create_graph=True)
+        (loss + 10 * penalty.pow(2).sum()).backward()
+        grads.append(layer.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_forward_mode_ad_with_dual_tensors():
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(4, 6, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+    probabilities = torch.rand(4, 6, dtype=torch.float64)
+    target_tangent = torch.randn_like(probabilities)
+    for target, t_tangent in ((torch.tensor([1, 0, 5, 2]), None), (probabilities, target_tangent)):
+        results = []
+        for function in (fxt.cross_entropy, F.cross_entropy):
+            with fwAD.dual_level():
+                dual_target = target if t_tangent is None else fwAD.make_dual(target, t_tangent)
+                loss = function(fwAD.make_dual(x, tangent), dual_target, reduction="none", label_smoothing=0.2)
+                results.append(fwAD.unpack_dual(loss).tangent)
+        torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.float16), ids=str)
+def test_moduleinfo_forward_and_backward(dtype):
+    """Every ModuleInfo input of nn.CrossEntropyLoss: fastxent's module against PyTorch's
+    reference function (values) and PyTorch's module (values and input gradients)."""
+    info = _moduleinfo()
+    assert dtype in info.dtypes
+    torch.manual_seed(4321)
+    module_inputs = info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=True)
+    assert len(module_inputs) >= 50
+    tolerance = dict(rtol=1e-3, atol=3e-2) if dtype == torch.float16 else OPINFO_TOLERANCE[dtype]
+    for module_input in module_inputs:
+        args, kwargs = module_input.constructor_input.args, module_input.constructor_input.kwargs
+        ours, theirs = fxt.CrossEntropyLoss(*args, **kwargs), torch.nn.CrossEntropyLoss(*args, **kwargs)
+        forward_args = module_input.forward_input.args
+        tensors = [t for t in forward_args if t.requires_grad]
+        our_loss, their_loss = ours(*forward_args), theirs(*forward_args)
+        desc = module_input.desc
+        torch.testing.assert_close(our_loss, their_loss, **tolerance, msg=desc)
+        if module_input.reference_fn is not None:
+            expected = module_input.reference_fn(ours, *[t.detach() for t in forward_args])  # adds the parameters
+            torch.testing.assert_close(our_loss, expected.to(our_loss.dtype), **tolerance, msg=desc)
+        upstream = torch.ones_like(their_loss)
+        for mine, other in zip(torch.autograd.grad(our_loss, tensors, upstream),
+                               torch.autograd.grad(their_loss, tensors, upstream)):
+            torch.testing.assert_close(mine, other, **tolerance, msg=desc)
+
+
+def test_moduleinfo_gradcheck():
+    info = _moduleinfo()
+    torch.manual_seed(99)
+    module_inputs = info.module_inputs_func(info, device="cpu", dtype=torch.float64, requires_grad=True,
+                                            training=True)
+    for module_input in module_inputs:
+        module = fxt.CrossEntropyLoss(*module_input.constructor_input.args, **module_input.constructor_input.kwargs)
+        forward_args = module_input.forward_input.args
+        tensors = tuple(t for t in forward_args if t.requires_grad)
+
+        def function(*differentiable, forward_args=forward_args, module=module):
+            replaced = iter(differentiable)
+            return module(*[next(replaced) if t.requires_grad else t for t in forward_args])
+
+        if sum(t.numel() for t in tensors) > 60:
+            continue  # the larger inputs repeat the same cases; numerical Jacobians grow as size squared
+        assert torch.autograd.gradcheck(function, tensors, check_batched_grad=True, check_forward_ad=True)
+        assert torch.autograd.gradgradcheck(function, tensors, check_fwd_over_rev=True)
+
+
+def test_moduleinfo_error_inputs_raise_pytorchs_types():
+    """ModuleInfo's error inputs raise the exception type PyTorch raises (the wording is ours:
+    it names the offending shape, dtype or value)."""
+    info = _moduleinfo()
+    error_inputs = info.module_error_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=True,
+                                                 training=True)
+    assert len(error_inputs) >= 6
+    for error_input in error_inputs:
+        module_input = error_input.module_error_input
+        with pytest.raises(error_input.error_type):
+            module = fxt.CrossEntropyLoss(*module_input.constructor_input.args,
+                                          **module_input.constructor_input.kwargs)
+            module(*module_input.forward_input.args)
+
+
+def test_error_types_are_fastxents_and_pytorchs():
+    logits = torch.randn(3, 4)
+    cases = [
+        (lambda: fxt.cross_entropy(logits, torch.zeros(3, 4, dtype=torch.long)), "floating point type"),
+        (lambda: fxt.cross_entropy(logits, torch.zeros(3)), "Long"),
+        (lambda: fxt.cross_entropy(logits, torch.zeros(2, dtype=torch.long)), "shape"),
+        (lambda: fxt.cross_entropy(logits, torch.zeros(3, dtype=torch.long), weight=torch.ones(5)), "5"),
+        (lambda: fxt.cross_entropy(logits, torch.zeros(3, dtype=torch.long), label_smoothing=1.5), "1.5"),
+        (lambda: fxt.cross_entropy(logits.view(3, 4, 1), torch.zeros(3, 2, dtype=torch.long)), "shape"),
+    ]
+    for call, words in cases:
+        with pytest.raises(fxt.InvalidInputError, match=words) as caught:
+            call()
+        assert isinstance(caught.value, ValueError) and isinstance(caught.value, RuntimeError)
+    # A class weight that requires grad: PyTorch's loss is not differentiable in it either.
+    with pytest.raises(RuntimeError, match="weight"):
+        fxt.cross_entropy(logits, torch.zeros(3, dtype=torch.long), weight=torch.ones(4, requires_grad=True))
