@@ -38,8 +38,11 @@ from torch import nn
 from torch._C import _functorch
 from torch.autograd import forward_ad
 
-from fastxent._api import sparse_cross_entropy_with_grad, sparse_cross_entropy
-from fastxent._dense_api import categorical_cross_entropy, categorical_cross_entropy_with_grad
+from fastxent._api import sparse_cross_entropy, sparse_cross_entropy_with_grad
+from fastxent._dense_api import (
+    categorical_cross_entropy,
+    categorical_cross_entropy_with_grad,
+)
 from fastxent.distributed._torch import vocab_parallel_cross_entropy  # noqa: F401  (re-export)
 
 __all__ = ["CrossEntropyLoss", "InvalidInputError", "TargetOutOfBoundsError", "cross_entropy"]

@@ -4,14 +4,20 @@ and a training run that must follow PyTorch's own step for step."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
+from conftest import (  # noqa: E402
+    assert_at_least_naive_accuracy,
+    assert_grad_close,
+    assert_loss_close,
+)
 
 import fastxent.torch as fxt  # noqa: E402
-from conftest import assert_at_least_naive_accuracy, assert_grad_close, assert_loss_close  # noqa: E402
 from fastxent import reference  # noqa: E402
 
 pytestmark = pytest.mark.peers
@@ -373,21 +379,25 @@ def test_opinfo_torch_func_transforms():
     for sample in _opinfo_samples(torch.float64):
         x = sample.input.detach()
         target = sample.args[0].detach()
+
+        def ours(x, t, kwargs=sample.kwargs):
+            return fxt.cross_entropy(x, t, **kwargs)
+
+        def theirs(x, t, kwargs=sample.kwargs):
+            return F.cross_entropy(x, t, **kwargs)
+
         for transform in (jacrev, jacfwd, hessian):
-            ours = transform(lambda x: fxt.cross_entropy(x, target, **sample.kwargs))(x)
-            theirs = transform(lambda x: F.cross_entropy(x, target, **sample.kwargs))(x)
-            torch.testing.assert_close(ours, theirs, msg=f"{transform.__name__} {_sample_id(sample)}")
+            torch.testing.assert_close(transform(ours)(x, target), transform(theirs)(x, target),
+                                       msg=f"{transform.__name__} {_sample_id(sample)}")
         tangent = torch.randn_like(x)
-        torch.testing.assert_close(jvp(lambda x: fxt.cross_entropy(x, target, **sample.kwargs), (x,), (tangent,)),
-                                   jvp(lambda x: F.cross_entropy(x, target, **sample.kwargs), (x,), (tangent,)))
+        torch.testing.assert_close(jvp(functools.partial(ours, t=target), (x,), (tangent,)),
+                                   jvp(functools.partial(theirs, t=target), (x,), (tangent,)))
         # Per-sample losses and gradients: map over a new leading batch of 3 inputs and targets.
         xs = torch.randn((3,) + x.shape, dtype=x.dtype)
         targets = torch.stack([target[torch.randperm(target.shape[0])] if target.dim() else target for _ in range(3)])
-        for function in (lambda x, t: fxt.cross_entropy(x, t, **sample.kwargs),):
-            reference_function = lambda x, t: F.cross_entropy(x, t, **sample.kwargs)  # noqa: E731
-            torch.testing.assert_close(vmap(function)(xs, targets), vmap(reference_function)(xs, targets))
-            if sample.kwargs.get("reduction", "mean") != "none":
-                torch.testing.assert_close(vmap(grad(function))(xs, targets), vmap(grad(reference_function))(xs, targets))
+        torch.testing.assert_close(vmap(ours)(xs, targets), vmap(theirs)(xs, targets))
+        if sample.kwargs.get("reduction", "mean") != "none":
+            torch.testing.assert_close(vmap(grad(ours))(xs, targets), vmap(grad(theirs))(xs, targets))
 
 
 def test_double_backward_reaches_the_weights_exactly():
