@@ -15,11 +15,13 @@ the callback's results into its own buffers. Requires the ``jax`` extra; import 
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from fastxent import _api
 from fastxent._api import REDUCTIONS
@@ -31,10 +33,16 @@ def _loss_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
+def _is_zero(tangent) -> bool:
+    """A tangent JAX knows to be zero without computing it (an undifferentiated argument)."""
+    return tangent is None or isinstance(tangent, SymbolicZero)
+
+
 @functools.lru_cache(maxsize=None)
 def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
-    """The custom-VJP loss for one set of static options (cached: one trace per configuration)."""
+    """The custom-JVP loss for one set of static options (cached: one trace per configuration)."""
     static = dict(options)
+    per_row = static["reduction"] == "none"
 
     def host(want_grad, logits, labels, class_weight, sample_weight):
         run = _api.sparse_cross_entropy_with_grad if want_grad else _api.sparse_cross_entropy
@@ -42,33 +50,60 @@ def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
                    sample_weight=sample_weight, axis=class_axis, **static)
 
     def shapes(logits, labels, want_grad):
-        loss_shape = labels.shape if static["reduction"] == "none" else ()
+        loss_shape = labels.shape if per_row else ()
         loss = jax.ShapeDtypeStruct(loss_shape, _loss_dtype(logits.dtype))
         return (loss, jax.ShapeDtypeStruct(logits.shape, logits.dtype)) if want_grad else loss
 
-    @jax.custom_vjp
-    def loss_only(logits, labels, weights):
-        return jax.pure_callback(functools.partial(host, False), shapes(logits, labels, False),
+    def call(want_grad, logits, labels, weights):
+        return jax.pure_callback(functools.partial(host, want_grad), shapes(logits, labels, want_grad),
                                  logits, labels, *weights, vmap_method="sequential")
 
-    def forward(logits, labels, weights):
-        loss, grad = jax.pure_callback(functools.partial(host, True), shapes(logits, labels, True),
-                                       logits, labels, *weights, vmap_method="sequential")
-        return loss, grad
+    @jax.custom_jvp
+    def loss_and_grad(logits, labels, weights):
+        return call(True, logits, labels, weights)
 
-    def backward(grad, upstream):
-        if static["reduction"] == "none":
-            upstream = jnp.expand_dims(upstream, class_axis)
-        # Labels and weights are data: no cotangent for them.
-        return grad * upstream.astype(grad.dtype), None, None
+    def second_order(primals, tangents):
+        if all(_is_zero(t) for t in jax.tree_util.tree_leaves(
+                tangents, is_leaf=lambda t: isinstance(t, SymbolicZero))):
+            value = loss_and_grad(*primals)
+            return value, tuple(jnp.zeros_like(v) for v in value)
+        raise NotImplementedError(
+            "fastxent.jax.sparse_cross_entropy has no second derivatives (jax.hessian, a jvp of a "
+            "grad); use optax.softmax_cross_entropy_with_integer_labels where they are needed")
 
-    loss_only.defvjp(forward, backward)
-    return loss_only
+    loss_and_grad.defjvp(second_order, symbolic_zeros=True)
+
+    @jax.custom_jvp
+    def loss(logits, labels, weights):
+        return call(False, logits, labels, weights)
+
+    def loss_jvp(primals, tangents):
+        logits, labels, weights = primals
+        logits_tangent, _, weight_tangents = tangents
+        if not all(_is_zero(t) for t in jax.tree_util.tree_leaves(
+                weight_tangents, is_leaf=lambda t: isinstance(t, SymbolicZero))):
+            raise NotImplementedError(
+                "fastxent.jax.sparse_cross_entropy is not differentiable with respect to class_weight "
+                "or sample_weight; pass them through jax.lax.stop_gradient")
+        if _is_zero(logits_tangent):
+            value = call(False, logits, labels, weights)
+            return value, jnp.zeros_like(value)
+        value, grad = loss_and_grad(logits, labels, weights)
+        # The tangent is linear in the logits' tangent (the kept gradient contracted with it), so
+        # reverse mode transposes it into grad * cotangent: one fused call serves both modes.
+        product = grad.astype(value.dtype) * logits_tangent.astype(value.dtype)
+        return value, (product.sum(axis=class_axis) if per_row else product.sum())
+
+    loss.defjvp(loss_jvp, symbolic_zeros=True)
+    return loss
 
 
 def _flatten_class_axes(logits, where, axis):
     """optax's handling of a tuple of class axes: move them last and flatten them into one."""
-    class_axes = tuple(sorted(a % logits.ndim for a in axis))
+    # The classes are flattened in the order the axes are given, not in ascending order.
+    class_axes = tuple(operator.index(a) % logits.ndim for a in axis)
+    if len(set(class_axes)) != len(class_axes):
+        raise ValueError(f"axis {axis} names an axis twice")
     batch_axes = tuple(a for a in range(logits.ndim) if a not in class_axes)
     order = batch_axes + class_axes
     logits = logits.transpose(order).reshape(tuple(logits.shape[a] for a in batch_axes) + (-1,))

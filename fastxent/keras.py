@@ -95,6 +95,9 @@ def sparse_categorical_crossentropy(y_true, y_pred, from_logits=False, ignore_cl
     _check_axis(axis)
     y_pred = tf.convert_to_tensor(y_pred)
     y_true = tf.convert_to_tensor(y_true)
+    if axis != -1 and axis != len(y_pred.shape) - 1:
+        # Keras (TensorFlow backend) takes the classes on the last axis only, and says so.
+        raise ValueError(f"Only axis=-1 is currently supported. Received: axis={axis}")
     if len(y_true.shape) == len(y_pred.shape) and y_true.shape[axis] == 1:
         y_true = tf.squeeze(y_true, axis=axis)
     rank = len(y_pred.shape)

@@ -25,6 +25,13 @@ import tensorflow as tf
 from fastxent._api import sparse_cross_entropy_with_grad
 from fastxent import _dense_api
 
+try:
+    from tensorflow.python.eager import record as _record
+except ImportError:  # pragma: no cover - a TensorFlow that moved it
+    _record = None
+
+_KERAS_EPSILON = 1e-7
+
 __all__ = ["InvalidLabelError", "sparse_softmax_cross_entropy_with_logits"]
 
 # TensorFlow accepts a buffer through DLPack only at this alignment (it aborts otherwise).
@@ -224,9 +231,33 @@ def dense_per_row(logits, targets, *, from_logits: bool = True, label_smoothing:
             label_smoothing=label_smoothing, class_weight=None, sample_weight=None, axis=class_axis,
             unit_mass_grad=from_logits)
 
+    def targets_gradient(logits_in, up):
+        # The loss is linear in the targets: d loss / d t_c = -(1 - eps) log q_c, with q the
+        # softmax of the logits, or Keras' clipped normalised probabilities.
+        wide = tf.cast(logits_in, loss_dtype)
+        if from_logits:
+            log_q = tf.nn.log_softmax(wide, axis=class_axis)
+        else:
+            # Keras' epsilon() bounds, rounded to the compute type as the kernels hold them.
+            normalised = wide / tf.reduce_sum(wide, axis=class_axis, keepdims=True)
+            log_q = tf.math.log(tf.clip_by_value(normalised, _KERAS_EPSILON, 1.0 - _KERAS_EPSILON))
+        return tf.cast(-(1.0 - label_smoothing) * log_q * tf.cast(up, loss_dtype), targets.dtype)
+
     @tf.custom_gradient
-    def fused(logits_in):
-        loss, grad = _host_call(compute, [logits_in, tf.stop_gradient(targets)], [loss_dtype, logits_in.dtype],
+    def fused(logits_in, targets_in):
+        loss, grad = _host_call(compute, [logits_in, targets_in], [loss_dtype, logits_in.dtype],
+                                [row_shape, logits_in.shape])
+
+        def backward(upstream):
+            held = _kept_gradient(logits_in, grad, None)
+            up = tf.expand_dims(tf.cast(upstream, held.dtype), class_axis)
+            return held * up, targets_gradient(logits_in, tf.expand_dims(upstream, class_axis))
+
+        return loss, backward
+
+    @tf.custom_gradient
+    def fused_constant_targets(logits_in):
+        loss, grad = _host_call(compute, [logits_in, targets], [loss_dtype, logits_in.dtype],
                                 [row_shape, logits_in.shape])
 
         def backward(upstream):
@@ -235,7 +266,13 @@ def dense_per_row(logits, targets, *, from_logits: bool = True, label_smoothing:
 
         return loss, backward
 
-    return fused(logits)
+    # The targets' gradient costs a pass over N x C: in eager mode it is computed only when a
+    # tape watches the targets; graphs compute it always and prune it when nothing reads it.
+    if targets.dtype.is_floating and (
+            not tf.executing_eagerly() or _record is None or _record.should_record_backprop([targets])
+    ):
+        return fused(logits, targets)
+    return fused_constant_targets(logits)
 
 
 # ----------------------------------------------------------------------------------------

@@ -126,3 +126,72 @@ def test_errors(rng):
         fxj.sparse_cross_entropy(logits, jnp.zeros(3))
     with pytest.raises(ValueError, match="unknown reduction"):
         fxj.sparse_cross_entropy(logits, jnp.zeros(3, int), reduction="avg")
+
+
+def test_tuple_axes_flatten_in_the_order_given(rng):
+    """optax flattens a tuple of class axes in the order given: (2, 1) is not (1, 2)."""
+    grid = jnp.asarray(rng.standard_normal((2, 3, 4)), jnp.float32)
+    flat_labels = jnp.asarray(rng.integers(0, 12, 2))
+    for axes in ((2, 1), (-1, 1), (1, 2)):
+        ours = fxj.sparse_cross_entropy(grid, flat_labels, axis=axes)
+        theirs = optax.softmax_cross_entropy_with_integer_labels(grid, flat_labels, axis=axes)
+        np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-6)
+    assert not np.allclose(fxj.sparse_cross_entropy(grid, flat_labels, axis=(2, 1)),
+                           fxj.sparse_cross_entropy(grid, flat_labels, axis=(1, 2)))
+    with pytest.raises(ValueError, match="twice"):
+        fxj.sparse_cross_entropy(grid, flat_labels, axis=(1, -2))
+
+
+def test_forward_and_reverse_mode_under_every_transform(rng):
+    """jvp, jacfwd, jacrev, grad, and their jit and vmap compositions, against optax."""
+    logits = jnp.asarray(rng.standard_normal((5, NUM_CLASSES)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, NUM_CLASSES, 5))
+    tangent = jnp.asarray(rng.standard_normal(logits.shape), jnp.float32)
+
+    def ours(x, y=labels):
+        return fxj.sparse_cross_entropy(x, y)
+
+    def theirs(x, y=labels):
+        return optax.softmax_cross_entropy_with_integer_labels(x, y)
+
+    close = dict(rtol=2e-5, atol=2e-6)
+    for transform in (lambda f: jax.jvp(f, (logits,), (tangent,)), lambda f: jax.jacfwd(f)(logits),
+                      lambda f: jax.jacrev(f)(logits), lambda f: jax.jit(jax.jacfwd(f))(logits),
+                      lambda f: jax.linearize(f, logits)[1](tangent)):
+        for mine, other in zip(jax.tree_util.tree_leaves(transform(ours)),
+                               jax.tree_util.tree_leaves(transform(theirs)), strict=True):
+            np.testing.assert_allclose(mine, other, **close)
+    batch = jnp.asarray(rng.standard_normal((3,) + logits.shape), jnp.float32)
+    batch_labels = jnp.asarray(rng.integers(0, NUM_CLASSES, (3, 5)))
+
+    def per_sample_jvp(f):
+        return jax.jit(jax.vmap(lambda x, t, y: jax.jvp(lambda z: f(z, y).mean(), (x,), (t,))[1]))
+
+    np.testing.assert_allclose(per_sample_jvp(ours)(batch, batch, batch_labels),
+                               per_sample_jvp(theirs)(batch, batch, batch_labels), **close)
+    per_sample_grad = jax.vmap(jax.grad(lambda x, y: ours(x, y).sum()))(batch, batch_labels)
+    np.testing.assert_allclose(per_sample_grad,
+                               jax.vmap(jax.grad(lambda x, y: theirs(x, y).sum()))(batch, batch_labels), **close)
+
+
+def test_what_cannot_be_exact_raises(rng):
+    """Second derivatives and derivatives in the weights raise: never a silently wrong number."""
+    logits = jnp.asarray(rng.standard_normal((4, NUM_CLASSES)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, NUM_CLASSES, 4))
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        jax.hessian(lambda x: fxj.sparse_cross_entropy(x, labels).sum())(logits)
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        jax.jacfwd(jax.grad(lambda x: fxj.sparse_cross_entropy(x, labels).sum()))(logits)
+    with pytest.raises(NotImplementedError, match="class_weight or sample_weight"):
+        jax.grad(lambda w: fxj.sparse_cross_entropy(logits, labels, class_weight=w).sum())(jnp.ones(NUM_CLASSES))
+    with pytest.raises(NotImplementedError, match="class_weight or sample_weight"):
+        jax.jvp(lambda w: fxj.sparse_cross_entropy(logits, labels, sample_weight=w).sum(), (jnp.ones(4),),
+                (jnp.ones(4),))
+    # Weights held constant (stop_gradient) differentiate in the logits as usual.
+    grad = jax.grad(lambda x, w: fxj.sparse_cross_entropy(x, labels, class_weight=jax.lax.stop_gradient(w)).sum())(
+        logits, jnp.full(NUM_CLASSES, 2.0))
+    np.testing.assert_allclose(grad, 2.0 * jax.grad(lambda x: theirs_sum(x, labels))(logits), rtol=2e-5, atol=2e-6)
+
+
+def theirs_sum(x, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(x, labels).sum()

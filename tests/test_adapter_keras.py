@@ -219,3 +219,47 @@ def test_xla_compile_is_refused_with_a_hint():
     model.compile(optimizer="adam", loss=fxk.SparseCategoricalCrossentropy(), jit_compile=True)
     with pytest.raises(ValueError, match="jit_compile=False"):
         model.fit(np.zeros((8, 32), np.float32), np.zeros(8), epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("axis", (0, 1, -2))
+def test_sparse_axis_other_than_last_raises_like_keras(rng, axis):
+    """Keras on TensorFlow takes sparse labels' classes on the last axis only: both raise."""
+    y_pred = rng.standard_normal((4, 5, 6)).astype(np.float32)
+    y_true = rng.integers(0, 5, (4, 6))
+    for loss_class in (keras.losses.SparseCategoricalCrossentropy, fxk.SparseCategoricalCrossentropy):
+        with pytest.raises(ValueError, match="Only axis=-1 is currently supported"):
+            loss_class(from_logits=True, axis=axis)(y_true, y_pred)
+    # The last axis by its index is the last axis.
+    labels = rng.integers(0, 6, (4, 5))
+    np.testing.assert_allclose(fxk.SparseCategoricalCrossentropy(from_logits=True, axis=2)(labels, y_pred),
+                               keras.losses.SparseCategoricalCrossentropy(from_logits=True, axis=2)(labels, y_pred),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("graph", (False, True), ids=("eager", "tf.function"))
+@pytest.mark.parametrize("input_kind", ("logits", "probabilities"))
+def test_dense_targets_get_keras_gradient(rng, graph, input_kind):
+    """Differentiating with respect to y_true (distillation, learned targets) gives Keras' gradient."""
+    import tensorflow as tf
+
+    inputs = tf.constant(rng.standard_normal((5, 7)), tf.float32)
+    targets = tf.constant(rng.random((5, 7)) * rng.choice([0.5, 1.0, 1.5], (5, 1)), tf.float32)
+    upstream = tf.constant(rng.uniform(0.5, 2.0, 5), tf.float32)
+    from_logits = input_kind == "logits"
+
+    def gradients(loss_function):
+        def run(x, y):
+            with tf.GradientTape() as tape:
+                tape.watch([x, y])
+                y_pred = x if from_logits else tf.nn.softmax(x)
+                loss = loss_function(y, y_pred, from_logits=from_logits, label_smoothing=0.1)
+                total = tf.reduce_sum(loss * upstream)
+            return tape.gradient(total, [x, y])
+
+        return (tf.function(run) if graph else run)(inputs, targets)
+
+    ours = gradients(fxk.categorical_crossentropy)
+    theirs = gradients(keras.losses.categorical_crossentropy)
+    assert ours[1] is not None
+    for mine, other in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(mine.numpy(), other.numpy(), rtol=2e-5, atol=2e-6)
