@@ -22,8 +22,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from fastxent._api import sparse_cross_entropy_with_grad
 from fastxent import _dense_api
+from fastxent._api import sparse_cross_entropy_with_grad
 
 try:
     from tensorflow.python.eager import record as _record

@@ -217,6 +217,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
         input, target, weight, ignore_index, reduction, label_smoothing, _ = inputs
         _, grad = output
         ctx.mark_non_differentiable(grad)
+        # The kept gradient is an output nobody differentiates: without this, autograd would
+        # fill an N x C tensor of zeros as its incoming gradient on every backward.
+        ctx.set_materialize_grads(False)
         # Version-checked references, not copies: an in-place change to any of them before the
         # backward raises instead of giving a stale gradient.
         ctx.save_for_backward(input, target, weight, grad)
@@ -228,6 +231,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_of_kept_gradient):
         input, target, weight, grad = ctx.saved_tensors
         need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_loss is None:  # the loss itself received no gradient
+            return None, None, None, None, None, None, None
         kept = grad.numel() > 0 or input.numel() == 0
         if torch.is_grad_enabled() or need_target or (need_input and not kept):
             # A graph is being built through this backward (double backward, torch.func), or the

@@ -10,9 +10,13 @@ import pytest
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
+from conftest import (  # noqa: E402
+    assert_at_least_naive_accuracy,
+    assert_grad_close,
+    assert_loss_close,
+)
 
 import fastxent.jax as fxj  # noqa: E402
-from conftest import assert_at_least_naive_accuracy, assert_grad_close, assert_loss_close  # noqa: E402
 from fastxent import reference  # noqa: E402
 
 pytestmark = pytest.mark.peers

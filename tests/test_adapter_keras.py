@@ -13,8 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-import fastxent.keras as fxk  # noqa: E402
 from conftest import random_probabilities  # noqa: E402
+
+import fastxent.keras as fxk  # noqa: E402
 from fastxent import reference  # noqa: E402
 
 pytestmark = [
