@@ -2,10 +2,13 @@
 
 ``sparse_cross_entropy(logits, labels, axis=-1, where=None)`` returns what optax returns (per-row
 losses in the logits' dtype); fastxent's options (reduction, ignore_index, label smoothing, class
-and sample weights, z-loss, softcap) are keyword arguments on top. A ``jax.custom_vjp`` around a
+and sample weights, z-loss, softcap) are keyword arguments on top. A ``jax.custom_jvp`` around a
 host callback computes the loss and its gradient in one fused call when differentiating (the
-loss alone otherwise); the backward pass only scales the kept gradient. It works under ``jit``,
-``grad`` and ``vmap`` (one callback per mapped element); second derivatives are not provided.
+loss alone otherwise): the loss's tangent is the kept gradient contracted with the logits'
+tangent, which JAX transposes for reverse mode. It works under ``jit``, ``grad``, ``jvp``,
+``jacfwd``, ``jacrev`` and ``vmap`` (one callback per mapped element). Second derivatives, and
+derivatives with respect to the class or sample weights, raise instead of returning a wrong
+number.
 
 The callback runs on the host: arrays on an accelerator are copied to it and back, and JAX copies
 the callback's results into its own buffers. Requires the ``jax`` extra; import it explicitly:

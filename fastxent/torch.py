@@ -361,6 +361,10 @@ def cross_entropy(
         # PyTorch's own loss is not differentiable in the class weights either.
         raise InvalidInputError("cross_entropy is not differentiable with respect to argument 'weight'. "
                                 "This input cannot have requires_grad True.")
+    if float(label_smoothing) == 1.0:
+        # Allowed by PyTorch (every row's target is uniform), outside the kernel's [0, 1): PyTorch's own.
+        return F.cross_entropy(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=1.0)
     loss, _ = _FusedCrossEntropy.apply(input, target, weight, int(ignore_index), reduction,
                                        float(label_smoothing), _wants_input_grad(input))
     return loss

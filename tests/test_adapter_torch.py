@@ -513,3 +513,14 @@ def test_error_types_are_fastxents_and_pytorchs():
     # A class weight that requires grad: PyTorch's loss is not differentiable in it either.
     with pytest.raises(RuntimeError, match="weight"):
         fxt.cross_entropy(logits, torch.zeros(3, dtype=torch.long), weight=torch.ones(4, requires_grad=True))
+
+
+def test_label_smoothing_one_is_allowed_as_in_pytorch():
+    logits = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 5, 2, 1])
+    for reduction in ("mean", "sum", "none"):
+        ours = fxt.cross_entropy(logits, target, label_smoothing=1.0, reduction=reduction)
+        theirs = F.cross_entropy(logits, target, label_smoothing=1.0, reduction=reduction)
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(torch.autograd.grad(ours.sum(), logits)[0],
+                                   torch.autograd.grad(theirs.sum(), logits)[0])
