@@ -524,3 +524,27 @@ def test_label_smoothing_one_is_allowed_as_in_pytorch():
         torch.testing.assert_close(ours, theirs)
         torch.testing.assert_close(torch.autograd.grad(ours.sum(), logits)[0],
                                    torch.autograd.grad(theirs.sum(), logits)[0])
+
+
+def test_transform_compositions_and_target_only_gradients():
+    from torch.func import grad, vmap
+
+    xs = torch.randn(3, 4, 5, dtype=torch.float64)
+    ys = torch.randint(0, 5, (3, 4))
+
+    def mapped_total(function, reduction="mean"):
+        return lambda x: vmap(lambda a, b: function(a, b, reduction=reduction))(x, ys).sum()
+
+    torch.testing.assert_close(grad(mapped_total(fxt.cross_entropy))(xs), grad(mapped_total(F.cross_entropy))(xs))
+    # Ordinary autograd over a vmap of the fused loss.
+    results = []
+    for function in (fxt.cross_entropy, F.cross_entropy):
+        leaf = xs.clone().requires_grad_()
+        mapped_total(function, "sum")(leaf).backward()
+        results.append(leaf.grad)
+    torch.testing.assert_close(results[0], results[1])
+    # A probability target that requires grad, logits that do not.
+    target = torch.rand(4, 5, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(fxt.cross_entropy(logits, target, label_smoothing=0.1), target)[0],
+                               torch.autograd.grad(F.cross_entropy(logits, target, label_smoothing=0.1), target)[0])
