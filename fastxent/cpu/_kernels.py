@@ -236,16 +236,10 @@ def row_epilogue(row_max, sum_exp, target_value, weighted_sum, sample_weight, ta
     (loss, coef_p, coef_t, coef_w) with dL/dv_j = coef_p * exp(v_j - row_max) - coef_t [j=y]
     - coef_w w_j. ``grad_scale`` is the reduction's factor (1 / denominator, or 1).
     """
-    # sum_exp >= 1 exactly (the max's own term is exp(0)), but a softcapped logit recomputed in
-    # another pass can round an ulp below the max: log_sum would be -6e-8, and so a one-class loss.
-    log_sum = 0.0 if 0.0 < sum_exp < 1.0 else math.log(sum_exp)
+    log_sum = math.log(sum_exp)
     lse = row_max + log_sum
     # lse - v_y as (max - v_y) + log(sum): exact even for logits of magnitude 1e30.
-    gap = row_max - target_value
-    # v_y <= max exactly; the same rounding can put the target an ulp above the max.
-    if gap < 0.0:  # false for NaN, which passes through
-        gap = 0.0
-    nll = gap + log_sum
+    nll = (row_max - target_value) + log_sum
     target_part = (1.0 - smoothing) * target_weight
     loss = target_part * nll
     smooth_coef = 0.0
