@@ -265,3 +265,13 @@ def test_zero_probability_on_target_scores_16_118(dtype):
     assert np.round(loss.astype(np.float64), 3).tolist() == [16.118, 16.118]
     # The clip is flat below 1e-7: no gradient flows to a zero probability.
     assert (grad[:, 0].astype(np.float64) == 0).all()
+
+
+def test_one_softcapped_class_never_has_a_negative_loss():
+    """The max and the sum of exps come from different passes; a softcapped logit once rounded an
+    ulp apart between them and gave a one-class float32 row the loss -6e-8."""
+    for value in (3.0, -2.5, 0.7, 40.0):
+        for softcap in (3.0, 1.0, 7.5):
+            loss = fastxent.sparse_cross_entropy(np.array([[value]], np.float32), np.array([0]), softcap=softcap,
+                                                 reduction="none")
+            assert 0.0 <= loss[0] <= 4 * np.finfo(np.float32).eps, (value, softcap, loss)

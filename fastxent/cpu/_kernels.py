@@ -344,6 +344,10 @@ def logit_row(row_in, row_out, label, sample_weight, class_weight, class_weight_
     row_max, sum_exp, weighted_sum = logit_range_stats(
         row_in, 0, width, softcap, class_weight, smoothing != 0.0
     )
+    # The max's own term is exp(0) = 1, so sum_exp >= 1; a softcapped logit recomputed in the sum
+    # pass can round an ulp below the max, which gave a one-class row the loss -6e-8.
+    if 0.0 < sum_exp < 1.0:
+        sum_exp = 1.0
     # Read the target before the sweep below may overwrite it (in-place gradient).
     target_value = np.float64(load_logit(row_in[label], softcap))
     target_weight = weight_at(class_weight, label)
