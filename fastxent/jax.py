@@ -41,6 +41,12 @@ def _is_zero(tangent) -> bool:
     return tangent is None or isinstance(tangent, SymbolicZero)
 
 
+def _all_zero(tangents) -> bool:
+    """Whether every tangent in a pytree is known to be zero."""
+    leaves = jax.tree_util.tree_leaves(tangents, is_leaf=lambda t: isinstance(t, SymbolicZero))
+    return all(_is_zero(t) for t in leaves)
+
+
 @functools.lru_cache(maxsize=None)
 def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
     """The custom-JVP loss for one set of static options (cached: one trace per configuration)."""
@@ -66,8 +72,7 @@ def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
         return call(True, logits, labels, weights)
 
     def second_order(primals, tangents):
-        if all(_is_zero(t) for t in jax.tree_util.tree_leaves(
-                tangents, is_leaf=lambda t: isinstance(t, SymbolicZero))):
+        if _all_zero(tangents):
             value = loss_and_grad(*primals)
             return value, tuple(jnp.zeros_like(v) for v in value)
         raise NotImplementedError(
@@ -83,8 +88,7 @@ def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
     def loss_jvp(primals, tangents):
         logits, labels, weights = primals
         logits_tangent, _, weight_tangents = tangents
-        if not all(_is_zero(t) for t in jax.tree_util.tree_leaves(
-                weight_tangents, is_leaf=lambda t: isinstance(t, SymbolicZero))):
+        if not _all_zero(weight_tangents):
             raise NotImplementedError(
                 "fastxent.jax.sparse_cross_entropy is not differentiable with respect to class_weight "
                 "or sample_weight; pass them through jax.lax.stop_gradient")

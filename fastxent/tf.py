@@ -243,6 +243,12 @@ def dense_per_row(logits, targets, *, from_logits: bool = True, label_smoothing:
             log_q = tf.math.log(tf.clip_by_value(normalised, _KERAS_EPSILON, 1.0 - _KERAS_EPSILON))
         return tf.cast(-(1.0 - label_smoothing) * log_q * tf.cast(up, loss_dtype), targets.dtype)
 
+    # The targets' gradient costs a pass over N x C: in eager mode it is computed only when a
+    # tape watches the targets; graphs compute it always and prune it when nothing reads it.
+    targets_differentiated = targets.dtype.is_floating and (
+        not tf.executing_eagerly() or _record is None or _record.should_record_backprop([targets])
+    )
+
     @tf.custom_gradient
     def fused(logits_in, targets_in):
         loss, grad = _host_call(compute, [logits_in, targets_in], [loss_dtype, logits_in.dtype],
@@ -250,29 +256,13 @@ def dense_per_row(logits, targets, *, from_logits: bool = True, label_smoothing:
 
         def backward(upstream):
             held = _kept_gradient(logits_in, grad, None)
-            up = tf.expand_dims(tf.cast(upstream, held.dtype), class_axis)
-            return held * up, targets_gradient(logits_in, tf.expand_dims(upstream, class_axis))
+            up = tf.expand_dims(upstream, class_axis)
+            grad_targets = targets_gradient(logits_in, up) if targets_differentiated else None
+            return held * tf.cast(up, held.dtype), grad_targets
 
         return loss, backward
 
-    @tf.custom_gradient
-    def fused_constant_targets(logits_in):
-        loss, grad = _host_call(compute, [logits_in, targets], [loss_dtype, logits_in.dtype],
-                                [row_shape, logits_in.shape])
-
-        def backward(upstream):
-            held = _kept_gradient(logits_in, grad, None)
-            return held * tf.expand_dims(tf.cast(upstream, held.dtype), class_axis)
-
-        return loss, backward
-
-    # The targets' gradient costs a pass over N x C: in eager mode it is computed only when a
-    # tape watches the targets; graphs compute it always and prune it when nothing reads it.
-    if targets.dtype.is_floating and (
-            not tf.executing_eagerly() or _record is None or _record.should_record_backprop([targets])
-    ):
-        return fused(logits, targets)
-    return fused_constant_targets(logits)
+    return fused(logits, targets if targets_differentiated else tf.stop_gradient(targets))
 
 
 # ----------------------------------------------------------------------------------------

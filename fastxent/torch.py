@@ -190,6 +190,11 @@ def _torch_loss(options, input, target, weight):
                            label_smoothing=label_smoothing)
 
 
+def _was_kept(grad: torch.Tensor, input: torch.Tensor) -> bool:
+    """Whether the forward kept the gradient (else ``grad`` is the empty placeholder)."""
+    return grad.numel() == input.numel()
+
+
 def _is_wrapped(tensor: torch.Tensor) -> bool:
     """Whether a torch.func transform (or gradcheck's older vmap) wraps the tensor."""
     return _functorch.is_functorch_wrapped_tensor(tensor) or _functorch.is_legacy_batchedtensor(tensor)
@@ -233,8 +238,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_loss is None:  # the loss itself received no gradient
             return None, None, None, None, None, None, None
-        kept = grad.numel() > 0 or input.numel() == 0
-        if torch.is_grad_enabled() or need_target or (need_input and not kept):
+        if torch.is_grad_enabled() or need_target or (need_input and not _was_kept(grad, input)):
             # A graph is being built through this backward (double backward, torch.func), or the
             # target needs a gradient: differentiate PyTorch's own loss, exactly.
             probabilities = target.is_floating_point()
@@ -262,14 +266,14 @@ class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, input_tangent, target_tangent, *_):
         input, target, weight, grad = ctx.saved_tensors
-        ignore_index, reduction, label_smoothing = ctx.options
+        _, reduction, label_smoothing = ctx.options
         probabilities = target.is_floating_point()
         out_dtype = torch.promote_types(input.dtype, target.dtype) if probabilities else input.dtype
         wide = torch.promote_types(out_dtype, torch.float32)
         per_row = reduction == "none"
         tangent = None
         if input_tangent is not None:
-            if grad.numel() != input.numel():
+            if not _was_kept(grad, input):
                 # No gradient was kept (a tangent the forward could not see): PyTorch's own.
                 # Each row's loss depends on its own row only, so one vjp gives every row's gradient.
                 loss, vjp = torch.func.vjp(lambda x: _torch_loss(ctx.options, x, target, weight), input)

@@ -241,8 +241,6 @@ def test_sparse_axis_other_than_last_raises_like_keras(rng, axis):
 @pytest.mark.parametrize("input_kind", ("logits", "probabilities"))
 def test_dense_targets_get_keras_gradient(rng, graph, input_kind):
     """Differentiating with respect to y_true (distillation, learned targets) gives Keras' gradient."""
-    import tensorflow as tf
-
     inputs = tf.constant(rng.standard_normal((5, 7)), tf.float32)
     targets = tf.constant(rng.random((5, 7)) * rng.choice([0.5, 1.0, 1.5], (5, 1)), tf.float32)
     upstream = tf.constant(rng.uniform(0.5, 2.0, 5), tf.float32)

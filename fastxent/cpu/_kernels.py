@@ -205,6 +205,11 @@ def logit_range_stats(row, lo, hi, softcap, class_weight, want_weighted_sum):
         if want_weighted_sum:
             weights = class_weight_range(class_weight, block_lo, block_hi)
             weighted_sum += segment_weighted_sum(segment, weights, softcap)
+    # A finite max's own term is exp(0) = 1, so sum_exp >= 1; but a softcapped logit is recomputed
+    # in the sum pass and can round an ulp below the max, which gave a one-class row the loss -6e-8.
+    # (0 is an all -inf range; NaN passes through.)
+    if 0.0 < sum_exp < 1.0:
+        sum_exp = 1.0
     return np.float64(running_max), sum_exp, weighted_sum
 
 
@@ -344,10 +349,6 @@ def logit_row(row_in, row_out, label, sample_weight, class_weight, class_weight_
     row_max, sum_exp, weighted_sum = logit_range_stats(
         row_in, 0, width, softcap, class_weight, smoothing != 0.0
     )
-    # The max's own term is exp(0) = 1, so sum_exp >= 1; a softcapped logit recomputed in the sum
-    # pass can round an ulp below the max, which gave a one-class row the loss -6e-8.
-    if 0.0 < sum_exp < 1.0:
-        sum_exp = 1.0
     # Read the target before the sweep below may overwrite it (in-place gradient).
     target_value = np.float64(load_logit(row_in[label], softcap))
     target_weight = weight_at(class_weight, label)
