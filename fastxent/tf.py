@@ -193,11 +193,16 @@ def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Op
                                 [labels.shape, logits_in.shape])
 
         def hessian_product(vector):
-            # Rows of the kept gradient are softmax - onehot(label) (0 for ignored rows, where the
-            # one-hot of an out-of-range index is 0 too), so softmax = grad + onehot and
-            # H v = p * v - p * sum(p * v) per row.
-            probs = grad + tf.one_hot(labels, tf.shape(grad)[class_axis], axis=class_axis, dtype=grad.dtype)
-            return probs * vector - probs * tf.reduce_sum(probs * vector, axis=class_axis, keepdims=True)
+            # H v = p * v - p * sum(p * v) per row, with p the softmax recomputed in float32 or
+            # wider: taking p from the kept gradient (grad + onehot) would lose the label's
+            # probability to the rounding of p - 1 in half precision. Ignored rows are constant.
+            probs = tf.nn.softmax(tf.cast(logits_in, loss_dtype), axis=class_axis)
+            if ignore_index is not None:
+                kept_rows = tf.cast(tf.not_equal(labels, tf.cast(ignore_index, labels.dtype)), loss_dtype)
+                probs = probs * tf.expand_dims(kept_rows, class_axis)
+            wide = tf.cast(vector, loss_dtype)
+            product = probs * wide - probs * tf.reduce_sum(probs * wide, axis=class_axis, keepdims=True)
+            return tf.cast(product, logits_in.dtype)
 
         def backward(upstream):
             held = _kept_gradient(logits_in, grad, hessian_product if from_logits else None)
