@@ -50,7 +50,7 @@ def logits_block(num_rows: int, lo: int, hi: int) -> np.ndarray:
     for start in range(lo, hi, BLOCK_CLASSES):
         stop = min(start + BLOCK_CLASSES, hi)
         rng = np.random.default_rng(start // BLOCK_CLASSES)
-        parts.append(3.0 * rng.standard_normal((num_rows, BLOCK_CLASSES), dtype=np.float32)[:, :stop - start])
+        parts.append(3.0 * rng.standard_normal((num_rows, BLOCK_CLASSES), dtype=np.float32)[:, : stop - start])
     return np.ascontiguousarray(np.concatenate(parts, axis=1))
 
 
@@ -84,11 +84,12 @@ def measure_single(args) -> dict:
     work = np.empty_like(logits)
     result = {
         "forward": _time_calls(lambda: fastxent.sparse_cross_entropy(logits, labels), args.repeats),
-        "forward+backward": _time_calls(lambda: fastxent.sparse_cross_entropy_with_grad(logits, labels),
-                                        args.repeats),
+        "forward+backward": _time_calls(lambda: fastxent.sparse_cross_entropy_with_grad(logits, labels), args.repeats),
         "forward+backward in place": _time_calls(
-            lambda: fastxent.sparse_cross_entropy_with_grad(work, labels, inplace=True), args.repeats,
-            before=lambda: np.copyto(work, logits)),
+            lambda: fastxent.sparse_cross_entropy_with_grad(work, labels, inplace=True),
+            args.repeats,
+            before=lambda: np.copyto(work, logits),
+        ),
         "loss": float(fastxent.sparse_cross_entropy(logits, labels)),
     }
     return result
@@ -128,10 +129,16 @@ def measure_sharded(args) -> dict:
     result = {}
     for mode, call, before in (
         ("forward", lambda: distributed.sparse_cross_entropy(local, labels, vocab_start=lo, group=world), None),
-        ("forward+backward", lambda: distributed.sparse_cross_entropy_with_grad(local, labels, vocab_start=lo,
-                                                                               group=world), None),
-        ("forward+backward in place", lambda: distributed.sparse_cross_entropy_with_grad(
-            work, labels, vocab_start=lo, group=world, inplace=True), lambda: np.copyto(work, local)),
+        (
+            "forward+backward",
+            lambda: distributed.sparse_cross_entropy_with_grad(local, labels, vocab_start=lo, group=world),
+            None,
+        ),
+        (
+            "forward+backward in place",
+            lambda: distributed.sparse_cross_entropy_with_grad(work, labels, vocab_start=lo, group=world, inplace=True),
+            lambda: np.copyto(work, local),
+        ),
     ):
         before = before or (lambda: None)
         before()
@@ -159,8 +166,20 @@ def _mpiexec() -> str:
 def _launch(config: str, args) -> dict:
     out = Path(args.scratch) / f"{config}.json"
     out.unlink(missing_ok=True)
-    worker = [sys.executable, str(Path(__file__).resolve()), "--measure", config, "--rows", str(args.rows),
-              "--classes", str(args.classes), "--repeats", str(args.repeats), "--result", str(out)]
+    worker = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--measure",
+        config,
+        "--rows",
+        str(args.rows),
+        "--classes",
+        str(args.classes),
+        "--repeats",
+        str(args.repeats),
+        "--result",
+        str(out),
+    ]
     threads = "2" if config == "single" else "1"
     command = worker if config == "single" else [_mpiexec(), "-n", "2"] + worker
     env = dict(os.environ, NUMBA_NUM_THREADS=threads, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -207,8 +226,10 @@ def report(args, rounds) -> str:
             single_ms, sharded_ms = statistics.median(single[mode]), statistics.median(sharded[mode])
             ratio = sharded_ms / single_ms
             ratios[mode].append(ratio)
-            lines.append(f"| {index} | {mode} | {_ms(single_ms)} | {_ms(sharded_ms)} | {ratio:.3f} | "
-                         f"{_ms(sharded[f'{mode} in collectives'])} |")
+            lines.append(
+                f"| {index} | {mode} | {_ms(single_ms)} | {_ms(sharded_ms)} | {ratio:.3f} | "
+                f"{_ms(sharded[f'{mode} in collectives'])} |"
+            )
     lines += ["", "| mode | median ratio sharded / single over the rounds | target |", "|---|---|---|"]
     for mode, values in ratios.items():
         lines.append(f"| {mode} | **{statistics.median(values):.3f}** | <= 1.25 |")
@@ -223,8 +244,9 @@ def report(args, rounds) -> str:
     ]
     for mode in ratios:
         per_call = last[f"{mode} bytes/call"]
-        lines.append(f"| {mode} | {last[f'{mode} collectives/call']:.0f} | {per_call:.0f} | "
-                     f"{per_call / num_rows:.2f} |")
+        lines.append(
+            f"| {mode} | {last[f'{mode} collectives/call']:.0f} | {per_call:.0f} | {per_call / num_rows:.2f} |"
+        )
     losses = [value for pair in rounds for value in (pair[0]["loss"], pair[1]["loss"])]
     spread = (max(losses) - min(losses)) / abs(statistics.median(losses))
     lines += [
@@ -282,8 +304,10 @@ def communication_model(num_rows: int = 2048) -> str:
             ring = 2 * (ranks - 1) / ranks * payload
             steps = 2 * 2 * int(np.ceil(np.log2(ranks)))
             gather = (ranks - 1) / ranks * 4 * num_rows * num_classes
-            lines.append(f"| {ranks} | {num_classes:,} | {_bytes(payload)} | {_bytes(ring)} | {steps} | "
-                         f"{_bytes(gather)} | {gather / ring:,.0f}x |")
+            lines.append(
+                f"| {ranks} | {num_classes:,} | {_bytes(payload)} | {_bytes(ring)} | {steps} | "
+                f"{_bytes(gather)} | {gather / ring:,.0f}x |"
+            )
     lines += [
         "",
         "The statistics are independent of V and of R; the gathered logits grow with V and stay "
@@ -325,8 +349,11 @@ def main(argv=None) -> None:
         rounds.append(pair)
         for mode in MODES:
             ratio = statistics.median(pair[1][mode]) / statistics.median(pair[0][mode])
-            print(f"round {index + 1} {mode}: single {_ms(statistics.median(pair[0][mode]))} ms, "
-                  f"sharded {_ms(statistics.median(pair[1][mode]))} ms, ratio {ratio:.3f}", flush=True)
+            print(
+                f"round {index + 1} {mode}: single {_ms(statistics.median(pair[0][mode]))} ms, "
+                f"sharded {_ms(statistics.median(pair[1][mode]))} ms, ratio {ratio:.3f}",
+                flush=True,
+            )
     args.load = (load_before, os.getloadavg()[0])
     text = report(args, rounds)
     if args.out:

@@ -145,7 +145,8 @@ class Inputs:
 
 
 def make_inputs(num_rows: int, num_classes: int, dtype: str, l2_bytes: int) -> Inputs:
-    from fastxent.bench.cases import Case, make_inputs as host_inputs
+    from fastxent.bench.cases import Case
+    from fastxent.bench.cases import make_inputs as host_inputs
 
     logits, labels = host_inputs(Case(num_rows, num_classes, dtype))
     if dtype == "bfloat16":
@@ -153,8 +154,9 @@ def make_inputs(num_rows: int, num_classes: int, dtype: str, l2_bytes: int) -> I
     first = cupy.asarray(logits)
     # Enough distinct buffers that a pass over all of them does not fit in L2.
     copies = max(1, min(64, math.ceil(2 * l2_bytes / max(first.nbytes, 1))))
-    return Inputs(num_rows, num_classes, dtype, [first] + [first.copy() for _ in range(copies - 1)],
-                  cupy.asarray(labels))
+    return Inputs(
+        num_rows, num_classes, dtype, [first] + [first.copy() for _ in range(copies - 1)], cupy.asarray(labels)
+    )
 
 
 def bfloat16_bits_to_float32(bits):
@@ -176,15 +178,23 @@ def fastxent_kernel_step(inputs: Inputs, want_grad: bool) -> Callable[[int], Non
     from fastxent._options import KernelOptions
     from fastxent.gpu import xent as gpu_xent
 
-    options = KernelOptions(from_logits=True, label_smoothing=0.0, z_loss=0.0, softcap=None, class_weight=None,
-                            class_weight_total=float(inputs.num_classes), num_classes=inputs.num_classes,
-                            grad_scale=1.0 / inputs.num_rows)
+    options = KernelOptions(
+        from_logits=True,
+        label_smoothing=0.0,
+        z_loss=0.0,
+        softcap=None,
+        class_weight=None,
+        class_weight_total=float(inputs.num_classes),
+        num_classes=inputs.num_classes,
+        grad_scale=1.0 / inputs.num_rows,
+    )
     sample_weight = cupy.ones(inputs.num_rows, dtype=cupy.float64)
     scale = 1.0 / inputs.num_rows
 
     def step(i):
-        per_row, _, _ = gpu_xent.fused_xent(inputs.logits[i], inputs.labels, sample_weight, options,
-                                            want_grad=want_grad, storage=inputs.storage)
+        per_row, _, _ = gpu_xent.fused_xent(
+            inputs.logits[i], inputs.labels, sample_weight, options, want_grad=want_grad, storage=inputs.storage
+        )
         per_row.sum() * scale  # the mean, as the peers compute it
 
     return step
@@ -271,7 +281,8 @@ class Result:
 
 
 def bytes_moved(num_rows: int, num_classes: int, dtype: str, mode: str) -> int:
-    from fastxent.bench.cases import FORWARD, FORWARD_BACKWARD, Case, bytes_moved as model
+    from fastxent.bench.cases import FORWARD, FORWARD_BACKWARD, Case
+    from fastxent.bench.cases import bytes_moved as model
 
     return model(Case(num_rows, num_classes, dtype), FORWARD if mode == "forward" else FORWARD_BACKWARD)
 
@@ -311,8 +322,11 @@ def run_case(shape, dtype, modes, impls, torch, functional, l2_bytes, warmup, re
                 free_memory(torch)
                 continue
             results.append(Result(shape, dtype, mode, impl, statistics.median(times), moved))
-            print(f"  {num_rows}x{num_classes} {dtype} {mode:17s} {impl:13s} "
-                  f"{results[-1].median_s * 1e6:10.1f} us {results[-1].bandwidth / 1e9:8.1f} GB/s", flush=True)
+            print(
+                f"  {num_rows}x{num_classes} {dtype} {mode:17s} {impl:13s} "
+                f"{results[-1].median_s * 1e6:10.1f} us {results[-1].bandwidth / 1e9:8.1f} GB/s",
+                flush=True,
+            )
             free_memory(torch)
     del inputs
     free_memory(torch)
@@ -321,17 +335,41 @@ def run_case(shape, dtype, modes, impls, torch, functional, l2_bytes, warmup, re
 
 TARGETS = (
     # (shape, dtype, mode, what, check)
-    ((8192, 128256), "bfloat16", "forward", ">= 90% of copy bandwidth", lambda r, copy, torch: r.bandwidth >= 0.90 * copy),
-    ((8192, 128256), "bfloat16", "forward+backward", ">= 85% of copy bandwidth",
-     lambda r, copy, torch: r.bandwidth >= 0.85 * copy),
-    ((8192, 128256), "bfloat16", "forward+backward", ">= 1.5x faster than torch eager",
-     lambda r, copy, torch: torch is not None and torch.median_s >= 1.5 * r.median_s),
+    (
+        (8192, 128256),
+        "bfloat16",
+        "forward",
+        ">= 90% of copy bandwidth",
+        lambda r, copy, torch: r.bandwidth >= 0.90 * copy,
+    ),
+    (
+        (8192, 128256),
+        "bfloat16",
+        "forward+backward",
+        ">= 85% of copy bandwidth",
+        lambda r, copy, torch: r.bandwidth >= 0.85 * copy,
+    ),
+    (
+        (8192, 128256),
+        "bfloat16",
+        "forward+backward",
+        ">= 1.5x faster than torch eager",
+        lambda r, copy, torch: torch is not None and torch.median_s >= 1.5 * r.median_s,
+    ),
     ((4, 256000), "bfloat16", "forward", "under 20 us", lambda r, copy, torch: r.median_s < 20e-6),
 )
 
 
-def write_report(path, device_name, copy_bw, results: Sequence[Result], versions: Dict[str, str],
-                 warmup: int, repeats: int, tune_rows: Sequence[Tuple[str, Result]]) -> None:
+def write_report(
+    path,
+    device_name,
+    copy_bw,
+    results: Sequence[Result],
+    versions: Dict[str, str],
+    warmup: int,
+    repeats: int,
+    tune_rows: Sequence[Tuple[str, Result]],
+) -> None:
     lines = [
         "# fastxent GPU benchmark",
         "",
@@ -350,8 +388,10 @@ def write_report(path, device_name, copy_bw, results: Sequence[Result], versions
     for r in results:
         peer = by_key.get((r.shape, r.dtype, r.mode, "torch"))
         speedup = f"{peer.median_s / r.median_s:.2f}x" if peer is not None else "-"
-        lines.append(f"| {r.shape[0]}x{r.shape[1]} | {r.dtype} | {r.mode} | {r.impl} | {r.median_s * 1e6:.1f} | "
-                     f"{r.bandwidth / 1e9:.1f} | {100 * r.bandwidth / copy_bw:.1f}% | {speedup} |")
+        lines.append(
+            f"| {r.shape[0]}x{r.shape[1]} | {r.dtype} | {r.mode} | {r.impl} | {r.median_s * 1e6:.1f} | "
+            f"{r.bandwidth / 1e9:.1f} | {100 * r.bandwidth / copy_bw:.1f}% | {speedup} |"
+        )
     lines += ["", "## Targets (fastxent kernels)", ""]
     for shape, dtype, mode, what, check in TARGETS:
         ours = by_key.get((shape, dtype, mode, "fastxent"))
@@ -360,15 +400,25 @@ def write_report(path, device_name, copy_bw, results: Sequence[Result], versions
             continue
         peer = by_key.get((shape, dtype, mode, "torch"))
         verdict = "met" if check(ours, copy_bw, peer) else "NOT met"
-        lines.append(f"- {shape[0]}x{shape[1]} {dtype} {mode} {what}: {verdict} "
-                     f"({ours.median_s * 1e6:.1f} us, {100 * ours.bandwidth / copy_bw:.1f}% of copy"
-                     + (f", torch {peer.median_s * 1e6:.1f} us" if peer is not None else "") + ")")
+        lines.append(
+            f"- {shape[0]}x{shape[1]} {dtype} {mode} {what}: {verdict} "
+            f"({ours.median_s * 1e6:.1f} us, {100 * ours.bandwidth / copy_bw:.1f}% of copy"
+            + (f", torch {peer.median_s * 1e6:.1f} us" if peer is not None else "")
+            + ")"
+        )
     if tune_rows:
-        lines += ["", "## Launch-parameter sweep (fastxent kernels)", "",
-                  "| setting | case | mode | median (us) | % of copy |", "|---|---|---|---:|---:|"]
+        lines += [
+            "",
+            "## Launch-parameter sweep (fastxent kernels)",
+            "",
+            "| setting | case | mode | median (us) | % of copy |",
+            "|---|---|---|---:|---:|",
+        ]
         for setting, r in tune_rows:
-            lines.append(f"| {setting} | {r.shape[0]}x{r.shape[1]} {r.dtype} | {r.mode} | {r.median_s * 1e6:.1f} | "
-                         f"{100 * r.bandwidth / copy_bw:.1f}% |")
+            lines.append(
+                f"| {setting} | {r.shape[0]}x{r.shape[1]} {r.dtype} | {r.mode} | {r.median_s * 1e6:.1f} | "
+                f"{100 * r.bandwidth / copy_bw:.1f}% |"
+            )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -414,8 +464,11 @@ def parse_shapes(text: str) -> List[Tuple[int, int]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "gpu.md"))
-    parser.add_argument("--cases", default=",".join(f"{n}x{c}" for n, c in DEFAULT_SHAPES),
-                        help="comma-separated ROWSxCLASSES (default: %(default)s)")
+    parser.add_argument(
+        "--cases",
+        default=",".join(f"{n}x{c}" for n, c in DEFAULT_SHAPES),
+        help="comma-separated ROWSxCLASSES (default: %(default)s)",
+    )
     parser.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES))
     parser.add_argument("--modes", default="forward,forward+backward")
     parser.add_argument("--warmup", type=int, default=5)

@@ -26,15 +26,30 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 def pytest_addoption(parser):
     group = parser.getgroup("fastxent benchmarks")
-    group.addoption("--cpu-report", nargs="?", const=os.path.join(RESULTS, "cpu.md"), default=None,
-                    metavar="PATH", help="write medians and ratios as Markdown (default benchmarks/results/cpu.md)")
-    group.addoption("--bench-threads", type=int, default=int(os.environ.get("FASTXENT_BENCH_THREADS", "2")),
-                    help="threads for every implementation (default 2)")
+    group.addoption(
+        "--cpu-report",
+        nargs="?",
+        const=os.path.join(RESULTS, "cpu.md"),
+        default=None,
+        metavar="PATH",
+        help="write medians and ratios as Markdown (default benchmarks/results/cpu.md)",
+    )
+    group.addoption(
+        "--bench-threads",
+        type=int,
+        default=int(os.environ.get("FASTXENT_BENCH_THREADS", "2")),
+        help="threads for every implementation (default 2)",
+    )
     group.addoption("--bench-rounds", type=int, default=5, help="timed rounds per benchmark (default 5)")
-    group.addoption("--bench-shapes", default=None, metavar="NxC,...",
-                    help="other shapes than the suite's, e.g. 64x32000 for a quick try")
-    group.addoption("--bench-dtypes", default="float32", metavar="DTYPE,...",
-                    help="dtypes for --bench-shapes (default float32)")
+    group.addoption(
+        "--bench-shapes",
+        default=None,
+        metavar="NxC,...",
+        help="other shapes than the suite's, e.g. 64x32000 for a quick try",
+    )
+    group.addoption(
+        "--bench-dtypes", default="float32", metavar="DTYPE,...", help="dtypes for --bench-shapes (default float32)"
+    )
 
 
 def pytest_generate_tests(metafunc):
@@ -42,11 +57,15 @@ def pytest_generate_tests(metafunc):
         from test_cpu import params
 
         shapes = metafunc.config.getoption("--bench-shapes")
-        cases = SUITE_CASES if not shapes else grid(parse_shapes(shapes),
-                                                    parse_dtypes(metafunc.config.getoption("--bench-dtypes")))
+        cases = (
+            SUITE_CASES
+            if not shapes
+            else grid(parse_shapes(shapes), parse_dtypes(metafunc.config.getoption("--bench-dtypes")))
+        )
         chosen = list(params(cases))
-        metafunc.parametrize("case, mode, name", chosen,
-                             ids=[f"{case.id}-{mode}-{name}" for case, mode, name in chosen])
+        metafunc.parametrize(
+            "case, mode, name", chosen, ids=[f"{case.id}-{mode}-{name}" for case, mode, name in chosen]
+        )
 
 
 class Bench:

@@ -40,9 +40,13 @@ def entries_from_medians(medians: Dict[Tuple[Case, str, str], float]):
 
 def render(medians, threads: int, rounds: int, info: Dict) -> str:
     entries = entries_from_medians(medians)
-    lines = ["# CPU benchmarks (pytest-benchmark suite)", "",
-             "Medians of `pytest benchmarks/ --cpu-report` on one machine, in one run; only ratios within "
-             "a run are comparable. Validation against the float64 reference is `fastxent bench`'s job.", ""]
+    lines = [
+        "# CPU benchmarks (pytest-benchmark suite)",
+        "",
+        "Medians of `pytest benchmarks/ --cpu-report` on one machine, in one run; only ratios within "
+        "a run are comparable. Validation against the float64 reference is `fastxent bench`'s job.",
+        "",
+    ]
     lines += report.machine_markdown(info)
     lines += [
         f"- Settings: {threads} threads for every implementation (NumPy's ufuncs use one), "
@@ -50,7 +54,9 @@ def render(medians, threads: int, rounds: int, info: Dict) -> str:
         f"- {report.BYTES_MODEL}",
         f"- floor: {report.FLOOR_METHOD}",
         "- fastxent speed-up = the implementation's median / fastxent's median",
-        "", "## Summary", "",
+        "",
+        "## Summary",
+        "",
     ]
     lines += [f"- {line}" for line in report.speedup_summary(entries)]
     lines += ["", "## Results", ""]

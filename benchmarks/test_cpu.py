@@ -25,8 +25,9 @@ def test_cross_entropy(benchmark, bench, case, mode, name):
     impl = bench.impl(name)
     state = bench.state(impl, case)
     benchmark.group = f"{case.name} {mode}"
-    benchmark.extra_info.update(rows=case.num_rows, classes=case.num_classes, dtype=case.dtype, mode=mode,
-                                threads=bench.threads)
+    benchmark.extra_info.update(
+        rows=case.num_rows, classes=case.num_classes, dtype=case.dtype, mode=mode, threads=bench.threads
+    )
 
     def setup():
         impl.reset(state)  # untimed: in place overwrites its input, so each round gets fresh logits

@@ -13,9 +13,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from fastxent.bench import cli as bench_cli
 
     bench = commands.add_parser(
-        "bench", help="validate against the float64 reference, then benchmark against NumPy, "
-                      "TensorFlow, PyTorch and JAX",
-        description=bench_cli.__doc__)
+        "bench",
+        help="validate against the float64 reference, then benchmark against NumPy, TensorFlow, PyTorch and JAX",
+        description=bench_cli.__doc__,
+    )
     bench_cli.add_arguments(bench)
     args = parser.parse_args(argv)
     if args.command == "bench":

@@ -25,9 +25,7 @@ try:
 except ImportError:  # pragma: no cover - ml_dtypes is a runtime dependency
     _BFLOAT16 = None
 
-_FLOAT_DTYPES = tuple(
-    np.dtype(d) for d in (np.float16, np.float32, np.float64) + ((_BFLOAT16,) if _BFLOAT16 else ())
-)
+_FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float16, np.float32, np.float64) + ((_BFLOAT16,) if _BFLOAT16 else ()))
 
 
 class _Backend:
@@ -59,9 +57,7 @@ def _as_logits(logits: Any, backend: _Backend):
     if backend.name == "cpu" and not isinstance(logits, np.ndarray):
         logits = np.asarray(logits)
     if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"logits must be float16, bfloat16, float32 or float64; got dtype {logits.dtype}"
-        )
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64; got dtype {logits.dtype}")
     if logits.ndim < 1:
         raise ValueError(f"logits must have at least one dimension (the classes); got shape {logits.shape}")
     return xp, logits
@@ -147,7 +143,7 @@ def _to_host(values: dict, xp: Any) -> dict:
     names = list(values)
     packed = xp.stack([xp.asarray(values[name], dtype=xp.float64).reshape(()) for name in names])
     host = packed.get() if hasattr(packed, "get") else np.asarray(packed)
-    return dict(zip(names, host.tolist()))
+    return dict(zip(names, host.tolist(), strict=True))
 
 
 def _row_weights(sample_weight, lead_shape: Tuple[int, ...], num_rows: int, xp: Any, rows_name: str):
@@ -176,8 +172,20 @@ def _reject_negative_probabilities(row_min, lead_shape: Tuple[int, ...], xp: Any
         )
 
 
-def _prepare(logits, labels, *, from_logits, reduction, ignore_index, label_smoothing, class_weight,
-             sample_weight, z_loss, softcap, axis):
+def _prepare(
+    logits,
+    labels,
+    *,
+    from_logits,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    class_weight,
+    sample_weight,
+    z_loss,
+    softcap,
+    axis,
+):
     """Validate everything; return what a backend launcher needs and how to shape the result."""
     _check_options(from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap)
     backend = _backend_for(logits)
@@ -186,7 +194,7 @@ def _prepare(logits, labels, *, from_logits, reduction, ignore_index, label_smoo
     num_classes = int(logits.shape[axis])
     if num_classes == 0:
         raise ValueError(f"logits have no classes: shape {tuple(logits.shape)} is 0 along axis {axis}")
-    lead_shape = tuple(logits.shape[:axis] + logits.shape[axis + 1:])
+    lead_shape = tuple(logits.shape[:axis] + logits.shape[axis + 1 :])
     labels = _check_labels(labels, xp, lead_shape)
 
     flat = labels.reshape(-1)
@@ -225,9 +233,7 @@ def _prepare(logits, labels, *, from_logits, reduction, ignore_index, label_smoo
         position = _position(first, tuple(labels.shape))
         value = int(flat[first])
         hint = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
-        raise ValueError(
-            f"label {value} at position {position} is outside the valid range [0, {num_classes}){hint}"
-        )
+        raise ValueError(f"label {value} at position {position} is outside the valid range [0, {num_classes}){hint}")
     _warn_if_probabilities(host, logits.dtype, num_classes)
     weight_total = host["weight_total"] if weights is not None else float(num_classes)
     denominator = host.get("denominator", 1.0)
@@ -345,13 +351,35 @@ def _check_out(out, logits, inplace: bool, xp: Any) -> None:
         raise ValueError("out overlaps the logits; use inplace=True to write the gradient over them")
 
 
-def _run(logits, labels, *, want_grad, inplace, from_logits, reduction, ignore_index, label_smoothing,
-         class_weight, sample_weight, z_loss, softcap, axis, out=None):
-    (backend, xp, logits, axis, lead_shape, flat_labels, row_weight, options,
-     denominator) = _prepare(
-        logits, labels, from_logits=from_logits, reduction=reduction, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, class_weight=class_weight, sample_weight=sample_weight,
-        z_loss=z_loss, softcap=softcap, axis=axis,
+def _run(
+    logits,
+    labels,
+    *,
+    want_grad,
+    inplace,
+    from_logits,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    class_weight,
+    sample_weight,
+    z_loss,
+    softcap,
+    axis,
+    out=None,
+):
+    (backend, xp, logits, axis, lead_shape, flat_labels, row_weight, options, denominator) = _prepare(
+        logits,
+        labels,
+        from_logits=from_logits,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weight=class_weight,
+        sample_weight=sample_weight,
+        z_loss=z_loss,
+        softcap=softcap,
+        axis=axis,
     )
     # CuPy arrays have no read-only flag (their flags lack "writeable"): always writeable.
     if inplace and not (isinstance(logits, xp.ndarray) and getattr(logits.flags, "writeable", True)):
@@ -367,11 +395,20 @@ def _run(logits, labels, *, want_grad, inplace, from_logits, reduction, ignore_i
             out_rows = moved_out.reshape(rows.shape)
     # In place works directly on the caller's buffer when the rows are a view of it; otherwise
     # the gradient lands in the contiguous copy and is written back below.
-    writes_through = inplace and xp.shares_memory(rows, logits) if backend.name == "cpu" else (
-        inplace and rows.data.ptr == logits.data.ptr and rows.flags.c_contiguous)
+    writes_through = (
+        inplace and xp.shares_memory(rows, logits)
+        if backend.name == "cpu"
+        else (inplace and rows.data.ptr == logits.data.ptr and rows.flags.c_contiguous)
+    )
     extra = {} if out_rows is None else {"grad_out": out_rows}
     per_row, grad_rows, row_min = backend.launcher.fused_xent(
-        rows, flat_labels, row_weight, options, want_grad=want_grad, inplace=inplace, **extra,
+        rows,
+        flat_labels,
+        row_weight,
+        options,
+        want_grad=want_grad,
+        inplace=inplace,
+        **extra,
     )
     if row_min is not None:
         _reject_negative_probabilities(row_min, lead_shape, xp)
@@ -430,10 +467,21 @@ def sparse_cross_entropy(
         The loss: float32 (float64 for float64 logits); 0-d for "sum"/"mean"/
         "sum_over_batch_size", the labels' shape for "none".
     """
-    return _run(logits, labels, want_grad=False, inplace=False, from_logits=from_logits,
-                reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                class_weight=class_weight, sample_weight=sample_weight, z_loss=z_loss,
-                softcap=softcap, axis=axis)
+    return _run(
+        logits,
+        labels,
+        want_grad=False,
+        inplace=False,
+        from_logits=from_logits,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weight=class_weight,
+        sample_weight=sample_weight,
+        z_loss=z_loss,
+        softcap=softcap,
+        axis=axis,
+    )
 
 
 def sparse_cross_entropy_with_grad(
@@ -469,10 +517,22 @@ def sparse_cross_entropy_with_grad(
         logits' shape and dtype (the ``logits`` array itself when ``inplace=True``, ``out`` when
         given).
     """
-    return _run(logits, labels, want_grad=True, inplace=bool(inplace), from_logits=from_logits,
-                reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                class_weight=class_weight, sample_weight=sample_weight, z_loss=z_loss,
-                softcap=softcap, axis=axis, out=out)
+    return _run(
+        logits,
+        labels,
+        want_grad=True,
+        inplace=bool(inplace),
+        from_logits=from_logits,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weight=class_weight,
+        sample_weight=sample_weight,
+        z_loss=z_loss,
+        softcap=softcap,
+        axis=axis,
+        out=out,
+    )
 
 
 def log_softmax_gather(logits: Any, labels: Any, *, axis: int = -1):

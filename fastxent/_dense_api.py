@@ -60,8 +60,19 @@ def _dense_launcher(backend):
     )
 
 
-def _run(logits, targets, *, want_grad, from_logits, reduction, label_smoothing, class_weight,
-         sample_weight, axis, unit_mass_grad=False):
+def _run(
+    logits,
+    targets,
+    *,
+    want_grad,
+    from_logits,
+    reduction,
+    label_smoothing,
+    class_weight,
+    sample_weight,
+    axis,
+    unit_mass_grad=False,
+):
     """The shared body of the public functions. ``unit_mass_grad`` (for the TensorFlow adapter):
     the gradient TensorFlow's softmax_cross_entropy_with_logits returns, softmax - targets, which
     differs from the derivative when target rows do not sum to 1."""
@@ -77,14 +88,12 @@ def _run(logits, targets, *, want_grad, from_logits, reduction, label_smoothing,
     if targets.dtype.kind not in "fiub" and targets.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"targets must be numbers (one-hot or probability rows); got dtype {targets.dtype}")
     if tuple(targets.shape) != tuple(logits.shape):
-        raise ValueError(
-            f"targets shape {tuple(targets.shape)} must equal the logits shape {tuple(logits.shape)}"
-        )
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal the logits shape {tuple(logits.shape)}")
     # The kernels read targets in the logits' storage type; other dtypes are converted (a copy
     # of the targets, never of the logits).
     if targets.dtype != logits.dtype:
         targets = targets.astype(logits.dtype)
-    lead_shape = tuple(logits.shape[:axis] + logits.shape[axis + 1:])
+    lead_shape = tuple(logits.shape[:axis] + logits.shape[axis + 1 :])
     num_rows = int(np.prod(lead_shape, dtype=np.int64))
 
     weights = _class_weights(class_weight, num_classes, xp)
@@ -113,8 +122,7 @@ def _run(logits, targets, *, want_grad, from_logits, reduction, label_smoothing,
     rows = _rows_view(logits, axis, xp)
     target_rows = _rows_view(targets, axis, xp)
     launch_options = {"unit_mass_grad": True} if unit_mass_grad else {}
-    per_row, grad_rows, row_min = launch(rows, target_rows, row_weight, options, want_grad=want_grad,
-                                         **launch_options)
+    per_row, grad_rows, row_min = launch(rows, target_rows, row_weight, options, want_grad=want_grad, **launch_options)
     if row_min is not None:
         _reject_negative_probabilities(row_min, lead_shape, xp)
     loss = _reduce(per_row, reduction, denominator, lead_shape, _loss_dtype(logits.dtype), xp)
@@ -155,9 +163,17 @@ def categorical_cross_entropy(
     Returns:
         The loss: float32 (float64 for float64 logits); 0-d, or the rows' shape for "none".
     """
-    return _run(logits, targets, want_grad=False, from_logits=from_logits, reduction=reduction,
-                label_smoothing=label_smoothing, class_weight=class_weight,
-                sample_weight=sample_weight, axis=axis)
+    return _run(
+        logits,
+        targets,
+        want_grad=False,
+        from_logits=from_logits,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        class_weight=class_weight,
+        sample_weight=sample_weight,
+        axis=axis,
+    )
 
 
 def categorical_cross_entropy_with_grad(
@@ -179,6 +195,14 @@ def categorical_cross_entropy_with_grad(
         (loss, grad): the loss as ``categorical_cross_entropy`` returns it, and the gradient with
         the logits' shape and dtype.
     """
-    return _run(logits, targets, want_grad=True, from_logits=from_logits, reduction=reduction,
-                label_smoothing=label_smoothing, class_weight=class_weight,
-                sample_weight=sample_weight, axis=axis)
+    return _run(
+        logits,
+        targets,
+        want_grad=True,
+        from_logits=from_logits,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        class_weight=class_weight,
+        sample_weight=sample_weight,
+        axis=axis,
+    )

@@ -55,8 +55,14 @@ def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
 
     def host(want_grad, logits, labels, class_weight, sample_weight):
         run = _api.sparse_cross_entropy_with_grad if want_grad else _api.sparse_cross_entropy
-        return run(np.asarray(logits), np.asarray(labels), class_weight=class_weight,
-                   sample_weight=sample_weight, axis=class_axis, **static)
+        return run(
+            np.asarray(logits),
+            np.asarray(labels),
+            class_weight=class_weight,
+            sample_weight=sample_weight,
+            axis=class_axis,
+            **static,
+        )
 
     def shapes(logits, labels, want_grad):
         loss_shape = labels.shape if per_row else ()
@@ -64,8 +70,14 @@ def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
         return (loss, jax.ShapeDtypeStruct(logits.shape, logits.dtype)) if want_grad else loss
 
     def call(want_grad, logits, labels, weights):
-        return jax.pure_callback(functools.partial(host, want_grad), shapes(logits, labels, want_grad),
-                                 logits, labels, *weights, vmap_method="sequential")
+        return jax.pure_callback(
+            functools.partial(host, want_grad),
+            shapes(logits, labels, want_grad),
+            logits,
+            labels,
+            *weights,
+            vmap_method="sequential",
+        )
 
     @jax.custom_jvp
     def loss_and_grad(logits, labels, weights):
@@ -77,7 +89,8 @@ def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
             return value, tuple(jnp.zeros_like(v) for v in value)
         raise NotImplementedError(
             "fastxent.jax.sparse_cross_entropy has no second derivatives (jax.hessian, a jvp of a "
-            "grad); use optax.softmax_cross_entropy_with_integer_labels where they are needed")
+            "grad); use optax.softmax_cross_entropy_with_integer_labels where they are needed"
+        )
 
     loss_and_grad.defjvp(second_order, symbolic_zeros=True)
 
@@ -91,7 +104,8 @@ def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
         if not _all_zero(weight_tangents):
             raise NotImplementedError(
                 "fastxent.jax.sparse_cross_entropy is not differentiable with respect to class_weight "
-                "or sample_weight; pass them through jax.lax.stop_gradient")
+                "or sample_weight; pass them through jax.lax.stop_gradient"
+            )
         if _is_zero(logits_tangent):
             value = call(False, logits, labels, weights)
             return value, jnp.zeros_like(value)
@@ -178,10 +192,13 @@ def sparse_cross_entropy(
             ignore_index = int(jnp.iinfo(labels.dtype).min)
         labels = jnp.where(where, labels, jnp.asarray(ignore_index, labels.dtype))
 
-    options = (("reduction", reduction), ("ignore_index", ignore_index),
-               ("label_smoothing", float(label_smoothing)), ("z_loss", float(z_loss)),
-               ("softcap", None if softcap is None else float(softcap)))
+    options = (
+        ("reduction", reduction),
+        ("ignore_index", ignore_index),
+        ("label_smoothing", float(label_smoothing)),
+        ("z_loss", float(z_loss)),
+        ("softcap", None if softcap is None else float(softcap)),
+    )
     weights = tuple(None if w is None else jnp.asarray(w) for w in (class_weight, sample_weight))
     loss = _fused(options, class_axis)(logits, labels, weights)
     return loss.astype(logits.dtype)
-

@@ -63,8 +63,11 @@ def _keras_logits(output, from_logits: bool, fn_name: str):
     """Keras' ``_get_logits``: the softmax's input when ``output`` comes straight out of a softmax."""
     if hasattr(output, "_keras_logits"):
         found = output._keras_logits
-    elif (hasattr(output, "op") and not isinstance(output, (tf.__internal__.EagerTensor, tf.Variable))
-          and output.op.type == "Softmax"):
+    elif (
+        hasattr(output, "op")
+        and not isinstance(output, (tf.__internal__.EagerTensor, tf.Variable))
+        and output.op.type == "Softmax"
+    ):
         if len(output.op.inputs) != 1:
             raise ValueError("Expected 1 input for Softmax.")
         found = output.op.inputs[0]
@@ -104,11 +107,12 @@ def sparse_categorical_crossentropy(y_true, y_pred, from_logits=False, ignore_cl
     if rank < 1:
         raise ValueError(f"Argument `output` must be at least rank 1. Received: output.shape={y_pred.shape}")
     class_axis = axis % rank
-    row_shape = y_pred.shape[:class_axis] + y_pred.shape[class_axis + 1:]
+    row_shape = y_pred.shape[:class_axis] + y_pred.shape[class_axis + 1 :]
     if len(y_true.shape) != rank - 1 or not y_true.shape.is_compatible_with(row_shape):
         raise ValueError(
             "Arguments `target` and `output` must have the same shape up until the class dimension: "
-            f"target.shape={y_true.shape}, output.shape={y_pred.shape}")
+            f"target.shape={y_true.shape}, output.shape={y_pred.shape}"
+        )
 
     labels = tf.cast(y_true, tf.int64)
     if ignore_class is None:
@@ -138,11 +142,15 @@ def categorical_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=
             stacklevel=2,
         )
     if len(y_true.shape) < 1:
-        raise ValueError("Arguments `target` and `output` must be at least rank 1. "
-                         f"Received: target.shape={y_true.shape}, output.shape={y_pred.shape}")
+        raise ValueError(
+            "Arguments `target` and `output` must be at least rank 1. "
+            f"Received: target.shape={y_true.shape}, output.shape={y_pred.shape}"
+        )
     if len(y_true.shape) != len(y_pred.shape) or not y_true.shape.is_compatible_with(y_pred.shape):
-        raise ValueError("Arguments `target` and `output` must have the same shape. "
-                         f"Received: target.shape={y_true.shape}, output.shape={y_pred.shape}")
+        raise ValueError(
+            "Arguments `target` and `output` must have the same shape. "
+            f"Received: target.shape={y_true.shape}, output.shape={y_pred.shape}"
+        )
     class_axis = axis % len(y_pred.shape)
     smoothing = float(label_smoothing) if label_smoothing else 0.0
     if smoothing and class_axis != len(y_pred.shape) - 1:
@@ -160,10 +168,18 @@ class SparseCategoricalCrossentropy(keras.losses.SparseCategoricalCrossentropy):
     fastxent's fused kernel. Same arguments: ``from_logits=False``, ``ignore_class=None``,
     ``reduction="sum_over_batch_size"``, ``axis=-1``, ``name``, ``dtype``."""
 
-    def __init__(self, from_logits=False, ignore_class=None, reduction="sum_over_batch_size", axis=-1,
-                 name="sparse_categorical_crossentropy", dtype=None):
-        super().__init__(from_logits=from_logits, ignore_class=ignore_class, reduction=reduction, axis=axis,
-                         name=name, dtype=dtype)
+    def __init__(
+        self,
+        from_logits=False,
+        ignore_class=None,
+        reduction="sum_over_batch_size",
+        axis=-1,
+        name="sparse_categorical_crossentropy",
+        dtype=None,
+    ):
+        super().__init__(
+            from_logits=from_logits, ignore_class=ignore_class, reduction=reduction, axis=axis, name=name, dtype=dtype
+        )
         self.axis = axis
         self.fn = sparse_categorical_crossentropy
 
@@ -179,10 +195,23 @@ class CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
     fastxent's fused kernel. Same arguments: ``from_logits=False``, ``label_smoothing=0.0``,
     ``axis=-1``, ``reduction="sum_over_batch_size"``, ``name``, ``dtype``."""
 
-    def __init__(self, from_logits=False, label_smoothing=0.0, axis=-1, reduction="sum_over_batch_size",
-                 name="categorical_crossentropy", dtype=None):
-        super().__init__(from_logits=from_logits, label_smoothing=label_smoothing, axis=axis,
-                         reduction=reduction, name=name, dtype=dtype)
+    def __init__(
+        self,
+        from_logits=False,
+        label_smoothing=0.0,
+        axis=-1,
+        reduction="sum_over_batch_size",
+        name="categorical_crossentropy",
+        dtype=None,
+    ):
+        super().__init__(
+            from_logits=from_logits,
+            label_smoothing=label_smoothing,
+            axis=axis,
+            reduction=reduction,
+            name=name,
+            dtype=dtype,
+        )
         self.fn = categorical_crossentropy
 
 
@@ -204,7 +233,7 @@ def get(identifier):
     instantiated with its defaults, as Keras does. Other identifiers go to ``keras.losses.get``.
     """
     if isinstance(identifier, str):
-        found = _NAMES.get(identifier[len(_PREFIX):] if identifier.startswith(_PREFIX) else identifier)
+        found = _NAMES.get(identifier[len(_PREFIX) :] if identifier.startswith(_PREFIX) else identifier)
         if found is not None:
             return found() if isinstance(found, type) else found
     return keras.losses.get(identifier)

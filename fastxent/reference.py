@@ -93,10 +93,14 @@ def sparse_cross_entropy_with_grad(
         raise ValueError(f"unknown reduction {reduction!r}")
     x, y, lead_shape = _to_rows(logits, labels, axis)
     valid = np.ones(y.shape, bool) if ignore_index is None else y != ignore_index
-    sw = np.ones(y.shape) if sample_weight is None else np.broadcast_to(
-        np.asarray(sample_weight, np.float64), lead_shape).reshape(-1)
-    loss, grad, w_y = _per_row_terms(x, y, valid, from_logits, label_smoothing, class_weight, z_loss, softcap,
-                                     _clip_bounds(np.asarray(logits).dtype))
+    sw = (
+        np.ones(y.shape)
+        if sample_weight is None
+        else np.broadcast_to(np.asarray(sample_weight, np.float64), lead_shape).reshape(-1)
+    )
+    loss, grad, w_y = _per_row_terms(
+        x, y, valid, from_logits, label_smoothing, class_weight, z_loss, softcap, _clip_bounds(np.asarray(logits).dtype)
+    )
     with np.errstate(all="ignore"):
         loss = np.where(valid, loss * sw, 0.0)
         grad = np.where(valid[:, None], grad * sw[:, None], 0.0)
@@ -194,8 +198,11 @@ def categorical_cross_entropy_with_grad(
     num_rows = x.shape[0]
     w = np.ones(num_classes) if class_weight is None else np.asarray(class_weight, np.float64)
     mass = w * ((1.0 - label_smoothing) * t + label_smoothing / num_classes)
-    sw = np.ones(num_rows) if sample_weight is None else np.broadcast_to(
-        np.asarray(sample_weight, np.float64), lead_shape).reshape(-1)
+    sw = (
+        np.ones(num_rows)
+        if sample_weight is None
+        else np.broadcast_to(np.asarray(sample_weight, np.float64), lead_shape).reshape(-1)
+    )
     loss, grad = _dense_per_row_terms(x, mass, from_logits, _clip_bounds(dtype))
     with np.errstate(all="ignore"):
         loss = loss * sw

@@ -77,8 +77,10 @@ def _to_array(tensor):
     if _on_gpu(tensor):
         cupy = _cupy()
         if tensor.dtype == tf.bfloat16:
-            raise TypeError("bfloat16 GPU tensors cannot be handed to fastxent's GPU backend yet (CuPy has "
-                            "no bfloat16 dtype); use float16 or float32 logits")
+            raise TypeError(
+                "bfloat16 GPU tensors cannot be handed to fastxent's GPU backend yet (CuPy has "
+                "no bfloat16 dtype); use float16 or float32 logits"
+            )
         # TensorFlow's stream is not exposed: finish its pending work before CuPy reads.
         cupy.cuda.runtime.deviceSynchronize()
         return cupy.from_dlpack(tf.experimental.dlpack.to_dlpack(tensor))
@@ -108,16 +110,17 @@ def _host_call(compute: Callable, inputs: Sequence, out_dtypes: Sequence[tf.DTyp
 
     def run(*tensors):
         results = compute(*[_to_array(tensor) for tensor in tensors])
-        return [_to_tensor(result, dtype) for result, dtype in zip(results, out_dtypes)]
+        return [_to_tensor(result, dtype) for result, dtype in zip(results, out_dtypes, strict=True)]
 
     if tf.executing_eagerly():
         return run(*inputs)
     if _in_xla_context():
         raise ValueError(
             "fastxent runs its kernel as a host call, which XLA cannot compile: use jit_compile=False "
-            "(model.compile(..., jit_compile=False) or tf.function(..., jit_compile=False))")
+            "(model.compile(..., jit_compile=False) or tf.function(..., jit_compile=False))"
+        )
     outputs = tf.py_function(run, list(inputs), Tout=list(out_dtypes))
-    for output, shape in zip(outputs, out_shapes):
+    for output, shape in zip(outputs, out_shapes, strict=True):
         output.set_shape(shape)
     return outputs
 
@@ -160,8 +163,7 @@ def _kept_gradient(logits, grad, hessian_product: Optional[Callable]):
     def kept(logits_in):
         def second_order(upstream):
             if hessian_product is None:
-                raise NotImplementedError(
-                    "fastxent provides second derivatives for sparse labels with logits only")
+                raise NotImplementedError("fastxent provides second derivatives for sparse labels with logits only")
             return hessian_product(upstream)
 
         return tf.identity(grad), second_order
@@ -170,8 +172,7 @@ def _kept_gradient(logits, grad, hessian_product: Optional[Callable]):
 
 
 @tf.autograph.experimental.do_not_convert
-def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Optional[int] = None,
-                   axis: int = -1):
+def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Optional[int] = None, axis: int = -1):
     """Per-row sparse cross-entropy (the labels' shape, float32/float64) with a fused gradient.
 
     Rows whose label equals ``ignore_index`` have loss 0 and gradient 0.
@@ -184,13 +185,22 @@ def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Op
 
     def compute(logits_array, labels_array):
         return sparse_cross_entropy_with_grad(
-            logits_array, labels_array, from_logits=from_logits, reduction="none",
-            ignore_index=ignore_index, axis=class_axis)
+            logits_array,
+            labels_array,
+            from_logits=from_logits,
+            reduction="none",
+            ignore_index=ignore_index,
+            axis=class_axis,
+        )
 
     @tf.custom_gradient
     def fused(logits_in):
-        loss, grad = _host_call(_raise_label_errors(compute), [logits_in, labels], [loss_dtype, logits_in.dtype],
-                                [labels.shape, logits_in.shape])
+        loss, grad = _host_call(
+            _raise_label_errors(compute),
+            [logits_in, labels],
+            [loss_dtype, logits_in.dtype],
+            [labels.shape, logits_in.shape],
+        )
 
         def hessian_product(vector):
             # H v = p * v - p * sum(p * v) per row, with p the softmax recomputed in float32 or
@@ -225,16 +235,24 @@ def dense_per_row(logits, targets, *, from_logits: bool = True, label_smoothing:
     targets = tf.convert_to_tensor(targets)
     rank = logits.shape.rank
     class_axis = axis % rank if rank else axis
-    row_shape = logits.shape[:class_axis] + logits.shape[class_axis + 1:]
+    row_shape = logits.shape[:class_axis] + logits.shape[class_axis + 1 :]
     loss_dtype = _loss_dtype(logits.dtype)
 
     def compute(logits_array, targets_array):
         # With logits the gradient is TensorFlow's softmax - targets (what its op returns; the
         # exact derivative has (sum of the row's targets) * softmax, equal for rows summing to 1).
         return _dense_api._run(
-            logits_array, targets_array, want_grad=True, from_logits=from_logits, reduction="none",
-            label_smoothing=label_smoothing, class_weight=None, sample_weight=None, axis=class_axis,
-            unit_mass_grad=from_logits)
+            logits_array,
+            targets_array,
+            want_grad=True,
+            from_logits=from_logits,
+            reduction="none",
+            label_smoothing=label_smoothing,
+            class_weight=None,
+            sample_weight=None,
+            axis=class_axis,
+            unit_mass_grad=from_logits,
+        )
 
     def targets_gradient(logits_in, up):
         # The loss is linear in the targets: d loss / d t_c = -(1 - eps) log q_c, with q the
@@ -256,8 +274,9 @@ def dense_per_row(logits, targets, *, from_logits: bool = True, label_smoothing:
 
     @tf.custom_gradient
     def fused(logits_in, targets_in):
-        loss, grad = _host_call(compute, [logits_in, targets_in], [loss_dtype, logits_in.dtype],
-                                [row_shape, logits_in.shape])
+        loss, grad = _host_call(
+            compute, [logits_in, targets_in], [loss_dtype, logits_in.dtype], [row_shape, logits_in.shape]
+        )
 
         def backward(upstream):
             held = _kept_gradient(logits_in, grad, None)
@@ -302,9 +321,12 @@ def sparse_softmax_cross_entropy_with_logits(labels, logits, name: Optional[str]
             if labels.shape.rank != logits.shape.rank - 1:
                 raise ValueError(
                     f"Rank mismatch: Rank of labels (received {labels.shape.rank}) should equal rank of "
-                    f"logits minus 1 (received {logits.shape.rank}).")
+                    f"logits minus 1 (received {logits.shape.rank})."
+                )
             if not labels.shape.is_compatible_with(logits.shape[:-1]):
-                raise ValueError(f"labels shape {labels.shape} must equal logits shape without the last "
-                                 f"dimension, {logits.shape[:-1]}")
+                raise ValueError(
+                    f"labels shape {labels.shape} must equal logits shape without the last "
+                    f"dimension, {logits.shape[:-1]}"
+                )
         loss = sparse_per_row(logits, labels, from_logits=True, axis=-1)
         return tf.cast(loss, logits.dtype)

@@ -115,8 +115,9 @@ def _device_stream(tensor: torch.Tensor):
         yield
         return
     cupy = _cupy()
-    with cupy.cuda.Device(tensor.device.index), cupy.cuda.ExternalStream(
-        torch.cuda.current_stream(tensor.device).cuda_stream
+    with (
+        cupy.cuda.Device(tensor.device.index),
+        cupy.cuda.ExternalStream(torch.cuda.current_stream(tensor.device).cuda_stream),
     ):
         yield
 
@@ -154,12 +155,25 @@ def _fused_loss_and_grad(input, target, weight, ignore_index, reduction, label_s
             if probabilities:
                 core_reduction = "sum_over_batch_size" if reduction == "mean" else reduction
                 run = categorical_cross_entropy_with_grad if want_grad else categorical_cross_entropy
-                result = run(logits, _to_array(target), reduction=core_reduction,
-                             label_smoothing=label_smoothing, class_weight=class_weight, axis=class_axis)
+                result = run(
+                    logits,
+                    _to_array(target),
+                    reduction=core_reduction,
+                    label_smoothing=label_smoothing,
+                    class_weight=class_weight,
+                    axis=class_axis,
+                )
             else:
                 run = sparse_cross_entropy_with_grad if want_grad else sparse_cross_entropy
-                result = run(logits, _to_array(target), reduction=reduction, ignore_index=ignore_index,
-                             label_smoothing=label_smoothing, class_weight=class_weight, axis=class_axis)
+                result = run(
+                    logits,
+                    _to_array(target),
+                    reduction=reduction,
+                    ignore_index=ignore_index,
+                    label_smoothing=label_smoothing,
+                    class_weight=class_weight,
+                    axis=class_axis,
+                )
     except ValueError as error:
         if "outside the valid range" in str(error):
             raise TargetOutOfBoundsError(str(error)) from None
@@ -172,8 +186,10 @@ def _fused_loss_and_grad(input, target, weight, ignore_index, reduction, label_s
     # fastxent's "mean" is 0.0 when there is nothing to divide by; PyTorch's is NaN (0 / 0),
     # and its gradient is NaN on every counted row.
     num_rows = target.numel() if not probabilities else input.numel() // max(input.shape[class_axis], 1)
-    if reduction == "mean" and float(loss) == 0.0 and (
-        num_rows == 0 or (not probabilities and _nothing_counted(target, weight, ignore_index))
+    if (
+        reduction == "mean"
+        and float(loss) == 0.0
+        and (num_rows == 0 or (not probabilities and _nothing_counted(target, weight, ignore_index)))
     ):
         loss = torch.full_like(loss, float("nan"))
         if grad_array is not None and not probabilities:
@@ -186,8 +202,9 @@ def _torch_loss(options, input, target, weight):
     """PyTorch's own cross-entropy with the same options: the exact path for derivatives the
     fused kernel does not provide (second order, probability targets, tangents of the target)."""
     ignore_index, reduction, label_smoothing = options
-    return F.cross_entropy(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=label_smoothing)
+    return F.cross_entropy(
+        input, target, weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+    )
 
 
 def _was_kept(grad: torch.Tensor, input: torch.Tensor) -> bool:
@@ -203,8 +220,12 @@ def _is_wrapped(tensor: torch.Tensor) -> bool:
 def _is_plain_cpu_one(grad_output: torch.Tensor) -> bool:
     """Whether the incoming gradient is the 1.0 of ``loss.backward()``, read without a device
     sync: only a plain CPU scalar is looked at (never a CUDA tensor, never under a transform)."""
-    return (grad_output.device.type == "cpu" and grad_output.numel() == 1
-            and not _is_wrapped(grad_output) and grad_output.item() == 1.0)
+    return (
+        grad_output.device.type == "cpu"
+        and grad_output.numel() == 1
+        and not _is_wrapped(grad_output)
+        and grad_output.item() == 1.0
+    )
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -214,8 +235,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction, label_smoothing, want_grad):
-        return _fused_loss_and_grad(input, target, weight, ignore_index, reduction, label_smoothing,
-                                    want_grad)
+        return _fused_loss_and_grad(input, target, weight, ignore_index, reduction, label_smoothing, want_grad)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -306,8 +326,14 @@ class _FusedCrossEntropy(torch.autograd.Function):
         losses, grads = [], []
         for index in range(info.batch_size):
             loss, grad = _FusedCrossEntropy.apply(
-                element(input, in_dims[0], index), element(target, in_dims[1], index),
-                element(weight, in_dims[2], index), ignore_index, reduction, label_smoothing, want_grad)
+                element(input, in_dims[0], index),
+                element(target, in_dims[1], index),
+                element(weight, in_dims[2], index),
+                ignore_index,
+                reduction,
+                label_smoothing,
+                want_grad,
+            )
             losses.append(loss)
             grads.append(grad)
         return (torch.stack(losses), torch.stack(grads)), (0, 0)
@@ -363,14 +389,18 @@ def cross_entropy(
     _check_target(input, target, ignore_index)
     if weight is not None and weight.requires_grad:
         # PyTorch's own loss is not differentiable in the class weights either.
-        raise InvalidInputError("cross_entropy is not differentiable with respect to argument 'weight'. "
-                                "This input cannot have requires_grad True.")
+        raise InvalidInputError(
+            "cross_entropy is not differentiable with respect to argument 'weight'. "
+            "This input cannot have requires_grad True."
+        )
     if float(label_smoothing) == 1.0:
         # Allowed by PyTorch (every row's target is uniform), outside the kernel's [0, 1): PyTorch's own.
-        return F.cross_entropy(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-                               label_smoothing=1.0)
-    loss, _ = _FusedCrossEntropy.apply(input, target, weight, int(ignore_index), reduction,
-                                       float(label_smoothing), _wants_input_grad(input))
+        return F.cross_entropy(
+            input, target, weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=1.0
+        )
+    loss, _ = _FusedCrossEntropy.apply(
+        input, target, weight, int(ignore_index), reduction, float(label_smoothing), _wants_input_grad(input)
+    )
     return loss
 
 
@@ -378,14 +408,15 @@ def _check_target(input: torch.Tensor, target: torch.Tensor, ignore_index: int) 
     """The target checks PyTorch makes before choosing between index and probability targets."""
     if target.is_floating_point():
         if target.shape != input.shape:
-            raise InvalidInputError(f"expected target dtype to be Long or Byte, but got {target.dtype} "
-                                    f"(a floating target holds class probabilities and must have the "
-                                    f"input's shape {tuple(input.shape)}; got {tuple(target.shape)})")
+            raise InvalidInputError(
+                f"expected target dtype to be Long or Byte, but got {target.dtype} "
+                f"(a floating target holds class probabilities and must have the "
+                f"input's shape {tuple(input.shape)}; got {tuple(target.shape)})"
+            )
         if ignore_index >= 0:
             raise InvalidInputError("ignore_index is not supported for floating point target")
     elif target.shape == input.shape and input.dim() > 0:
-        raise InvalidInputError(f"Expected floating point type for target with class probabilities, "
-                                f"got {target.dtype}")
+        raise InvalidInputError(f"Expected floating point type for target with class probabilities, got {target.dtype}")
     elif target.dtype == torch.bool or target.is_complex():
         raise InvalidInputError(f"expected target dtype to be Long or Byte, but got {target.dtype}")
 
@@ -395,5 +426,11 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     runs fastxent's fused kernel."""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                             reduction=self.reduction, label_smoothing=self.label_smoothing)
+        return cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )

@@ -94,15 +94,34 @@ class Tolerance:
 
 TOLERANCES = {
     # float64 logits are computed in float64 throughout.
-    np.dtype(np.float64): Tolerance(loss_rtol=1e-11, loss_atol=1e-11, grad_rtol=1e-10, grad_atol=1e-13,
-                                    grad_atol_abs=float(np.finfo(np.float64).tiny), half_ulp=2.0**-53),
+    np.dtype(np.float64): Tolerance(
+        loss_rtol=1e-11,
+        loss_atol=1e-11,
+        grad_rtol=1e-10,
+        grad_atol=1e-13,
+        grad_atol_abs=float(np.finfo(np.float64).tiny),
+        half_ulp=2.0**-53,
+    ),
     # float32 compute: block sums of 2048 terms in 16 float32 lanes, a 2-ulp exp.
-    np.dtype(np.float32): Tolerance(loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2e-5, grad_atol=1e-6,
-                                    grad_atol_abs=float(np.finfo(np.float32).tiny), half_ulp=2.0**-24),
-    np.dtype(np.float16): Tolerance(loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2.0**-10, grad_atol=1e-6,
-                                    grad_atol_abs=2.0**-24, half_ulp=2.0**-11),
-    BFLOAT16: Tolerance(loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2.0**-7, grad_atol=1e-6,
-                        grad_atol_abs=float(np.finfo(np.float32).tiny), half_ulp=2.0**-8),
+    np.dtype(np.float32): Tolerance(
+        loss_rtol=1e-5,
+        loss_atol=2e-5,
+        grad_rtol=2e-5,
+        grad_atol=1e-6,
+        grad_atol_abs=float(np.finfo(np.float32).tiny),
+        half_ulp=2.0**-24,
+    ),
+    np.dtype(np.float16): Tolerance(
+        loss_rtol=1e-5, loss_atol=2e-5, grad_rtol=2.0**-10, grad_atol=1e-6, grad_atol_abs=2.0**-24, half_ulp=2.0**-11
+    ),
+    BFLOAT16: Tolerance(
+        loss_rtol=1e-5,
+        loss_atol=2e-5,
+        grad_rtol=2.0**-7,
+        grad_atol=1e-6,
+        grad_atol_abs=float(np.finfo(np.float32).tiny),
+        half_ulp=2.0**-8,
+    ),
 }
 # Float32 compute error on top of the final rounding (the gradient's relative error in float32).
 COMPUTE_SLACK = 1e-5
@@ -138,13 +157,12 @@ def assert_loss_close(got, ref, dtype, *, scale=1.0):
     tol = tolerance(dtype)
     got64, ref64 = _as64(got), _as64(ref)
     assert got64.shape == ref64.shape, (got64.shape, ref64.shape)
-    np.testing.assert_allclose(
-        got64, ref64, rtol=tol.loss_rtol * scale, atol=tol.loss_atol * scale, equal_nan=True
-    )
+    np.testing.assert_allclose(got64, ref64, rtol=tol.loss_rtol * scale, atol=tol.loss_atol * scale, equal_nan=True)
 
 
-def gradient_scale(labels, *, reduction="mean", ignore_index=None, class_weight=None,
-                   sample_weight=None, **_other_options) -> float:
+def gradient_scale(
+    labels, *, reduction="mean", ignore_index=None, class_weight=None, sample_weight=None, **_other_options
+) -> float:
     """The natural size of a gradient entry: the largest row weight times the reduction's factor.
 
     Absolute gradient tolerances are taken relative to this, so an all-zero reference gradient
@@ -190,8 +208,9 @@ def assert_grad_close(got, ref, dtype, *, scale=0.0, rtol=None):
     tol = tolerance(dtype)
     got64, ref64 = _as64(got), representable(ref, dtype)
     assert got64.shape == ref64.shape, (got64.shape, ref64.shape)
-    np.testing.assert_allclose(got64, ref64, rtol=tol.grad_rtol if rtol is None else rtol,
-                               atol=grad_atol(ref, dtype, scale), equal_nan=True)
+    np.testing.assert_allclose(
+        got64, ref64, rtol=tol.grad_rtol if rtol is None else rtol, atol=grad_atol(ref, dtype, scale), equal_nan=True
+    )
 
 
 def assert_at_least_naive_accuracy(got, ref, naive, dtype, kind, *, scale=0.0):
@@ -331,8 +350,18 @@ def split_rows(monkeypatch) -> None:
 
 
 # Named option sets shared by the CPU and GPU parity suites.
-OPTION_NAMES = ("plain", "ignore_index", "ignore_valid_class", "label_smoothing", "class_weight",
-                "sample_weight", "z_loss", "softcap", "smoothing_and_class_weight", "everything")
+OPTION_NAMES = (
+    "plain",
+    "ignore_index",
+    "ignore_valid_class",
+    "label_smoothing",
+    "class_weight",
+    "sample_weight",
+    "z_loss",
+    "softcap",
+    "smoothing_and_class_weight",
+    "everything",
+)
 
 
 def make_case(rng, option, lead_shape, num_classes, dtype, *, from_logits=True):

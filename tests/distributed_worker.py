@@ -21,7 +21,6 @@ import sys
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
-
 from sharding import NUM_ROWS, bounds, case_inputs, make_case, shard_kwargs  # noqa: E402
 
 import fastxent  # noqa: E402
@@ -56,21 +55,35 @@ def run_rank(rank: int, group, widths, seed: int, out: str, with_torch: bool, de
         for reduction in fastxent.REDUCTIONS:
             before = (comm.collectives, comm.bytes_sent)
             loss, grad = distributed.sparse_cross_entropy_with_grad(
-                logits[:, lo:hi], labels, vocab_start=lo, group=group, reduction=reduction, **local_kwargs)
+                logits[:, lo:hi], labels, vocab_start=lo, group=group, reduction=reduction, **local_kwargs
+            )
             arrays[f"numpy/{name}/{reduction}/loss"] = loss
             arrays[f"numpy/{name}/{reduction}/grad"] = grad
             arrays[f"numpy/{name}/{reduction}/comm"] = np.array(
-                [comm.collectives - before[0], comm.bytes_sent - before[1]])
+                [comm.collectives - before[0], comm.bytes_sent - before[1]]
+            )
             for label, kernel in torch_kernels:
                 local = torch.tensor(logits[:, lo:hi], device=device, requires_grad=True)
                 settings = distributed._sharded.check_settings(
-                    local_kwargs.get("from_logits", True), reduction, local_kwargs.get("ignore_index"),
-                    local_kwargs.get("label_smoothing", 0.0), local_kwargs.get("z_loss", 0.0),
-                    local_kwargs.get("softcap"), lo)
+                    local_kwargs.get("from_logits", True),
+                    reduction,
+                    local_kwargs.get("ignore_index"),
+                    local_kwargs.get("label_smoothing", 0.0),
+                    local_kwargs.get("z_loss", 0.0),
+                    local_kwargs.get("softcap"),
+                    lo,
+                )
                 use = kernel if kernel is not None else _torch.kernel_for(local, settings.from_logits)
                 value = _torch.VocabParallelCrossEntropy.apply(
-                    local, torch.from_numpy(labels).to(device), lo, group, settings,
-                    local_kwargs.get("class_weight"), local_kwargs.get("sample_weight"), use)
+                    local,
+                    torch.from_numpy(labels).to(device),
+                    lo,
+                    group,
+                    settings,
+                    local_kwargs.get("class_weight"),
+                    local_kwargs.get("sample_weight"),
+                    use,
+                )
                 value.sum().backward()
                 arrays[f"{label}/{name}/{reduction}/loss"] = value.detach().cpu().numpy()
                 arrays[f"{label}/{name}/{reduction}/grad"] = local.grad.cpu().numpy()
@@ -79,22 +92,29 @@ def run_rank(rank: int, group, widths, seed: int, out: str, with_torch: bool, de
     local = logits[:, lo:hi]
     bad = labels.copy()
     bad[5] = num_classes + 3
-    messages["bad_label"] = _error_of(lambda: distributed.sparse_cross_entropy(
-        local, bad, vocab_start=lo, group=group))
+    messages["bad_label"] = _error_of(lambda: distributed.sparse_cross_entropy(local, bad, vocab_start=lo, group=group))
     bad[5] = -7
-    messages["negative_label"] = _error_of(lambda: distributed.sparse_cross_entropy(
-        local, bad, vocab_start=lo, group=group, ignore_index=-100))
+    messages["negative_label"] = _error_of(
+        lambda: distributed.sparse_cross_entropy(local, bad, vocab_start=lo, group=group, ignore_index=-100)
+    )
     # A gap: every rank after the first starts one class late.
-    messages["gap"] = _error_of(lambda: distributed.sparse_cross_entropy(
-        logits[:, lo:hi - (rank == len(widths) - 1)], labels, vocab_start=lo + (rank > 0), group=group))
+    messages["gap"] = _error_of(
+        lambda: distributed.sparse_cross_entropy(
+            logits[:, lo : hi - (rank == len(widths) - 1)], labels, vocab_start=lo + (rank > 0), group=group
+        )
+    )
     # An overlap: the last rank starts ten classes early.
     last = rank == len(widths) - 1
-    messages["overlap"] = _error_of(lambda: distributed.sparse_cross_entropy(
-        logits[:, lo - 10 * last:hi], labels, vocab_start=lo - 10 * last, group=group))
+    messages["overlap"] = _error_of(
+        lambda: distributed.sparse_cross_entropy(
+            logits[:, lo - 10 * last : hi], labels, vocab_start=lo - 10 * last, group=group
+        )
+    )
     # One rank gets its class weights wrong: every rank must raise, none may hang.
     weights = np.ones(hi - lo + (rank == 0))
-    messages["one_rank_wrong"] = _error_of(lambda: distributed.sparse_cross_entropy(
-        local, labels, vocab_start=lo, group=group, class_weight=weights))
+    messages["one_rank_wrong"] = _error_of(
+        lambda: distributed.sparse_cross_entropy(local, labels, vocab_start=lo, group=group, class_weight=weights)
+    )
     # After all that, a correct call works and costs two collectives.
     before = (comm.collectives, comm.bytes_sent)
     arrays["after_errors/loss"] = distributed.sparse_cross_entropy(local, labels, vocab_start=lo, group=group)
@@ -124,8 +144,7 @@ def _torch_rank(rank: int, port: int, args) -> None:
         import torch
 
         torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=len(args.widths))
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(args.widths))
     try:
         # group=None resolves to torch's default group once it is initialised.
         run_rank(rank, None, args.widths, args.seed, args.out, with_torch=True, device=args.device)

@@ -33,10 +33,20 @@ OPTION_CASES = {
     "z_loss": {"z_loss": 1e-3},
     "softcap": {"softcap": 5.0},
     "probabilities": {"from_logits": False},
-    "probabilities+smoothing+weights": {"from_logits": False, "label_smoothing": 0.1, "class_weight": True,
-                                        "sample_weight": True},
-    "everything": {"ignore_index": -100, "label_smoothing": 0.1, "class_weight": True, "sample_weight": True,
-                   "z_loss": 1e-4, "softcap": 8.0},
+    "probabilities+smoothing+weights": {
+        "from_logits": False,
+        "label_smoothing": 0.1,
+        "class_weight": True,
+        "sample_weight": True,
+    },
+    "everything": {
+        "ignore_index": -100,
+        "label_smoothing": 0.1,
+        "class_weight": True,
+        "sample_weight": True,
+        "z_loss": 1e-4,
+        "softcap": 8.0,
+    },
 }
 
 

@@ -59,12 +59,14 @@ def test_matches_optax(rng, dtype_name, lead_shape, jit):
         assert ours[0].dtype == theirs[0].dtype == dtype and ours[0].shape == theirs[0].shape
         assert ours[1].dtype == theirs[1].dtype and ours[1].shape == logits.shape
         ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(
-            as64(logits), np.asarray(labels), reduction="none")
+            as64(logits), np.asarray(labels), reduction="none"
+        )
         ref_grad = ref_grad * as64(upstream)[..., None]
         if dtype_name in EXACT:
             np.testing.assert_allclose(as64(ours[0]), as64(theirs[0]), **EXACT[dtype_name])
-            np.testing.assert_allclose(as64(ours[1]), as64(theirs[1]), rtol=EXACT[dtype_name]["rtol"],
-                                       atol=EXACT[dtype_name]["atol"] * 2)
+            np.testing.assert_allclose(
+                as64(ours[1]), as64(theirs[1]), rtol=EXACT[dtype_name]["rtol"], atol=EXACT[dtype_name]["atol"] * 2
+            )
             assert_loss_close(as64(ours[0]), ref_loss, np.dtype(dtype))
             assert_grad_close(as64(ours[1]), ref_grad, np.dtype(dtype), scale=2.0)
         else:
@@ -90,9 +92,11 @@ def test_optax_axis_and_where(rng):
     # A tuple of axes: the classes are a flattened (3, 4) slice, as in optax's example.
     grid = jnp.asarray(rng.standard_normal((2, 3, 4)), jnp.float32)
     flat_labels = jnp.asarray([5, 11])
-    np.testing.assert_allclose(fxj.sparse_cross_entropy(grid, flat_labels, axis=(1, 2)),
-                               optax.softmax_cross_entropy_with_integer_labels(grid, flat_labels, axis=(1, 2)),
-                               rtol=2e-5)
+    np.testing.assert_allclose(
+        fxj.sparse_cross_entropy(grid, flat_labels, axis=(1, 2)),
+        optax.softmax_cross_entropy_with_integer_labels(grid, flat_labels, axis=(1, 2)),
+        rtol=2e-5,
+    )
 
 
 def test_vmap(rng):
@@ -101,23 +105,35 @@ def test_vmap(rng):
     mapped = jax.vmap(lambda x, y: jnp.mean(fxj.sparse_cross_entropy(x, y)))
     expected = jax.vmap(lambda x, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x, y)))
     np.testing.assert_allclose(mapped(logits, labels), expected(logits, labels), rtol=2e-5)
-    np.testing.assert_allclose(jax.grad(lambda x: mapped(x, labels).sum())(logits),
-                               jax.grad(lambda x: expected(x, labels).sum())(logits), rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(
+        jax.grad(lambda x: mapped(x, labels).sum())(logits),
+        jax.grad(lambda x: expected(x, labels).sum())(logits),
+        rtol=2e-5,
+        atol=2e-6,
+    )
 
 
 def test_fastxent_options_match_reference(rng):
     logits = jnp.asarray(rng.standard_normal((8, NUM_CLASSES)) * 2, jnp.float32)
     labels = rng.integers(0, NUM_CLASSES, 8)
     labels[[1, 5]] = -100
-    options = dict(ignore_index=-100, label_smoothing=0.1, class_weight=rng.uniform(0.5, 2.0, NUM_CLASSES),
-                   sample_weight=rng.uniform(0.0, 2.0, 8), z_loss=1e-3, softcap=5.0)
+    options = dict(
+        ignore_index=-100,
+        label_smoothing=0.1,
+        class_weight=rng.uniform(0.5, 2.0, NUM_CLASSES),
+        sample_weight=rng.uniform(0.0, 2.0, 8),
+        z_loss=1e-3,
+        softcap=5.0,
+    )
     for reduction in ("none", "sum", "mean", "sum_over_batch_size"):
+
         def total(x, reduction=reduction):
             return jnp.sum(fxj.sparse_cross_entropy(x, jnp.asarray(labels), reduction=reduction, **options))
 
         loss, grad = jax.jit(jax.value_and_grad(total))(logits)
         ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(
-            as64(logits), labels, reduction=reduction, **options)
+            as64(logits), labels, reduction=reduction, **options
+        )
         assert_loss_close(loss, np.sum(ref_loss), np.float32, scale=8.0)
         assert_grad_close(grad, ref_grad, np.float32, scale=2.0)
 
@@ -140,8 +156,10 @@ def test_tuple_axes_flatten_in_the_order_given(rng):
         ours = fxj.sparse_cross_entropy(grid, flat_labels, axis=axes)
         theirs = optax.softmax_cross_entropy_with_integer_labels(grid, flat_labels, axis=axes)
         np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-6)
-    assert not np.allclose(fxj.sparse_cross_entropy(grid, flat_labels, axis=(2, 1)),
-                           fxj.sparse_cross_entropy(grid, flat_labels, axis=(1, 2)))
+    assert not np.allclose(
+        fxj.sparse_cross_entropy(grid, flat_labels, axis=(2, 1)),
+        fxj.sparse_cross_entropy(grid, flat_labels, axis=(1, 2)),
+    )
     with pytest.raises(ValueError, match="twice"):
         fxj.sparse_cross_entropy(grid, flat_labels, axis=(1, -2))
 
@@ -159,11 +177,16 @@ def test_forward_and_reverse_mode_under_every_transform(rng):
         return optax.softmax_cross_entropy_with_integer_labels(x, y)
 
     close = dict(rtol=2e-5, atol=2e-6)
-    for transform in (lambda f: jax.jvp(f, (logits,), (tangent,)), lambda f: jax.jacfwd(f)(logits),
-                      lambda f: jax.jacrev(f)(logits), lambda f: jax.jit(jax.jacfwd(f))(logits),
-                      lambda f: jax.linearize(f, logits)[1](tangent)):
-        for mine, other in zip(jax.tree_util.tree_leaves(transform(ours)),
-                               jax.tree_util.tree_leaves(transform(theirs)), strict=True):
+    for transform in (
+        lambda f: jax.jvp(f, (logits,), (tangent,)),
+        lambda f: jax.jacfwd(f)(logits),
+        lambda f: jax.jacrev(f)(logits),
+        lambda f: jax.jit(jax.jacfwd(f))(logits),
+        lambda f: jax.linearize(f, logits)[1](tangent),
+    ):
+        for mine, other in zip(
+            jax.tree_util.tree_leaves(transform(ours)), jax.tree_util.tree_leaves(transform(theirs)), strict=True
+        ):
             np.testing.assert_allclose(mine, other, **close)
     batch = jnp.asarray(rng.standard_normal((3,) + logits.shape), jnp.float32)
     batch_labels = jnp.asarray(rng.integers(0, NUM_CLASSES, (3, 5)))
@@ -171,11 +194,13 @@ def test_forward_and_reverse_mode_under_every_transform(rng):
     def per_sample_jvp(f):
         return jax.jit(jax.vmap(lambda x, t, y: jax.jvp(lambda z: f(z, y).mean(), (x,), (t,))[1]))
 
-    np.testing.assert_allclose(per_sample_jvp(ours)(batch, batch, batch_labels),
-                               per_sample_jvp(theirs)(batch, batch, batch_labels), **close)
+    np.testing.assert_allclose(
+        per_sample_jvp(ours)(batch, batch, batch_labels), per_sample_jvp(theirs)(batch, batch, batch_labels), **close
+    )
     per_sample_grad = jax.vmap(jax.grad(lambda x, y: ours(x, y).sum()))(batch, batch_labels)
-    np.testing.assert_allclose(per_sample_grad,
-                               jax.vmap(jax.grad(lambda x, y: theirs(x, y).sum()))(batch, batch_labels), **close)
+    np.testing.assert_allclose(
+        per_sample_grad, jax.vmap(jax.grad(lambda x, y: theirs(x, y).sum()))(batch, batch_labels), **close
+    )
 
 
 def test_what_cannot_be_exact_raises(rng):
@@ -189,11 +214,13 @@ def test_what_cannot_be_exact_raises(rng):
     with pytest.raises(NotImplementedError, match="class_weight or sample_weight"):
         jax.grad(lambda w: fxj.sparse_cross_entropy(logits, labels, class_weight=w).sum())(jnp.ones(NUM_CLASSES))
     with pytest.raises(NotImplementedError, match="class_weight or sample_weight"):
-        jax.jvp(lambda w: fxj.sparse_cross_entropy(logits, labels, sample_weight=w).sum(), (jnp.ones(4),),
-                (jnp.ones(4),))
+        jax.jvp(
+            lambda w: fxj.sparse_cross_entropy(logits, labels, sample_weight=w).sum(), (jnp.ones(4),), (jnp.ones(4),)
+        )
     # Weights held constant (stop_gradient) differentiate in the logits as usual.
     grad = jax.grad(lambda x, w: fxj.sparse_cross_entropy(x, labels, class_weight=jax.lax.stop_gradient(w)).sum())(
-        logits, jnp.full(NUM_CLASSES, 2.0))
+        logits, jnp.full(NUM_CLASSES, 2.0)
+    )
     np.testing.assert_allclose(grad, 2.0 * jax.grad(lambda x: theirs_sum(x, labels))(logits), rtol=2e-5, atol=2e-6)
 
 

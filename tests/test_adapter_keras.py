@@ -68,10 +68,20 @@ def test_sparse_matches_keras(rng, input_kind, ignore_class, lead_shape):
     for reduction in REDUCTIONS:
         for sample_weight in (None, rng.uniform(0.0, 2.0, lead_shape).astype(np.float32)):
             options = dict(from_logits=from_logits, ignore_class=ignore_class, reduction=reduction)
-            ours = loss_and_grad(fxk.SparseCategoricalCrossentropy(**options), labels, inputs, sample_weight,
-                                 through_softmax=through_softmax)
-            theirs = loss_and_grad(keras.losses.SparseCategoricalCrossentropy(**options), labels, inputs,
-                                   sample_weight, through_softmax=through_softmax)
+            ours = loss_and_grad(
+                fxk.SparseCategoricalCrossentropy(**options),
+                labels,
+                inputs,
+                sample_weight,
+                through_softmax=through_softmax,
+            )
+            theirs = loss_and_grad(
+                keras.losses.SparseCategoricalCrossentropy(**options),
+                labels,
+                inputs,
+                sample_weight,
+                through_softmax=through_softmax,
+            )
             assert ours[0].shape == theirs[0].shape and ours[0].dtype == theirs[0].dtype
             np.testing.assert_allclose(ours[0], theirs[0], **LOSS_TOL)
             assert_grad_equal(ours[1], theirs[1])
@@ -112,13 +122,15 @@ def test_sparse_against_reference(rng):
     logits, labels = sparse_case(rng, (9,), "logits", 4)
     ours = loss_and_grad(fxk.SparseCategoricalCrossentropy(from_logits=True, ignore_class=4), labels, logits, None)
     ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(
-        logits, labels, ignore_index=4, reduction="sum_over_batch_size")
+        logits, labels, ignore_index=4, reduction="sum_over_batch_size"
+    )
     np.testing.assert_allclose(ours[0], ref_loss, rtol=1e-6)
     assert_grad_equal(ours[1], ref_grad)
     # Every row ignored: 0 and a zero gradient, as Keras (no NaN).
     everything = np.full(9, 4)
-    loss, grad = loss_and_grad(fxk.SparseCategoricalCrossentropy(from_logits=True, ignore_class=4), everything,
-                               logits, None)
+    loss, grad = loss_and_grad(
+        fxk.SparseCategoricalCrossentropy(from_logits=True, ignore_class=4), everything, logits, None
+    )
     assert float(loss) == 0.0 and not grad.any()
 
 
@@ -129,8 +141,9 @@ def test_dense_matches_keras(rng, input_kind, label_smoothing, axis):
     lead_shape = (4, 3)
     labels = rng.integers(0, NUM_CLASSES, lead_shape)
     soft = rng.random(lead_shape + (NUM_CLASSES,))
-    targets = np.where(rng.random(lead_shape + (1,)) < 0.5, np.eye(NUM_CLASSES)[labels],
-                       soft / soft.sum(-1, keepdims=True)).astype(np.float32)
+    targets = np.where(
+        rng.random(lead_shape + (1,)) < 0.5, np.eye(NUM_CLASSES)[labels], soft / soft.sum(-1, keepdims=True)
+    ).astype(np.float32)
     logits = (rng.standard_normal(lead_shape + (NUM_CLASSES,)) * 3).astype(np.float32)
     inputs = random_probabilities(rng, logits.shape, np.float32) * 1.3 if input_kind == "probabilities" else logits
     # Classes on axis 1: Keras still smooths with the size of the last axis, so target rows no
@@ -139,13 +152,26 @@ def test_dense_matches_keras(rng, input_kind, label_smoothing, axis):
         targets, inputs = np.moveaxis(targets, -1, 1).copy(), np.moveaxis(inputs, -1, 1).copy()
     for reduction in ("sum_over_batch_size", "sum", None):
         sample_weight = rng.uniform(0.0, 2.0, lead_shape).astype(np.float32)
-        options = dict(from_logits=input_kind == "logits", label_smoothing=label_smoothing, axis=axis,
-                       reduction=reduction)
+        options = dict(
+            from_logits=input_kind == "logits", label_smoothing=label_smoothing, axis=axis, reduction=reduction
+        )
         through_softmax = input_kind == "softmax_output"
-        ours = loss_and_grad(fxk.CategoricalCrossentropy(**options), targets, inputs, sample_weight,
-                             through_softmax=through_softmax, axis=axis)
-        theirs = loss_and_grad(keras.losses.CategoricalCrossentropy(**options), targets, inputs, sample_weight,
-                               through_softmax=through_softmax, axis=axis)
+        ours = loss_and_grad(
+            fxk.CategoricalCrossentropy(**options),
+            targets,
+            inputs,
+            sample_weight,
+            through_softmax=through_softmax,
+            axis=axis,
+        )
+        theirs = loss_and_grad(
+            keras.losses.CategoricalCrossentropy(**options),
+            targets,
+            inputs,
+            sample_weight,
+            through_softmax=through_softmax,
+            axis=axis,
+        )
         assert ours[0].shape == theirs[0].shape
         np.testing.assert_allclose(ours[0], theirs[0], **LOSS_TOL)
         assert_grad_equal(ours[1], theirs[1], rtol=2e-5)
@@ -158,8 +184,9 @@ def test_drop_in_classes_and_names():
     assert config["from_logits"] is True and config["ignore_class"] == -1 and config["reduction"] == "sum"
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
     assert type(restored) is fxk.SparseCategoricalCrossentropy and restored.get_config() == config
-    dense = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(
-        fxk.CategoricalCrossentropy(label_smoothing=0.1)))
+    dense = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(fxk.CategoricalCrossentropy(label_smoothing=0.1))
+    )
     assert type(dense) is fxk.CategoricalCrossentropy and dense.get_config()["label_smoothing"] == 0.1
     assert isinstance(fxk.get("SparseCategoricalCrossentropy"), fxk.SparseCategoricalCrossentropy)
     assert fxk.get("fastxent_categorical_crossentropy") is fxk.categorical_crossentropy
@@ -182,11 +209,13 @@ def test_errors_are_clear(rng):
 def tutorial_model(seed):
     """The classic sparse-categorical-crossentropy example: 32 features, Dense(10, relu), Dense(4, softmax)."""
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((32,)),
-        keras.layers.Dense(10, activation="relu"),
-        keras.layers.Dense(4, activation="softmax"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((32,)),
+            keras.layers.Dense(10, activation="relu"),
+            keras.layers.Dense(4, activation="softmax"),
+        ]
+    )
 
 
 def fit_history(loss, labels_kind, seed=3):
@@ -232,9 +261,11 @@ def test_sparse_axis_other_than_last_raises_like_keras(rng, axis):
             loss_class(from_logits=True, axis=axis)(y_true, y_pred)
     # The last axis by its index is the last axis.
     labels = rng.integers(0, 6, (4, 5))
-    np.testing.assert_allclose(fxk.SparseCategoricalCrossentropy(from_logits=True, axis=2)(labels, y_pred),
-                               keras.losses.SparseCategoricalCrossentropy(from_logits=True, axis=2)(labels, y_pred),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        fxk.SparseCategoricalCrossentropy(from_logits=True, axis=2)(labels, y_pred),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True, axis=2)(labels, y_pred),
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("graph", (False, True), ids=("eager", "tf.function"))

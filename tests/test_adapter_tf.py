@@ -11,8 +11,9 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 tf = pytest.importorskip("tensorflow")
 
-import fastxent.tf as fxtf  # noqa: E402
 from conftest import assert_at_least_naive_accuracy, assert_grad_close, assert_loss_close  # noqa: E402
+
+import fastxent.tf as fxtf  # noqa: E402
 from fastxent import reference  # noqa: E402
 
 pytestmark = pytest.mark.peers
@@ -64,9 +65,13 @@ def test_matches_tensorflow(rng, dtype_name, lead_name, mode):
     ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(as64(logits), labels.numpy(), reduction="none")
     ref_grad = ref_grad * as64(upstream)[..., None]
     if dtype in EXACT:
-        for mine, other in zip(ours, theirs):
-            np.testing.assert_allclose(as64(mine), as64(other), rtol=EXACT[dtype]["rtol"],
-                                       atol=EXACT[dtype]["atol"] * max(1.0, float(np.abs(as64(other)).max())))
+        for mine, other in zip(ours, theirs, strict=True):
+            np.testing.assert_allclose(
+                as64(mine),
+                as64(other),
+                rtol=EXACT[dtype]["rtol"],
+                atol=EXACT[dtype]["atol"] * max(1.0, float(np.abs(as64(other)).max())),
+            )
         assert_loss_close(as64(ours[0]), ref_loss, numpy_dtype(dtype))
         assert_grad_close(as64(ours[1]), ref_grad, numpy_dtype(dtype), scale=2.0)
         assert_grad_close(as64(ours[2]), ref_hessian_product(logits, upstream, direction), numpy_dtype(dtype))
@@ -74,8 +79,9 @@ def test_matches_tensorflow(rng, dtype_name, lead_name, mode):
         np_dtype = numpy_dtype(dtype)
         assert_at_least_naive_accuracy(as64(ours[0]), ref_loss, as64(theirs[0]), np_dtype, "loss")
         assert_at_least_naive_accuracy(as64(ours[1]), ref_grad, as64(theirs[1]), np_dtype, "grad", scale=2.0)
-        assert_at_least_naive_accuracy(as64(ours[2]), ref_hessian_product(logits, upstream, direction),
-                                       as64(theirs[2]), np_dtype, "grad")
+        assert_at_least_naive_accuracy(
+            as64(ours[2]), ref_hessian_product(logits, upstream, direction), as64(theirs[2]), np_dtype, "grad"
+        )
 
 
 def ref_hessian_product(logits, upstream, direction, kept_rows=None):
@@ -143,7 +149,7 @@ def test_eager_exchange_shares_memory():
     # A 64-byte aligned result goes back to TensorFlow without a copy.
     buffer = np.empty(64 * 33 + 16, np.float32)
     start = (-buffer.ctypes.data % 64) // 4
-    aligned = buffer[start:start + 64 * 33].reshape(64, 33)
+    aligned = buffer[start : start + 64 * 33].reshape(64, 33)
     aligned[:] = 1.0
     tensor = fxtf._to_tensor(aligned, tf.float32)
     aligned[0, 0] = 5.0

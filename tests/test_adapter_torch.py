@@ -22,8 +22,12 @@ from fastxent import reference  # noqa: E402
 
 pytestmark = pytest.mark.peers
 
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-                "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 # Leading shapes around the class axis: unbatched (C,), a batch (N, C), PyTorch's (N, C, d1, d2).
 SHAPES = {"unbatched": ((), ()), "batch": ((7,), ()), "spatial": ((2,), (3, 4))}
 NUM_CLASSES = 9
@@ -58,8 +62,10 @@ def random_case(rng, shape_name, dtype, target_kind, with_options):
         row_total = torch.from_numpy(rng.choice([1.0, 0.7, 1.6], batch + (1,) + spatial))
         target = (raw / raw.sum(dim=len(batch), keepdim=True) * row_total).to(dtype)
     if with_options:
-        options = {"weight": torch.from_numpy(rng.uniform(0.25, 2.0, NUM_CLASSES)).to(dtype),
-                   "label_smoothing": float(rng.uniform(0.05, 0.3))}
+        options = {
+            "weight": torch.from_numpy(rng.uniform(0.25, 2.0, NUM_CLASSES)).to(dtype),
+            "label_smoothing": float(rng.uniform(0.05, 0.3)),
+        }
     return logits, target, options
 
 
@@ -72,11 +78,22 @@ def reference_of(logits, target, reduction, options):
     if target.is_floating_point():
         core_reduction = "sum_over_batch_size" if reduction == "mean" else reduction
         return reference.categorical_cross_entropy_with_grad(
-            as64(logits), as64(target), reduction=core_reduction, label_smoothing=eps,
-            class_weight=class_weight, axis=axis)
+            as64(logits),
+            as64(target),
+            reduction=core_reduction,
+            label_smoothing=eps,
+            class_weight=class_weight,
+            axis=axis,
+        )
     return reference.sparse_cross_entropy_with_grad(
-        as64(logits), target.numpy(), reduction=reduction, ignore_index=-100, label_smoothing=eps,
-        class_weight=class_weight, axis=axis)
+        as64(logits),
+        target.numpy(),
+        reduction=reduction,
+        ignore_index=-100,
+        label_smoothing=eps,
+        class_weight=class_weight,
+        axis=axis,
+    )
 
 
 def loss_and_grad(function, logits, target, reduction, options, upstream):
@@ -108,8 +125,12 @@ def test_matches_pytorch(rng, dtype_name, shape_name, target_kind, with_options)
         if dtype in TORCH_TOLERANCE:
             tol = TORCH_TOLERANCE[dtype]
             np.testing.assert_allclose(as64(ours), as64(theirs), **tol)
-            np.testing.assert_allclose(as64(our_grad), as64(their_grad), rtol=tol["rtol"],
-                                       atol=tol["atol"] * max(1.0, float(np.abs(as64(their_grad)).max())))
+            np.testing.assert_allclose(
+                as64(our_grad),
+                as64(their_grad),
+                rtol=tol["rtol"],
+                atol=tol["atol"] * max(1.0, float(np.abs(as64(their_grad)).max())),
+            )
             assert_loss_close(as64(ours), ref_loss, numpy_dtype(dtype), scale=4.0)
             assert_grad_close(as64(our_grad), ref_grad, numpy_dtype(dtype), scale=2.0)
         else:
@@ -157,8 +178,9 @@ def test_module_is_a_drop_in(rng):
     target[0] = 2
     loss, their_loss = ours(logits, target), theirs(logits, target)
     torch.testing.assert_close(loss, their_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(their_loss, logits)[0],
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.autograd.grad(loss, logits)[0], torch.autograd.grad(their_loss, logits)[0], rtol=1e-5, atol=1e-6
+    )
     # The deprecated size_average / reduce pair overrides reduction, as in PyTorch.
     with pytest.warns(UserWarning, match="size_average and reduce"):
         summed = fxt.cross_entropy(logits, target, size_average=False)
@@ -260,7 +282,7 @@ def test_training_follows_pytorch_step_for_step():
     # float32 rounding differences only: 1e-5 relative per step after 25 Adam steps.
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     assert theirs[-1] < 0.8 * theirs[0]  # it did train
-    for mine, other in zip(our_params, their_params):
+    for mine, other in zip(our_params, their_params, strict=True):
         torch.testing.assert_close(mine, other, rtol=1e-4, atol=1e-5)
 
 
@@ -332,13 +354,13 @@ def test_opinfo_values_and_gradients(dtype):
         their_grads = torch.autograd.grad(theirs, tensors, upstream)
         if dtype in OPINFO_TOLERANCE:
             torch.testing.assert_close(ours, theirs, **OPINFO_TOLERANCE[dtype], msg=_sample_id(sample))
-            for mine, other in zip(our_grads, their_grads):
+            for mine, other in zip(our_grads, their_grads, strict=True):
                 torch.testing.assert_close(mine, other, **OPINFO_TOLERANCE[dtype], msg=_sample_id(sample))
             continue
         wide = [t.detach().double().requires_grad_() for t in tensors]
         exact = _call(F.cross_entropy, sample_in_float64(sample))(*wide)
         exact_grads = torch.autograd.grad(exact, wide, upstream.double())
-        for mine, other, ref in zip((ours, *our_grads), (theirs, *their_grads), (exact, *exact_grads)):
+        for mine, other, ref in zip((ours, *our_grads), (theirs, *their_grads), (exact, *exact_grads), strict=True):
             our_error = (mine.double() - ref).abs().max().item()
             their_error = (other.double() - ref).abs().max().item()
             scale = max(1.0, ref.abs().max().item())
@@ -347,8 +369,9 @@ def test_opinfo_values_and_gradients(dtype):
 
 def sample_in_float64(sample):
     """The sample with its floating keyword tensors (the class weights) in float64."""
-    kwargs = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-              for k, v in sample.kwargs.items()}
+    kwargs = {
+        k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in sample.kwargs.items()
+    }
     return type(sample)(sample.input, *sample.args, **kwargs)
 
 
@@ -364,10 +387,17 @@ def test_opinfo_gradcheck(index):
     sample = samples[index]
     function = _call(fxt.cross_entropy, sample)
     inputs = tuple(_differentiable(sample))
-    assert torch.autograd.gradcheck(function, inputs, check_batched_grad=True, check_forward_ad=True,
-                                    check_batched_forward_grad=True, check_undefined_grad=True)
-    assert torch.autograd.gradgradcheck(function, inputs, check_batched_grad=True, check_fwd_over_rev=True,
-                                        check_rev_over_rev=True)
+    assert torch.autograd.gradcheck(
+        function,
+        inputs,
+        check_batched_grad=True,
+        check_forward_ad=True,
+        check_batched_forward_grad=True,
+        check_undefined_grad=True,
+    )
+    assert torch.autograd.gradgradcheck(
+        function, inputs, check_batched_grad=True, check_fwd_over_rev=True, check_rev_over_rev=True
+    )
 
 
 def test_opinfo_torch_func_transforms():
@@ -386,11 +416,16 @@ def test_opinfo_torch_func_transforms():
             return F.cross_entropy(x, t, **kwargs)
 
         for transform in (jacrev, jacfwd, hessian):
-            torch.testing.assert_close(transform(ours)(x, target), transform(theirs)(x, target),
-                                       msg=f"{transform.__name__} {_sample_id(sample)}")
+            torch.testing.assert_close(
+                transform(ours)(x, target),
+                transform(theirs)(x, target),
+                msg=f"{transform.__name__} {_sample_id(sample)}",
+            )
         tangent = torch.randn_like(x)
-        torch.testing.assert_close(jvp(functools.partial(ours, t=target), (x,), (tangent,)),
-                                   jvp(functools.partial(theirs, t=target), (x,), (tangent,)))
+        torch.testing.assert_close(
+            jvp(functools.partial(ours, t=target), (x,), (tangent,)),
+            jvp(functools.partial(theirs, t=target), (x,), (tangent,)),
+        )
         # Per-sample losses and gradients: map over a new leading batch of 3 inputs and targets.
         xs = torch.randn((3,) + x.shape, dtype=x.dtype)
         targets = torch.stack([target[torch.randperm(target.shape[0])] if target.dim() else target for _ in range(3)])
@@ -455,16 +490,18 @@ def test_moduleinfo_forward_and_backward(dtype):
             expected = module_input.reference_fn(ours, *[t.detach() for t in forward_args])  # adds the parameters
             torch.testing.assert_close(our_loss, expected.to(our_loss.dtype), **tolerance, msg=desc)
         upstream = torch.ones_like(their_loss)
-        for mine, other in zip(torch.autograd.grad(our_loss, tensors, upstream),
-                               torch.autograd.grad(their_loss, tensors, upstream)):
+        for mine, other in zip(
+            torch.autograd.grad(our_loss, tensors, upstream),
+            torch.autograd.grad(their_loss, tensors, upstream),
+            strict=True,
+        ):
             torch.testing.assert_close(mine, other, **tolerance, msg=desc)
 
 
 def test_moduleinfo_gradcheck():
     info = _moduleinfo()
     torch.manual_seed(99)
-    module_inputs = info.module_inputs_func(info, device="cpu", dtype=torch.float64, requires_grad=True,
-                                            training=True)
+    module_inputs = info.module_inputs_func(info, device="cpu", dtype=torch.float64, requires_grad=True, training=True)
     for module_input in module_inputs:
         module = fxt.CrossEntropyLoss(*module_input.constructor_input.args, **module_input.constructor_input.kwargs)
         forward_args = module_input.forward_input.args
@@ -484,14 +521,14 @@ def test_moduleinfo_error_inputs_raise_pytorchs_types():
     """ModuleInfo's error inputs raise the exception type PyTorch raises (the wording is ours:
     it names the offending shape, dtype or value)."""
     info = _moduleinfo()
-    error_inputs = info.module_error_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=True,
-                                                 training=True)
+    error_inputs = info.module_error_inputs_func(
+        info, device="cpu", dtype=torch.float32, requires_grad=True, training=True
+    )
     assert len(error_inputs) >= 6
     for error_input in error_inputs:
         module_input = error_input.module_error_input
         with pytest.raises(error_input.error_type):
-            module = fxt.CrossEntropyLoss(*module_input.constructor_input.args,
-                                          **module_input.constructor_input.kwargs)
+            module = fxt.CrossEntropyLoss(*module_input.constructor_input.args, **module_input.constructor_input.kwargs)
             module(*module_input.forward_input.args)
 
 
@@ -521,8 +558,9 @@ def test_label_smoothing_one_is_allowed_as_in_pytorch():
         ours = fxt.cross_entropy(logits, target, label_smoothing=1.0, reduction=reduction)
         theirs = F.cross_entropy(logits, target, label_smoothing=1.0, reduction=reduction)
         torch.testing.assert_close(ours, theirs)
-        torch.testing.assert_close(torch.autograd.grad(ours.sum(), logits)[0],
-                                   torch.autograd.grad(theirs.sum(), logits)[0])
+        torch.testing.assert_close(
+            torch.autograd.grad(ours.sum(), logits)[0], torch.autograd.grad(theirs.sum(), logits)[0]
+        )
 
 
 def test_transform_compositions_and_target_only_gradients():
@@ -545,5 +583,7 @@ def test_transform_compositions_and_target_only_gradients():
     # A probability target that requires grad, logits that do not.
     target = torch.rand(4, 5, dtype=torch.float64, requires_grad=True)
     logits = torch.randn(4, 5, dtype=torch.float64)
-    torch.testing.assert_close(torch.autograd.grad(fxt.cross_entropy(logits, target, label_smoothing=0.1), target)[0],
-                               torch.autograd.grad(F.cross_entropy(logits, target, label_smoothing=0.1), target)[0])
+    torch.testing.assert_close(
+        torch.autograd.grad(fxt.cross_entropy(logits, target, label_smoothing=0.1), target)[0],
+        torch.autograd.grad(F.cross_entropy(logits, target, label_smoothing=0.1), target)[0],
+    )

@@ -17,8 +17,9 @@ TINY = ["--quick", "--shapes", "64x5000,8x1000", "--peers", "numpy", "--repeats"
 
 
 def _bench(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "fastxent", "bench", *args], capture_output=True, text=True,
-                          timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fastxent", "bench", *args], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def test_quick_run_writes_markdown_json_and_png(tmp_path):
@@ -39,8 +40,7 @@ def test_quick_run_writes_markdown_json_and_png(tmp_path):
             assert len(row["times_s"]) == 2 and row["median_s"] > 0
             assert row["loss_error"] <= row["loss_tolerance"]
     # Peak memory is measured: the allocating gradient shows, the in-place one does not.
-    backward = next(e for e in report["entries"]
-                    if e["case"] == "64x5000 float32" and e["mode"] == "forward+backward")
+    backward = next(e for e in report["entries"] if e["case"] == "64x5000 float32" and e["mode"] == "forward+backward")
     rows = {row["impl"]: row for row in backward["results"]}
     grad_bytes = 64 * 5000 * 4
     assert rows["fastxent"]["peak_extra_bytes"] >= 0.9 * grad_bytes
@@ -89,12 +89,15 @@ def test_missing_peer_is_reported_not_installed(tmp_path, monkeypatch, capsys):
     from fastxent.bench import peers
 
     monkeypatch.setattr(peers.JaxPeer, "installed", lambda self: False)
-    status = main(["bench", *TINY, "--peers", "numpy,jax", "--shapes", "8x1000", "--no-memory",
-                   "--output", str(tmp_path)])
+    status = main(
+        ["bench", *TINY, "--peers", "numpy,jax", "--shapes", "8x1000", "--no-memory", "--output", str(tmp_path)]
+    )
     assert status == 0
     report = json.loads((tmp_path / "fastxent-bench-cpu.json").read_text())
-    assert all({row["impl"]: row for row in entry["results"]}["jax"]["status"] == "not installed"
-               for entry in report["entries"])
+    assert all(
+        {row["impl"]: row for row in entry["results"]}["jax"]["status"] == "not installed"
+        for entry in report["entries"]
+    )
     assert "not installed" in capsys.readouterr().out
 
 
@@ -115,12 +118,15 @@ def test_gpu_without_a_gpu_exits_non_zero_with_a_clear_message():
     assert "Traceback" not in done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--shapes", "12"], "is not ROWSxCLASSES"),
-    (["--dtypes", "int8"], "unknown dtype"),
-    (["--peers", "mxnet"], "unknown peer"),
-    (["--mode", "sideways"], "unknown mode"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shapes", "12"], "is not ROWSxCLASSES"),
+        (["--dtypes", "int8"], "unknown dtype"),
+        (["--peers", "mxnet"], "unknown peer"),
+        (["--mode", "sideways"], "unknown mode"),
+    ],
+)
 def test_usage_errors_exit_2_without_traceback(args, message, capsys):
     assert main(["bench", *args]) == 2
     assert message in capsys.readouterr().err

@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import BFLOAT16, random_labels, random_logits
 
 import fastxent
-from conftest import BFLOAT16, random_labels, random_logits
 from fastxent.cpu import xent as cpu_xent
 
 ROW_SHAPE = (64, 1000)  # enough rows for the row-parallel path with any thread count up to 32
@@ -47,7 +47,7 @@ def compute(logits, labels, options):
 
 
 def assert_identical(got, expected):
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert a.tobytes() == b.tobytes(), "result differs from the serial call"
 
@@ -64,8 +64,7 @@ def test_threads_give_the_serial_results(rng):
     serial = [compute(*case) for case in cases]
     repeats = 4
     with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = [(index, pool.submit(compute, *cases[index]))
-                   for _ in range(repeats) for index in range(len(cases))]
+        futures = [(index, pool.submit(compute, *cases[index])) for _ in range(repeats) for index in range(len(cases))]
         for index, future in futures:
             assert_identical(future.result(timeout=240), serial[index])
 
@@ -86,7 +85,7 @@ def test_forked_child_after_parallel_kernels(rng):
     context = multiprocessing.get_context("fork")
     with context.Pool(1) as pool:
         results = [pool.apply_async(_child_compute, case) for case in cases]
-        for result, expected in zip(results, parent):
+        for result, expected in zip(results, parent, strict=True):
             assert_identical(result.get(timeout=240), expected)
     # And the parent still works after the fork.
     assert_identical(compute(*cases[0]), parent[0])
@@ -133,8 +132,13 @@ def test_second_process_loads_kernels_from_the_cache(rng, tmp_path):
         expected[name] = [float(loss), float(np.abs(grad).sum())]
     np.savez(tmp_path / "inputs.npz", **arrays)
 
-    completed = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(tmp_path / "inputs.npz")],
-                               capture_output=True, text=True, timeout=540, check=True)
+    completed = subprocess.run(
+        [sys.executable, "-c", CACHE_PROBE, str(tmp_path / "inputs.npz")],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=True,
+    )
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     assert report["results"] == expected
     assert report["misses"] == 0

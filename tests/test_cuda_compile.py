@@ -47,8 +47,9 @@ def test_check_cuda_skips_cleanly_without_nvcc(tmp_path):
 def test_gpu_suite_on_the_host_emulator():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [EMULATOR_DIR, env.get("PYTHONPATH")]))
-    result = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join("tests", "test_gpu.py")],
-                  env=env)
+    result = _run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join("tests", "test_gpu.py")], env=env
+    )
     tail = result.stdout[-6000:] + result.stderr[-2000:]
     assert result.returncode == 0, tail
     assert " passed" in result.stdout and " failed" not in result.stdout, tail

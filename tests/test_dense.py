@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import fastxent
 from conftest import (
     BLOCK,
     FLOAT_DTYPES,
@@ -23,6 +21,8 @@ from conftest import (
     shape_id,
     tolerance,
 )
+
+import fastxent
 from fastxent import reference
 
 # (lead shape, classes): a batch of short rows (only the scalar tail of the vector loops), a
@@ -68,7 +68,8 @@ def test_logits_match_reference(rng, dtype, case, option_kind):
     for reduction in REDUCTIONS:
         loss, grad = fastxent.categorical_cross_entropy_with_grad(logits, targets, reduction=reduction, **options)
         ref_loss, ref_grad = reference.categorical_cross_entropy_with_grad(
-            logits, targets, reduction=reduction, **options)
+            logits, targets, reduction=reduction, **options
+        )
         assert loss.dtype == loss_dtype_for(dtype)
         assert grad.dtype == logits.dtype and grad.shape == logits.shape
         # A sum of many rows has terms larger than the total's rounding suggests.
@@ -77,8 +78,9 @@ def test_logits_match_reference(rng, dtype, case, option_kind):
         if dtype in (np.float32, np.float64):  # the loss-only kernel, compiled for these two only
             only_loss = fastxent.categorical_cross_entropy(logits, targets, reduction=reduction, **options)
             # Compiled separately, its sums may be vectorized in another order: rounding apart.
-            assert_loss_close(only_loss, ref_loss, dtype,
-                              scale=float(np.prod(lead_shape)) if reduction == "sum" else 1.0)
+            assert_loss_close(
+                only_loss, ref_loss, dtype, scale=float(np.prod(lead_shape)) if reduction == "sum" else 1.0
+            )
 
 
 @pytest.mark.parametrize("dtype", (np.dtype(np.float32), np.dtype(np.float64)), ids=dtype_id)
@@ -92,14 +94,17 @@ def test_probabilities_match_reference(rng, dtype, option_kind):
     options = options_for(rng, lead_shape, num_classes, option_kind)
     for reduction in ("none", "mean"):
         loss, grad = fastxent.categorical_cross_entropy_with_grad(
-            probs, targets, from_logits=False, reduction=reduction, **options)
+            probs, targets, from_logits=False, reduction=reduction, **options
+        )
         ref_loss, ref_grad = reference.categorical_cross_entropy_with_grad(
-            probs, targets, from_logits=False, reduction=reduction, **options)
+            probs, targets, from_logits=False, reduction=reduction, **options
+        )
         assert_loss_close(loss, ref_loss, dtype)
         # 1 / clip(q) reaches 1e7 for clipped zeros: compare relative to the largest entry.
         tol = tolerance(dtype)
-        np.testing.assert_allclose(grad.astype(np.float64), ref_grad, rtol=tol.grad_rtol,
-                                   atol=tol.grad_rtol * float(np.abs(ref_grad).max()))
+        np.testing.assert_allclose(
+            grad.astype(np.float64), ref_grad, rtol=tol.grad_rtol, atol=tol.grad_rtol * float(np.abs(ref_grad).max())
+        )
 
 
 @pytest.mark.parametrize("dtype", (np.dtype(np.float32), np.dtype(np.float64)), ids=dtype_id)
@@ -117,7 +122,9 @@ def test_one_hot_equals_sparse(rng, dtype):
     # The references agree too, independently of the kernels.
     np.testing.assert_allclose(
         reference.categorical_cross_entropy(logits, targets, reduction="none", **options),
-        reference.sparse_cross_entropy(logits, labels, reduction="none", **options), rtol=1e-12)
+        reference.sparse_cross_entropy(logits, labels, reduction="none", **options),
+        rtol=1e-12,
+    )
 
 
 def test_class_axis_and_integer_targets(rng):
@@ -133,14 +140,16 @@ def test_class_axis_and_integer_targets(rng):
 
 def test_edge_values():
     inf, nan = np.inf, np.nan
-    logits = np.array([
-        [0.5, -inf, 1.0],  # -inf where the target is 0: that class simply has probability 0
-        [-inf, 0.5, 1.0],  # -inf where the target has mass: +inf
-        [-inf, -inf, -inf],  # no class has any probability: NaN
-        [inf, 0.0, 1.0],  # +inf: NaN
-        [nan, 0.0, 1.0],  # NaN: NaN
-        [1e30, -1e30, 1e30 - 1e24],  # huge magnitudes: exact after subtracting the max
-    ])
+    logits = np.array(
+        [
+            [0.5, -inf, 1.0],  # -inf where the target is 0: that class simply has probability 0
+            [-inf, 0.5, 1.0],  # -inf where the target has mass: +inf
+            [-inf, -inf, -inf],  # no class has any probability: NaN
+            [inf, 0.0, 1.0],  # +inf: NaN
+            [nan, 0.0, 1.0],  # NaN: NaN
+            [1e30, -1e30, 1e30 - 1e24],  # huge magnitudes: exact after subtracting the max
+        ]
+    )
     targets = np.array([[0.5, 0.0, 0.5], [0.5, 0.0, 0.5], [1, 0, 0], [0, 0, 1], [0, 0, 1], [0.0, 0.0, 1.0]])
     loss, grad = fastxent.categorical_cross_entropy_with_grad(logits, targets, reduction="none")
     ref_loss, ref_grad = reference.categorical_cross_entropy_with_grad(logits, targets, reduction="none")
@@ -191,8 +200,15 @@ def test_tensorflow_style_gradient(rng):
 
     logits = random_logits(rng, (5, 8), np.float64)
     targets = random_probabilities(rng, (5, 8), np.float64) * rng.uniform(0.5, 2.0, (5, 1))
-    options = dict(want_grad=True, from_logits=True, reduction="none", label_smoothing=0.0, class_weight=None,
-                   sample_weight=None, axis=-1)
+    options = dict(
+        want_grad=True,
+        from_logits=True,
+        reduction="none",
+        label_smoothing=0.0,
+        class_weight=None,
+        sample_weight=None,
+        axis=-1,
+    )
     loss, grad = _dense_api._run(logits, targets, unit_mass_grad=True, **options)
     exact_loss, exact_grad = _dense_api._run(logits, targets, **options)
     softmax = np.exp(logits - logits.max(1, keepdims=True))

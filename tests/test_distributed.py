@@ -22,11 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import fastxent
 from conftest import BFLOAT16, assert_grad_close
-from fastxent import distributed
-from fastxent.distributed import _sharded
 from sharding import (
     OPTION_CASES,
     SHARDINGS,
@@ -36,6 +32,10 @@ from sharding import (
     run_ranks,
     shard_kwargs,
 )
+
+import fastxent
+from fastxent import distributed
+from fastxent.distributed import _sharded
 
 HERE = Path(__file__).resolve().parent
 LAUNCH_TIMEOUT_S = 300
@@ -131,8 +131,7 @@ def test_inplace(rng):
     def work(comm):
         lo, hi = starts[comm.rank], starts[comm.rank + 1]
         local = logits[:, lo:hi].copy() if comm.rank == 0 else logits[:, lo:hi]  # a view: copied inside
-        loss, grad = distributed.sparse_cross_entropy_with_grad(local, labels, vocab_start=lo, group=comm,
-                                                                inplace=True)
+        loss, grad = distributed.sparse_cross_entropy_with_grad(local, labels, vocab_start=lo, group=comm, inplace=True)
         assert grad is local
         return loss, local
 
@@ -144,9 +143,11 @@ def test_inplace(rng):
 @pytest.mark.parametrize("options", ("plain", "smoothing", "smoothing_and_class_weight"))
 def test_edge_values(rng, options):
     """-inf classes, a target at -inf, a row of -inf in one shard only, +inf, NaN, and 1e30."""
-    kwargs = {"plain": {}, "smoothing": {"label_smoothing": 0.1},
-              "smoothing_and_class_weight": {"label_smoothing": 0.1,
-                                             "class_weight": rng.uniform(0.5, 2.0, 1000)}}[options]
+    kwargs = {
+        "plain": {},
+        "smoothing": {"label_smoothing": 0.1},
+        "smoothing_and_class_weight": {"label_smoothing": 0.1, "class_weight": rng.uniform(0.5, 2.0, 1000)},
+    }[options]
     logits = rng.standard_normal((7, 1000)).astype(np.float32)
     labels = rng.integers(0, 1000, 7)
     labels[1] = 10
@@ -190,8 +191,10 @@ def assert_every_rank_raises(results, *fragments):
 def test_bad_label_raises_on_every_rank(rng):
     logits, labels, _ = make_case(rng, "plain", 9, 1000)
     labels[4] = 1000
-    results = run_all((400, 350, 250), lambda comm, lo, hi: distributed.sparse_cross_entropy(
-        logits[:, lo:hi], labels, vocab_start=lo, group=comm))
+    results = run_all(
+        (400, 350, 250),
+        lambda comm, lo, hi: distributed.sparse_cross_entropy(logits[:, lo:hi], labels, vocab_start=lo, group=comm),
+    )
     assert_every_rank_raises(results, "label 1000 at position (4,)", "[0, 1000)")
     assert all("label 1000 at position (4,)" in str(r) for r in results)
 
@@ -199,22 +202,33 @@ def test_bad_label_raises_on_every_rank(rng):
 def test_negative_probability_raises_on_every_rank(rng):
     probs, labels, _ = make_case(rng, "probabilities", 5, 1000)
     probs[3, 900] = -0.25  # in the last shard only
-    results = run_all((400, 350, 250), lambda comm, lo, hi: distributed.sparse_cross_entropy(
-        probs[:, lo:hi], labels, vocab_start=lo, group=comm, from_logits=False))
+    results = run_all(
+        (400, 350, 250),
+        lambda comm, lo, hi: distributed.sparse_cross_entropy(
+            probs[:, lo:hi], labels, vocab_start=lo, group=comm, from_logits=False
+        ),
+    )
     assert_every_rank_raises(results, "row (3,)", "-0.25", "looks like logits")
 
 
-@pytest.mark.parametrize("starts, fragment", [
-    ((0, 401, 751), "classes [400, 401) belong to no rank: rank 1 starts at 401"),
-    ((0, 400, 740), "rank 2 holds [740, 990), which overlaps rank 1's [400, 750)"),
-    ((0, 400, -5), "rank 2 has a negative vocab_start=-5"),
-    ((10, 410, 760), "classes [0, 10) belong to no rank: rank 0 starts at 10"),
-])
+@pytest.mark.parametrize(
+    "starts, fragment",
+    [
+        ((0, 401, 751), "classes [400, 401) belong to no rank: rank 1 starts at 401"),
+        ((0, 400, 740), "rank 2 holds [740, 990), which overlaps rank 1's [400, 750)"),
+        ((0, 400, -5), "rank 2 has a negative vocab_start=-5"),
+        ((10, 410, 760), "classes [0, 10) belong to no rank: rank 0 starts at 10"),
+    ],
+)
 def test_wrong_tiling_names_the_rank(rng, starts, fragment):
     logits, labels, _ = make_case(rng, "plain", 4, 1000)
     widths = (400, 350, 250)
-    results = run_all(widths, lambda comm, lo, hi: distributed.sparse_cross_entropy(
-        logits[:, lo:hi], labels, vocab_start=starts[comm.rank], group=comm))
+    results = run_all(
+        widths,
+        lambda comm, lo, hi: distributed.sparse_cross_entropy(
+            logits[:, lo:hi], labels, vocab_start=starts[comm.rank], group=comm
+        ),
+    )
     assert_every_rank_raises(results, fragment)
 
 
@@ -230,8 +244,9 @@ def test_mismatched_inputs_raise_on_every_rank(rng):
 
     def wrong_weights_on_rank_1(comm, lo, hi):
         weights = np.ones(hi - lo + (comm.rank == 1))
-        return distributed.sparse_cross_entropy(logits[:, lo:hi], labels, vocab_start=lo, group=comm,
-                                                class_weight=weights)
+        return distributed.sparse_cross_entropy(
+            logits[:, lo:hi], labels, vocab_start=lo, group=comm, class_weight=weights
+        )
 
     results = run_all((400, 350, 250), wrong_weights_on_rank_1)
     assert_every_rank_raises(results, "rank 1 rejected its arguments", "class_weight must hold")
@@ -254,8 +269,15 @@ def test_layout_change_on_some_ranks_does_not_deadlock(rng):
             starts = bounds(widths)
             lo, hi = starts[comm.rank], starts[comm.rank + 1]
             # The labels stay in [0, 1000), so the shorter vocabulary accepts them too.
-            exchange_results.append((widths, comm.rank, distributed.sparse_cross_entropy(
-                logits[:, lo:hi], labels % 1000, vocab_start=lo, group=comm, reduction="none")))
+            exchange_results.append(
+                (
+                    widths,
+                    comm.rank,
+                    distributed.sparse_cross_entropy(
+                        logits[:, lo:hi], labels % 1000, vocab_start=lo, group=comm, reduction="none"
+                    ),
+                )
+            )
         return True
 
     assert run_ranks(2, work) == [True, True]
@@ -264,14 +286,17 @@ def test_layout_change_on_some_ranks_does_not_deadlock(rng):
         assert_sharded_loss(loss, fastxent.sparse_cross_entropy(logits[:, :total], labels % 1000, reduction="none"))
 
 
-@pytest.mark.parametrize("kwargs, per_row, per_call", [
-    ({}, 12, 0),
-    ({"label_smoothing": 0.1}, 12, 0),
-    ({"class_weight": True, "reduction": "mean"}, 16, 0),
-    ({"class_weight": True, "label_smoothing": 0.1, "z_loss": 1e-3}, 16, 4),  # + the shard's weight sum
-    ({"from_logits": False}, 12, 0),
-    ({"from_logits": False, "label_smoothing": 0.1, "class_weight": True}, 16, 4),
-])
+@pytest.mark.parametrize(
+    "kwargs, per_row, per_call",
+    [
+        ({}, 12, 0),
+        ({"label_smoothing": 0.1}, 12, 0),
+        ({"class_weight": True, "reduction": "mean"}, 16, 0),
+        ({"class_weight": True, "label_smoothing": 0.1, "z_loss": 1e-3}, 16, 4),  # + the shard's weight sum
+        ({"from_logits": False}, 12, 0),
+        ({"from_logits": False, "label_smoothing": 0.1, "class_weight": True}, 16, 4),
+    ],
+)
 def test_two_collectives_and_bytes_per_row(rng, kwargs, per_row, per_call):
     case = "probabilities" if kwargs.get("from_logits") is False else "plain"
     logits, labels, case_kwargs = make_case(rng, case, 64, 1000)
@@ -286,8 +311,9 @@ def test_two_collectives_and_bytes_per_row(rng, kwargs, per_row, per_call):
         counts = []
         for _ in range(2):
             before = (comm.collectives, comm.bytes_sent)
-            distributed.sparse_cross_entropy_with_grad(logits[:, lo:hi], labels, vocab_start=lo, group=comm,
-                                                       **local_kwargs)
+            distributed.sparse_cross_entropy_with_grad(
+                logits[:, lo:hi], labels, vocab_start=lo, group=comm, **local_kwargs
+            )
             counts.append((comm.collectives - before[0], comm.bytes_sent - before[1]))
         return counts
 
@@ -320,8 +346,9 @@ def test_torch_function(rng, monkeypatch, case, kernel):
     def work(comm):
         lo, hi = starts[comm.rank], starts[comm.rank + 1]
         local = torch.tensor(logits[:, lo:hi], requires_grad=True)
-        loss = fastxent_torch.vocab_parallel_cross_entropy(local, torch.from_numpy(labels), vocab_start=lo,
-                                                           group=comm, **shard_kwargs(kwargs, lo, hi))
+        loss = fastxent_torch.vocab_parallel_cross_entropy(
+            local, torch.from_numpy(labels), vocab_start=lo, group=comm, **shard_kwargs(kwargs, lo, hi)
+        )
         (loss * torch.from_numpy(upstream).float()).sum().backward()
         return loss.detach().numpy(), local.grad.numpy()
 
@@ -348,12 +375,26 @@ def test_torch_function_bfloat16(rng, kernel):
         lo, hi = starts[comm.rank], starts[comm.rank + 1]
         local = _torch._from_numpy(np.ascontiguousarray(logits[:, lo:hi])).clone().requires_grad_(True)
         local_kwargs = shard_kwargs(kwargs, lo, hi)
-        settings = sharded_module.check_settings(True, "sum", local_kwargs["ignore_index"],
-                                                 local_kwargs["label_smoothing"], local_kwargs["z_loss"],
-                                                 local_kwargs["softcap"], lo)
+        settings = sharded_module.check_settings(
+            True,
+            "sum",
+            local_kwargs["ignore_index"],
+            local_kwargs["label_smoothing"],
+            local_kwargs["z_loss"],
+            local_kwargs["softcap"],
+            lo,
+        )
         use = _torch.NumpyKernel() if kernel == "numba" else _torch.TorchKernel()
-        loss = _torch.VocabParallelCrossEntropy.apply(local, torch.from_numpy(labels), lo, comm, settings,
-                                                      local_kwargs["class_weight"], local_kwargs["sample_weight"], use)
+        loss = _torch.VocabParallelCrossEntropy.apply(
+            local,
+            torch.from_numpy(labels),
+            lo,
+            comm,
+            settings,
+            local_kwargs["class_weight"],
+            local_kwargs["sample_weight"],
+            use,
+        )
         loss.backward()
         return loss.detach().numpy(), _torch._to_numpy(local.grad)
 
@@ -378,11 +419,12 @@ def _mpiexec():
 def _launch(command, out_dir: Path):
     env = dict(os.environ, NUMBA_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     try:
-        completed = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True,
-                                   timeout=LAUNCH_TIMEOUT_S)
+        completed = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired as expired:
-        pytest.fail(f"{' '.join(command)} did not finish in {LAUNCH_TIMEOUT_S} s (a rank hung?):\n"
-                    f"{expired.stdout}\n{expired.stderr}")
+        pytest.fail(
+            f"{' '.join(command)} did not finish in {LAUNCH_TIMEOUT_S} s (a rank hung?):\n"
+            f"{expired.stdout}\n{expired.stderr}"
+        )
     if completed.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited with {completed.returncode}:\n{completed.stdout}\n{completed.stderr}")
     ranks = sorted(out_dir.glob("rank*.npz"))
@@ -399,8 +441,20 @@ def mpi_run(request, tmp_path_factory):
         pytest.skip("mpiexec not found (pip install mpich)")
     widths = SHARDINGS[request.param]
     out_dir = tmp_path_factory.mktemp(f"mpi{request.param}")
-    command = [mpiexec, "-n", str(len(widths)), sys.executable, str(HERE / "distributed_worker.py"), "mpi",
-               "--widths", ",".join(map(str, widths)), "--seed", str(SEED), "--out", str(out_dir)]
+    command = [
+        mpiexec,
+        "-n",
+        str(len(widths)),
+        sys.executable,
+        str(HERE / "distributed_worker.py"),
+        "mpi",
+        "--widths",
+        ",".join(map(str, widths)),
+        "--seed",
+        str(SEED),
+        "--out",
+        str(out_dir),
+    ]
     return widths, _launch(command, out_dir)
 
 
@@ -409,8 +463,17 @@ def gloo_run(tmp_path_factory):
     pytest.importorskip("torch")
     widths = SHARDINGS[2]
     out_dir = tmp_path_factory.mktemp("gloo")
-    command = [sys.executable, str(HERE / "distributed_worker.py"), "gloo",
-               "--widths", ",".join(map(str, widths)), "--seed", str(SEED), "--out", str(out_dir)]
+    command = [
+        sys.executable,
+        str(HERE / "distributed_worker.py"),
+        "gloo",
+        "--widths",
+        ",".join(map(str, widths)),
+        "--seed",
+        str(SEED),
+        "--out",
+        str(out_dir),
+    ]
     return widths, _launch(command, out_dir)
 
 
@@ -419,8 +482,7 @@ def _check_processes(widths, arrays, messages, variants):
     num_classes = sum(widths)
     for name, logits, labels, kwargs in case_inputs(SEED, num_classes):
         for reduction in fastxent.REDUCTIONS:
-            ref_loss, ref_grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction=reduction,
-                                                                         **kwargs)
+            ref_loss, ref_grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction=reduction, **kwargs)
             for variant in variants:
                 key = f"{variant}/{name}/{reduction}"
                 for rank_arrays in arrays:
@@ -463,8 +525,9 @@ def test_gloo_processes(gloo_run):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("engine, widths", [("nccl", (1000,)), ("gloo", SHARDINGS[2])],
-                         ids=["nccl-1-rank", "gloo-2-ranks-cuda-tensors"])
+@pytest.mark.parametrize(
+    "engine, widths", [("nccl", (1000,)), ("gloo", SHARDINGS[2])], ids=["nccl-1-rank", "gloo-2-ranks-cuda-tensors"]
+)
 def test_cuda_tensors(tmp_path, engine, widths):
     """What one GPU allows: NCCL with a single rank (two NCCL ranks need two GPUs), and two Gloo
     ranks sharing one GPU with CUDA tensors (the device kernel with real collectives)."""
@@ -473,7 +536,18 @@ def test_cuda_tensors(tmp_path, engine, widths):
         if os.environ.get("FASTXENT_REQUIRE_GPU") == "1":
             pytest.fail("FASTXENT_REQUIRE_GPU=1 but PyTorch sees no CUDA device")
         pytest.skip("no CUDA device visible to PyTorch")
-    command = [sys.executable, str(HERE / "distributed_worker.py"), engine, "--device", "cuda",
-               "--widths", ",".join(map(str, widths)), "--seed", str(SEED), "--out", str(tmp_path)]
+    command = [
+        sys.executable,
+        str(HERE / "distributed_worker.py"),
+        engine,
+        "--device",
+        "cuda",
+        "--widths",
+        ",".join(map(str, widths)),
+        "--seed",
+        str(SEED),
+        "--out",
+        str(tmp_path),
+    ]
     arrays, messages = _launch(command, tmp_path)
     _check_processes(widths, arrays, messages, ["numpy", "torch-fn", "torch-ops"])

@@ -12,8 +12,6 @@ import math
 
 import numpy as np
 import pytest
-
-import fastxent
 from conftest import (
     BLOCK,
     FLOAT_DTYPES,
@@ -30,6 +28,8 @@ from conftest import (
     shape_id,
     split_part_count,
 )
+
+import fastxent
 from fastxent import reference
 
 NUM_CLASSES = 2 * BLOCK + 904  # three blocks: the split path cuts a row into 2 or 3 parts
@@ -46,7 +46,7 @@ def edge_row(kind, rng, dtype):
     row = random_logits(rng, (NUM_CLASSES,), dtype)
     label = TARGET
     if kind == "some_neg_inf":
-        row[: BLOCK] = -np.inf  # a whole part of -inf (its partial max is -inf)
+        row[:BLOCK] = -np.inf  # a whole part of -inf (its partial max is -inf)
         row[rng.random(NUM_CLASSES) < 0.3] = -np.inf
         row[label] = 1.0
     elif kind == "target_neg_inf":
@@ -92,8 +92,16 @@ def expected_loss(kind, row, label):
     }[kind]
 
 
-EDGE_KINDS = ("some_neg_inf", "target_neg_inf", "all_neg_inf", "pos_inf", "pos_inf_target", "nan",
-              "huge_target_at_max", "huge_target_below")
+EDGE_KINDS = (
+    "some_neg_inf",
+    "target_neg_inf",
+    "all_neg_inf",
+    "pos_inf",
+    "pos_inf_target",
+    "nan",
+    "huge_target_at_max",
+    "huge_target_below",
+)
 
 
 @pytest.mark.parametrize("kind", EDGE_KINDS)
@@ -212,11 +220,11 @@ def test_all_rows_ignored(rng, kernel_path, dtype, reduction):
     logits[2, -1] = np.inf
     labels = np.full(3, IGNORE_INDEX)
     for options in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3, "class_weight": np.ones(NUM_CLASSES)}):
-        loss = fastxent.sparse_cross_entropy(logits, labels, reduction=reduction, ignore_index=IGNORE_INDEX,
-                                             **options)
+        loss = fastxent.sparse_cross_entropy(logits, labels, reduction=reduction, ignore_index=IGNORE_INDEX, **options)
         work = logits.copy()
         loss_g, grad = fastxent.sparse_cross_entropy_with_grad(
-            work, labels, reduction=reduction, ignore_index=IGNORE_INDEX, inplace=True, **options)
+            work, labels, reduction=reduction, ignore_index=IGNORE_INDEX, inplace=True, **options
+        )
         assert grad is work
         for got in (loss, loss_g):
             assert got.dtype == loss_dtype_for(dtype)
@@ -233,10 +241,12 @@ def test_ignored_rows_with_garbage_are_not_counted(rng, kernel_path, dtype):
     labels = random_labels(rng, (3,), NUM_CLASSES)
     labels[1] = IGNORE_INDEX
     for reduction in REDUCTIONS:
-        loss, grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction=reduction,
-                                                             ignore_index=IGNORE_INDEX)
-        ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(logits, labels, reduction=reduction,
-                                                                      ignore_index=IGNORE_INDEX)
+        loss, grad = fastxent.sparse_cross_entropy_with_grad(
+            logits, labels, reduction=reduction, ignore_index=IGNORE_INDEX
+        )
+        ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(
+            logits, labels, reduction=reduction, ignore_index=IGNORE_INDEX
+        )
         assert np.isfinite(loss).all()
         assert_loss_close(loss, ref_loss, dtype)
         assert_grad_close(grad, ref_grad, dtype)
@@ -262,8 +272,7 @@ def test_mean_divides_by_counted_rows_only(rng, kernel_path):
 @pytest.mark.parametrize("dtype", (np.dtype(np.float32), np.dtype(np.float16)), ids=dtype_id)
 def test_zero_probability_on_target_scores_16_118(dtype):
     probs = np.array([[0.0, 0.5, 0.5], [0.0, 0.25, 0.75]], dtype=dtype)
-    loss, grad = fastxent.sparse_cross_entropy_with_grad(probs, np.array([0, 0]), from_logits=False,
-                                                         reduction="none")
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(probs, np.array([0, 0]), from_logits=False, reduction="none")
     assert np.round(loss.astype(np.float64), 3).tolist() == [16.118, 16.118]
     # The clip is flat below 1e-7: no gradient flows to a zero probability.
     assert (grad[:, 0].astype(np.float64) == 0).all()
@@ -276,6 +285,7 @@ def test_one_softcapped_class_never_has_a_negative_loss(monkeypatch, path):
     force_kernel_path(monkeypatch, path)
     for value in (3.0, -2.5, 0.7, 40.0):
         for softcap in (3.0, 1.0, 7.5):
-            loss = fastxent.sparse_cross_entropy(np.array([[value]], np.float32), np.array([0]), softcap=softcap,
-                                                 reduction="none")
+            loss = fastxent.sparse_cross_entropy(
+                np.array([[value]], np.float32), np.array([0]), softcap=softcap, reduction="none"
+            )
             assert 0.0 <= loss[0] <= 4 * np.finfo(np.float32).eps, (value, softcap, loss)

@@ -8,8 +8,6 @@ import warnings
 
 import numpy as np
 import pytest
-
-import fastxent
 from conftest import (
     BFLOAT16,
     FLOAT_DTYPES,
@@ -18,6 +16,8 @@ from conftest import (
     random_logits,
     random_probabilities,
 )
+
+import fastxent
 
 NUM_CLASSES = 5
 
@@ -36,7 +36,7 @@ def assert_rejected(entry, error, pattern, logits, labels, **options):
     before = [a.tobytes() for a in arrays]
     with pytest.raises(error, match=pattern):
         call(entry, logits, labels, **options)
-    for array, saved in zip(arrays, before):
+    for array, saved in zip(arrays, before, strict=True):
         assert array.tobytes() == saved, "input modified by a call that raised"
 
 
@@ -69,8 +69,9 @@ def test_label_out_of_range_reports_the_first_one_and_ignore_index(rng, entry):
 
 def test_label_out_of_range_single_row(rng, entry):
     logits = random_logits(rng, (NUM_CLASSES,), np.float64)
-    assert_rejected(entry, ValueError, rf"label {NUM_CLASSES} at position \(\).*\[0, {NUM_CLASSES}\)",
-                    logits, np.array(NUM_CLASSES))
+    assert_rejected(
+        entry, ValueError, rf"label {NUM_CLASSES} at position \(\).*\[0, {NUM_CLASSES}\)", logits, np.array(NUM_CLASSES)
+    )
 
 
 def test_ignore_index_label_is_not_an_error(rng, entry):
@@ -114,8 +115,7 @@ def test_zero_classes(entry, shape, axis):
 
 
 def test_scalar_logits(entry):
-    assert_rejected(entry, ValueError, r"at least one dimension.*\(\)", np.array(1.5, dtype=np.float32),
-                    np.array(0))
+    assert_rejected(entry, ValueError, r"at least one dimension.*\(\)", np.array(1.5, dtype=np.float32), np.array(0))
 
 
 @pytest.mark.parametrize("axis", (2, -3, 1.0))
@@ -138,8 +138,14 @@ def test_inplace_needs_a_writeable_array(rng):
 @pytest.mark.parametrize("smoothing", (-0.1, 1.0, 1.5, float("nan")))
 def test_label_smoothing_out_of_range(rng, entry, smoothing):
     logits = random_logits(rng, (3, NUM_CLASSES), np.float32)
-    assert_rejected(entry, ValueError, r"label_smoothing.*" + re.escape(repr(smoothing)), logits,
-                    np.array([0, 1, 2]), label_smoothing=smoothing)
+    assert_rejected(
+        entry,
+        ValueError,
+        r"label_smoothing.*" + re.escape(repr(smoothing)),
+        logits,
+        np.array([0, 1, 2]),
+        label_smoothing=smoothing,
+    )
 
 
 @pytest.mark.parametrize("weight_shape", ((NUM_CLASSES - 1,), (NUM_CLASSES + 1,), (1, NUM_CLASSES), ()))
@@ -153,35 +159,40 @@ def test_class_weight_wrong_length(rng, entry, weight_shape):
 @pytest.mark.parametrize("reduction", ("avg", "Mean", "", None, "batchmean"))
 def test_unknown_reduction(rng, entry, reduction):
     logits = random_logits(rng, (3, NUM_CLASSES), np.float32)
-    assert_rejected(entry, ValueError, r"reduction " + re.escape(repr(reduction)), logits, np.array([0, 1, 2]),
-                    reduction=reduction)
+    assert_rejected(
+        entry, ValueError, r"reduction " + re.escape(repr(reduction)), logits, np.array([0, 1, 2]), reduction=reduction
+    )
 
 
 @pytest.mark.parametrize("softcap", (0.0, -1.0, -30.0, float("inf"), float("nan")))
 def test_softcap_not_positive(rng, entry, softcap):
     logits = random_logits(rng, (3, NUM_CLASSES), np.float32)
-    assert_rejected(entry, ValueError, r"softcap.*" + re.escape(repr(softcap)), logits, np.array([0, 1, 2]),
-                    softcap=softcap)
+    assert_rejected(
+        entry, ValueError, r"softcap.*" + re.escape(repr(softcap)), logits, np.array([0, 1, 2]), softcap=softcap
+    )
 
 
 def test_softcap_with_probabilities(rng, entry):
     probs = random_probabilities(rng, (3, NUM_CLASSES), np.float32)
-    assert_rejected(entry, ValueError, r"softcap.*from_logits=False", probs, np.array([0, 1, 2]),
-                    softcap=30.0, from_logits=False)
+    assert_rejected(
+        entry, ValueError, r"softcap.*from_logits=False", probs, np.array([0, 1, 2]), softcap=30.0, from_logits=False
+    )
 
 
 @pytest.mark.parametrize("z_loss", (-1e-4, float("inf"), float("nan")))
 def test_z_loss_invalid(rng, entry, z_loss):
     logits = random_logits(rng, (3, NUM_CLASSES), np.float32)
-    assert_rejected(entry, ValueError, r"z_loss.*" + re.escape(repr(z_loss)), logits, np.array([0, 1, 2]),
-                    z_loss=z_loss)
+    assert_rejected(
+        entry, ValueError, r"z_loss.*" + re.escape(repr(z_loss)), logits, np.array([0, 1, 2]), z_loss=z_loss
+    )
 
 
 def test_sample_weight_not_broadcastable(rng, entry):
     logits = random_logits(rng, (2, 3, NUM_CLASSES), np.float32)
     labels = random_labels(rng, (2, 3), NUM_CLASSES)
-    assert_rejected(entry, ValueError, r"sample_weight shape \(4,\).*\(2, 3\)", logits, labels,
-                    sample_weight=np.ones(4))
+    assert_rejected(
+        entry, ValueError, r"sample_weight shape \(4,\).*\(2, 3\)", logits, labels, sample_weight=np.ones(4)
+    )
 
 
 def test_ignore_index_not_an_integer(rng, entry):

@@ -35,13 +35,12 @@ if _device_count() == 0:
         raise RuntimeError("FASTXENT_REQUIRE_GPU=1 but CuPy sees no CUDA device")
     pytest.skip("CuPy sees no CUDA device", allow_module_level=True)
 
-import fastxent  # noqa: E402
 from conftest import (  # noqa: E402
-    OPTION_NAMES,
     BFLOAT16,
-    assert_grad_close,
     FLOAT_DTYPES,
+    OPTION_NAMES,
     REDUCTIONS,
+    assert_grad_close,
     dtype_id,
     loss_dtype_for,
     make_case,
@@ -53,6 +52,8 @@ from conftest import (  # noqa: E402
     shape_id,
     tolerance,
 )
+
+import fastxent  # noqa: E402
 from fastxent import reference  # noqa: E402
 from fastxent._options import KernelOptions  # noqa: E402
 from fastxent.cpu import xent as cpu_xent  # noqa: E402
@@ -158,12 +159,18 @@ def host(array) -> np.ndarray:
 
 def assert_loss_matches(got, ref, dtype):
     tol = tolerance(dtype)
-    np.testing.assert_allclose(host(got).astype(np.float64), np.asarray(ref, np.float64),
-                               rtol=tol.loss_rtol, atol=tol.loss_atol, equal_nan=True)
+    np.testing.assert_allclose(
+        host(got).astype(np.float64),
+        np.asarray(ref, np.float64),
+        rtol=tol.loss_rtol,
+        atol=tol.loss_atol,
+        equal_nan=True,
+    )
 
 
-def natural_gradient_size(labels, reduction="mean", ignore_index=None, class_weight=None, sample_weight=None,
-                          **_other) -> float:
+def natural_gradient_size(
+    labels, reduction="mean", ignore_index=None, class_weight=None, sample_weight=None, **_other
+) -> float:
     """Largest row weight times the reduction's factor: the scale of absolute gradient errors."""
     labels = np.asarray(labels)
     flat = labels.reshape(-1)
@@ -190,8 +197,9 @@ def assert_grad_matches(got, ref, dtype, scale=0.0):
         rounded = ref64.astype(dtype).astype(np.float64)
     ref64 = np.where(np.isinf(rounded) & np.isfinite(ref64), rounded, ref64)
     floor = 2.0**-24 if np.dtype(dtype) == np.float16 else 0.0
-    np.testing.assert_allclose(host(got).astype(np.float64), ref64, rtol=tol.grad_rtol,
-                               atol=floor + tol.grad_atol * magnitude, equal_nan=True)
+    np.testing.assert_allclose(
+        host(got).astype(np.float64), ref64, rtol=tol.grad_rtol, atol=floor + tol.grad_atol * magnitude, equal_nan=True
+    )
 
 
 def to_device_options(options):
@@ -274,7 +282,6 @@ def test_misaligned_views(rng, gpu_path, lead_shape):
 # ----------------------------------------------------------------------------------------
 
 
-
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", OPTION_NAMES)
 @pytest.mark.parametrize("dtype", API_DTYPES, ids=dtype_id)
@@ -286,20 +293,23 @@ def test_options(rng, gpu_path, dtype, option, reduction):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("option", ("plain", "ignore_index", "label_smoothing", "class_weight",
-                                    "sample_weight", "z_loss", "everything"))
+@pytest.mark.parametrize(
+    "option", ("plain", "ignore_index", "label_smoothing", "class_weight", "sample_weight", "z_loss", "everything")
+)
 @pytest.mark.parametrize("dtype", API_DTYPES, ids=dtype_id)
 def test_probabilities(rng, dtype, option, reduction):
     lead_shape, num_classes = (3, 4), 1000
     probs, labels, options = make_case(rng, option, lead_shape, num_classes, dtype, from_logits=False)
     probs.reshape(-1, num_classes)[0, labels.reshape(-1)[0]] = 0  # a zero target: loss 16.118
     tol_dtype = dtype
-    ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(probs, labels, from_logits=False,
-                                                                  reduction=reduction, **options)
+    ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(
+        probs, labels, from_logits=False, reduction=reduction, **options
+    )
     device_options = to_device_options(options)
     device_probs = cupy.asarray(probs)
-    loss, grad = fastxent.sparse_cross_entropy_with_grad(device_probs, cupy.asarray(labels), from_logits=False,
-                                                         reduction=reduction, inplace=True, **device_options)
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(
+        device_probs, cupy.asarray(labels), from_logits=False, reduction=reduction, inplace=True, **device_options
+    )
     assert grad is device_probs
     assert_loss_matches(loss, ref_loss, tol_dtype)
     assert_grad_matches(grad, ref_grad, tol_dtype, natural_gradient_size(labels, reduction=reduction, **options))
@@ -384,13 +394,27 @@ def test_inplace_on_a_strided_view_writes_back(rng, gpu_path):
 # ----------------------------------------------------------------------------------------
 
 
-def kernel_options(num_classes, *, from_logits=True, label_smoothing=0.0, z_loss=0.0, softcap=None,
-                   class_weight=None, grad_scale=0.5, xp=np):
+def kernel_options(
+    num_classes,
+    *,
+    from_logits=True,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    class_weight=None,
+    grad_scale=0.5,
+    xp=np,
+):
     weights = None if class_weight is None else xp.asarray(class_weight, dtype=xp.float64)
     return KernelOptions(
-        from_logits=from_logits, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        class_weight=weights, class_weight_total=float(num_classes if class_weight is None else class_weight.sum()),
-        num_classes=num_classes, grad_scale=grad_scale,
+        from_logits=from_logits,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        class_weight=weights,
+        class_weight_total=float(num_classes if class_weight is None else class_weight.sum()),
+        num_classes=num_classes,
+        grad_scale=grad_scale,
     )
 
 
@@ -419,12 +443,19 @@ def test_launcher_agrees_with_cpu(rng, gpu_path, dtype, option, inplace):
     sample_weight = random_sample_weight(rng, (num_rows,))
 
     cpu_loss, cpu_grad, cpu_min = cpu_xent.fused_xent(
-        inputs.copy(), labels, sample_weight, kernel_options(num_classes, **settings), want_grad=True)
+        inputs.copy(), labels, sample_weight, kernel_options(num_classes, **settings), want_grad=True
+    )
     storage = "bfloat16" if dtype == BFLOAT16 else None
     device_inputs = cupy.asarray(inputs.view(np.uint16) if storage else inputs)
     gpu_loss, gpu_grad, gpu_min = gpu_xent.fused_xent(
-        device_inputs, cupy.asarray(labels), cupy.asarray(sample_weight),
-        kernel_options(num_classes, xp=cupy, **settings), want_grad=True, inplace=inplace, storage=storage)
+        device_inputs,
+        cupy.asarray(labels),
+        cupy.asarray(sample_weight),
+        kernel_options(num_classes, xp=cupy, **settings),
+        want_grad=True,
+        inplace=inplace,
+        storage=storage,
+    )
 
     assert isinstance(gpu_loss, cupy.ndarray) and gpu_loss.dtype == np.float64
     if inplace and from_logits:
@@ -434,8 +465,9 @@ def test_launcher_agrees_with_cpu(rng, gpu_path, dtype, option, inplace):
     np.testing.assert_allclose(host(gpu_loss), cpu_loss, rtol=4 * tol.loss_rtol, atol=tol.loss_atol)
     cpu_grad64 = cpu_grad.astype(np.float64)
     magnitude = float(np.max(np.abs(cpu_grad64[np.isfinite(cpu_grad64)]), initial=0.0))
-    np.testing.assert_allclose(got_grad.astype(np.float64), cpu_grad64,
-                               rtol=2 * tol.grad_rtol, atol=2**-24 + 2 * tol.grad_atol * magnitude)
+    np.testing.assert_allclose(
+        got_grad.astype(np.float64), cpu_grad64, rtol=2 * tol.grad_rtol, atol=2**-24 + 2 * tol.grad_atol * magnitude
+    )
     assert not got_grad[1].any(), "an ignored row has a non-zero gradient"
     if from_logits:
         assert gpu_min is None and cpu_min is None
@@ -449,14 +481,20 @@ def test_public_api_cpu_and_gpu_agree(rng, dtype, option):
     """The same call on NumPy and on CuPy arrays gives the same loss and gradient."""
     logits, labels, options = make_case(rng, option, (4, 3), 5000, dtype)
     cpu_loss, cpu_grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, **options)
-    gpu_loss, gpu_grad = fastxent.sparse_cross_entropy_with_grad(cupy.asarray(logits), cupy.asarray(labels),
-                                                                 **to_device_options(options))
+    gpu_loss, gpu_grad = fastxent.sparse_cross_entropy_with_grad(
+        cupy.asarray(logits), cupy.asarray(labels), **to_device_options(options)
+    )
     tol = tolerance(dtype)
-    np.testing.assert_allclose(host(gpu_loss).astype(np.float64), np.float64(cpu_loss), rtol=4 * tol.loss_rtol,
-                               atol=tol.loss_atol)
+    np.testing.assert_allclose(
+        host(gpu_loss).astype(np.float64), np.float64(cpu_loss), rtol=4 * tol.loss_rtol, atol=tol.loss_atol
+    )
     magnitude = float(np.max(np.abs(cpu_grad.astype(np.float64))))
-    np.testing.assert_allclose(host(gpu_grad).astype(np.float64), cpu_grad.astype(np.float64),
-                               rtol=2 * tol.grad_rtol, atol=2**-24 + 2 * tol.grad_atol * magnitude)
+    np.testing.assert_allclose(
+        host(gpu_grad).astype(np.float64),
+        cpu_grad.astype(np.float64),
+        rtol=2 * tol.grad_rtol,
+        atol=2**-24 + 2 * tol.grad_atol * magnitude,
+    )
 
 
 def test_default_dispatch_few_long_rows(rng):
@@ -521,20 +559,30 @@ def test_one_synchronisation_per_call(rng, reduction, from_logits):
     "mean" denominator and the softmax hint packed into the same read); probabilities add the
     negative-value check after the launch."""
     num_classes = 300
-    values = (random_logits(rng, (2, 3, num_classes), np.float32) if from_logits
-              else random_probabilities(rng, (2, 3, num_classes), np.float32))
+    values = (
+        random_logits(rng, (2, 3, num_classes), np.float32)
+        if from_logits
+        else random_probabilities(rng, (2, 3, num_classes), np.float32)
+    )
     labels = random_labels(rng, (2, 3), num_classes)
     labels[0, 0] = -100
-    options = dict(reduction=reduction, from_logits=from_logits, ignore_index=-100,
-                   class_weight=cupy.asarray(random_class_weight(rng, num_classes)),
-                   sample_weight=cupy.asarray(random_sample_weight(rng, (2, 3))), label_smoothing=0.1)
+    options = dict(
+        reduction=reduction,
+        from_logits=from_logits,
+        ignore_index=-100,
+        class_weight=cupy.asarray(random_class_weight(rng, num_classes)),
+        sample_weight=cupy.asarray(random_sample_weight(rng, (2, 3))),
+        label_smoothing=0.1,
+    )
     device_values, device_labels = cupy.asarray(values), cupy.asarray(labels)
     before = cupy.host_reads()
     loss, grad = fastxent.sparse_cross_entropy_with_grad(device_values, device_labels, **options)
     assert cupy.host_reads() - before == (1 if from_logits else 2)
     ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(
-        values, labels, **dict(options, class_weight=host(options["class_weight"]),
-                               sample_weight=host(options["sample_weight"])))
+        values,
+        labels,
+        **dict(options, class_weight=host(options["class_weight"]), sample_weight=host(options["sample_weight"])),
+    )
     assert_loss_matches(loss, ref_loss, np.float32)
     assert_grad_matches(grad, ref_grad, np.float32)
 
@@ -618,11 +666,16 @@ def range_case(rng, dtype, option, num_rows=7, num_classes=1500, lo=400, hi=1300
     labels[1], labels[2], labels[3] = lo - 5, hi + 7, -1
     weights = rng.uniform(0.5, 2.0, num_classes) if RANGE_OPTIONS[option].get("class_weight") else None
     spec = {k: v for k, v in RANGE_OPTIONS[option].items() if k != "class_weight"}
-    options = KernelOptions(from_logits=True, label_smoothing=spec.get("label_smoothing", 0.0),
-                            z_loss=spec.get("z_loss", 0.0), softcap=spec.get("softcap"),
-                            class_weight=None if weights is None else weights[lo:hi],
-                            class_weight_total=float(num_classes if weights is None else weights.sum()),
-                            num_classes=num_classes, grad_scale=0.25)
+    options = KernelOptions(
+        from_logits=True,
+        label_smoothing=spec.get("label_smoothing", 0.0),
+        z_loss=spec.get("z_loss", 0.0),
+        softcap=spec.get("softcap"),
+        class_weight=None if weights is None else weights[lo:hi],
+        class_weight_total=float(num_classes if weights is None else weights.sum()),
+        num_classes=num_classes,
+        grad_scale=0.25,
+    )
     rows = np.ascontiguousarray(logits[:, lo:hi])
     local = cpu_partial.local_labels(labels, lo, hi - lo)
     assert set(local[:4]) >= {cpu_partial.ELSEWHERE, cpu_partial.IGNORED}
@@ -659,8 +712,9 @@ def test_class_range_matches_cpu(rng, monkeypatch, dtype, option, layout):
     stats_rtol = 1e-12 if dtype == np.float64 else 1e-5
     np.testing.assert_allclose(got.row_max, ref.row_max, rtol=value_rtol_for(options, dtype), atol=0.0)
     np.testing.assert_allclose(got.sum_exp, ref.sum_exp, rtol=stats_rtol)
-    np.testing.assert_allclose(got.weighted_sum, ref.weighted_sum, rtol=stats_rtol,
-                               atol=stats_rtol * np.abs(ref.weighted_sum).max(initial=1.0))
+    np.testing.assert_allclose(
+        got.weighted_sum, ref.weighted_sum, rtol=stats_rtol, atol=stats_rtol * np.abs(ref.weighted_sum).max(initial=1.0)
+    )
     np.testing.assert_allclose(got.target_value, ref.target_value, rtol=value_rtol_for(options, dtype), atol=0.0)
     np.testing.assert_array_equal(got.target_input, ref.target_input)
     assert got.row_max[3] == -np.inf and got.sum_exp[3] == 0.0  # the ignored row: the identity
@@ -682,6 +736,7 @@ def test_class_range_rejects_probabilities(rng):
 
     rows, local, options = range_case(rng, np.float32, "plain")
     from dataclasses import replace
+
     with pytest.raises(NotImplementedError, match="probabilities"):
         gpu_partial.range_stats(cupy.asarray(rows), local, replace(options, from_logits=False))
 
@@ -739,14 +794,29 @@ def test_sharded_loss_on_gpu_ranks(rng, monkeypatch, option):
     def work(comm):
         lo, hi = starts[comm.rank], starts[comm.rank + 1]
         local_kwargs = shard_kwargs(kwargs, lo, hi)
-        settings = _sharded.check_settings(True, reduction, local_kwargs.get("ignore_index"),
-                                           local_kwargs.get("label_smoothing", 0.0), local_kwargs.get("z_loss", 0.0),
-                                           local_kwargs.get("softcap"), lo)
+        settings = _sharded.check_settings(
+            True,
+            reduction,
+            local_kwargs.get("ignore_index"),
+            local_kwargs.get("label_smoothing", 0.0),
+            local_kwargs.get("z_loss", 0.0),
+            local_kwargs.get("softcap"),
+            lo,
+        )
         rows = cupy.asarray(np.ascontiguousarray(logits[:, lo:hi]))
         forward = _sharded.sharded_forward(
-            comm, gpu_partial.CupyKernel(), rows, num_rows=labels.size, width=hi - lo, logits_dtype=np.float32,
-            vocab_start=lo, labels=labels, sample_weight=local_kwargs.get("sample_weight"),
-            class_weight=local_kwargs.get("class_weight"), settings=settings)
+            comm,
+            gpu_partial.CupyKernel(),
+            rows,
+            num_rows=labels.size,
+            width=hi - lo,
+            logits_dtype=np.float32,
+            vocab_start=lo,
+            labels=labels,
+            sample_weight=local_kwargs.get("sample_weight"),
+            class_weight=local_kwargs.get("class_weight"),
+            settings=settings,
+        )
         return forward.loss, host(forward.grad())
 
     results = run_ranks(2, work)
@@ -816,8 +886,14 @@ def test_distributed_api_takes_cupy_arrays(rng, monkeypatch, mode):
         device_local = cupy.asarray(local)
         local_kwargs = to_device_options(shard_kwargs(kwargs, lo, hi))
         loss, grad = distributed.sparse_cross_entropy_with_grad(
-            device_local, cupy.asarray(labels), vocab_start=lo, group=comm, axis=axis,
-            inplace=mode == "inplace", **local_kwargs)
+            device_local,
+            cupy.asarray(labels),
+            vocab_start=lo,
+            group=comm,
+            axis=axis,
+            inplace=mode == "inplace",
+            **local_kwargs,
+        )
         assert isinstance(loss, cupy.ndarray) and isinstance(grad, cupy.ndarray)
         assert (grad is device_local) == (mode == "inplace")
         grad = host(grad)
@@ -843,8 +919,9 @@ def test_distributed_api_rejects_cupy_probabilities_on_every_rank(rng, monkeypat
 
     def work(comm):
         lo, hi = starts[comm.rank], starts[comm.rank + 1]
-        return distributed.sparse_cross_entropy(cupy.asarray(probs[:, lo:hi]), labels, vocab_start=lo, group=comm,
-                                                from_logits=False)
+        return distributed.sparse_cross_entropy(
+            cupy.asarray(probs[:, lo:hi]), labels, vocab_start=lo, group=comm, from_logits=False
+        )
 
     for result in run_ranks(2, work):
         assert isinstance(result, ValueError)

@@ -13,9 +13,9 @@ import math
 
 import numpy as np
 import pytest
+from conftest import BFLOAT16, assert_grad_close, assert_loss_close, force_kernel_path
 
 import fastxent
-from conftest import BFLOAT16, assert_grad_close, assert_loss_close, force_kernel_path
 from fastxent import reference
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -78,7 +78,7 @@ def test_split_path_beyond_2_31_elements(rng, monkeypatch):
     row_max = -math.inf
     sum_exp = 0.0
     for start in range(0, num_classes, 1 << 24):
-        chunk = last[start: start + (1 << 24)].astype(np.float64)
+        chunk = last[start : start + (1 << 24)].astype(np.float64)
         chunk_max = float(chunk.max())
         if chunk_max > row_max:
             sum_exp *= math.exp(row_max - chunk_max)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import FLOAT_DTYPES, dtype_id, random_labels, random_logits, random_probabilities
 
 import fastxent
-from conftest import FLOAT_DTYPES, dtype_id, random_labels, random_logits, random_probabilities
 
 
 @pytest.mark.parametrize("from_logits", (True, False), ids=("logits", "probabilities"))
@@ -23,10 +23,12 @@ def test_out_receives_the_same_gradient(rng, kernel_path, dtype, axis, from_logi
         values = np.ascontiguousarray(values.T)
     before = values.copy()
     out = np.full_like(values, 7)
-    loss, grad = fastxent.sparse_cross_entropy_with_grad(values, labels, axis=axis, out=out,
-                                                         from_logits=from_logits, label_smoothing=0.1)
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(
+        values, labels, axis=axis, out=out, from_logits=from_logits, label_smoothing=0.1
+    )
     expected_loss, expected_grad = fastxent.sparse_cross_entropy_with_grad(
-        values, labels, axis=axis, from_logits=from_logits, label_smoothing=0.1)
+        values, labels, axis=axis, from_logits=from_logits, label_smoothing=0.1
+    )
     assert grad is out
     np.testing.assert_array_equal(out, expected_grad)
     assert loss == expected_loss
@@ -63,8 +65,7 @@ def test_bad_out_is_rejected_and_nothing_is_written(rng, make_out, match):
 def test_out_with_inplace_is_rejected(rng):
     logits = random_logits(rng, (2, 3), np.float32)
     with pytest.raises(ValueError, match="either inplace=True .* or out="):
-        fastxent.sparse_cross_entropy_with_grad(logits, np.array([0, 1]), inplace=True,
-                                                out=np.empty_like(logits))
+        fastxent.sparse_cross_entropy_with_grad(logits, np.array([0, 1]), inplace=True, out=np.empty_like(logits))
 
 
 def test_read_only_out_is_rejected(rng):

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import fastxent
 from conftest import (
-    OPTION_NAMES,
     CLASS_COUNTS,
     FLOAT_DTYPES,
     LARGE_CLASS_COUNT,
     LARGE_CLASS_LEAD_SHAPES,
     LEAD_SHAPES,
     LOW_PRECISION_DTYPES,
+    OPTION_NAMES,
     REDUCTIONS,
     SPLIT_CASES,
     assert_at_least_naive_accuracy,
@@ -35,15 +33,28 @@ from conftest import (
     shape_id,
     split_part_count,
 )
+
+import fastxent
 from fastxent import reference
 
 PROB_LOW = np.float32(1e-7)
 PROB_HIGH = np.float32(1 - 1e-7)
 
 
-def naive_in_dtype(logits, labels, *, from_logits=True, reduction="mean", ignore_index=None,
-                   label_smoothing=0.0, class_weight=None, sample_weight=None, z_loss=0.0,
-                   softcap=None, axis=-1):
+def naive_in_dtype(
+    logits,
+    labels,
+    *,
+    from_logits=True,
+    reduction="mean",
+    ignore_index=None,
+    label_smoothing=0.0,
+    class_weight=None,
+    sample_weight=None,
+    z_loss=0.0,
+    softcap=None,
+    axis=-1,
+):
     """Unfused loss and gradient with every intermediate rounded to the logits' dtype."""
     dtype = np.asarray(logits).dtype
 
@@ -87,12 +98,19 @@ def naive_in_dtype(logits, labels, *, from_logits=True, reduction="mean", ignore
             loss = loss - eps / count * (log_probs * weights).sum(axis=1, dtype=dtype)
         if z_loss:
             loss = loss + cast(z_loss) * target_weight * lse * lse
-        coef = target_weight * (one - eps) + eps * weights.sum(dtype=dtype) / count + cast(2 * z_loss) * target_weight * lse
+        coef = (
+            target_weight * (one - eps)
+            + eps * weights.sum(dtype=dtype) / count
+            + cast(2 * z_loss) * target_weight * lse
+        )
         grad = probs * coef[:, None] - (eps / count) * weights[None, :]
         grad[rows, safe_y] -= target_weight * (one - eps)
         grad = grad * dvalues
-        sample = np.ones(num_rows, dtype) if sample_weight is None else cast(
-            np.broadcast_to(np.asarray(sample_weight, np.float64), lead_shape).reshape(-1))
+        sample = (
+            np.ones(num_rows, dtype)
+            if sample_weight is None
+            else cast(np.broadcast_to(np.asarray(sample_weight, np.float64), lead_shape).reshape(-1))
+        )
         loss = np.where(valid, loss * sample, zero)
         grad = np.where(valid[:, None], grad * sample[:, None], zero)
         if reduction == "none":
@@ -135,7 +153,7 @@ def check_parity(logits, labels, *, inplace=False, **options):
         assert grad is work
     else:
         assert not np.shares_memory(grad, logits)
-    for original, copy in zip(arguments, before):
+    for original, copy in zip(arguments, before, strict=True):
         assert original.tobytes() == copy.tobytes(), "an input was modified"
     assert_loss_close(loss_g, ref_loss, dtype)
     scale = gradient_scale(labels, **options)
@@ -195,7 +213,6 @@ def test_default_dispatch_few_long_rows(rng, dtype):
 OPTION_SHAPES = {"rows": ((2, 3), 2500), "split": SPLIT_CASES[1]}
 
 
-
 @pytest.mark.parametrize("inplace", (False, True), ids=("copy", "inplace"))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", OPTION_NAMES)
@@ -210,8 +227,9 @@ def test_options(rng, kernel_path, dtype, option, reduction, inplace):
 
 @pytest.mark.parametrize("inplace", (False, True), ids=("copy", "inplace"))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("option", ("plain", "ignore_index", "label_smoothing", "class_weight",
-                                    "sample_weight", "z_loss", "everything"))
+@pytest.mark.parametrize(
+    "option", ("plain", "ignore_index", "label_smoothing", "class_weight", "sample_weight", "z_loss", "everything")
+)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_probabilities(rng, dtype, option, reduction, inplace):
     lead_shape, num_classes = (3, 4), 1000
@@ -228,7 +246,8 @@ def test_probabilities_not_summing_to_one(rng):
     loss, _ = check_parity(probs, labels, from_logits=False, reduction="none")
     # Keras' softmax over log(p) renormalises: the scale of a row does not matter.
     np.testing.assert_allclose(
-        loss, fastxent.sparse_cross_entropy(probs * np.float32(4), labels, from_logits=False, reduction="none"),
+        loss,
+        fastxent.sparse_cross_entropy(probs * np.float32(4), labels, from_logits=False, reduction="none"),
         rtol=1e-5,
     )
 
@@ -287,8 +306,9 @@ def test_inplace_gradient_matches_out_of_place(rng, kernel_path):
     logits = random_logits(rng, (3, 5000), np.float32)
     labels = random_labels(rng, (3,), 5000)
     loss_copy, grad_copy = fastxent.sparse_cross_entropy_with_grad(logits, labels, label_smoothing=0.1)
-    loss_inplace, grad_inplace = fastxent.sparse_cross_entropy_with_grad(logits, labels, label_smoothing=0.1,
-                                                                         inplace=True)
+    loss_inplace, grad_inplace = fastxent.sparse_cross_entropy_with_grad(
+        logits, labels, label_smoothing=0.1, inplace=True
+    )
     assert grad_inplace is logits
     np.testing.assert_allclose(loss_inplace, loss_copy, rtol=1e-6)
     np.testing.assert_allclose(grad_inplace, grad_copy, rtol=1e-6, atol=1e-9)
@@ -297,8 +317,11 @@ def test_inplace_gradient_matches_out_of_place(rng, kernel_path):
 def test_list_input_is_accepted(rng):
     logits = random_logits(rng, (4, 7), np.float64)
     labels = random_labels(rng, (4,), 7)
-    assert_loss_close(fastxent.sparse_cross_entropy(logits.tolist(), labels.tolist()),
-                      reference.sparse_cross_entropy(logits, labels), np.float64)
+    assert_loss_close(
+        fastxent.sparse_cross_entropy(logits.tolist(), labels.tolist()),
+        reference.sparse_cross_entropy(logits, labels),
+        np.float64,
+    )
 
 
 # ----------------------------------------------------------------------------------------

@@ -10,11 +10,6 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
-
-import fastxent
 from conftest import (
     FLOAT_DTYPES,
     KERNEL_PATHS,
@@ -24,6 +19,11 @@ from conftest import (
     gradient_scale,
     tolerance,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import fastxent
 from fastxent import reference
 
 # Drawn logits may happen to look like a softmax output; the hint is not what is tested here.
@@ -88,8 +88,7 @@ def test_matches_reference(problem, reduction):
     # Absolute errors are multiplied by class and sample weights (up to 4 each) and, with z-loss,
     # by 2 z lse (lse up to ~40 here).
     assert_loss_close(loss, ref_loss, logits.dtype, scale=16 * (1 + 100 * options.get("z_loss", 0)))
-    assert_grad_close(grad, ref_grad, logits.dtype,
-                      scale=gradient_scale(labels, reduction=reduction, **options))
+    assert_grad_close(grad, ref_grad, logits.dtype, scale=gradient_scale(labels, reduction=reduction, **options))
 
 
 @PROPERTY_SETTINGS
@@ -117,8 +116,7 @@ def test_shifting_a_row_leaves_the_loss_unchanged(problem, shift):
     shifted = (logits.astype(np.float64) + shift).astype(logits.dtype)
     assert np.array_equal(shifted.astype(np.float64) - shift, logits.astype(np.float64))
     loss, grad = run(path, fastxent.sparse_cross_entropy_with_grad, logits, labels, reduction="none")
-    loss_shifted, grad_shifted = run(path, fastxent.sparse_cross_entropy_with_grad, shifted, labels,
-                                     reduction="none")
+    loss_shifted, grad_shifted = run(path, fastxent.sparse_cross_entropy_with_grad, shifted, labels, reduction="none")
     tol = tolerance(logits.dtype)
     np.testing.assert_allclose(loss_shifted, loss, rtol=tol.loss_rtol, atol=tol.loss_atol)
     assert_grad_close(grad_shifted, grad.astype(np.float64), logits.dtype, scale=1.0)
@@ -136,6 +134,7 @@ def test_gradient_rows_sum_to_zero(problem, reduction):
     # their difference.
     tol = tolerance(logits.dtype)
     scale = gradient_scale(labels, reduction=reduction)
-    bound = (tol.half_ulp * np.abs(grad64).sum(axis=-1) + 2 * tol.grad_atol * scale
-             + logits.shape[-1] * tol.grad_atol_abs)
+    bound = (
+        tol.half_ulp * np.abs(grad64).sum(axis=-1) + 2 * tol.grad_atol * scale + logits.shape[-1] * tol.grad_atol_abs
+    )
     assert (np.abs(row_sums) <= bound).all(), (row_sums, bound)

@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import (
     random_class_weight,
     random_labels,
@@ -21,6 +20,7 @@ from conftest import (
     random_sample_weight,
     shape_id,
 )
+
 from fastxent import reference
 
 
@@ -70,9 +70,21 @@ def naive_row_loss(values, label, class_weight, smoothing, z_loss):
     return loss
 
 
-def naive_loss(logits, labels, *, from_logits=True, reduction="mean", ignore_index=None,
-               label_smoothing=0.0, class_weight=None, sample_weight=None, z_loss=0.0,
-               softcap=None, axis=-1, input_dtype=None):
+def naive_loss(
+    logits,
+    labels,
+    *,
+    from_logits=True,
+    reduction="mean",
+    ignore_index=None,
+    label_smoothing=0.0,
+    class_weight=None,
+    sample_weight=None,
+    z_loss=0.0,
+    softcap=None,
+    axis=-1,
+    input_dtype=None,
+):
     """``input_dtype``: the dtype whose clip bounds apply (default: the logits' own)."""
     bounds = clip_bounds(np.asarray(logits).dtype if input_dtype is None else input_dtype)
     rows = np.moveaxis(np.asarray(logits, dtype=np.float64), axis, -1)
@@ -81,11 +93,14 @@ def naive_loss(logits, labels, *, from_logits=True, reduction="mean", ignore_ind
     rows = rows.reshape(-1, num_classes).tolist()
     flat_labels = np.asarray(labels).reshape(-1).tolist()
     weights = [1.0] * num_classes if class_weight is None else [float(w) for w in class_weight]
-    samples = [1.0] * len(rows) if sample_weight is None else np.broadcast_to(
-        np.asarray(sample_weight, dtype=np.float64), lead_shape).reshape(-1).tolist()
+    samples = (
+        [1.0] * len(rows)
+        if sample_weight is None
+        else np.broadcast_to(np.asarray(sample_weight, dtype=np.float64), lead_shape).reshape(-1).tolist()
+    )
 
     per_row, weight_total, counted = [], 0.0, 0
-    for row, label, sample in zip(rows, flat_labels, samples):
+    for row, label, sample in zip(rows, flat_labels, samples, strict=True):
         if ignore_index is not None and label == ignore_index:
             per_row.append(0.0)
             continue
@@ -144,17 +159,29 @@ def option_cases(rng, num_classes, lead_shape):
         "sample_weight": {"sample_weight": random_sample_weight(rng, lead_shape)},
         "z_loss": {"z_loss": 1e-2},
         "softcap": {"softcap": 2.5},
-        "smoothing_and_class_weight": {"label_smoothing": 0.1,
-                                       "class_weight": random_class_weight(rng, num_classes)},
-        "everything": {"ignore_index": 3, "label_smoothing": 0.15,
-                       "class_weight": random_class_weight(rng, num_classes),
-                       "sample_weight": random_sample_weight(rng, lead_shape),
-                       "z_loss": 1e-3, "softcap": 4.0},
+        "smoothing_and_class_weight": {"label_smoothing": 0.1, "class_weight": random_class_weight(rng, num_classes)},
+        "everything": {
+            "ignore_index": 3,
+            "label_smoothing": 0.15,
+            "class_weight": random_class_weight(rng, num_classes),
+            "sample_weight": random_sample_weight(rng, lead_shape),
+            "z_loss": 1e-3,
+            "softcap": 4.0,
+        },
     }
 
 
-OPTION_NAMES = ("plain", "ignore_index", "label_smoothing", "class_weight", "sample_weight",
-                "z_loss", "softcap", "smoothing_and_class_weight", "everything")
+OPTION_NAMES = (
+    "plain",
+    "ignore_index",
+    "label_smoothing",
+    "class_weight",
+    "sample_weight",
+    "z_loss",
+    "softcap",
+    "smoothing_and_class_weight",
+    "everything",
+)
 
 
 def make_labels(rng, lead_shape, options):
@@ -190,8 +217,18 @@ def test_reference_logits_match_naive_loop(rng, lead_shape, option, reduction):
 
 
 @pytest.mark.parametrize("reduction", reference.REDUCTIONS)
-@pytest.mark.parametrize("option", ("plain", "ignore_index", "label_smoothing", "class_weight",
-                                    "sample_weight", "z_loss", "smoothing_and_class_weight"))
+@pytest.mark.parametrize(
+    "option",
+    (
+        "plain",
+        "ignore_index",
+        "label_smoothing",
+        "class_weight",
+        "sample_weight",
+        "z_loss",
+        "smoothing_and_class_weight",
+    ),
+)
 @pytest.mark.parametrize("dtype", (np.float64, np.float32), ids=("float64", "float32"))
 def test_reference_probabilities_match_naive_loop(rng, dtype, option, reduction):
     lead_shape = (2, 3)
@@ -230,15 +267,17 @@ def test_reference_sample_weight_broadcasts(rng):
 
 def test_reference_edge_rows_match_naive_loop():
     inf, nan = np.inf, np.nan
-    rows = np.array([
-        [-inf, 1.0, 2.0, -inf, 0.5],  # some -inf, target finite: finite
-        [-inf, 1.0, 2.0, 3.0, 0.5],  # target -inf: +inf
-        [-inf, -inf, -inf, -inf, -inf],  # all -inf: NaN
-        [1.0, inf, 2.0, 0.0, 1.0],  # +inf: NaN
-        [1.0, 2.0, nan, 0.5, 1.0],  # NaN: NaN
-        [1e30, -1e30, 1e30, 3.0, -2.0],  # huge: finite and exact
-        [1e30, -1e30, 1e30, 3.0, -2.0],  # huge, target far below the max
-    ])
+    rows = np.array(
+        [
+            [-inf, 1.0, 2.0, -inf, 0.5],  # some -inf, target finite: finite
+            [-inf, 1.0, 2.0, 3.0, 0.5],  # target -inf: +inf
+            [-inf, -inf, -inf, -inf, -inf],  # all -inf: NaN
+            [1.0, inf, 2.0, 0.0, 1.0],  # +inf: NaN
+            [1.0, 2.0, nan, 0.5, 1.0],  # NaN: NaN
+            [1e30, -1e30, 1e30, 3.0, -2.0],  # huge: finite and exact
+            [1e30, -1e30, 1e30, 3.0, -2.0],  # huge, target far below the max
+        ]
+    )
     labels = np.array([1, 0, 2, 0, 1, 0, 1])
     loss = reference.sparse_cross_entropy(rows, labels, reduction="none")
     np.testing.assert_allclose(loss, naive_loss(rows, labels, reduction="none"), rtol=1e-15)
@@ -269,7 +308,8 @@ def test_reference_reductions_with_nothing_counted(rng):
         assert loss == 0.0 and not np.isnan(loss)
         assert not grad.any()
     loss, grad = reference.sparse_cross_entropy_with_grad(
-        np.empty((0, NUM_CLASSES)), np.empty(0, np.int64), reduction="mean")
+        np.empty((0, NUM_CLASSES)), np.empty(0, np.int64), reduction="mean"
+    )
     assert loss == 0.0 and grad.shape == (0, NUM_CLASSES)
 
 

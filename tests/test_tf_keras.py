@@ -13,7 +13,6 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-import fastxent  # noqa: E402
 from conftest import (  # noqa: E402
     BLOCK,
     PEER_GRAD_RTOL,
@@ -26,6 +25,8 @@ from conftest import (  # noqa: E402
     random_sample_weight,
     shape_id,
 )
+
+import fastxent  # noqa: E402
 
 pytestmark = pytest.mark.peers
 
@@ -98,7 +99,8 @@ def test_keras_sparse_categorical_crossentropy(rng, lead_shape, from_logits, ign
     sample_weight = random_sample_weight(rng, lead_shape).astype(np.float32) if weighted else None
 
     keras_loss = keras.losses.SparseCategoricalCrossentropy(
-        from_logits=from_logits, ignore_class=ignore_class, reduction=reduction)
+        from_logits=from_logits, ignore_class=ignore_class, reduction=reduction
+    )
     variable = tf.Variable(inputs)
     with tf.GradientTape() as tape:
         expected = keras_loss(labels, variable, sample_weight=sample_weight)
@@ -106,15 +108,15 @@ def test_keras_sparse_categorical_crossentropy(rng, lead_shape, from_logits, ign
     expected_grad = tape.gradient(total, variable).numpy()
     expected = expected.numpy()
 
-    options = dict(from_logits=from_logits, ignore_index=ignore_class, sample_weight=sample_weight,
-                   reduction=reduction)
+    options = dict(from_logits=from_logits, ignore_index=ignore_class, sample_weight=sample_weight, reduction=reduction)
     loss, grad = fastxent.sparse_cross_entropy_with_grad(inputs, labels, **options)
     assert loss.dtype == expected.dtype == np.float32
     assert loss.shape == expected.shape
     assert_loss_close(loss, expected, FLOAT32)
     assert_loss_close(fastxent.sparse_cross_entropy(inputs, labels, **options), expected, FLOAT32)
-    assert_grad_close(grad, expected_grad, FLOAT32, scale=gradient_scale(labels, **options),
-                      rtol=PEER_GRAD_RTOL[FLOAT32])
+    assert_grad_close(
+        grad, expected_grad, FLOAT32, scale=gradient_scale(labels, **options), rtol=PEER_GRAD_RTOL[FLOAT32]
+    )
 
 
 def test_keras_zero_probability_scores_16_118():

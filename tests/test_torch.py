@@ -11,7 +11,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import fastxent  # noqa: E402
 from conftest import (  # noqa: E402
     BLOCK,
     PEER_GRAD_RTOL,
@@ -24,6 +23,8 @@ from conftest import (  # noqa: E402
     random_labels,
     random_logits,
 )
+
+import fastxent  # noqa: E402
 
 pytestmark = pytest.mark.peers
 
@@ -42,7 +43,8 @@ def torch_loss_and_grad(logits, labels, **options):
     weight = options.pop("weight", None)
     inputs = torch.tensor(logits, requires_grad=True)
     loss = torch.nn.functional.cross_entropy(
-        inputs, torch.tensor(labels), weight=None if weight is None else torch.tensor(weight), **options)
+        inputs, torch.tensor(labels), weight=None if weight is None else torch.tensor(weight), **options
+    )
     loss.sum().backward()
     return loss.detach().numpy(), inputs.grad.numpy()
 
@@ -82,8 +84,7 @@ def test_torch_cross_entropy(rng, kernel_path, dtype, shape, axis, option, reduc
     assert grad.dtype == dtype and grad.shape == logits.shape
     assert_loss_close(loss, expected, dtype)
     assert_loss_close(fastxent.sparse_cross_entropy(logits, labels, **options), expected, dtype)
-    assert_grad_close(grad, expected_grad, dtype, scale=gradient_scale(labels, **options),
-                      rtol=PEER_GRAD_RTOL[dtype])
+    assert_grad_close(grad, expected_grad, dtype, scale=gradient_scale(labels, **options), rtol=PEER_GRAD_RTOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -108,8 +109,7 @@ def test_fully_ignored_mean_is_the_one_difference(rng, kernel_path, dtype):
     logits = random_logits(rng, (3, 2 * BLOCK + 904), dtype)
     labels = np.full(3, IGNORE_INDEX)
     expected, expected_grad = torch_loss_and_grad(logits, labels, reduction="mean")
-    loss, grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction="mean",
-                                                         ignore_index=IGNORE_INDEX)
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction="mean", ignore_index=IGNORE_INDEX)
     # PyTorch divides 0 by 0; fastxent returns 0.0 (SEMANTICS: "mean").
     assert np.isnan(expected)
     assert loss == 0.0
@@ -118,5 +118,6 @@ def test_fully_ignored_mean_is_the_one_difference(rng, kernel_path, dtype):
     assert not grad.any()
     # So does "sum": 0 in both.
     expected_sum, _ = torch_loss_and_grad(logits, labels, reduction="sum")
-    assert expected_sum == 0.0 == fastxent.sparse_cross_entropy(logits, labels, reduction="sum",
-                                                                ignore_index=IGNORE_INDEX)
+    assert (
+        expected_sum == 0.0 == fastxent.sparse_cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE_INDEX)
+    )

@@ -54,17 +54,13 @@ def _compile_report(tmp_path, extra_env):
     env = dict(os.environ)
     env.update(extra_env)
     env["NUMBA_CACHE_DIR"] = str(tmp_path / "numba-cache")
-    result = subprocess.run(
-        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=600
-    )
+    result = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_hot_loops_vectorize_for_avx2(tmp_path):
-    report = _compile_report(
-        tmp_path, {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": AVX2_FEATURES}
-    )
+    report = _compile_report(tmp_path, {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": AVX2_FEATURES})
     for key, counts in report.items():
         assert counts["zmm"] == 0, f"{key}: AVX-512 code in an AVX2 build"
         if key.startswith("segment_max"):

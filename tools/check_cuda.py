@@ -112,8 +112,17 @@ def parse_ptxas(log: str) -> Dict[str, KernelReport]:
 
 def compile_with_nvcc(nvcc: str, arch: str, options: Sequence[str]) -> Tuple[int, str]:
     with tempfile.TemporaryDirectory() as scratch:
-        command = [nvcc, "-cubin", f"-arch=sm_{arch}", "-Xptxas", "-v", *options,
-                   "-o", os.path.join(scratch, f"xent_sm{arch}.cubin"), SOURCE]
+        command = [
+            nvcc,
+            "-cubin",
+            f"-arch=sm_{arch}",
+            "-Xptxas",
+            "-v",
+            *options,
+            "-o",
+            os.path.join(scratch, f"xent_sm{arch}.cubin"),
+            SOURCE,
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
     return result.returncode, result.stdout + result.stderr
 
@@ -218,10 +227,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(header)
         for name in expected:
             row = name.ljust(34)
-            for arch, reports in tables.items():
+            for reports in tables.values():
                 report = reports.get(name)
-                cell = "missing" if report is None else (
-                    f"{report.registers:4d} {report.spill_stores:5d}/{report.spill_loads:<5d} {report.stack_bytes:5d}")
+                cell = (
+                    "missing"
+                    if report is None
+                    else (
+                        f"{report.registers:4d} {report.spill_stores:5d}/{report.spill_loads:<5d} {report.stack_bytes:5d}"
+                    )
+                )
                 row += cell.rjust(36)
             print(row)
 
@@ -234,8 +248,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             for arch in archs:
                 status, log = compile_with_nvrtc(nvrtc, arch, options, include_dir)
                 if status != 0:
-                    failures.append(f"compute_{arch}: NVRTC failed (status {status}):\n    "
-                                    + "\n    ".join(log.splitlines()[-20:]))
+                    failures.append(
+                        f"compute_{arch}: NVRTC failed (status {status}):\n    " + "\n    ".join(log.splitlines()[-20:])
+                    )
                 else:
                     print(f"check_cuda: NVRTC {_nvrtc_version(nvrtc)} compile for compute_{arch}: ok")
 

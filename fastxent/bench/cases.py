@@ -23,8 +23,13 @@ except ImportError:  # pragma: no cover - ml_dtypes is a runtime dependency
 FORWARD = "forward"
 FORWARD_BACKWARD = "forward+backward"
 MODES = (FORWARD, FORWARD_BACKWARD)
-_MODE_ALIASES = {"forward": FORWARD, "fwd": FORWARD, "forward+backward": FORWARD_BACKWARD,
-                 "fwd+bwd": FORWARD_BACKWARD, "backward": FORWARD_BACKWARD}
+_MODE_ALIASES = {
+    "forward": FORWARD,
+    "fwd": FORWARD,
+    "forward+backward": FORWARD_BACKWARD,
+    "fwd+bwd": FORWARD_BACKWARD,
+    "backward": FORWARD_BACKWARD,
+}
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 
@@ -99,7 +104,7 @@ QUICK_REPEATS = 3
 
 
 def parse_shapes(text: str) -> List[Tuple[int, int]]:
-    """"2048x128256,512x32000" -> [(2048, 128256), (512, 32000)]."""
+    """ "2048x128256,512x32000" -> [(2048, 128256), (512, 32000)]."""
     shapes = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         match = re.fullmatch(r"(\d+)\s*[xX*]\s*(\d+)", item)
@@ -160,7 +165,7 @@ def make_inputs(case: Case, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     pool = pool.astype(dtype)
     logits = np.empty(case.shape, dtype=dtype)
     for row, offset in enumerate(offsets):
-        logits[row] = pool[offset:offset + case.num_classes]
+        logits[row] = pool[offset : offset + case.num_classes]
     labels = rng.integers(0, case.num_classes, size=case.num_rows, dtype=np.int64)
     return logits, labels
 

@@ -18,32 +18,64 @@ DEFAULT_OUTPUT = "bench-out"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                        help="where to run (gpu needs CuPy and a CUDA device; default: cpu)")
-    parser.add_argument("--shapes", metavar="NxC,...",
-                        help="comma-separated ROWSxCLASSES, e.g. 2048x128256,512x32000 "
-                             "(default: a grid that takes about a minute)")
-    parser.add_argument("--dtypes", metavar="DTYPE,...",
-                        help=f"comma-separated, from {', '.join(bench_cases.DTYPE_NAMES)} "
-                             "(default: float32 and bfloat16 without --shapes, float32 with it)")
-    parser.add_argument("--mode", "--modes", dest="modes", default="both", metavar="MODE",
-                        help="forward, forward+backward, or both (default)")
-    parser.add_argument("--peers", default=",".join(PEER_NAMES), metavar="PEER,...",
-                        help=f"comma-separated, from {', '.join(PEER_NAMES)}; each is used when "
-                             "installed and reported as 'not installed' otherwise; 'none' for none "
-                             "(default: all)")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="threads for every implementation (default: the physical cores)")
-    parser.add_argument("--repeats", type=int, metavar="N",
-                        help=f"timed rounds per case (default: {bench_cases.DEFAULT_REPEATS}, "
-                             f"{bench_cases.QUICK_REPEATS} with --quick)")
-    parser.add_argument("--output", "-o", default=DEFAULT_OUTPUT, metavar="DIR",
-                        help=f"folder for the Markdown, JSON and PNG (default: ./{DEFAULT_OUTPUT})")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="where to run (gpu needs CuPy and a CUDA device; default: cpu)",
+    )
+    parser.add_argument(
+        "--shapes",
+        metavar="NxC,...",
+        help="comma-separated ROWSxCLASSES, e.g. 2048x128256,512x32000 (default: a grid that takes about a minute)",
+    )
+    parser.add_argument(
+        "--dtypes",
+        metavar="DTYPE,...",
+        help=f"comma-separated, from {', '.join(bench_cases.DTYPE_NAMES)} "
+        "(default: float32 and bfloat16 without --shapes, float32 with it)",
+    )
+    parser.add_argument(
+        "--mode",
+        "--modes",
+        dest="modes",
+        default="both",
+        metavar="MODE",
+        help="forward, forward+backward, or both (default)",
+    )
+    parser.add_argument(
+        "--peers",
+        default=",".join(PEER_NAMES),
+        metavar="PEER,...",
+        help=f"comma-separated, from {', '.join(PEER_NAMES)}; each is used when "
+        "installed and reported as 'not installed' otherwise; 'none' for none "
+        "(default: all)",
+    )
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="threads for every implementation (default: the physical cores)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        metavar="N",
+        help=f"timed rounds per case (default: {bench_cases.DEFAULT_REPEATS}, "
+        f"{bench_cases.QUICK_REPEATS} with --quick)",
+    )
+    parser.add_argument(
+        "--output",
+        "-o",
+        default=DEFAULT_OUTPUT,
+        metavar="DIR",
+        help=f"folder for the Markdown, JSON and PNG (default: ./{DEFAULT_OUTPUT})",
+    )
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
-    parser.add_argument("--no-memory", dest="memory", action="store_false",
-                        help="skip the peak-memory measurement (it starts a process per framework)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bar on stderr")
+    parser.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="skip the peak-memory measurement (it starts a process per framework)",
+    )
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -116,23 +148,37 @@ def run(args) -> int:
         print(f"fastxent bench: {error}", file=sys.stderr)
         return 2
     threads = args.threads if args.threads is not None else _default_threads()
-    repeats = args.repeats if args.repeats is not None else (
-        bench_cases.QUICK_REPEATS if args.quick else bench_cases.DEFAULT_REPEATS)
+    repeats = (
+        args.repeats
+        if args.repeats is not None
+        else (bench_cases.QUICK_REPEATS if args.quick else bench_cases.DEFAULT_REPEATS)
+    )
     if threads < 1 or repeats < 1:
         print("fastxent bench: --threads and --repeats must be at least 1", file=sys.stderr)
         return 2
     if args.device == "gpu":
         problem = gpu_problem()
         if problem:
-            print(f"fastxent bench: --device gpu needs a CUDA GPU, but {problem}. "
-                  "Run without --device gpu to benchmark the CPU.", file=sys.stderr)
+            print(
+                f"fastxent bench: --device gpu needs a CUDA GPU, but {problem}. "
+                "Run without --device gpu to benchmark the CPU.",
+                file=sys.stderr,
+            )
             return 2
 
     # Imported here so that a usage error or a missing GPU answers at once.
     from fastxent.bench import machine, report, runner
 
-    settings = runner.Settings(cases=cases, modes=modes, peers=peers, device=args.device, threads=threads,
-                               repeats=repeats, measure_memory=args.memory, seed=args.seed)
+    settings = runner.Settings(
+        cases=cases,
+        modes=modes,
+        peers=peers,
+        device=args.device,
+        threads=threads,
+        repeats=repeats,
+        measure_memory=args.memory,
+        seed=args.seed,
+    )
     try:
         result = runner.run(settings, progress_enabled=args.progress)
     except KeyboardInterrupt:

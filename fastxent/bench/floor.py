@@ -27,7 +27,7 @@ def _or_chunks(words, chunk):
     partial = np.zeros(num_chunks, dtype=np.uint64)
     for task in prange(num_chunks):
         lo = task * chunk
-        part = words[lo:min(lo + chunk, words.shape[0])]
+        part = words[lo : min(lo + chunk, words.shape[0])]
         bits = part.dtype.type(0)
         for j in range(part.shape[0]):
             bits |= part[j]

@@ -34,8 +34,9 @@ def version_of(name: str) -> Optional[str]:
 
 def _lscpu() -> Dict[str, str]:
     try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
-                              env=dict(os.environ, LC_ALL="C")).stdout
+        text = subprocess.run(
+            ["lscpu"], capture_output=True, text=True, timeout=10, env=dict(os.environ, LC_ALL="C")
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
     fields = {}
@@ -127,8 +128,10 @@ def describe(device: str = "cpu", threads: Optional[int] = None) -> Dict:
 
 def summary_line(info: Dict) -> str:
     cores = info.get("physical_cores") or info.get("logical_cpus")
-    parts = [f"{info['cpu_model']} ({info['vector_isa']}, {cores} cores"
-             f"{', ' + str(info['memory_gib']) + ' GiB' if info.get('memory_gib') else ''})"]
+    parts = [
+        f"{info['cpu_model']} ({info['vector_isa']}, {cores} cores"
+        f"{', ' + str(info['memory_gib']) + ' GiB' if info.get('memory_gib') else ''})"
+    ]
     if info.get("gpu"):
         parts.append(f"GPU {info['gpu']}")
     if info.get("threads"):

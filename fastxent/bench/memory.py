@@ -23,6 +23,7 @@ Run as ``python -m fastxent.bench.memory`` with a JSON request on stdin (see ``m
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib
 import json
@@ -34,14 +35,20 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-CPU_METHOD = ("resident-set high-water mark (VmHWM) of a new process per implementation, case and "
-              "mode, reset after a warm-up call; extra = peak - resident set before the call "
-              "(outputs included)")
-CPU_METHOD_SAMPLED = ("resident set sampled every 0.2 ms in a new process per implementation, case and "
-                      "mode; extra = peak - resident set before the call (outputs included)")
+CPU_METHOD = (
+    "resident-set high-water mark (VmHWM) of a new process per implementation, case and "
+    "mode, reset after a warm-up call; extra = peak - resident set before the call "
+    "(outputs included)"
+)
+CPU_METHOD_SAMPLED = (
+    "resident set sampled every 0.2 ms in a new process per implementation, case and "
+    "mode; extra = peak - resident set before the call (outputs included)"
+)
 PROGRESS_TAG = "fastxent-bench-memory:"
-GPU_METHOD = ("allocator statistics of each framework (CuPy memory hook, PyTorch and TensorFlow "
-              "peak-memory counters), reset before the call; outputs included")
+GPU_METHOD = (
+    "allocator statistics of each framework (CuPy memory hook, PyTorch and TensorFlow "
+    "peak-memory counters), reset before the call; outputs included"
+)
 
 
 def _status_kib(key: str) -> int:
@@ -237,7 +244,7 @@ def _measure_in_this_process(request) -> Dict:
                 if impl.name in errors:  # an earlier child of this implementation timed out
                     errors[key] = errors[impl.name]
                     continue
-                found = _in_child(lambda: measure(impl, logits, labels, mode), timeout)
+                found = _in_child(functools.partial(measure, impl, logits, labels, mode), timeout)
                 print(f"{PROGRESS_TAG} {key}", file=sys.stderr, flush=True)
                 if "error" in found:
                     errors[key] = found["error"]
@@ -250,30 +257,46 @@ def _measure_in_this_process(request) -> Dict:
     return {"results": results, "errors": errors, "methods": sorted(methods)}
 
 
-def measure_cpu(impl_names: List[str], cases, modes, threads: int, seed: int = 0,
-                on_progress: Optional[Callable[[str], None]] = None) -> Dict:
+def measure_cpu(
+    impl_names: List[str],
+    cases,
+    modes,
+    threads: int,
+    seed: int = 0,
+    on_progress: Optional[Callable[[str], None]] = None,
+) -> Dict:
     """Run the measurement in a new process; returns {"results": {"impl|case|mode": bytes},
     "errors": {...}, "methods": [...]}. ``on_progress(key)`` is called after each measurement.
     Errors (including a crashed process) are reported, never raised."""
-    request = {"impls": impl_names, "cases": [[c.num_rows, c.num_classes, c.dtype] for c in cases],
-               "modes": list(modes), "threads": threads, "seed": seed}
+    request = {
+        "impls": impl_names,
+        "cases": [[c.num_rows, c.num_classes, c.dtype] for c in cases],
+        "modes": list(modes),
+        "threads": threads,
+        "seed": seed,
+    }
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-    process = subprocess.Popen([sys.executable, "-m", "fastxent.bench.memory"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastxent.bench.memory"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     process.stdin.write(json.dumps(request))
     process.stdin.close()
     last_lines: List[str] = []
     for line in process.stderr:  # progress lines, and whatever the frameworks log
         if line.startswith(PROGRESS_TAG):
             if on_progress:
-                on_progress(line[len(PROGRESS_TAG):].strip())
+                on_progress(line[len(PROGRESS_TAG) :].strip())
         elif line.strip():
             last_lines = (last_lines + [line.strip()])[-3:]
     output = process.stdout.read()
     if process.wait() != 0 or not output.strip():
         tail = last_lines[-1] if last_lines else f"exit status {process.returncode}"
-        return {"results": {}, "errors": {name: f"memory process failed: {tail}" for name in impl_names},
-                "methods": []}
+        return {"results": {}, "errors": {name: f"memory process failed: {tail}" for name in impl_names}, "methods": []}
     return json.loads(output.strip().splitlines()[-1])
 
 

@@ -327,8 +327,8 @@ class JaxPeer(Implementation):
         if self.device == "cpu" and "jax" not in __import__("sys").modules:
             flags = os.environ.get("XLA_FLAGS", "")
             os.environ["XLA_FLAGS"] = (
-                f"{flags} --xla_cpu_multi_thread_eigen=true "
-                f"intra_op_parallelism_threads={self.threads}").strip()
+                f"{flags} --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={self.threads}"
+            ).strip()
         import jax
         import jax.numpy as jnp
 
@@ -373,8 +373,7 @@ class JaxPeer(Implementation):
 
 
 PEERS = {"numpy": NumpyPeer, "tensorflow": TensorflowPeer, "torch": TorchPeer, "jax": JaxPeer}
-IMPLEMENTATIONS = {"fastxent": Fastxent, "fastxent-inplace": FastxentInplace, "fastxent-out": FastxentOut,
-                   **PEERS}
+IMPLEMENTATIONS = {"fastxent": Fastxent, "fastxent-inplace": FastxentInplace, "fastxent-out": FastxentOut, **PEERS}
 
 
 def implementations(peers) -> List[Implementation]:

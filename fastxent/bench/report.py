@@ -11,24 +11,47 @@ from fastxent.bench import machine
 from fastxent.bench.cases import TOLERANCE
 from fastxent.bench.runner import Entry
 
-COLUMNS = ("implementation", "time ms", "fastxent speed-up", "x floor", "GB/s", "peak extra mem",
-           "loss err", "grad err", "status")
+COLUMNS = (
+    "implementation",
+    "time ms",
+    "fastxent speed-up",
+    "x floor",
+    "GB/s",
+    "peak extra mem",
+    "loss err",
+    "grad err",
+    "status",
+)
 
 # One colour per implementation in every panel.
-COLORS = {"fastxent": "tab:blue", "fastxent-inplace": "tab:cyan", "fastxent-out": "tab:purple",
-          "numpy": "tab:green",
-          "tensorflow": "tab:orange", "torch": "tab:red", "jax": "tab:olive"}
+COLORS = {
+    "fastxent": "tab:blue",
+    "fastxent-inplace": "tab:cyan",
+    "fastxent-out": "tab:purple",
+    "numpy": "tab:green",
+    "tensorflow": "tab:orange",
+    "torch": "tab:red",
+    "jax": "tab:olive",
+}
 
-TIMING_METHOD = ("warm-up round, then {repeats} rounds; each round calls every implementation and the "
-                 "floor once, in an order rotating from round to round; median of the rounds; "
-                 "{timer}")
-BYTES_MODEL = ("GB/s = bytes that must move / time: forward reads the logits once; forward+backward "
-               "reads them once and writes a gradient of the same size")
-FLOOR_METHOD = ("forward is compared with one read of the logits (a bitwise OR over their bytes), "
-                "forward+backward with one read + one write (a copy into a buffer allocated and touched "
-                "beforehand), both on the same threads as fastxent")
-ERROR_METHOD = ("against fastxent.reference (float64): loss |loss - ref| / |ref|; gradient "
-                "max |grad - ref| / max |ref|; the tolerance is that of the dtype each result comes in")
+TIMING_METHOD = (
+    "warm-up round, then {repeats} rounds; each round calls every implementation and the "
+    "floor once, in an order rotating from round to round; median of the rounds; "
+    "{timer}"
+)
+BYTES_MODEL = (
+    "GB/s = bytes that must move / time: forward reads the logits once; forward+backward "
+    "reads them once and writes a gradient of the same size"
+)
+FLOOR_METHOD = (
+    "forward is compared with one read of the logits (a bitwise OR over their bytes), "
+    "forward+backward with one read + one write (a copy into a buffer allocated and touched "
+    "beforehand), both on the same threads as fastxent"
+)
+ERROR_METHOD = (
+    "against fastxent.reference (float64): loss |loss - ref| / |ref|; gradient "
+    "max |grad - ref| / max |ref|; the tolerance is that of the dtype each result comes in"
+)
 
 
 def _ms(seconds: Optional[float]) -> str:
@@ -65,17 +88,31 @@ def derived(entry: Entry) -> List[Dict]:
     rows = []
     for row in entry.rows:
         median = row["median_s"]
-        rows.append(dict(
-            row,
-            speedup=median / base if (row["peer"] and base and median) else None,
-            floor_multiple=median / entry.floor_s if (median and entry.floor_s) else None,
-            gbps=entry.bytes_moved / median / 1e9 if median else None,
-        ))
+        rows.append(
+            dict(
+                row,
+                speedup=median / base if (row["peer"] and base and median) else None,
+                floor_multiple=median / entry.floor_s if (median and entry.floor_s) else None,
+                gbps=entry.bytes_moved / median / 1e9 if median else None,
+            )
+        )
     if entry.floor_s:
-        rows.append({"impl": "floor", "label": entry.floor_label, "peer": False, "status": "",
-                     "note": "", "median_s": entry.floor_s, "speedup": None, "floor_multiple": 1.0,
-                     "gbps": entry.bytes_moved / entry.floor_s / 1e9, "peak_extra_bytes": None,
-                     "loss_error": None, "grad_error": None})
+        rows.append(
+            {
+                "impl": "floor",
+                "label": entry.floor_label,
+                "peer": False,
+                "status": "",
+                "note": "",
+                "median_s": entry.floor_s,
+                "speedup": None,
+                "floor_multiple": 1.0,
+                "gbps": entry.bytes_moved / entry.floor_s / 1e9,
+                "peak_extra_bytes": None,
+                "loss_error": None,
+                "grad_error": None,
+            }
+        )
     return rows
 
 
@@ -97,8 +134,10 @@ def _cells(row: Dict) -> Dict[str, str]:
 
 
 def markdown_table(entry: Entry, columns: Sequence[str] = COLUMNS) -> List[str]:
-    lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join("---" if column in ("implementation", "status") else "---:" for column in columns) + "|"]
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if column in ("implementation", "status") else "---:" for column in columns) + "|",
+    ]
     for row in derived(entry):
         cells = _cells(row)
         lines.append("| " + " | ".join(cells[column].replace("|", "/") for column in columns) + " |")
@@ -107,7 +146,13 @@ def markdown_table(entry: Entry, columns: Sequence[str] = COLUMNS) -> List[str]:
 
 def title(entry: Entry) -> str:
     moved = entry.bytes_moved
-    size = f"{moved / 1e9:.2f} GB" if moved >= 1e9 else f"{moved / 1e6:.1f} MB" if moved >= 1e6 else f"{moved / 1e3:.1f} kB"
+    size = (
+        f"{moved / 1e9:.2f} GB"
+        if moved >= 1e9
+        else f"{moved / 1e6:.1f} MB"
+        if moved >= 1e6
+        else f"{moved / 1e3:.1f} kB"
+    )
     return f"{entry.case.name}, {entry.mode} ({size} must move)"
 
 
@@ -127,8 +172,12 @@ def speedup_summary(entries: Sequence[Entry]) -> List[str]:
         parts = [f"{label} {_ratio(_geomean(values))}" for label, values in ratios.items()]
         floor = f"; fastxent's time is {_ratio(_geomean(floors))} the floor's" if floors else ""
         if parts or floor:
-            lines.append(f"{mode}: fastxent's speed-up over " + (", ".join(parts) or "no peer") +
-                         " (geometric mean over the cases)" + floor)
+            lines.append(
+                f"{mode}: fastxent's speed-up over "
+                + (", ".join(parts) or "no peer")
+                + " (geometric mean over the cases)"
+                + floor
+            )
     return lines
 
 
@@ -144,8 +193,10 @@ def terminal(result: Dict, settings) -> str:
         widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS) - 1)]
         lines.append(title(entry) + (" -- FAILED" if entry.failed else ""))
         for index, row in enumerate(cells):
-            text = "  ".join(cell.rjust(width) if i else cell.ljust(width)
-                             for i, (cell, width) in enumerate(zip(row, widths)))
+            text = "  ".join(
+                cell.rjust(width) if i else cell.ljust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            )
             lines.append(("  " + text + "  " + row[-1]).rstrip())
             if index == 0:
                 lines.append("  " + "-" * (sum(widths) + 2 * len(widths) + 6))
@@ -154,36 +205,56 @@ def terminal(result: Dict, settings) -> str:
     lines.append(f"peak extra memory: {result['memory_method'] or 'not measured'}")
     failed = [entry for entry in entries if entry.failed]
     if failed:
-        lines.append("FAILED: " + "; ".join(f"{e.case.name} {e.mode}" for e in failed) +
-                     " (error above the tolerance; see the tables)")
+        lines.append(
+            "FAILED: "
+            + "; ".join(f"{e.case.name} {e.mode}" for e in failed)
+            + " (error above the tolerance; see the tables)"
+        )
     return "\n".join(lines)
 
 
 def _settings_dict(settings) -> Dict:
-    return {"device": settings.device, "threads": settings.threads, "repeats": settings.repeats,
-            "warmup_rounds": settings.warmup, "modes": list(settings.modes),
-            "peers": list(settings.peers), "seed": settings.seed,
-            "cases": [case.name for case in settings.cases]}
+    return {
+        "device": settings.device,
+        "threads": settings.threads,
+        "repeats": settings.repeats,
+        "warmup_rounds": settings.warmup,
+        "modes": list(settings.modes),
+        "peers": list(settings.peers),
+        "seed": settings.seed,
+        "cases": [case.name for case in settings.cases],
+    }
 
 
 def _methods(result: Dict, settings) -> Dict[str, str]:
     timer = "CUDA events" if settings.device == "gpu" else "wall clock (perf_counter)"
-    return {"timing": TIMING_METHOD.format(repeats=settings.repeats, timer=timer),
-            "bytes_model": BYTES_MODEL, "floor": FLOOR_METHOD, "errors": ERROR_METHOD,
-            "memory": result["memory_method"] or "not measured"}
+    return {
+        "timing": TIMING_METHOD.format(repeats=settings.repeats, timer=timer),
+        "bytes_model": BYTES_MODEL,
+        "floor": FLOOR_METHOD,
+        "errors": ERROR_METHOD,
+        "memory": result["memory_method"] or "not measured",
+    }
 
 
 def to_json(result: Dict, settings) -> Dict:
     entries = []
     for entry in result["entries"]:
         rows = derived(entry)
-        entries.append({
-            "case": entry.case.name, "rows": entry.case.num_rows, "classes": entry.case.num_classes,
-            "dtype": entry.case.dtype, "mode": entry.mode, "bytes_moved": entry.bytes_moved,
-            "reference_loss": entry.reference_loss, "floor": {"kind": entry.floor_label, "median_s": entry.floor_s},
-            "failed": entry.failed,
-            "results": [row for row in rows if row["impl"] != "floor"],
-        })
+        entries.append(
+            {
+                "case": entry.case.name,
+                "rows": entry.case.num_rows,
+                "classes": entry.case.num_classes,
+                "dtype": entry.case.dtype,
+                "mode": entry.mode,
+                "bytes_moved": entry.bytes_moved,
+                "reference_loss": entry.reference_loss,
+                "floor": {"kind": entry.floor_label, "median_s": entry.floor_s},
+                "failed": entry.failed,
+                "results": [row for row in rows if row["impl"] != "floor"],
+            }
+        )
     return {
         "machine": result["machine"],
         "settings": _settings_dict(settings),
@@ -220,25 +291,31 @@ def machine_markdown(info: Dict) -> List[str]:
     versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items() if version)
     lines = [
         f"- CPU: {info['cpu_model']}, {info['vector_isa']}, {info['physical_cores']} physical cores, "
-        f"{info['logical_cpus']} logical CPUs" + (f", {info['memory_gib']} GiB" if info.get("memory_gib") else "")
+        f"{info['logical_cpus']} logical CPUs"
+        + (f", {info['memory_gib']} GiB" if info.get("memory_gib") else "")
         + (f", virtualised ({info['hypervisor']})" if info.get("hypervisor") else ""),
     ]
     if info.get("gpu"):
         lines.append(f"- GPU: {info['gpu']}")
-    lines.append(f"- Software: Python {info['python']}, {versions}; Numba threading layer "
-                 f"{info['numba_threading_layer']}")
+    lines.append(
+        f"- Software: Python {info['python']}, {versions}; Numba threading layer {info['numba_threading_layer']}"
+    )
     return lines
 
 
 def markdown(result: Dict, settings, plot_name: Optional[str]) -> str:
     methods = _methods(result, settings)
-    lines = [f"# fastxent bench ({settings.device})", ""] + machine_markdown(result["machine"]) + [
-        f"- Settings: {settings.threads} threads for every implementation, {settings.repeats} repeats, "
-        f"modes {', '.join(settings.modes)}",
-        "",
-        "Method:",
-        "",
-    ]
+    lines = (
+        [f"# fastxent bench ({settings.device})", ""]
+        + machine_markdown(result["machine"])
+        + [
+            f"- Settings: {settings.threads} threads for every implementation, {settings.repeats} repeats, "
+            f"modes {', '.join(settings.modes)}",
+            "",
+            "Method:",
+            "",
+        ]
+    )
     lines += [f"- {name.replace('_', ' ')}: {text}" for name, text in methods.items()]
     lines.append("- tolerances: " + ", ".join(f"{dtype} {tol:.1e}" for dtype, tol in TOLERANCE.items()))
     for impl in result["impls"]:
@@ -247,7 +324,9 @@ def markdown(result: Dict, settings, plot_name: Optional[str]) -> str:
     lines += ["", "## Summary", ""]
     lines += [f"- {line}" for line in speedup_summary(result["entries"])]
     failed = [entry for entry in result["entries"] if entry.failed]
-    lines.append(f"- Validation: {'FAILED: ' + '; '.join(f'{e.case.name} {e.mode}' for e in failed) if failed else 'every case within tolerance'}")
+    lines.append(
+        f"- Validation: {'FAILED: ' + '; '.join(f'{e.case.name} {e.mode}' for e in failed) if failed else 'every case within tolerance'}"
+    )
     if plot_name:
         lines += ["", f"![throughput against class count]({plot_name})"]
     lines += ["", "## Results", ""]
@@ -270,13 +349,14 @@ def plot(result: Dict, path: str) -> Optional[str]:
     entries: List[Entry] = result["entries"]
     dtypes = list(dict.fromkeys(entry.case.dtype for entry in entries))
     modes = list(dict.fromkeys(entry.mode for entry in entries))
-    figure, axes = plt.subplots(len(dtypes), len(modes), figsize=(6.0 * len(modes), 4.2 * len(dtypes)),
-                                squeeze=False)
+    figure, axes = plt.subplots(len(dtypes), len(modes), figsize=(6.0 * len(modes), 4.2 * len(dtypes)), squeeze=False)
     for i, dtype in enumerate(dtypes):
         for j, mode in enumerate(modes):
             ax = axes[i][j]
-            chosen = sorted((e for e in entries if e.case.dtype == dtype and e.mode == mode),
-                            key=lambda e: (e.case.num_classes, e.case.num_rows))
+            chosen = sorted(
+                (e for e in entries if e.case.dtype == dtype and e.mode == mode),
+                key=lambda e: (e.case.num_classes, e.case.num_rows),
+            )
             series: Dict[tuple, List] = {}
             floor_points = []
             for entry in chosen:
@@ -289,11 +369,17 @@ def plot(result: Dict, path: str) -> Optional[str]:
                     else:
                         series.setdefault((row["impl"], row["label"]), []).append(point)
             for (name, label), points in series.items():
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", color=COLORS.get(name), label=label,
-                        linewidth=2.2 if name.startswith("fastxent") else 1.2)
+                xs, ys = zip(*points, strict=True)
+                ax.plot(
+                    xs,
+                    ys,
+                    marker="o",
+                    color=COLORS.get(name),
+                    label=label,
+                    linewidth=2.2 if name.startswith("fastxent") else 1.2,
+                )
             if floor_points:
-                xs, ys = zip(*floor_points)
+                xs, ys = zip(*floor_points, strict=True)
                 ax.plot(xs, ys, "k--", marker="x", label=chosen[0].floor_label if chosen else "floor")
             ax.set_xscale("log")
             ax.set_yscale("log")

@@ -13,6 +13,7 @@ For every case (shape, dtype) and mode:
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -116,8 +117,7 @@ class Reference:
         for lo in range(0, num_rows, step):
             hi = min(num_rows, lo + step)
             # "none" gives each row's loss and the gradient of their sum; the mean's is 1/N of it.
-            loss, grad = reference.sparse_cross_entropy_with_grad(logits[lo:hi], labels[lo:hi],
-                                                                  reduction="none")
+            loss, grad = reference.sparse_cross_entropy_with_grad(logits[lo:hi], labels[lo:hi], reduction="none")
             losses[lo:hi] = loss
             if want_grad:
                 np.multiply(grad, 1.0 / num_rows, out=self.grad[lo:hi])
@@ -134,7 +134,7 @@ class Reference:
             return math.inf
         worst = 0.0
         for lo in range(0, grad.shape[0], self.step):
-            diff = np.abs(grad[lo:lo + self.step].astype(np.float64) - self.grad[lo:lo + self.step])
+            diff = np.abs(grad[lo : lo + self.step].astype(np.float64) - self.grad[lo : lo + self.step])
             chunk_worst = float(diff.max())
             if math.isnan(chunk_worst):
                 return math.nan
@@ -181,10 +181,23 @@ def _time_call(impl, state, mode: str, device: str) -> float:
 
 
 def blank_row(impl, status: str, note: str = "") -> Dict:
-    return {"impl": impl.name, "label": impl.label, "peer": impl.is_peer, "status": status, "note": note,
-            "times_s": [], "median_s": None, "loss": None, "loss_dtype": None, "loss_error": None,
-            "loss_tolerance": None, "grad_dtype": None, "grad_error": None, "grad_tolerance": None,
-            "peak_extra_bytes": None}
+    return {
+        "impl": impl.name,
+        "label": impl.label,
+        "peer": impl.is_peer,
+        "status": status,
+        "note": note,
+        "times_s": [],
+        "median_s": None,
+        "loss": None,
+        "loss_dtype": None,
+        "loss_error": None,
+        "loss_tolerance": None,
+        "grad_dtype": None,
+        "grad_error": None,
+        "grad_tolerance": None,
+        "peak_extra_bytes": None,
+    }
 
 
 def _validate(impl: Implementation, state, mode: str, ref: Reference, row: Dict) -> None:
@@ -193,13 +206,13 @@ def _validate(impl: Implementation, state, mode: str, ref: Reference, row: Dict)
     impl.wait(out)
     loss, loss_dtype, grad = impl.to_numpy(out)
     del out
-    row.update(loss=loss, loss_dtype=loss_dtype, loss_error=ref.loss_error(loss),
-               loss_tolerance=tolerance_for(loss_dtype))
+    row.update(
+        loss=loss, loss_dtype=loss_dtype, loss_error=ref.loss_error(loss), loss_tolerance=tolerance_for(loss_dtype)
+    )
     ok = row["loss_error"] <= row["loss_tolerance"]  # False for NaN
     if mode == FORWARD_BACKWARD:
         grad_dtype = None if grad is None else grad.dtype.name
-        row.update(grad_dtype=grad_dtype, grad_error=ref.grad_error(grad),
-                   grad_tolerance=tolerance_for(grad_dtype))
+        row.update(grad_dtype=grad_dtype, grad_error=ref.grad_error(grad), grad_tolerance=tolerance_for(grad_dtype))
         ok = ok and row["grad_error"] <= row["grad_tolerance"]
     row["status"] = OK if ok else FAILED
 
@@ -216,7 +229,7 @@ def _memory_groups(impls) -> Dict[str, List[str]]:
 
 def _plan(settings: Settings, impls: List[Implementation]) -> int:
     steps = 0
-    for case in settings.cases:
+    for _ in settings.cases:
         steps += 1
         for mode in settings.modes:
             active = sum(1 for impl in impls if mode in impl.modes)
@@ -246,8 +259,11 @@ def run(settings: Settings, progress_enabled: bool = True) -> Dict:
             logits, labels = _to_device(host_logits, settings.device), _to_device(host_labels, settings.device)
         except (TypeError, ValueError) as error:  # e.g. a CuPy without a bfloat16 dtype
             for entry in case_entries:
-                entry.rows = [blank_row(impl, "skipped", f"{case.dtype} arrays: {error}")
-                              for impl in impls if entry.mode in impl.modes]
+                entry.rows = [
+                    blank_row(impl, "skipped", f"{case.dtype} arrays: {error}")
+                    for impl in impls
+                    if entry.mode in impl.modes
+                ]
             entries.extend(case_entries)
             continue
         ref = Reference(host_logits, host_labels, FORWARD_BACKWARD in settings.modes)
@@ -283,8 +299,13 @@ def _run_entry(entry: Entry, settings: Settings, impls, unavailable, states, log
             continue
         if impl.name in unavailable:
             reason = unavailable[impl.name]
-            entry.rows.append(blank_row(impl, "not installed" if reason == "not installed" else "unavailable",
-                                         "" if reason == "not installed" else reason))
+            entry.rows.append(
+                blank_row(
+                    impl,
+                    "not installed" if reason == "not installed" else "unavailable",
+                    "" if reason == "not installed" else reason,
+                )
+            )
             continue
         state = states[impl.name]
         if isinstance(state, Unusable):
@@ -344,8 +365,7 @@ def _measure_gpu_memory(entry: Entry, timed, mode: str) -> None:
     for impl, state, row in timed:
         try:
             impl.reset(state)
-            row["peak_extra_bytes"] = memory.GpuPeak(impl.framework).measure(
-                lambda: impl.run(state, mode))
+            row["peak_extra_bytes"] = memory.GpuPeak(impl.framework).measure(functools.partial(impl.run, state, mode))
         except Exception as error:  # reported, never fatal
             row["note"] = (row["note"] + f"; memory: {type(error).__name__}").lstrip("; ")
 
@@ -354,9 +374,15 @@ def _measure_memory(settings: Settings, usable, entries: List[Entry], progress) 
     if settings.device == "gpu":
         return memory.GPU_METHOD
     methods = set()
-    for group, names in _memory_groups(usable).items():
-        found = memory.measure_cpu(names, settings.cases, settings.modes, settings.threads, settings.seed,
-                                   on_progress=lambda key: progress.step("peak memory", key.replace("|", " ")))
+    for names in _memory_groups(usable).values():
+        found = memory.measure_cpu(
+            names,
+            settings.cases,
+            settings.modes,
+            settings.threads,
+            settings.seed,
+            on_progress=lambda key: progress.step("peak memory", key.replace("|", " ")),
+        )
         methods.update(found.get("methods", []))
         for entry in entries:
             for row in entry.rows:

@@ -130,8 +130,12 @@ def logit_row_stats(row, targets, class_weight, keep, uniform):
             running_max = block_max
             reference = block_max
         block_sum, block_mass, block_distance = segment_terms(
-            segment, targets[block_lo:block_hi], weights_range(class_weight, block_lo, block_hi),
-            reference, keep, uniform,
+            segment,
+            targets[block_lo:block_hi],
+            weights_range(class_weight, block_lo, block_hi),
+            reference,
+            keep,
+            uniform,
         )
         sum_exp += block_sum
         mass += block_mass
@@ -151,8 +155,9 @@ def logit_row_grad(row, targets, row_out, class_weight, keep, uniform, reference
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
-def logit_rows(logits, targets, grad_out, class_weight, keep, uniform, sample_weight, grad_scale,
-               unit_mass_grad, loss_out):
+def logit_rows(
+    logits, targets, grad_out, class_weight, keep, uniform, sample_weight, grad_scale, unit_mass_grad, loss_out
+):
     """Row-parallel loss (and gradient into ``grad_out`` unless it is None) for logits (N, C).
 
     targets: (N, C) in the logits' storage type. class_weight: None or (C,) in the compute type.
@@ -172,8 +177,17 @@ def logit_rows(logits, targets, grad_out, class_weight, keep, uniform, sample_we
         if grad_out is not None:
             row_scale = grad_scale * sample_weight[i]
             prob_mass = 1.0 if unit_mass_grad else mass
-            logit_row_grad(row, row_targets, grad_out[i], class_weight, keep, uniform,
-                           reference, row_scale * prob_mass / sum_exp, row_scale)
+            logit_row_grad(
+                row,
+                row_targets,
+                grad_out[i],
+                class_weight,
+                keep,
+                uniform,
+                reference,
+                row_scale * prob_mass / sum_exp,
+                row_scale,
+            )
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
@@ -191,7 +205,7 @@ def prob_row_sum(row):
     total = 0.0
     smallest = order_key(to_compute(row[0]))
     for block_lo in range(0, row.shape[0], BLOCK):
-        segment = row[block_lo:min(block_lo + BLOCK, row.shape[0])]
+        segment = row[block_lo : min(block_lo + BLOCK, row.shape[0])]
         block_total = as_compute(0.0, row[0])
         for j in range(segment.shape[0]):
             value = to_compute(segment[j])
@@ -215,8 +229,7 @@ def prob_slope(raw, inverse_sum, amount):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
-def prob_rows(probs, targets, grad_out, class_weight, keep, uniform, sample_weight, grad_scale,
-              loss_out, row_min_out):
+def prob_rows(probs, targets, grad_out, class_weight, keep, uniform, sample_weight, grad_scale, loss_out, row_min_out):
     """Row-parallel loss (and gradient unless ``grad_out`` is None) for probabilities (N, C).
 
     row_min_out receives each row's smallest input so the caller can reject negative values.

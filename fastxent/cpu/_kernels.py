@@ -233,8 +233,19 @@ def prob_range_stats(row, lo, hi, class_weight, want_weighted_sum):
 
 
 @njit(cache=True, error_model="numpy")
-def row_epilogue(row_max, sum_exp, target_value, weighted_sum, sample_weight, target_weight,
-                 class_weight_total, num_classes, smoothing, z_loss, grad_scale):
+def row_epilogue(
+    row_max,
+    sum_exp,
+    target_value,
+    weighted_sum,
+    sample_weight,
+    target_weight,
+    class_weight_total,
+    num_classes,
+    smoothing,
+    z_loss,
+    grad_scale,
+):
     """Loss and gradient coefficients of one row from its merged statistics (float64).
 
     target_value: v_y (logits) or log clip(p_y) (probabilities). Returns
@@ -339,22 +350,40 @@ def prob_target_grad_of(probability, like, coef_p, coef_t, coef_w, target_weight
 
 
 @njit(cache=True, error_model="numpy")
-def logit_row(row_in, row_out, label, sample_weight, class_weight, class_weight_total, num_classes,
-              smoothing, z_loss, softcap, grad_scale):
+def logit_row(
+    row_in,
+    row_out,
+    label,
+    sample_weight,
+    class_weight,
+    class_weight_total,
+    num_classes,
+    smoothing,
+    z_loss,
+    softcap,
+    grad_scale,
+):
     """Loss of one row of logits; writes its gradient into ``row_out`` (True: over ``row_in``).
 
     ``row_out`` None: loss only.
     """
     width = row_in.shape[0]
-    row_max, sum_exp, weighted_sum = logit_range_stats(
-        row_in, 0, width, softcap, class_weight, smoothing != 0.0
-    )
+    row_max, sum_exp, weighted_sum = logit_range_stats(row_in, 0, width, softcap, class_weight, smoothing != 0.0)
     # Read the target before the sweep below may overwrite it (in-place gradient).
     target_value = np.float64(load_logit(row_in[label], softcap))
     target_weight = weight_at(class_weight, label)
     loss, coef_p, coef_t, coef_w = row_epilogue(
-        row_max, sum_exp, target_value, weighted_sum, sample_weight, target_weight,
-        class_weight_total, num_classes, smoothing, z_loss, grad_scale,
+        row_max,
+        sum_exp,
+        target_value,
+        weighted_sum,
+        sample_weight,
+        target_weight,
+        class_weight_total,
+        num_classes,
+        smoothing,
+        z_loss,
+        grad_scale,
     )
     if row_out is not None:
         logit_range_grad(row_in, row_out, 0, width, row_max, coef_p, coef_w, class_weight, softcap)
@@ -365,8 +394,19 @@ def logit_row(row_in, row_out, label, sample_weight, class_weight, class_weight_
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def logit_rows(logits, grad_out, labels, sample_weight, class_weight, class_weight_total,
-               smoothing, z_loss, softcap, grad_scale, loss_out):
+def logit_rows(
+    logits,
+    grad_out,
+    labels,
+    sample_weight,
+    class_weight,
+    class_weight_total,
+    smoothing,
+    z_loss,
+    softcap,
+    grad_scale,
+    loss_out,
+):
     """Row-parallel loss (and gradient into ``grad_out`` unless it is None) for logits (N, C).
 
     labels: int64 (N,), -1 marks an ignored row (loss 0, gradient 0). sample_weight: float64 (N,).
@@ -381,14 +421,24 @@ def logit_rows(logits, grad_out, labels, sample_weight, class_weight, class_weig
             continue
         row_out = None if grad_out is None else grad_out[i]
         loss_out[i] = logit_row(
-            logits[i], row_out, label, sample_weight[i], class_weight, class_weight_total,
-            num_classes, smoothing, z_loss, softcap, grad_scale,
+            logits[i],
+            row_out,
+            label,
+            sample_weight[i],
+            class_weight,
+            class_weight_total,
+            num_classes,
+            smoothing,
+            z_loss,
+            softcap,
+            grad_scale,
         )
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def logit_rows_inplace(logits, labels, sample_weight, class_weight, class_weight_total,
-                       smoothing, z_loss, softcap, grad_scale, loss_out):
+def logit_rows_inplace(
+    logits, labels, sample_weight, class_weight, class_weight_total, smoothing, z_loss, softcap, grad_scale, loss_out
+):
     """As ``logit_rows`` with the gradient written over the logits (see ``grad_dest``)."""
     num_rows, num_classes = logits.shape
     for i in prange(num_rows):
@@ -399,14 +449,34 @@ def logit_rows_inplace(logits, labels, sample_weight, class_weight, class_weight
             row[:] = 0
             continue
         loss_out[i] = logit_row(
-            row, True, label, sample_weight[i], class_weight, class_weight_total,
-            num_classes, smoothing, z_loss, softcap, grad_scale,
+            row,
+            True,
+            label,
+            sample_weight[i],
+            class_weight,
+            class_weight_total,
+            num_classes,
+            smoothing,
+            z_loss,
+            softcap,
+            grad_scale,
         )
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def prob_rows(probs, grad_out, labels, sample_weight, class_weight, class_weight_total,
-              smoothing, z_loss, grad_scale, loss_out, row_min_out):
+def prob_rows(
+    probs,
+    grad_out,
+    labels,
+    sample_weight,
+    class_weight,
+    class_weight_total,
+    smoothing,
+    z_loss,
+    grad_scale,
+    loss_out,
+    row_min_out,
+):
     """Row-parallel loss (and gradient unless ``grad_out`` is None) for probabilities (N, C).
 
     row_min_out receives each row's smallest input so the caller can reject negative values.
@@ -429,15 +499,25 @@ def prob_rows(probs, grad_out, labels, sample_weight, class_weight, class_weight
         target_value = math.log(clip_prob(target_raw))
         target_weight = weight_at(class_weight, label)
         loss, coef_p, coef_t, coef_w = row_epilogue(
-            0.0, clipped_sum, target_value, weighted_log_sum, sample_weight[i], target_weight,
-            class_weight_total, num_classes, smoothing, z_loss, grad_scale,
+            0.0,
+            clipped_sum,
+            target_value,
+            weighted_log_sum,
+            sample_weight[i],
+            target_weight,
+            class_weight_total,
+            num_classes,
+            smoothing,
+            z_loss,
+            grad_scale,
         )
         loss_out[i] = loss
         if grad_out is not None:
             row_out = grad_out[i]
             prob_range_grad(row, row_out, 0, num_classes, coef_p, coef_w, class_weight)
-            target_grad = prob_target_grad_of(np.float64(to_compute(target_raw)), target_raw,
-                                              coef_p, coef_t, coef_w, target_weight)
+            target_grad = prob_target_grad_of(
+                np.float64(to_compute(target_raw)), target_raw, coef_p, coef_t, coef_w, target_weight
+            )
             row_out[label] = from_compute(as_compute(target_grad, target_raw), row_out[0])
 
 
@@ -468,8 +548,19 @@ def _out_row_overload(grad_out, i):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def parts_stats(rows, labels, part_bounds, from_probs, softcap, class_weight, want_weighted_sum,
-                part_max, part_sum, part_weighted, part_min):
+def parts_stats(
+    rows,
+    labels,
+    part_bounds,
+    from_probs,
+    softcap,
+    class_weight,
+    want_weighted_sum,
+    part_max,
+    part_sum,
+    part_weighted,
+    part_min,
+):
     """Partial statistics of every (row, part) of rows (N, W): outputs are (N, P) float64.
 
     part_bounds: int64 (P + 1,) offsets into the row. For probabilities part_max is 0,
@@ -503,8 +594,7 @@ def parts_stats(rows, labels, part_bounds, from_probs, softcap, class_weight, wa
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def parts_grad(rows, grad_out, labels, part_bounds, from_probs, row_max, coef_p, coef_w,
-               class_weight, softcap):
+def parts_grad(rows, grad_out, labels, part_bounds, from_probs, row_max, coef_p, coef_w, class_weight, softcap):
     """Gradient of every (row, part) without the target term (see ``targets_grad``).
 
     grad_out: (N, W) buffer, or True to write over ``rows``.
@@ -548,26 +638,42 @@ def targets_value(rows, labels, from_probs, softcap, target_value, target_input)
 
 
 @njit(cache=True, error_model="numpy")
-def targets_grad(grad, labels, from_probs, target_value, target_input, target_weight, row_max,
-                 coef_p, coef_t, coef_w, softcap):
+def targets_grad(
+    grad, labels, from_probs, target_value, target_input, target_weight, row_max, coef_p, coef_t, coef_w, softcap
+):
     """Write the gradient at each row's target (when it is in range), in float64, rounded once."""
     for i in range(grad.shape[0]):
         label = labels[i]
         if label < 0:
             continue
         if from_probs:
-            value = prob_target_grad_of(target_input[i], grad[0, 0], coef_p[i], coef_t[i], coef_w[i],
-                                        target_weight[i])
+            value = prob_target_grad_of(target_input[i], grad[0, 0], coef_p[i], coef_t[i], coef_w[i], target_weight[i])
         else:
-            value = logit_target_grad(target_value[i], row_max[i], coef_p[i], coef_t[i], coef_w[i],
-                                      target_weight[i], softcap)
+            value = logit_target_grad(
+                target_value[i], row_max[i], coef_p[i], coef_t[i], coef_w[i], target_weight[i], softcap
+            )
         grad[i, label] = from_compute(as_compute(value, grad[0, 0]), grad[0, 0])
 
 
 @njit(cache=True, error_model="numpy")
-def epilogue_rows(row_max, sum_exp, target_value, weighted_sum, labels, sample_weight, target_weight,
-                  class_weight_total, num_classes, smoothing, z_loss, grad_scale,
-                  loss_out, coef_p, coef_t, coef_w):
+def epilogue_rows(
+    row_max,
+    sum_exp,
+    target_value,
+    weighted_sum,
+    labels,
+    sample_weight,
+    target_weight,
+    class_weight_total,
+    num_classes,
+    smoothing,
+    z_loss,
+    grad_scale,
+    loss_out,
+    coef_p,
+    coef_t,
+    coef_w,
+):
     """``row_epilogue`` for every row from merged statistics; IGNORED rows get zeros."""
     for i in range(row_max.shape[0]):
         if labels[i] == IGNORED:
@@ -577,8 +683,17 @@ def epilogue_rows(row_max, sum_exp, target_value, weighted_sum, labels, sample_w
             coef_w[i] = 0.0
             continue
         loss, coef_p[i], coef_t[i], coef_w[i] = row_epilogue(
-            row_max[i], sum_exp[i], target_value[i], weighted_sum[i], sample_weight[i],
-            target_weight[i], class_weight_total, num_classes, smoothing, z_loss, grad_scale,
+            row_max[i],
+            sum_exp[i],
+            target_value[i],
+            weighted_sum[i],
+            sample_weight[i],
+            target_weight[i],
+            class_weight_total,
+            num_classes,
+            smoothing,
+            z_loss,
+            grad_scale,
         )
         loss_out[i] = loss
 

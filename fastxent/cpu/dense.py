@@ -11,8 +11,10 @@ from typing import Optional, Tuple
 import numpy as np
 
 from fastxent._options import KernelOptions
-from fastxent.cpu import _threading  # noqa: F401  (selects a fork- and thread-safe layer first)
-from fastxent.cpu import _dense_kernels
+from fastxent.cpu import (
+    _dense_kernels,
+    _threading,  # noqa: F401  (selects a fork- and thread-safe layer first)
+)
 from fastxent.cpu.xent import storage_view
 
 
@@ -54,8 +56,16 @@ def fused_dense_xent(
     smoothing = options.label_smoothing
     keep = compute.type(1.0 - smoothing)
     uniform = compute.type(smoothing / num_classes)
-    args = (storage_view(logits), storage_view(targets), None if grad is None else storage_view(grad),
-            class_weight, keep, uniform, sample_weight, options.grad_scale)
+    args = (
+        storage_view(logits),
+        storage_view(targets),
+        None if grad is None else storage_view(grad),
+        class_weight,
+        keep,
+        uniform,
+        sample_weight,
+        options.grad_scale,
+    )
     if options.from_logits:
         _dense_kernels.logit_rows(*args, bool(unit_mass_grad), loss)
         return loss, grad, None

@@ -74,8 +74,9 @@ def local_labels(global_labels: np.ndarray, range_start: int, range_width: int) 
     return np.where(global_labels == IGNORED, IGNORED, np.where(inside, offsets, ELSEWHERE)).astype(np.int64)
 
 
-def range_stats(rows: np.ndarray, labels: np.ndarray, options: KernelOptions,
-                part_bounds: Optional[np.ndarray] = None) -> RowStats:
+def range_stats(
+    rows: np.ndarray, labels: np.ndarray, options: KernelOptions, part_bounds: Optional[np.ndarray] = None
+) -> RowStats:
     """Statistics of rows (N, W) over their whole width, computed in parts and merged.
 
     Args:
@@ -95,9 +96,19 @@ def range_stats(rows: np.ndarray, labels: np.ndarray, options: KernelOptions,
     part_weighted = np.empty((num_rows, num_parts))
     part_min = np.empty((num_rows, num_parts))
     if num_rows and width:
-        _kernels.parts_stats(source, labels, part_bounds, not options.from_logits, options.softcap,
-                             options.class_weight, options.label_smoothing != 0.0,
-                             part_max, part_sum, part_weighted, part_min)
+        _kernels.parts_stats(
+            source,
+            labels,
+            part_bounds,
+            not options.from_logits,
+            options.softcap,
+            options.class_weight,
+            options.label_smoothing != 0.0,
+            part_max,
+            part_sum,
+            part_weighted,
+            part_min,
+        )
     else:
         part_max.fill(-np.inf)
         part_sum.fill(0.0)
@@ -109,13 +120,11 @@ def range_stats(rows: np.ndarray, labels: np.ndarray, options: KernelOptions,
     target_value = np.empty(num_rows)
     target_input = np.empty(num_rows)
     if num_rows and width:
-        _kernels.targets_value(source, labels, not options.from_logits, options.softcap,
-                               target_value, target_input)
+        _kernels.targets_value(source, labels, not options.from_logits, options.softcap, target_value, target_input)
     else:
         target_value.fill(0.0)
         target_input.fill(0.0)
-    return RowStats(row_max, sum_exp, target_value, target_input, part_weighted.sum(axis=1),
-                    part_min.min(axis=1))
+    return RowStats(row_max, sum_exp, target_value, target_input, part_weighted.sum(axis=1), part_min.min(axis=1))
 
 
 def merge_stats(parts: Sequence[RowStats]) -> RowStats:
@@ -147,8 +156,9 @@ def rescale_sum_exp(row_max: np.ndarray, sum_exp: np.ndarray, new_max: np.ndarra
     return sum_exp * factor
 
 
-def finish_rows(stats: RowStats, labels: np.ndarray, target_weight: np.ndarray,
-                sample_weight: np.ndarray, options: KernelOptions) -> RowCoefficients:
+def finish_rows(
+    stats: RowStats, labels: np.ndarray, target_weight: np.ndarray, sample_weight: np.ndarray, options: KernelOptions
+) -> RowCoefficients:
     """Loss of every row and its gradient coefficients from merged statistics (whole vocabulary).
 
     Args:
@@ -163,16 +173,39 @@ def finish_rows(stats: RowStats, labels: np.ndarray, target_weight: np.ndarray,
     coef_p = np.empty(num_rows)
     coef_t = np.empty(num_rows)
     coef_w = np.empty(num_rows)
-    _kernels.epilogue_rows(stats.row_max, stats.sum_exp, stats.target_value, stats.weighted_sum,
-                           labels, sample_weight, target_weight, options.class_weight_total,
-                           options.num_classes, options.label_smoothing, options.z_loss,
-                           options.grad_scale, loss, coef_p, coef_t, coef_w)
+    _kernels.epilogue_rows(
+        stats.row_max,
+        stats.sum_exp,
+        stats.target_value,
+        stats.weighted_sum,
+        labels,
+        sample_weight,
+        target_weight,
+        options.class_weight_total,
+        options.num_classes,
+        options.label_smoothing,
+        options.z_loss,
+        options.grad_scale,
+        loss,
+        coef_p,
+        coef_t,
+        coef_w,
+    )
     return RowCoefficients(loss, coef_p, coef_t, coef_w)
 
 
-def range_grad(rows: np.ndarray, labels: np.ndarray, stats: RowStats, coefs: RowCoefficients,
-               target_weight: np.ndarray, options: KernelOptions, *, inplace: bool = False,
-               part_bounds: Optional[np.ndarray] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
+def range_grad(
+    rows: np.ndarray,
+    labels: np.ndarray,
+    stats: RowStats,
+    coefs: RowCoefficients,
+    target_weight: np.ndarray,
+    options: KernelOptions,
+    *,
+    inplace: bool = False,
+    part_bounds: Optional[np.ndarray] = None,
+    out: Optional[np.ndarray] = None,
+) -> np.ndarray:
     """Gradient of the loss w.r.t. rows (N, W) of one class range, from merged statistics.
 
     ``stats`` must be merged over the whole vocabulary (global row_max; target values where the
@@ -188,16 +221,37 @@ def range_grad(rows: np.ndarray, labels: np.ndarray, stats: RowStats, coefs: Row
         return grad
     source = _storage(rows)
     dest = source if inplace else _storage(grad)
-    _kernels.parts_grad(source, True if inplace else dest, labels, part_bounds, not options.from_logits,
-                        stats.row_max, coefs.coef_p, coefs.coef_w, options.class_weight, options.softcap)
-    _kernels.targets_grad(dest, labels, not options.from_logits, stats.target_value, stats.target_input,
-                          target_weight, stats.row_max, coefs.coef_p, coefs.coef_t, coefs.coef_w,
-                          options.softcap)
+    _kernels.parts_grad(
+        source,
+        True if inplace else dest,
+        labels,
+        part_bounds,
+        not options.from_logits,
+        stats.row_max,
+        coefs.coef_p,
+        coefs.coef_w,
+        options.class_weight,
+        options.softcap,
+    )
+    _kernels.targets_grad(
+        dest,
+        labels,
+        not options.from_logits,
+        stats.target_value,
+        stats.target_input,
+        target_weight,
+        stats.row_max,
+        coefs.coef_p,
+        coefs.coef_t,
+        coefs.coef_w,
+        options.softcap,
+    )
     return grad
 
 
-def target_grads(labels: np.ndarray, stats: RowStats, coefs: RowCoefficients, target_weight: np.ndarray,
-                 options: KernelOptions) -> Tuple[np.ndarray, np.ndarray]:
+def target_grads(
+    labels: np.ndarray, stats: RowStats, coefs: RowCoefficients, target_weight: np.ndarray, options: KernelOptions
+) -> Tuple[np.ndarray, np.ndarray]:
     """The whole gradient at the target of every row whose target lies in this range, formed in
     float64 by the CPU kernel's own code (for backends that write the target entry apart).
 
@@ -206,10 +260,19 @@ def target_grads(labels: np.ndarray, stats: RowStats, coefs: RowCoefficients, ta
     owned = np.flatnonzero(labels >= 0)
     values = np.zeros((owned.size, 1))
     if owned.size:
-        _kernels.targets_grad(values, np.zeros(owned.size, dtype=np.int64), not options.from_logits,
-                              stats.target_value[owned], stats.target_input[owned], target_weight[owned],
-                              stats.row_max[owned], coefs.coef_p[owned], coefs.coef_t[owned],
-                              coefs.coef_w[owned], options.softcap)
+        _kernels.targets_grad(
+            values,
+            np.zeros(owned.size, dtype=np.int64),
+            not options.from_logits,
+            stats.target_value[owned],
+            stats.target_input[owned],
+            target_weight[owned],
+            stats.row_max[owned],
+            coefs.coef_p[owned],
+            coefs.coef_t[owned],
+            coefs.coef_w[owned],
+            options.softcap,
+        )
     return owned, values[:, 0]
 
 
@@ -224,15 +287,24 @@ def target_weights(labels: np.ndarray, class_weight: Optional[np.ndarray]) -> np
     return weights
 
 
-def split_rows(rows: np.ndarray, labels: np.ndarray, sample_weight: np.ndarray, options: KernelOptions,
-               part_bounds: np.ndarray, *, want_grad: bool, inplace: bool,
-               grad_out: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Optional[np.ndarray], RowStats]:
+def split_rows(
+    rows: np.ndarray,
+    labels: np.ndarray,
+    sample_weight: np.ndarray,
+    options: KernelOptions,
+    part_bounds: np.ndarray,
+    *,
+    want_grad: bool,
+    inplace: bool,
+    grad_out: Optional[np.ndarray] = None,
+) -> Tuple[np.ndarray, Optional[np.ndarray], RowStats]:
     """Loss and gradient of few long rows, cut into parts (labels: int64, -1 ignored)."""
     stats = range_stats(rows, labels, options, part_bounds)
     weights = target_weights(labels, options.class_weight)
     coefs = finish_rows(stats, labels, weights, sample_weight, options)
     grad = None
     if want_grad:
-        grad = range_grad(rows, labels, stats, coefs, weights, options, inplace=inplace,
-                          part_bounds=part_bounds, out=grad_out)
+        grad = range_grad(
+            rows, labels, stats, coefs, weights, options, inplace=inplace, part_bounds=part_bounds, out=grad_out
+        )
     return coefs.loss, grad, stats

@@ -11,8 +11,11 @@ from typing import Optional, Tuple
 import numpy as np
 
 from fastxent._options import KernelOptions
-from fastxent.cpu import _threading  # noqa: F401  (selects a fork- and thread-safe layer first)
-from fastxent.cpu import _kernels, partial
+from fastxent.cpu import (
+    _kernels,
+    _threading,  # noqa: F401  (selects a fork- and thread-safe layer first)
+    partial,
+)
 
 try:  # bfloat16 comes from ml_dtypes; without it there are simply no bfloat16 arrays.
     from ml_dtypes import bfloat16 as _BFLOAT16
@@ -97,21 +100,39 @@ def fused_xent(
         if want_grad:
             grad = np.empty_like(logits) if grad_out is None else grad_out
         _kernels.prob_rows(
-            source, None if grad is None else storage_view(grad), labels, sample_weight,
-            class_weight, options.class_weight_total, options.label_smoothing, options.z_loss,
-            options.grad_scale, loss, row_min,
+            source,
+            None if grad is None else storage_view(grad),
+            labels,
+            sample_weight,
+            class_weight,
+            options.class_weight_total,
+            options.label_smoothing,
+            options.z_loss,
+            options.grad_scale,
+            loss,
+            row_min,
         )
         return loss, grad, row_min
 
     if num_rows and use_split_rows(num_rows, num_classes):
         bounds = part_bounds_for(num_rows, num_classes)
-        loss, grad, _ = partial.split_rows(logits, labels, sample_weight, options, bounds,
-                                           want_grad=want_grad, inplace=inplace, grad_out=grad_out)
+        loss, grad, _ = partial.split_rows(
+            logits, labels, sample_weight, options, bounds, want_grad=want_grad, inplace=inplace, grad_out=grad_out
+        )
         return loss, grad, None
 
     loss = np.empty(num_rows, dtype=np.float64)
-    args = (labels, sample_weight, class_weight, options.class_weight_total, options.label_smoothing,
-            options.z_loss, options.softcap, options.grad_scale, loss)
+    args = (
+        labels,
+        sample_weight,
+        class_weight,
+        options.class_weight_total,
+        options.label_smoothing,
+        options.z_loss,
+        options.softcap,
+        options.grad_scale,
+        loss,
+    )
     if want_grad and inplace:
         _kernels.logit_rows_inplace(source, *args)
         grad = logits

@@ -56,7 +56,7 @@ def _local_rows(local_logits: Any, lead_shape: tuple, axis: int, inplace: bool, 
     backend = _api._backend_for(local_logits) if on_gpu else _api._Backend("cpu", np, None)
     xp, logits = _api._as_logits(local_logits, backend)
     axis = _api._normalise_axis(axis, logits.ndim)
-    own_lead = tuple(logits.shape[:axis] + logits.shape[axis + 1:])
+    own_lead = tuple(logits.shape[:axis] + logits.shape[axis + 1 :])
     if own_lead != lead_shape:
         raise ValueError(
             f"labels shape {lead_shape} must equal the local logits' shape without the class axis, {own_lead}"
@@ -64,16 +64,33 @@ def _local_rows(local_logits: Any, lead_shape: tuple, axis: int, inplace: bool, 
     if inplace and not getattr(logits.flags, "writeable", True):  # CuPy arrays are always writeable
         raise ValueError("inplace=True needs a writeable array of logits")
     if on_gpu and not from_logits:
-        raise ValueError("from_logits=False with CuPy arrays is not supported: the GPU class-range kernels "
-                         "take logits (pass NumPy arrays or torch tensors for probabilities)")
+        raise ValueError(
+            "from_logits=False with CuPy arrays is not supported: the GPU class-range kernels "
+            "take logits (pass NumPy arrays or torch tensors for probabilities)"
+        )
     # (N, V_local) without reshape(-1, ...), which is ambiguous for a shard of zero classes.
     moved = xp.moveaxis(logits, axis, -1)
     rows = xp.ascontiguousarray(moved.reshape(int(np.prod(lead_shape, dtype=np.int64)), moved.shape[-1]))
     return logits, rows, axis, xp
 
 
-def _forward(local_logits, labels, *, vocab_start, group, inplace, from_logits, reduction, ignore_index,
-             label_smoothing, class_weight, sample_weight, z_loss, softcap, axis):
+def _forward(
+    local_logits,
+    labels,
+    *,
+    vocab_start,
+    group,
+    inplace,
+    from_logits,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    class_weight,
+    sample_weight,
+    z_loss,
+    softcap,
+    axis,
+):
     settings = check_settings(from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap, vocab_start)
     labels = check_labels(_on_host(labels))
     comm = communicator_for(group)
@@ -92,9 +109,18 @@ def _forward(local_logits, labels, *, vocab_start, group, inplace, from_logits, 
 
         kernel = CupyKernel()
     forward = sharded_forward(
-        comm, kernel, rows, num_rows=labels.size, width=width, logits_dtype=dtype,
-        vocab_start=vocab_start, labels=labels, sample_weight=_on_host(sample_weight),
-        class_weight=_on_host(class_weight), settings=settings, local_error=local_error,
+        comm,
+        kernel,
+        rows,
+        num_rows=labels.size,
+        width=width,
+        logits_dtype=dtype,
+        vocab_start=vocab_start,
+        labels=labels,
+        sample_weight=_on_host(sample_weight),
+        class_weight=_on_host(class_weight),
+        settings=settings,
+        local_error=local_error,
     )
     return forward, logits, axis, xp
 
@@ -141,9 +167,20 @@ def sparse_cross_entropy(
         gets wrong.
     """
     forward, _, _, xp = _forward(
-        local_logits, labels, vocab_start=vocab_start, group=group, inplace=False, from_logits=from_logits,
-        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        class_weight=class_weight, sample_weight=sample_weight, z_loss=z_loss, softcap=softcap, axis=axis,
+        local_logits,
+        labels,
+        vocab_start=vocab_start,
+        group=group,
+        inplace=False,
+        from_logits=from_logits,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weight=class_weight,
+        sample_weight=sample_weight,
+        z_loss=z_loss,
+        softcap=softcap,
+        axis=axis,
     )
     return forward.loss if xp is np else xp.asarray(forward.loss)
 
@@ -175,10 +212,20 @@ def sparse_cross_entropy_with_grad(
         with the local logits' shape and dtype (the ``local_logits`` array itself when inplace).
     """
     forward, logits, axis, xp = _forward(
-        local_logits, labels, vocab_start=vocab_start, group=group, inplace=bool(inplace),
-        from_logits=from_logits, reduction=reduction, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, class_weight=class_weight, sample_weight=sample_weight,
-        z_loss=z_loss, softcap=softcap, axis=axis,
+        local_logits,
+        labels,
+        vocab_start=vocab_start,
+        group=group,
+        inplace=bool(inplace),
+        from_logits=from_logits,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weight=class_weight,
+        sample_weight=sample_weight,
+        z_loss=z_loss,
+        softcap=softcap,
+        axis=axis,
     )
     grad_rows = forward.grad(inplace=bool(inplace))
     loss = forward.loss if xp is np else xp.asarray(forward.loss)
@@ -194,4 +241,3 @@ def sparse_cross_entropy_with_grad(
         return loss, logits
     grad = xp.moveaxis(grad_rows.reshape(lead_shape + (grad_rows.shape[-1],)), -1, axis)
     return loss, grad
-

@@ -106,7 +106,8 @@ def check_tiling(comm: Communicator, vocab_start: int, width: int) -> ShardLayou
         more = "" if len(table) <= 16 else f", ... ({len(table)} ranks)"
         raise ValueError(
             "the vocabulary shards do not tile [0, V) without gap or overlap: "
-            + "; ".join(problems) + f". Shards: {listing}{more}"
+            + "; ".join(problems)
+            + f". Shards: {listing}{more}"
         )
     layout = ShardLayout(vocab_start, width, covered)
     comm.verified_layout = layout
@@ -140,8 +141,14 @@ def check_settings(from_logits, reduction, ignore_index, label_smoothing, z_loss
     _api._check_options(from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap)
     if not isinstance(vocab_start, numbers.Integral) or isinstance(vocab_start, (bool, np.bool_)):
         raise TypeError(f"vocab_start must be an integer (this shard's first global class); got {vocab_start!r}")
-    return Settings(bool(from_logits), reduction, None if ignore_index is None else int(ignore_index),
-                    float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    return Settings(
+        bool(from_logits),
+        reduction,
+        None if ignore_index is None else int(ignore_index),
+        float(label_smoothing),
+        float(z_loss),
+        None if softcap is None else float(softcap),
+    )
 
 
 def check_labels(labels: Any) -> np.ndarray:
@@ -195,8 +202,9 @@ class NumpyKernel:
         return partial.range_stats(rows, labels, options, self._bounds(rows))
 
     def grad(self, rows, labels, stats, coefs, target_weight, options, *, inplace: bool):
-        return partial.range_grad(rows, labels, stats, coefs, target_weight, options, inplace=inplace,
-                                  part_bounds=self._bounds(rows))
+        return partial.range_grad(
+            rows, labels, stats, coefs, target_weight, options, inplace=inplace, part_bounds=self._bounds(rows)
+        )
 
 
 def _neutral_stats(num_rows: int) -> partial.RowStats:
@@ -204,8 +212,13 @@ def _neutral_stats(num_rows: int) -> partial.RowStats:
     return partial.RowStats(np.full(num_rows, -np.inf), zeros, zeros, zeros, zeros, np.full(num_rows, np.inf))
 
 
-def _fingerprint(labels: np.ndarray, sample_weight: Optional[np.ndarray], settings: Settings,
-                 has_class_weight: bool, comm_dtype: np.dtype) -> int:
+def _fingerprint(
+    labels: np.ndarray,
+    sample_weight: Optional[np.ndarray],
+    settings: Settings,
+    has_class_weight: bool,
+    comm_dtype: np.dtype,
+) -> int:
     digest = zlib.crc32(repr((labels.shape, tuple(settings), has_class_weight, comm_dtype.name)).encode())
     digest = zlib.crc32(np.ascontiguousarray(labels, dtype=np.int64).tobytes(), digest)
     if sample_weight is not None:
@@ -215,8 +228,10 @@ def _fingerprint(labels: np.ndarray, sample_weight: Optional[np.ndarray], settin
 
 def _bad_label_message(position, value, num_classes, ignore_index) -> str:
     hint = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
-    return (f"label {value} at position {position} is outside the valid range [0, {num_classes}) of the "
-            f"whole (sharded) vocabulary{hint}")
+    return (
+        f"label {value} at position {position} is outside the valid range [0, {num_classes}) of the "
+        f"whole (sharded) vocabulary{hint}"
+    )
 
 
 @dataclass
@@ -242,16 +257,29 @@ class ShardedForward:
         coefs = self.coefs
         if upstream is not None:
             factor = np.asarray(upstream, dtype=np.float64).reshape(-1)
-            coefs = partial.RowCoefficients(coefs.loss, coefs.coef_p * factor, coefs.coef_t * factor,
-                                            coefs.coef_w * factor)
-        return self.kernel.grad(self.rows, self.labels, self.stats, coefs, self.target_weight, self.options,
-                                inplace=inplace)
+            coefs = partial.RowCoefficients(
+                coefs.loss, coefs.coef_p * factor, coefs.coef_t * factor, coefs.coef_w * factor
+            )
+        return self.kernel.grad(
+            self.rows, self.labels, self.stats, coefs, self.target_weight, self.options, inplace=inplace
+        )
 
 
-def sharded_forward(comm: Communicator, kernel: Any, rows: Any, *, num_rows: int, width: int,
-                    logits_dtype: Any, vocab_start: int, labels: np.ndarray, sample_weight: Any,
-                    class_weight: Any, settings: Settings, local_error: Optional[Exception] = None
-                    ) -> ShardedForward:
+def sharded_forward(
+    comm: Communicator,
+    kernel: Any,
+    rows: Any,
+    *,
+    num_rows: int,
+    width: int,
+    logits_dtype: Any,
+    vocab_start: int,
+    labels: np.ndarray,
+    sample_weight: Any,
+    class_weight: Any,
+    settings: Settings,
+    local_error: Optional[Exception] = None,
+) -> ShardedForward:
     """Loss over the whole vocabulary and what this rank's gradient needs, with two collectives.
 
     Args:
@@ -287,14 +315,18 @@ def sharded_forward(comm: Communicator, kernel: Any, rows: Any, *, num_rows: int
 
     bad = None
     if layout is not None:
-        bad = _api._find_bad_label(labels, None if valid is None else valid.reshape(lead_shape),
-                                   layout.num_classes, np)
+        bad = _api._find_bad_label(labels, None if valid is None else valid.reshape(lead_shape), layout.num_classes, np)
     # Out-of-range labels map to ELSEWHERE here (or IGNORED for -1): harmless, the call raises below.
     local = partial.local_labels(flat_labels, start, width)
     options = KernelOptions(
-        from_logits=settings.from_logits, label_smoothing=settings.label_smoothing, z_loss=settings.z_loss,
-        softcap=settings.softcap, class_weight=weights, class_weight_total=float("nan"),
-        num_classes=0 if layout is None else layout.num_classes, grad_scale=1.0,
+        from_logits=settings.from_logits,
+        label_smoothing=settings.label_smoothing,
+        z_loss=settings.z_loss,
+        softcap=settings.softcap,
+        class_weight=weights,
+        class_weight_total=float("nan"),
+        num_classes=0 if layout is None else layout.num_classes,
+        grad_scale=1.0,
     )
     stats = _neutral_stats(num_rows) if local_error is not None else kernel.stats(rows, local, options)
 
@@ -306,8 +338,13 @@ def sharded_forward(comm: Communicator, kernel: Any, rows: Any, *, num_rows: int
     tail[_UNVERIFIED] = 1.0 if layout is None else 0.0
     total = [-1.0, -1.0] if layout is None else _chunks(layout.num_classes, 2, 24)
     tail[_TOTAL], tail[_NEG_TOTAL] = total, [-t for t in total]
-    printed = _chunks(_fingerprint(labels, None if sample_weight is None else row_weight, settings,
-                                   class_weight is not None, comm_dtype), 2, 16)
+    printed = _chunks(
+        _fingerprint(
+            labels, None if sample_weight is None else row_weight, settings, class_weight is not None, comm_dtype
+        ),
+        2,
+        16,
+    )
     tail[_PRINT], tail[_NEG_PRINT] = printed, [-p for p in printed]
     tail[_BAD_LABEL] = 0.0 if bad is None else 1.0
     comm.allreduce_max(first)
@@ -317,17 +354,19 @@ def sharded_forward(comm: Communicator, kernel: Any, rows: Any, *, num_rows: int
             raise local_error
         raise ValueError(f"rank {int(tail[_ERROR_RANK]) - 1} rejected its arguments (see the error raised there)")
     if not _all_equal(tail, _PRINT, _NEG_PRINT):
-        raise ValueError("ranks passed different labels, sample weights or options: they must be identical "
-                         "on every rank (only the logits and class weights are sharded)")
+        raise ValueError(
+            "ranks passed different labels, sample weights or options: they must be identical "
+            "on every rank (only the logits and class weights are sharded)"
+        )
     if tail[_UNVERIFIED] > 0 or not _all_equal(tail, _TOTAL, _NEG_TOTAL):
         # Every rank takes this branch together: the flags came out of the same MAX.
         layout = check_tiling(comm, start, width)
         # Labels are identical on every rank (fingerprint), so every rank finds the same label.
-        bad = _api._find_bad_label(labels, None if valid is None else valid.reshape(lead_shape),
-                                   layout.num_classes, np)
+        bad = _api._find_bad_label(labels, None if valid is None else valid.reshape(lead_shape), layout.num_classes, np)
     elif tail[_BAD_LABEL] > 0 and bad is None:
-        raise ValueError(f"another rank found a label outside [0, {layout.num_classes}); labels must be "
-                         "identical on every rank")
+        raise ValueError(
+            f"another rank found a label outside [0, {layout.num_classes}); labels must be identical on every rank"
+        )
     if bad is not None:
         raise ValueError(_bad_label_message(*bad, layout.num_classes, ignore_index))
     if not settings.from_logits and num_rows:
@@ -347,7 +386,7 @@ def sharded_forward(comm: Communicator, kernel: Any, rows: Any, *, num_rows: int
     local_weight_total = float(width) if weights is None else float(weights.sum())
     fields = 2 + int(weights is not None)
     second = np.zeros(fields * num_rows + int(weights is not None and smoothing), dtype=comm_dtype)
-    sum_part, target_part = second[:num_rows], second[num_rows:2 * num_rows]
+    sum_part, target_part = second[:num_rows], second[num_rows : 2 * num_rows]
     counted = flat_labels != partial.IGNORED
     owned = np.flatnonzero(local >= 0)
     local_target_weight = partial.target_weights(local, weights)
@@ -371,17 +410,17 @@ def sharded_forward(comm: Communicator, kernel: Any, rows: Any, *, num_rows: int
         else:
             target_part[owned] = relative_target
     if weights is not None:
-        second[2 * num_rows:3 * num_rows] = local_target_weight
+        second[2 * num_rows : 3 * num_rows] = local_target_weight
         if smoothing:
             second[3 * num_rows] = local_weight_total
     comm.allreduce_sum(second)
 
     # ---- finish: global statistics -> per-row loss and gradient coefficients -----------------
     sum_exp = second[:num_rows].astype(np.float64)
-    combined = second[num_rows:2 * num_rows].astype(np.float64)
+    combined = second[num_rows : 2 * num_rows].astype(np.float64)
     weight_total = float(num_classes)
     if weights is not None:
-        target_weight = np.where(counted, second[2 * num_rows:3 * num_rows].astype(np.float64), 0.0)
+        target_weight = np.where(counted, second[2 * num_rows : 3 * num_rows].astype(np.float64), 0.0)
         if smoothing:
             weight_total = float(second[3 * num_rows])
     else:
@@ -398,8 +437,7 @@ def sharded_forward(comm: Communicator, kernel: Any, rows: Any, *, num_rows: int
     no_min = np.full(num_rows, np.inf)
     merged = partial.RowStats(global_max, sum_exp, epilogue_target, np.zeros(num_rows), weighted_sum, no_min)
     # The gradient at the target is the owner's alone: it uses its exact local values.
-    grad_stats = partial.RowStats(global_max, sum_exp, stats.target_value, stats.target_input, weighted_sum,
-                                  no_min)
+    grad_stats = partial.RowStats(global_max, sum_exp, stats.target_value, stats.target_input, weighted_sum, no_min)
 
     if settings.reduction == "mean":
         denominator = float(np.sum(np.where(counted, row_weight * target_weight, 0.0)))
@@ -407,10 +445,27 @@ def sharded_forward(comm: Communicator, kernel: Any, rows: Any, *, num_rows: int
         denominator = float(np.count_nonzero(counted))
     else:
         denominator = 1.0
-    options = replace(options, num_classes=layout.num_classes, class_weight_total=weight_total,
-                      grad_scale=0.0 if denominator == 0.0 else 1.0 / denominator)
+    options = replace(
+        options,
+        num_classes=layout.num_classes,
+        class_weight_total=weight_total,
+        grad_scale=0.0 if denominator == 0.0 else 1.0 / denominator,
+    )
     coefs = partial.finish_rows(merged, local, target_weight, row_weight, options)
-    loss = _api._reduce(coefs.loss, settings.reduction, denominator, lead_shape,
-                        _api._loss_dtype(np.dtype(logits_dtype)), np)
-    return ShardedForward(loss, coefs.loss, rows, local, grad_stats, coefs, target_weight, options, kernel, layout,
-                          comm.bytes_sent - bytes_before, comm.collectives - collectives_before)
+    loss = _api._reduce(
+        coefs.loss, settings.reduction, denominator, lead_shape, _api._loss_dtype(np.dtype(logits_dtype)), np
+    )
+    return ShardedForward(
+        loss,
+        coefs.loss,
+        rows,
+        local,
+        grad_stats,
+        coefs,
+        target_weight,
+        options,
+        kernel,
+        layout,
+        comm.bytes_sent - bytes_before,
+        comm.collectives - collectives_before,
+    )

@@ -103,7 +103,7 @@ class TorchKernel:
         parts = {"max": [], "sum": [], "weighted": [], "min": []}
         step = self._chunk(rows)
         for lo in range(0, num_rows, step):
-            x = rows[lo:lo + step].to(compute)
+            x = rows[lo : lo + step].to(compute)
             if options.from_logits:
                 values = self._values(x, options)
                 part_max = values.amax(dim=1)
@@ -136,13 +136,18 @@ class TorchKernel:
             raw = rows[index, torch.from_numpy(labels[owned]).to(rows.device)].to(compute).cpu().numpy()
             values = np.zeros(owned.size)
             inputs = np.zeros(owned.size)
-            _kernels.targets_value(raw.reshape(-1, 1), np.zeros(owned.size, dtype=np.int64),
-                                   not options.from_logits, options.softcap, values, inputs)
+            _kernels.targets_value(
+                raw.reshape(-1, 1),
+                np.zeros(owned.size, dtype=np.int64),
+                not options.from_logits,
+                options.softcap,
+                values,
+                inputs,
+            )
             target_value[owned], target_input[owned] = values, inputs
         return RowStats(row_max, sum_exp, target_value, target_input, weighted, row_min)
 
-    def grad(self, rows: torch.Tensor, labels: np.ndarray, stats, coefs, target_weight, options, *,
-             inplace: bool):
+    def grad(self, rows: torch.Tensor, labels: np.ndarray, stats, coefs, target_weight, options, *, inplace: bool):
         from fastxent.cpu.partial import IGNORED
 
         num_rows, width = rows.shape
@@ -157,8 +162,11 @@ class TorchKernel:
 
         row_max, coef_p, coef_w = column(stats.row_max), column(coefs.coef_p), column(coefs.coef_w)
         counted = torch.from_numpy(labels != IGNORED).to(device)[:, None]
-        weights = None if options.class_weight is None else torch.from_numpy(options.class_weight).to(
-            device=device, dtype=compute)
+        weights = (
+            None
+            if options.class_weight is None
+            else torch.from_numpy(options.class_weight).to(device=device, dtype=compute)
+        )
         step = self._chunk(rows)
         for lo in range(0, num_rows, step):
             hi = min(lo + step, num_rows)
@@ -183,7 +191,8 @@ class TorchKernel:
         if owned.size:
             index = torch.from_numpy(owned).to(device)
             out[index, torch.from_numpy(labels[owned]).to(device)] = torch.from_numpy(target).to(
-                device=device, dtype=out.dtype)
+                device=device, dtype=out.dtype
+            )
         return out
 
 
@@ -225,14 +234,14 @@ class CudaKernel:
         with self._on_stream(rows):
             return self._partial.range_stats(view, labels, options, storage=storage)
 
-    def grad(self, rows: torch.Tensor, labels: np.ndarray, stats, coefs, target_weight, options, *,
-             inplace: bool):
+    def grad(self, rows: torch.Tensor, labels: np.ndarray, stats, coefs, target_weight, options, *, inplace: bool):
         out = rows if inplace else torch.empty_like(rows)
         view, storage = self._view(rows)
         out_view = None if inplace else self._view(out)[0]
         with self._on_stream(rows):
-            self._partial.range_grad(view, labels, stats, coefs, target_weight, options, inplace=inplace,
-                                     out=out_view, storage=storage)
+            self._partial.range_grad(
+                view, labels, stats, coefs, target_weight, options, inplace=inplace, out=out_view, storage=storage
+            )
         return out
 
 
@@ -260,11 +269,15 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         rows, width, dtype, local_error = None, 0, np.float32, None
         try:
             if not local_logits.is_floating_point() or local_logits.dim() < 1:
-                raise TypeError(f"local_logits must be a floating tensor of rank >= 1; got {local_logits.dtype} "
-                                f"of shape {tuple(local_logits.shape)}")
+                raise TypeError(
+                    f"local_logits must be a floating tensor of rank >= 1; got {local_logits.dtype} "
+                    f"of shape {tuple(local_logits.shape)}"
+                )
             if tuple(local_logits.shape[:-1]) != lead_shape:
-                raise ValueError(f"target shape {lead_shape} must equal the local logits' shape without the "
-                                 f"class axis, {tuple(local_logits.shape[:-1])}")
+                raise ValueError(
+                    f"target shape {lead_shape} must equal the local logits' shape without the "
+                    f"class axis, {tuple(local_logits.shape[:-1])}"
+                )
             width = int(local_logits.shape[-1])
             flat = local_logits.detach().reshape(-1, width).contiguous()
             rows = _to_numpy(flat) if isinstance(kernel, NumpyKernel) else flat
@@ -272,9 +285,18 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         except (TypeError, ValueError) as error:
             local_error = error
         forward = sharded_forward(
-            comm, kernel, rows, num_rows=labels.size, width=width, logits_dtype=dtype, vocab_start=vocab_start,
-            labels=labels, sample_weight=_host(sample_weight, np.float64), class_weight=_host(class_weight, np.float64),
-            settings=settings, local_error=local_error,
+            comm,
+            kernel,
+            rows,
+            num_rows=labels.size,
+            width=width,
+            logits_dtype=dtype,
+            vocab_start=vocab_start,
+            labels=labels,
+            sample_weight=_host(sample_weight, np.float64),
+            class_weight=_host(class_weight, np.float64),
+            settings=settings,
+            local_error=local_error,
         )
         ctx.forward = forward
         ctx.shape = tuple(local_logits.shape)
@@ -330,5 +352,13 @@ def vocab_parallel_cross_entropy(
         on every rank.
     """
     settings = check_settings(from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap, vocab_start)
-    return VocabParallelCrossEntropy.apply(local_logits, target, int(vocab_start), group, settings, class_weight,
-                                           sample_weight, kernel_for(local_logits, settings.from_logits))
+    return VocabParallelCrossEntropy.apply(
+        local_logits,
+        target,
+        int(vocab_start),
+        group,
+        settings,
+        class_weight,
+        sample_weight,
+        kernel_for(local_logits, settings.from_logits),
+    )

@@ -11,8 +11,7 @@ def load_backend() -> Tuple[Any, Any]:
         import cupy
     except ImportError as error:  # pragma: no cover - depends on the machine
         raise ImportError(
-            "CuPy arrays need the GPU backend: install CuPy for your CUDA version, "
-            "e.g. `pip install cupy-cuda12x`"
+            "CuPy arrays need the GPU backend: install CuPy for your CUDA version, e.g. `pip install cupy-cuda12x`"
         ) from error
     from fastxent.gpu import xent
 

@@ -87,18 +87,39 @@ def range_stats(rows, labels, options: KernelOptions, *, storage: Optional[str] 
             # The kernel writes five contiguous planes of the launch's rows.
             chunk = device if hi - lo == num_rows else cupy.empty((5, hi - lo), dtype=cupy.float64)
             part_stats = cupy.empty(3 * (hi - lo) * num_parts, dtype=cupy.float64)
-            xent.launch_part_stats(kernel, num_parts, threads, rows[lo:hi], labels[lo:hi], None, None, weights,
-                                   part_len, options, part_stats, xent.row_counters(hi - lo), None, None,
-                                   range_stats=chunk)
+            xent.launch_part_stats(
+                kernel,
+                num_parts,
+                threads,
+                rows[lo:hi],
+                labels[lo:hi],
+                None,
+                None,
+                weights,
+                part_len,
+                options,
+                part_stats,
+                xent.row_counters(hi - lo),
+                None,
+                None,
+                range_stats=chunk,
+            )
             if chunk is not device:
                 device[:, lo:hi] = chunk
         host = device.get()  # the one device-to-host transfer
-    return RowStats(row_max=host[0], sum_exp=host[1], target_value=host[3], target_input=host[4],
-                    weighted_sum=host[2], row_min=numpy.full(num_rows, numpy.inf))
+    return RowStats(
+        row_max=host[0],
+        sum_exp=host[1],
+        target_value=host[3],
+        target_input=host[4],
+        weighted_sum=host[2],
+        row_min=numpy.full(num_rows, numpy.inf),
+    )
 
 
-def _row_coefs(labels: numpy.ndarray, stats: RowStats, coefs: RowCoefficients, target_weight: numpy.ndarray,
-               options: KernelOptions) -> numpy.ndarray:
+def _row_coefs(
+    labels: numpy.ndarray, stats: RowStats, coefs: RowCoefficients, target_weight: numpy.ndarray, options: KernelOptions
+) -> numpy.ndarray:
     """(N, 4) float64 per row for xent_part_grad: reference (row max, or 0 at -inf), coef_p,
     coef_w, and the whole gradient at the target (formed in float64 by the CPU's own code)."""
     num_rows = labels.shape[0]
@@ -112,8 +133,18 @@ def _row_coefs(labels: numpy.ndarray, stats: RowStats, coefs: RowCoefficients, t
     return row_coefs
 
 
-def range_grad(rows, labels, stats: RowStats, coefs: RowCoefficients, target_weight, options: KernelOptions, *,
-               inplace: bool = False, out=None, storage: Optional[str] = None):
+def range_grad(
+    rows,
+    labels,
+    stats: RowStats,
+    coefs: RowCoefficients,
+    target_weight,
+    options: KernelOptions,
+    *,
+    inplace: bool = False,
+    out=None,
+    storage: Optional[str] = None,
+):
     """Gradient of the loss w.r.t. CuPy rows (N, W) of one class range, from merged statistics.
 
     ``stats`` (NumPy) must be merged over the whole vocabulary: the global row max, and the
@@ -128,18 +159,30 @@ def range_grad(rows, labels, stats: RowStats, coefs: RowCoefficients, target_wei
     if num_rows == 0 or width == 0:
         return grad
     dtype_name = xent.storage_name(rows.dtype, storage)
-    labels_host = numpy.ascontiguousarray(cupy.asnumpy(labels) if isinstance(labels, cupy.ndarray) else labels,
-                                          dtype=numpy.int64)
-    row_coefs = cupy.asarray(_row_coefs(labels_host, stats, coefs, numpy.asarray(target_weight, numpy.float64),
-                                        options))
+    labels_host = numpy.ascontiguousarray(
+        cupy.asnumpy(labels) if isinstance(labels, cupy.ndarray) else labels, dtype=numpy.int64
+    )
+    row_coefs = cupy.asarray(
+        _row_coefs(labels_host, stats, coefs, numpy.asarray(target_weight, numpy.float64), options)
+    )
     labels = cupy.asarray(labels_host)
     part_len, num_parts, threads = _layout(num_rows, width, dtype_name)
     kernel = xent.get_kernel(xent.kernel_name("part_grad", dtype_name, options.softcap is not None))
     weights = _weights_elem(options, dtype_name)
     for lo in range(0, num_rows, MAX_GRID_ROWS):
         hi = min(lo + MAX_GRID_ROWS, num_rows)
-        xent.launch_part_grad(kernel, num_parts, threads, rows[lo:hi], grad[lo:hi], labels[lo:hi], weights,
-                              row_coefs[lo:hi], part_len, options)
+        xent.launch_part_grad(
+            kernel,
+            num_parts,
+            threads,
+            rows[lo:hi],
+            grad[lo:hi],
+            labels[lo:hi],
+            weights,
+            row_coefs[lo:hi],
+            part_len,
+            options,
+        )
     return grad
 
 
@@ -154,5 +197,6 @@ class CupyKernel:
         return range_stats(rows, labels, options, storage=self.storage)
 
     def grad(self, rows, labels, stats, coefs, target_weight, options, *, inplace: bool, out=None):
-        return range_grad(rows, labels, stats, coefs, target_weight, options, inplace=inplace, out=out,
-                          storage=self.storage)
+        return range_grad(
+            rows, labels, stats, coefs, target_weight, options, inplace=inplace, out=out, storage=self.storage
+        )

@@ -195,15 +195,17 @@ class RowsPlan:
         return self.cache_vectors * VECTOR_BYTES
 
 
-def plan_rows(num_rows: int, num_classes: int, itemsize: int, want_grad: bool, limits: DeviceLimits,
-              static_shared_bytes: int = 0) -> RowsPlan:
+def plan_rows(
+    num_rows: int, num_classes: int, itemsize: int, want_grad: bool, limits: DeviceLimits, static_shared_bytes: int = 0
+) -> RowsPlan:
     """Grid, block size and shared-memory row cache of the one-block-per-row kernels."""
     num_vectors = num_classes * itemsize // VECTOR_BYTES
     if want_grad and num_classes * itemsize >= FUSED_CACHE_MIN_ROW_BYTES:
         # Cap the rows in flight and keep the start of each row in shared memory: the second
         # sweep then reads only the rest, which is still in L2.
-        per_block = min(limits.max_shared_per_block,
-                        limits.max_shared_per_sm // FUSED_BLOCKS_PER_SM - SHARED_RESERVED_PER_BLOCK)
+        per_block = min(
+            limits.max_shared_per_block, limits.max_shared_per_sm // FUSED_BLOCKS_PER_SM - SHARED_RESERVED_PER_BLOCK
+        )
         budget = max(0, per_block - static_shared_bytes)
         cache_vectors = min(num_vectors, budget // VECTOR_BYTES)
         grid = min(num_rows, limits.sm_count * FUSED_BLOCKS_PER_SM)
@@ -221,24 +223,62 @@ def _pointer(array):
     return _NULL if array is None else array
 
 
-def launch_logit_rows(kernel, plan: RowsPlan, logits, grad, labels, sample_weight, class_weight,
-                      class_weight_elem, options: KernelOptions, loss) -> None:
+def launch_logit_rows(
+    kernel,
+    plan: RowsPlan,
+    logits,
+    grad,
+    labels,
+    sample_weight,
+    class_weight,
+    class_weight_elem,
+    options: KernelOptions,
+    loss,
+) -> None:
     """xent_fwd_* / xent_fwd_bwd_*: loss (N,) float64 and, with ``grad``, the gradient."""
     num_rows, num_classes = logits.shape
     kernel(
-        (plan.grid,), (plan.threads,),
-        (logits, _pointer(grad), labels, sample_weight, _pointer(class_weight), _pointer(class_weight_elem),
-         numpy.float64(options.class_weight_total), numpy.int64(num_rows), numpy.int64(num_classes),
-         numpy.float64(options.num_classes), numpy.float64(options.label_smoothing),
-         numpy.float64(options.z_loss), numpy.float64(options.softcap or 0.0),
-         numpy.float64(options.grad_scale), numpy.int64(plan.cache_vectors), loss),
+        (plan.grid,),
+        (plan.threads,),
+        (
+            logits,
+            _pointer(grad),
+            labels,
+            sample_weight,
+            _pointer(class_weight),
+            _pointer(class_weight_elem),
+            numpy.float64(options.class_weight_total),
+            numpy.int64(num_rows),
+            numpy.int64(num_classes),
+            numpy.float64(options.num_classes),
+            numpy.float64(options.label_smoothing),
+            numpy.float64(options.z_loss),
+            numpy.float64(options.softcap or 0.0),
+            numpy.float64(options.grad_scale),
+            numpy.int64(plan.cache_vectors),
+            loss,
+        ),
         shared_mem=plan.shared_bytes,
     )
 
 
-def launch_part_stats(kernel, num_parts: int, threads: int, logits, labels, sample_weight, class_weight,
-                      class_weight_elem, part_len: int, options: KernelOptions, part_stats, row_counters, loss,
-                      row_coefs, range_stats=None) -> None:
+def launch_part_stats(
+    kernel,
+    num_parts: int,
+    threads: int,
+    logits,
+    labels,
+    sample_weight,
+    class_weight,
+    class_weight_elem,
+    part_len: int,
+    options: KernelOptions,
+    part_stats,
+    row_counters,
+    loss,
+    row_coefs,
+    range_stats=None,
+) -> None:
     """xent_part_stats_*: partial statistics of every (row, part) into part_stats (3, N, P)
     float64, merged per row into loss (N,) and, unless None, row_coefs (N, 4) float64.
     row_counters: uint32 (>= N,), zero, and zero again afterwards.
@@ -249,37 +289,97 @@ def launch_part_stats(kernel, num_parts: int, threads: int, logits, labels, samp
     """
     num_rows, num_classes = logits.shape
     kernel(
-        (num_parts, num_rows), (threads,),
-        (logits, labels, _pointer(sample_weight), _pointer(class_weight), _pointer(class_weight_elem),
-         numpy.float64(options.class_weight_total), numpy.int64(num_classes), numpy.int64(part_len),
-         numpy.float64(options.num_classes), numpy.float64(options.label_smoothing),
-         numpy.float64(options.z_loss), numpy.float64(options.softcap or 0.0),
-         numpy.float64(options.grad_scale), part_stats, row_counters, _pointer(loss), _pointer(row_coefs),
-         _pointer(range_stats)),
+        (num_parts, num_rows),
+        (threads,),
+        (
+            logits,
+            labels,
+            _pointer(sample_weight),
+            _pointer(class_weight),
+            _pointer(class_weight_elem),
+            numpy.float64(options.class_weight_total),
+            numpy.int64(num_classes),
+            numpy.int64(part_len),
+            numpy.float64(options.num_classes),
+            numpy.float64(options.label_smoothing),
+            numpy.float64(options.z_loss),
+            numpy.float64(options.softcap or 0.0),
+            numpy.float64(options.grad_scale),
+            part_stats,
+            row_counters,
+            _pointer(loss),
+            _pointer(row_coefs),
+            _pointer(range_stats),
+        ),
     )
 
 
-def launch_part_grad(kernel, num_parts: int, threads: int, logits, grad, labels, class_weight_elem, row_coefs,
-                     part_len: int, options: KernelOptions) -> None:
+def launch_part_grad(
+    kernel,
+    num_parts: int,
+    threads: int,
+    logits,
+    grad,
+    labels,
+    class_weight_elem,
+    row_coefs,
+    part_len: int,
+    options: KernelOptions,
+) -> None:
     """xent_part_grad_*: the gradient of every (row, part) from the merged coefficients."""
     num_rows, num_classes = logits.shape
     kernel(
-        (num_parts, num_rows), (threads,),
-        (logits, grad, labels, _pointer(class_weight_elem), row_coefs, numpy.int64(num_classes),
-         numpy.int64(part_len), numpy.float64(options.softcap or 0.0)),
+        (num_parts, num_rows),
+        (threads,),
+        (
+            logits,
+            grad,
+            labels,
+            _pointer(class_weight_elem),
+            row_coefs,
+            numpy.int64(num_classes),
+            numpy.int64(part_len),
+            numpy.float64(options.softcap or 0.0),
+        ),
     )
 
 
-def launch_prob_rows(kernel, grid: int, threads: int, probs, grad, labels, sample_weight, class_weight,
-                     class_weight_elem, options: KernelOptions, loss, row_min) -> None:
+def launch_prob_rows(
+    kernel,
+    grid: int,
+    threads: int,
+    probs,
+    grad,
+    labels,
+    sample_weight,
+    class_weight,
+    class_weight_elem,
+    options: KernelOptions,
+    loss,
+    row_min,
+) -> None:
     """xent_prob_*: loss, row minima and (with ``grad``) the gradient for probability inputs."""
     num_rows, num_classes = probs.shape
     kernel(
-        (grid,), (threads,),
-        (probs, _pointer(grad), labels, sample_weight, _pointer(class_weight), _pointer(class_weight_elem),
-         numpy.float64(options.class_weight_total), numpy.int64(num_rows), numpy.int64(num_classes),
-         numpy.float64(options.num_classes), numpy.float64(options.label_smoothing),
-         numpy.float64(options.z_loss), numpy.float64(options.grad_scale), loss, row_min),
+        (grid,),
+        (threads,),
+        (
+            probs,
+            _pointer(grad),
+            labels,
+            sample_weight,
+            _pointer(class_weight),
+            _pointer(class_weight_elem),
+            numpy.float64(options.class_weight_total),
+            numpy.int64(num_rows),
+            numpy.int64(num_classes),
+            numpy.float64(options.num_classes),
+            numpy.float64(options.label_smoothing),
+            numpy.float64(options.z_loss),
+            numpy.float64(options.grad_scale),
+            loss,
+            row_min,
+        ),
     )
 
 
@@ -299,7 +399,7 @@ def empty_rows_like(rows):
         return cupy.empty(rows.shape, dtype=rows.dtype)
     offset = misalign // rows.dtype.itemsize
     flat = cupy.empty(rows.size + VECTOR_BYTES // rows.dtype.itemsize, dtype=rows.dtype)
-    return flat[offset:offset + rows.size].reshape(rows.shape)
+    return flat[offset : offset + rows.size].reshape(rows.shape)
 
 
 def fused_xent(
@@ -359,8 +459,20 @@ def fused_xent(
         part_len = split_part_length(num_rows, num_classes, limits)
         num_parts = -(-num_classes // part_len)
         if num_parts >= 2:
-            _split_rows(logits, grad, labels, sample_weight, class_weight, class_weight_elem, options,
-                        dtype_name, softcap, part_len, num_parts, loss)
+            _split_rows(
+                logits,
+                grad,
+                labels,
+                sample_weight,
+                class_weight,
+                class_weight_elem,
+                options,
+                dtype_name,
+                softcap,
+                part_len,
+                num_parts,
+                loss,
+            )
             return loss, grad, None
 
     name = kernel_name("fwd_bwd" if want_grad else "fwd", dtype_name, softcap)
@@ -369,8 +481,7 @@ def fused_xent(
     plan = plan_rows(num_rows, num_classes, _itemsize(dtype_name), want_grad, limits, static_shared)
     if plan.shared_bytes > 0:
         _allow_dynamic_shared(kernel, name, plan.shared_bytes)
-    launch_logit_rows(kernel, plan, logits, grad, labels, sample_weight, class_weight, class_weight_elem,
-                      options, loss)
+    launch_logit_rows(kernel, plan, logits, grad, labels, sample_weight, class_weight, class_weight_elem, options, loss)
     return loss, grad, None
 
 
@@ -382,20 +493,55 @@ def _contiguous(array, dtype):
     return cupy.ascontiguousarray(array, dtype=dtype)
 
 
-def _split_rows(logits, grad, labels, sample_weight, class_weight, class_weight_elem, options, dtype_name,
-                softcap, part_len, num_parts, loss) -> None:
+def _split_rows(
+    logits,
+    grad,
+    labels,
+    sample_weight,
+    class_weight,
+    class_weight_elem,
+    options,
+    dtype_name,
+    softcap,
+    part_len,
+    num_parts,
+    loss,
+) -> None:
     """Few rows, many classes: statistics per (row, part) merged exactly by each row's last
     block, then the gradient per part."""
     num_rows = logits.shape[0]
     threads = threads_for(part_len * _itemsize(dtype_name) // VECTOR_BYTES)
     part_stats = cupy.empty(3 * num_rows * num_parts, dtype=cupy.float64)
     row_coefs = None if grad is None else cupy.empty((num_rows, 4), dtype=cupy.float64)
-    launch_part_stats(get_kernel(kernel_name("part_stats", dtype_name, softcap)), num_parts, threads, logits,
-                      labels, sample_weight, class_weight, class_weight_elem, part_len, options, part_stats,
-                      row_counters(num_rows), loss, row_coefs)
+    launch_part_stats(
+        get_kernel(kernel_name("part_stats", dtype_name, softcap)),
+        num_parts,
+        threads,
+        logits,
+        labels,
+        sample_weight,
+        class_weight,
+        class_weight_elem,
+        part_len,
+        options,
+        part_stats,
+        row_counters(num_rows),
+        loss,
+        row_coefs,
+    )
     if grad is not None:
-        launch_part_grad(get_kernel(kernel_name("part_grad", dtype_name, softcap)), num_parts, threads, logits,
-                         grad, labels, class_weight_elem, row_coefs, part_len, options)
+        launch_part_grad(
+            get_kernel(kernel_name("part_grad", dtype_name, softcap)),
+            num_parts,
+            threads,
+            logits,
+            grad,
+            labels,
+            class_weight_elem,
+            row_coefs,
+            part_len,
+            options,
+        )
 
 
 def _prob_rows(probs, labels, sample_weight, options, dtype_name, want_grad, loss, grad_out=None):
@@ -412,6 +558,18 @@ def _prob_rows(probs, labels, sample_weight, options, dtype_name, want_grad, los
     if class_weight is not None and options.label_smoothing != 0.0:
         class_weight_elem = cupy.ascontiguousarray(class_weight, dtype=_acc_dtype(dtype_name))
     threads = threads_for(num_classes * _itemsize(dtype_name) // VECTOR_BYTES, FORWARD_MAX_THREADS)
-    launch_prob_rows(get_kernel(kernel_name("prob", dtype_name)), min(num_rows, 2**31 - 1), threads, probs, grad,
-                     labels, sample_weight, class_weight, class_weight_elem, options, loss, row_min)
+    launch_prob_rows(
+        get_kernel(kernel_name("prob", dtype_name)),
+        min(num_rows, 2**31 - 1),
+        threads,
+        probs,
+        grad,
+        labels,
+        sample_weight,
+        class_weight,
+        class_weight_elem,
+        options,
+        loss,
+        row_min,
+    )
     return loss, grad, row_min

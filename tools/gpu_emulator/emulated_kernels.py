@@ -79,8 +79,20 @@ def build(source: str) -> ctypes.CDLL:
             for name in names:
                 handle.write(_WRAPPER.format(name=name))
         partial = library + f".{os.getpid()}.tmp"
-        command = [os.environ.get("CXX", "g++"), "-std=c++17", "-O1", "-fPIC", "-shared", "-w",
-                   f"-I{HERE}", f"-I{cuda_include_dir()}", generated, runtime_path, "-o", partial]
+        command = [
+            os.environ.get("CXX", "g++"),
+            "-std=c++17",
+            "-O1",
+            "-fPIC",
+            "-shared",
+            "-w",
+            f"-I{HERE}",
+            f"-I{cuda_include_dir()}",
+            generated,
+            runtime_path,
+            "-o",
+            partial,
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError("emulator build failed:\n" + result.stderr[-6000:])
@@ -112,8 +124,12 @@ class EmulatedKernel:
         self.name = name
         self._launch = getattr(library, f"emu_launch_{name}")
         self._launch.restype = ctypes.c_int
-        self._launch.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_ulonglong, ctypes.c_void_p, ctypes.c_int,
-                                                       ctypes.c_char_p]
+        self._launch.argtypes = [ctypes.c_uint] * 6 + [
+            ctypes.c_ulonglong,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_char_p,
+        ]
         self._limits = limits
         self._max_dynamic_shared = DEFAULT_SHARED_LIMIT - self.shared_size_bytes
         self.launches = 0
@@ -139,12 +155,15 @@ class EmulatedKernel:
         if block[0] * block[1] * block[2] > 1024 or block[0] % 32:
             raise ValueError(f"{self.name}: invalid block {block}")
         if shared_mem > self._max_dynamic_shared:
-            raise ValueError(f"{self.name}: {shared_mem} bytes of dynamic shared memory exceed the kernel's "
-                             f"limit of {self._max_dynamic_shared} (set max_dynamic_shared_size_bytes)")
-        values, kinds = zip(*(_argument(a) for a in args)) if args else ((), ())
+            raise ValueError(
+                f"{self.name}: {shared_mem} bytes of dynamic shared memory exceed the kernel's "
+                f"limit of {self._max_dynamic_shared} (set max_dynamic_shared_size_bytes)"
+            )
+        values, kinds = zip(*(_argument(a) for a in args), strict=True) if args else ((), ())
         params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
-        status = self._launch(*grid, *block, shared_mem, ctypes.cast(params, ctypes.c_void_p), len(values),
-                              "".join(kinds).encode())
+        status = self._launch(
+            *grid, *block, shared_mem, ctypes.cast(params, ctypes.c_void_p), len(values), "".join(kinds).encode()
+        )
         self.launches += 1
         if status != 0:
             raise RuntimeError(f"{self.name}: emulated launch failed (status {status}); see stderr")
