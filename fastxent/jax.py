@@ -28,6 +28,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from fastxent import _api
 from fastxent._api import REDUCTIONS
+from fastxent._xla_ffi import register_host_target
 
 __all__ = ["sparse_cross_entropy"]
 
@@ -45,6 +46,38 @@ def _all_zero(tangents) -> bool:
     """Whether every tangent in a pytree is known to be zero."""
     leaves = jax.tree_util.tree_leaves(tangents, is_leaf=lambda t: isinstance(t, SymbolicZero))
     return all(_is_zero(t) for t in leaves)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_target(
+    options: Tuple[Tuple[str, Any], ...], class_axis: int, want_grad: bool, present: Tuple[bool, bool]
+) -> str:
+    """The XLA CPU custom-call target computing the loss (and gradient) for one configuration.
+
+    XLA hands it its own buffers: the kernel reads the logits where they are and writes the
+    loss and the gradient into the buffers the call returns.
+    """
+    static = dict(options)
+
+    def compute(arguments, results):
+        logits, labels, *given = arguments
+        for array in arguments:
+            array.flags.writeable = False
+        weights = iter(given)
+        class_weight, sample_weight = (next(weights) if here else None for here in present)
+        common = dict(class_weight=class_weight, sample_weight=sample_weight, axis=class_axis, **static)
+        if want_grad:
+            loss, _ = _api.sparse_cross_entropy_with_grad(logits, labels, out=results[1], **common)
+        else:
+            loss = _api.sparse_cross_entropy(logits, labels, **common)
+        results[0][...] = loss
+
+    name = f"fastxent_sparse_xent_{len(_TARGET_NAMES)}"
+    _TARGET_NAMES.append(name)
+    return register_host_target(name, compute)
+
+
+_TARGET_NAMES: list = []
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,14 +103,29 @@ def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
         return (loss, jax.ShapeDtypeStruct(logits.shape, logits.dtype)) if want_grad else loss
 
     def call(want_grad, logits, labels, weights):
-        return jax.pure_callback(
-            functools.partial(host, want_grad),
-            shapes(logits, labels, want_grad),
-            logits,
-            labels,
-            *weights,
-            vmap_method="sequential",
-        )
+        present = tuple(w is not None for w in weights)
+        result_shapes = shapes(logits, labels, want_grad)
+        target = _cpu_target(options, class_axis, want_grad, present)
+
+        def on_cpu(*arguments):
+            return jax.ffi.ffi_call(target, result_shapes, vmap_method="sequential")(*arguments)
+
+        def elsewhere(*arguments):
+            # Accelerators: a host callback (the arrays are copied to the host and back).
+            return jax.pure_callback(
+                functools.partial(host_call, want_grad, present),
+                result_shapes,
+                *arguments,
+                vmap_method="sequential",
+            )
+
+        arguments = (logits, labels, *(w for w in weights if w is not None))
+        return jax.lax.platform_dependent(*arguments, cpu=on_cpu, default=elsewhere)
+
+    def host_call(want_grad, present, logits, labels, *given):
+        weights = iter(given)
+        class_weight, sample_weight = (next(weights) if here else None for here in present)
+        return host(want_grad, logits, labels, class_weight, sample_weight)
 
     @jax.custom_jvp
     def loss_and_grad(logits, labels, weights):

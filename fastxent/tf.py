@@ -17,13 +17,16 @@ AutoGraph is told not to convert them.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from fastxent import _dense_api
-from fastxent._api import sparse_cross_entropy_with_grad
+from fastxent._api import sparse_cross_entropy, sparse_cross_entropy_with_grad
+from fastxent.cpu.rowscale import SCALABLE_DTYPES, scale_rows_
+from fastxent.host_buffers import HostBufferPool
 
 try:
     from tensorflow.python.eager import record as _record
@@ -88,6 +91,16 @@ def _to_array(tensor):
         # NumPy has no bfloat16 in DLPack: share the bits as int16, view them as ml_dtypes' bfloat16.
         return np.from_dlpack(tf.bitcast(tensor, tf.int16)).view(_bfloat16_numpy())
     return np.from_dlpack(tensor)
+
+
+# Gradients handed to TensorFlow live in these buffers: aligned for DLPack, and warm when reused.
+_BUFFERS = HostBufferPool()
+
+
+def _host_empty(like):
+    """An aligned host array shaped like ``like`` for a result handed to TensorFlow (None for
+    device arrays: CuPy allocates those)."""
+    return _BUFFERS.empty(like.shape, like.dtype) if isinstance(like, np.ndarray) else None
 
 
 def _to_tensor(array, dtype: tf.DType):
@@ -171,51 +184,111 @@ def _kept_gradient(logits, grad, hessian_product: Optional[Callable]):
     return kept(logits)
 
 
+def _tape_watches(*tensors) -> bool:
+    """Whether a gradient tape records operations on any of ``tensors`` now (True when that
+    cannot be told: the gradient is then computed, never missing)."""
+    return _record is None or bool(_record.should_record_backprop(list(tensors)))
+
+
+class _KeptGradient:
+    """The gradient a forward call computed, with the host array under it (eager mode only)."""
+
+    def __init__(self):
+        self.tensor = None
+        self.array: Optional[np.ndarray] = None
+
+    def take_for_scaling(self, logits_in, upstream) -> Optional[np.ndarray]:
+        """The kept host array, to be scaled in place by the incoming gradient, or None when
+        that is not safe: a tape recording the backward (second derivatives), a graph, a dtype
+        or a buffer that cannot be scaled in place, or a gradient already handed out."""
+        array = self.array
+        if (
+            array is None
+            or not tf.executing_eagerly()
+            or array.dtype not in SCALABLE_DTYPES
+            or not np.shares_memory(array, _to_array(self.tensor))
+            or _tape_watches(logits_in, upstream)
+        ):
+            return None
+        return array
+
+
 @tf.autograph.experimental.do_not_convert
 def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Optional[int] = None, axis: int = -1):
     """Per-row sparse cross-entropy (the labels' shape, float32/float64) with a fused gradient.
 
-    Rows whose label equals ``ignore_index`` have loss 0 and gradient 0.
+    Rows whose label equals ``ignore_index`` have loss 0 and gradient 0. The gradient is computed
+    in the forward call when a gradient tape watches ``logits`` (always inside ``model.fit``'s
+    step), and in the backward call otherwise (a tape outside a ``tf.function``, forward-mode
+    accumulators); without any, only the loss is computed. In eager mode the backward scales
+    the kept gradient in place by the incoming per-row gradient (one pass, no new buffer).
     """
     logits = tf.convert_to_tensor(logits)
     labels = tf.convert_to_tensor(labels)
     rank = logits.shape.rank
     class_axis = axis % rank if rank else axis
     loss_dtype = _loss_dtype(logits.dtype)
+    options = dict(from_logits=from_logits, reduction="none", ignore_index=ignore_index, axis=class_axis)
+    kept = _KeptGradient()
+    eager = tf.executing_eagerly()
 
-    def compute(logits_array, labels_array):
-        return sparse_cross_entropy_with_grad(
-            logits_array,
-            labels_array,
-            from_logits=from_logits,
-            reduction="none",
-            ignore_index=ignore_index,
-            axis=class_axis,
-        )
+    def loss_only(logits_array, labels_array):
+        return (sparse_cross_entropy(logits_array, labels_array, **options),)
 
-    @tf.custom_gradient
-    def fused(logits_in):
-        loss, grad = _host_call(
-            _raise_label_errors(compute),
+    def loss_and_grad(logits_array, labels_array):
+        out = _host_empty(logits_array)
+        loss, grad = sparse_cross_entropy_with_grad(logits_array, labels_array, out=out, **options)
+        if eager:
+            kept.array = grad
+        return loss, grad
+
+    def hessian_product(vector, logits_in):
+        # H v = p * v - p * sum(p * v) per row, with p the softmax recomputed in float32 or
+        # wider: taking p from the kept gradient (grad + onehot) would lose the label's
+        # probability to the rounding of p - 1 in half precision. Ignored rows are constant.
+        probs = tf.nn.softmax(tf.cast(logits_in, loss_dtype), axis=class_axis)
+        if ignore_index is not None:
+            kept_rows = tf.cast(tf.not_equal(labels, tf.cast(ignore_index, labels.dtype)), loss_dtype)
+            probs = probs * tf.expand_dims(kept_rows, class_axis)
+        wide = tf.cast(vector, loss_dtype)
+        product = probs * wide - probs * tf.reduce_sum(probs * wide, axis=class_axis, keepdims=True)
+        return tf.cast(product, logits_in.dtype)
+
+    def gradient_call(logits_in):
+        return _host_call(
+            _raise_label_errors(loss_and_grad),
             [logits_in, labels],
             [loss_dtype, logits_in.dtype],
             [labels.shape, logits_in.shape],
-        )
+        )[1]
 
-        def hessian_product(vector):
-            # H v = p * v - p * sum(p * v) per row, with p the softmax recomputed in float32 or
-            # wider: taking p from the kept gradient (grad + onehot) would lose the label's
-            # probability to the rounding of p - 1 in half precision. Ignored rows are constant.
-            probs = tf.nn.softmax(tf.cast(logits_in, loss_dtype), axis=class_axis)
-            if ignore_index is not None:
-                kept_rows = tf.cast(tf.not_equal(labels, tf.cast(ignore_index, labels.dtype)), loss_dtype)
-                probs = probs * tf.expand_dims(kept_rows, class_axis)
-            wide = tf.cast(vector, loss_dtype)
-            product = probs * wide - probs * tf.reduce_sum(probs * wide, axis=class_axis, keepdims=True)
-            return tf.cast(product, logits_in.dtype)
+    want_grad = _tape_watches(logits)
+
+    @tf.custom_gradient
+    def fused(logits_in):
+        if want_grad:
+            loss, kept.tensor = _host_call(
+                _raise_label_errors(loss_and_grad),
+                [logits_in, labels],
+                [loss_dtype, logits_in.dtype],
+                [labels.shape, logits_in.shape],
+            )
+        else:
+            (loss,) = _host_call(_raise_label_errors(loss_only), [logits_in, labels], [loss_dtype], [labels.shape])
 
         def backward(upstream):
-            held = _kept_gradient(logits_in, grad, hessian_product if from_logits else None)
+            array = kept.take_for_scaling(logits_in, upstream)
+            if array is not None and class_axis == rank - 1:
+                factors = _to_array(upstream).reshape(-1)
+                if not np.all(factors == 1):
+                    scale_rows_(array.reshape(-1, array.shape[-1]), factors)
+                # The kept gradient is now this backward's result: a later backward (a
+                # persistent tape) computes its own.
+                result, kept.tensor, kept.array = kept.tensor, None, None
+                return result
+            grad = kept.tensor if kept.tensor is not None else gradient_call(logits_in)
+            hessian = functools.partial(hessian_product, logits_in=logits_in) if from_logits else None
+            held = _kept_gradient(logits_in, grad, hessian)
             return held * tf.expand_dims(tf.cast(upstream, held.dtype), class_axis)
 
         return loss, backward

@@ -154,3 +154,71 @@ def test_eager_exchange_shares_memory():
     tensor = fxtf._to_tensor(aligned, tf.float32)
     aligned[0, 0] = 5.0
     assert float(tensor[0, 0]) == 5.0
+
+
+def reference_gradient(logits, labels, upstream):
+    _, grad = reference.sparse_cross_entropy_with_grad(as64(logits), np.asarray(labels), reduction="none")
+    return grad * np.asarray(upstream, dtype=np.float64)[:, None]
+
+
+def test_gradient_with_and_without_a_tape_at_the_forward(rng):
+    """The gradient is kept when a tape watches the forward call; otherwise (a tape around a
+    tf.function traced without one, a forward-mode accumulator) the backward computes it."""
+    logits = tf.constant(rng.standard_normal((5, 13)) * 3, tf.float32)
+    labels = tf.constant(rng.integers(0, 13, 5))
+    upstream = tf.constant(rng.choice([0.5, 1.0, 2.0, -1.0], 5), tf.float32)
+    expected = reference_gradient(logits, labels, upstream)
+    op = fxtf.sparse_softmax_cross_entropy_with_logits
+
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        loss = op(labels=labels, logits=logits)
+    assert_grad_close(tape.gradient(loss, logits, output_gradients=upstream).numpy(), expected, np.float32)
+
+    traced = tf.function(lambda x: op(labels=labels, logits=x))
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        loss = traced(logits)
+    assert_grad_close(tape.gradient(loss, logits, output_gradients=upstream).numpy(), expected, np.float32)
+
+    direction = tf.constant(rng.standard_normal((5, 13)), tf.float32)
+    with tf.autodiff.ForwardAccumulator(logits, direction) as accumulator:
+        loss = op(labels=labels, logits=logits)
+    np.testing.assert_allclose(
+        accumulator.jvp(loss).numpy(),
+        (reference_gradient(logits, labels, np.ones(5)) * as64(direction)).sum(-1),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_forward_without_a_tape_computes_no_gradient(rng, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fxtf, "sparse_cross_entropy_with_grad", lambda *a, **k: calls.append(1) or 1 / 0)
+    logits = tf.constant(rng.standard_normal((4, 9)), tf.float32)
+    loss = fxtf.sparse_softmax_cross_entropy_with_logits(labels=[0, 1, 2, 3], logits=logits)
+    assert loss.shape == (4,) and not calls
+
+
+def test_in_place_scaling_serves_one_backward_only(rng):
+    """A persistent tape's second gradient is computed afresh: the first result is not touched."""
+    logits = tf.constant(rng.standard_normal((6, 70000)) * 3, tf.float32)  # pooled buffer size
+    labels = tf.constant(rng.integers(0, 70000, 6))
+    first_up = tf.constant(rng.choice([0.5, 2.0, 3.0], 6), tf.float32)
+    second_up = tf.constant(rng.choice([0.25, 4.0], 6), tf.float32)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(logits)
+        loss = fxtf.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    first = tape.gradient(loss, logits, output_gradients=first_up)
+    kept_copy = first.numpy()
+    second = tape.gradient(loss, logits, output_gradients=second_up)
+    np.testing.assert_array_equal(first.numpy(), kept_copy)
+    assert_grad_close(kept_copy, reference_gradient(logits, labels, first_up), np.float32, scale=3.0)
+    assert_grad_close(second.numpy(), reference_gradient(logits, labels, second_up), np.float32, scale=4.0)
+    # The next forward gets its own buffer while these gradients are alive.
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        loss = fxtf.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    third = tape.gradient(loss, logits, output_gradients=second_up)
+    np.testing.assert_array_equal(first.numpy(), kept_copy)
+    np.testing.assert_array_equal(third.numpy(), second.numpy())
