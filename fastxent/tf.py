@@ -168,16 +168,18 @@ def _raise_label_errors(compute: Callable) -> Callable:
 # ----------------------------------------------------------------------------------------
 
 
-def _kept_gradient(logits, grad, hessian_product: Optional[Callable]):
-    """``grad`` as a function of ``logits`` for autodiff: its derivative is ``hessian_product``
-    (None: second derivatives are not available and asking for them raises)."""
+def _no_second_derivatives(_):
+    raise NotImplementedError("fastxent provides second derivatives for sparse labels with logits only")
+
+
+def _kept_gradient(logits, grad, hessian_product: Callable):
+    """``grad`` as a function of ``logits`` for autodiff: its derivative applied to a vector is
+    ``hessian_product(vector)`` (which may raise where second derivatives are not available)."""
 
     @tf.custom_gradient
     def kept(logits_in):
         def second_order(upstream):
-            if hessian_product is None:
-                raise NotImplementedError("fastxent provides second derivatives for sparse labels with logits only")
-            return hessian_product(upstream)
+            return tf.cast(hessian_product(upstream), logits_in.dtype)
 
         return tf.identity(grad), second_order
 
@@ -217,11 +219,15 @@ class _KeptGradient:
 def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Optional[int] = None, axis: int = -1):
     """Per-row sparse cross-entropy (the labels' shape, float32/float64) with a fused gradient.
 
-    Rows whose label equals ``ignore_index`` have loss 0 and gradient 0. The gradient is computed
-    in the forward call when a gradient tape watches ``logits`` (always inside ``model.fit``'s
-    step), and in the backward call otherwise (a tape outside a ``tf.function``, forward-mode
-    accumulators); without any, only the loss is computed. In eager mode the backward scales
-    the kept gradient in place by the incoming per-row gradient (one pass, no new buffer).
+    Rows whose label equals ``ignore_index`` have loss 0 and gradient 0.
+
+    In eager mode under a tape watching ``logits`` the forward call computes the loss and the
+    gradient in one pass, and the backward scales that gradient in place by the incoming
+    per-row gradient. Otherwise (graphs, so ``model.fit``; forward-mode accumulators) the
+    forward computes the loss alone and the backward computes the gradient with the incoming
+    per-row gradient folded into the kernel as row weights: one pass each, and no N x C
+    multiply. Gradients reach TensorFlow without a copy (DLPack, from a pool of aligned
+    buffers).
     """
     logits = tf.convert_to_tensor(logits)
     labels = tf.convert_to_tensor(labels)
@@ -242,27 +248,57 @@ def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Op
             kept.array = grad
         return loss, grad
 
+    def weighted_grad(logits_array, labels_array, upstream_array):
+        out = _host_empty(logits_array)
+        _, grad = sparse_cross_entropy_with_grad(
+            logits_array, labels_array, out=out, sample_weight=upstream_array, **options
+        )
+        return (grad,)
+
+    def counted_rows():
+        """1 for rows that count, 0 for ignored rows, in the loss dtype, with a class axis."""
+        if ignore_index is None:
+            return tf.ones_like(tf.expand_dims(labels, class_axis), dtype=loss_dtype)
+        counted = tf.cast(tf.not_equal(labels, tf.cast(ignore_index, labels.dtype)), loss_dtype)
+        return tf.expand_dims(counted, class_axis)
+
     def hessian_product(vector, logits_in):
-        # H v = p * v - p * sum(p * v) per row, with p the softmax recomputed in float32 or
-        # wider: taking p from the kept gradient (grad + onehot) would lose the label's
-        # probability to the rounding of p - 1 in half precision. Ignored rows are constant.
-        probs = tf.nn.softmax(tf.cast(logits_in, loss_dtype), axis=class_axis)
-        if ignore_index is not None:
-            kept_rows = tf.cast(tf.not_equal(labels, tf.cast(ignore_index, labels.dtype)), loss_dtype)
-            probs = probs * tf.expand_dims(kept_rows, class_axis)
+        """H v per row in the loss dtype: p * v - p * sum(p * v), ignored rows 0."""
+        # p is recomputed in float32 or wider: taking it from the kept gradient (grad + onehot)
+        # would lose the label's probability to the rounding of p - 1 in half precision.
+        probs = tf.nn.softmax(tf.cast(logits_in, loss_dtype), axis=class_axis) * counted_rows()
         wide = tf.cast(vector, loss_dtype)
-        product = probs * wide - probs * tf.reduce_sum(probs * wide, axis=class_axis, keepdims=True)
-        return tf.cast(product, logits_in.dtype)
+        return probs * wide - probs * tf.reduce_sum(probs * wide, axis=class_axis, keepdims=True)
 
-    def gradient_call(logits_in):
-        return _host_call(
-            _raise_label_errors(loss_and_grad),
-            [logits_in, labels],
-            [loss_dtype, logits_in.dtype],
-            [labels.shape, logits_in.shape],
-        )[1]
+    def weighted_gradient(logits_in, upstream):
+        """The gradient scaled by ``upstream``, computed by one fused call, differentiable."""
 
-    want_grad = _tape_watches(logits)
+        @tf.custom_gradient
+        def weighted(logits_w, upstream_w):
+            (grad,) = _host_call(
+                _raise_label_errors(weighted_grad),
+                [logits_w, labels, tf.cast(upstream_w, loss_dtype)],
+                [logits_w.dtype],
+                [logits_w.shape],
+            )
+
+            def second_order(vector):
+                if not from_logits:
+                    _no_second_derivatives(vector)
+                up = tf.expand_dims(tf.cast(upstream_w, loss_dtype), class_axis)
+                d_logits = up * hessian_product(vector, logits_w)
+                # d grad / d upstream is the unscaled gradient softmax - onehot (0 if ignored).
+                probs = tf.nn.softmax(tf.cast(logits_w, loss_dtype), axis=class_axis)
+                onehot = tf.one_hot(labels, tf.shape(logits_w)[class_axis], axis=class_axis, dtype=loss_dtype)
+                unit = (probs - onehot) * counted_rows()
+                d_upstream = tf.reduce_sum(unit * tf.cast(vector, loss_dtype), axis=class_axis)
+                return tf.cast(d_logits, logits_w.dtype), tf.cast(d_upstream, upstream_w.dtype)
+
+            return grad, second_order
+
+        return weighted(logits_in, upstream)
+
+    want_grad = eager and _tape_watches(logits)
 
     @tf.custom_gradient
     def fused(logits_in):
@@ -286,9 +322,15 @@ def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Op
                 # persistent tape) computes its own.
                 result, kept.tensor, kept.array = kept.tensor, None, None
                 return result
-            grad = kept.tensor if kept.tensor is not None else gradient_call(logits_in)
-            hessian = functools.partial(hessian_product, logits_in=logits_in) if from_logits else None
-            held = _kept_gradient(logits_in, grad, hessian)
+            if kept.tensor is None:
+                return weighted_gradient(logits_in, upstream)
+            # A tape records this backward (second derivatives): the kept gradient times the
+            # incoming one, each differentiable.
+            if from_logits:
+                hessian = functools.partial(hessian_product, logits_in=logits_in)
+            else:
+                hessian = _no_second_derivatives
+            held = _kept_gradient(logits_in, kept.tensor, hessian)
             return held * tf.expand_dims(tf.cast(upstream, held.dtype), class_axis)
 
         return loss, backward
@@ -352,7 +394,7 @@ def dense_per_row(logits, targets, *, from_logits: bool = True, label_smoothing:
         )
 
         def backward(upstream):
-            held = _kept_gradient(logits_in, grad, None)
+            held = _kept_gradient(logits_in, grad, _no_second_derivatives)
             up = tf.expand_dims(upstream, class_axis)
             grad_targets = targets_gradient(logits_in, up) if targets_differentiated else None
             return held * tf.cast(up, held.dtype), grad_targets

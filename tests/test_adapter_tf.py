@@ -222,3 +222,27 @@ def test_in_place_scaling_serves_one_backward_only(rng):
     third = tape.gradient(loss, logits, output_gradients=second_up)
     np.testing.assert_array_equal(first.numpy(), kept_copy)
     np.testing.assert_array_equal(third.numpy(), second.numpy())
+
+
+@pytest.mark.parametrize("mode", ("eager", "graph"))
+def test_gradient_is_differentiable_in_the_incoming_gradient(rng, mode):
+    """d/d(upstream) of <gradient, direction> matches TensorFlow's op (graphs fold the upstream
+    into the kernel, eager mode scales the kept gradient)."""
+    logits = tf.constant(rng.standard_normal((5, 11)) * 3, tf.float32)
+    labels = tf.constant(rng.integers(0, 11, 5))
+    upstream = tf.constant(rng.choice([0.5, 1.0, 2.0], 5), tf.float32)
+    direction = tf.constant(rng.standard_normal((5, 11)), tf.float32)
+
+    def through_upstream(op, up):
+        with tf.GradientTape() as outer:
+            outer.watch(up)
+            with tf.GradientTape() as inner:
+                inner.watch(logits)
+                loss = op(labels=labels, logits=logits)
+            projected = tf.reduce_sum(inner.gradient(loss, logits, output_gradients=up) * direction)
+        return outer.gradient(projected, up)
+
+    run = through_upstream if mode == "eager" else tf.function(through_upstream)
+    ours = run(fxtf.sparse_softmax_cross_entropy_with_logits, upstream)
+    theirs = run(tf.nn.sparse_softmax_cross_entropy_with_logits, upstream)
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6)
