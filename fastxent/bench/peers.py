@@ -17,6 +17,10 @@ Peers compute what a user of that framework would write:
 - PyTorch: ``F.cross_entropy``; forward under ``no_grad``, the gradient with autograd.
 - JAX: ``logsumexp`` minus the target logit, ``jit`` and ``value_and_grad``; half precision is
   widened to float32 inside the jitted function.
+
+Each framework's peer is followed by fastxent's adapter for it (``fastxent.torch``,
+``fastxent.tf``, ``fastxent.jax``) doing the same work in the same harness, so a table shows the
+adapter beside the framework's own loss and beside the core (its "x core" column).
 """
 
 from __future__ import annotations
@@ -275,6 +279,7 @@ class TensorflowPeer(Implementation):
             except RuntimeError:
                 self.notes.append("thread counts were fixed before fastxent bench could set them")
         self.functions: Dict[Any, Any] = {}
+        self.per_row_loss = tf.nn.sparse_softmax_cross_entropy_with_logits
         return None
 
     def _function(self, dtype, mode):
@@ -284,7 +289,7 @@ class TensorflowPeer(Implementation):
             signature = [tf.TensorSpec([None, None], dtype), tf.TensorSpec([None], tf.int64)]
 
             def forward(logits, labels):
-                losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+                losses = self.per_row_loss(labels=labels, logits=logits)
                 return tf.reduce_mean(losses)
 
             def forward_backward(logits, labels):
@@ -338,15 +343,21 @@ class JaxPeer(Implementation):
         except RuntimeError:
             return "no GPU visible to JAX"
 
+        mean_loss = self._mean_loss()
+        self.forward = jax.jit(mean_loss)
+        self.forward_backward = jax.jit(jax.value_and_grad(mean_loss))
+        return None
+
+    def _mean_loss(self):
+        jax, jnp = self.jax, self.jnp
+
         def mean_loss(logits, labels):
             x = logits if logits.dtype in (jnp.float32, jnp.float64) else logits.astype(jnp.float32)
             lse = jax.nn.logsumexp(x, axis=-1)
             target = jnp.take_along_axis(x, labels[:, None], axis=-1)[:, 0]
             return jnp.mean(lse - target)
 
-        self.forward = jax.jit(mean_loss)
-        self.forward_backward = jax.jit(jax.value_and_grad(mean_loss))
-        return None
+        return mean_loss
 
     def prepare(self, logits, labels, modes=MODES):
         logits = self.jax.device_put(_host(logits), self.jax_device)
@@ -372,14 +383,88 @@ class JaxPeer(Implementation):
         return float(np.float32(loss)), str(loss.dtype), None if grad is None else np.asarray(grad)
 
 
+# ----------------------------------------------------------------------------------------
+# fastxent through each framework's adapter: the peer's own setup (threads, inputs, compiled
+# functions), fastxent's adapter in place of the framework's loss.
+# ----------------------------------------------------------------------------------------
+
+
+class FastxentTorch(TorchPeer):
+    """``fastxent.torch.cross_entropy``: no-grad forward, and autograd's gradient."""
+
+    name = label = "fastxent.torch"
+    is_peer = False
+
+    def _load(self):
+        reason = super()._load()
+        if reason is None:
+            import fastxent.torch
+
+            self.adapter = fastxent.torch
+        return reason
+
+    def run(self, state, mode):
+        torch = self.torch
+        if mode == FORWARD:
+            with torch.no_grad():
+                return self.adapter.cross_entropy(state["logits"], state["labels"]), None
+        loss = self.adapter.cross_entropy(state["leaf"], state["labels"])
+        (grad,) = torch.autograd.grad(loss, state["leaf"])
+        return loss, grad
+
+
+class FastxentTensorflow(TensorflowPeer):
+    """``fastxent.tf.sparse_softmax_cross_entropy_with_logits`` in the same ``tf.function``
+    (and ``GradientTape``) as TensorFlow's own op."""
+
+    name = label = "fastxent.tf"
+    is_peer = False
+
+    def _load(self):
+        reason = super()._load()
+        if reason is None:
+            import fastxent.tf
+
+            self.per_row_loss = fastxent.tf.sparse_softmax_cross_entropy_with_logits
+        return reason
+
+
+class FastxentJax(JaxPeer):
+    """``fastxent.jax.sparse_cross_entropy`` (optax's drop-in), its mean under ``jit`` and
+    ``value_and_grad``."""
+
+    name = label = "fastxent.jax"
+    is_peer = False
+
+    def _mean_loss(self):
+        import fastxent.jax
+
+        def mean_loss(logits, labels):
+            return self.jnp.mean(fastxent.jax.sparse_cross_entropy(logits, labels))
+
+        return mean_loss
+
+
 PEERS = {"numpy": NumpyPeer, "tensorflow": TensorflowPeer, "torch": TorchPeer, "jax": JaxPeer}
-IMPLEMENTATIONS = {"fastxent": Fastxent, "fastxent-inplace": FastxentInplace, "fastxent-out": FastxentOut, **PEERS}
+ADAPTERS = {"tensorflow": FastxentTensorflow, "torch": FastxentTorch, "jax": FastxentJax}
+IMPLEMENTATIONS = {
+    "fastxent": Fastxent,
+    "fastxent-inplace": FastxentInplace,
+    "fastxent-out": FastxentOut,
+    **PEERS,
+    **{adapter.name: adapter for adapter in ADAPTERS.values()},
+}
 
 
 def implementations(peers) -> List[Implementation]:
-    """fastxent (new gradient, in place, into a kept buffer), then the named peers, each a fresh
-    (unloaded) object."""
+    """fastxent (new gradient, in place, into a kept buffer), then each named peer followed by
+    fastxent's adapter for that framework, each a fresh (unloaded) object."""
     unknown = [name for name in peers if name not in PEERS]
     if unknown:
         raise ValueError(f"unknown peer {unknown[0]!r}; expected some of {', '.join(PEER_NAMES)}")
-    return [Fastxent(), FastxentInplace(), FastxentOut()] + [PEERS[name]() for name in peers]
+    chosen: List[Implementation] = [Fastxent(), FastxentInplace(), FastxentOut()]
+    for name in peers:
+        chosen.append(PEERS[name]())
+        if name in ADAPTERS:
+            chosen.append(ADAPTERS[name]())
+    return chosen

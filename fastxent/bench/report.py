@@ -15,6 +15,7 @@ COLUMNS = (
     "implementation",
     "time ms",
     "fastxent speed-up",
+    "x core",
     "x floor",
     "GB/s",
     "peak extra mem",
@@ -81,6 +82,11 @@ def _error(value: Optional[float]) -> str:
     return "nan" if math.isnan(value) else f"{value:.1e}"
 
 
+def _is_adapter(row: Dict) -> bool:
+    """fastxent reached through a framework's adapter (fastxent.torch, fastxent.tf, fastxent.jax)."""
+    return row["impl"].startswith("fastxent.")
+
+
 def derived(entry: Entry) -> List[Dict]:
     """The rows of one table, each with the derived columns; the floor is the last row."""
     fastxent = entry.row("fastxent")
@@ -92,6 +98,7 @@ def derived(entry: Entry) -> List[Dict]:
             dict(
                 row,
                 speedup=median / base if (row["peer"] and base and median) else None,
+                core_multiple=median / base if (_is_adapter(row) and base and median) else None,
                 floor_multiple=median / entry.floor_s if (median and entry.floor_s) else None,
                 gbps=entry.bytes_moved / median / 1e9 if median else None,
             )
@@ -124,6 +131,7 @@ def _cells(row: Dict) -> Dict[str, str]:
         "implementation": row["label"],
         "time ms": _ms(row["median_s"]),
         "fastxent speed-up": _ratio(row["speedup"]),
+        "x core": _ratio(row.get("core_multiple")),
         "x floor": _ratio(row["floor_multiple"]),
         "GB/s": f"{row['gbps']:.3g}" if row["gbps"] else "",
         "peak extra mem": _bytes(row.get("peak_extra_bytes")),
@@ -169,6 +177,11 @@ def speedup_summary(entries: Sequence[Entry]) -> List[str]:
                     ratios.setdefault(row["label"], []).append(row["speedup"])
                 if row["impl"] == "fastxent" and row["floor_multiple"]:
                     floors.append(row["floor_multiple"])
+        adapters: Dict[str, List[float]] = {}
+        for entry in (e for e in entries if e.mode == mode):
+            for row in derived(entry):
+                if row.get("core_multiple"):
+                    adapters.setdefault(row["label"], []).append(row["core_multiple"])
         parts = [f"{label} {_ratio(_geomean(values))}" for label, values in ratios.items()]
         floor = f"; fastxent's time is {_ratio(_geomean(floors))} the floor's" if floors else ""
         if parts or floor:
@@ -177,6 +190,12 @@ def speedup_summary(entries: Sequence[Entry]) -> List[str]:
                 + (", ".join(parts) or "no peer")
                 + " (geometric mean over the cases)"
                 + floor
+            )
+        if adapters:
+            lines.append(
+                f"{mode}: through the adapters, "
+                + ", ".join(f"{label} takes {_ratio(_geomean(values))}" for label, values in adapters.items())
+                + " the core's time (geometric mean over the cases)"
             )
     return lines
 
@@ -195,7 +214,8 @@ def terminal(result: Dict, settings) -> str:
         for index, row in enumerate(cells):
             text = "  ".join(
                 cell.rjust(width) if i else cell.ljust(width)
-                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+                # The last column (status) is not padded: no width for it.
+                for i, (cell, width) in enumerate(zip(row, widths, strict=False))
             )
             lines.append(("  " + text + "  " + row[-1]).rstrip())
             if index == 0:
