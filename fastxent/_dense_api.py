@@ -12,38 +12,13 @@ PyTorch return NaN there: 0 * -inf). With one-hot targets the loss equals the sp
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import numpy as np
 
-from fastxent._api import (
-    _FLOAT_DTYPES,
-    REDUCTIONS,
-    Reduction,
-    _as_logits,
-    _backend_for,
-    _class_weights,
-    _hint_scalars,
-    _loss_dtype,
-    _normalise_axis,
-    _reduce,
-    _reject_negative_probabilities,
-    _row_weights,
-    _rows_view,
-    _to_host,
-    _warn_if_probabilities,
-)
+from fastxent import _checks as checks
+from fastxent._checks import Reduction
 from fastxent._options import KernelOptions
-
-
-def _check_options(from_logits, reduction, label_smoothing):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(map(repr, REDUCTIONS))}")
-    if not isinstance(from_logits, (bool, np.bool_)):
-        raise TypeError(f"from_logits must be a bool; got {from_logits!r}")
-    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= float(label_smoothing) < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
 
 
 def _dense_launcher(backend):
@@ -60,7 +35,7 @@ def _dense_launcher(backend):
     )
 
 
-def _run(
+def run(
     logits,
     targets,
     *,
@@ -73,19 +48,17 @@ def _run(
     axis,
     unit_mass_grad=False,
 ):
-    """The shared body of the public functions. ``unit_mass_grad`` (for the TensorFlow adapter):
-    the gradient TensorFlow's softmax_cross_entropy_with_logits returns, softmax - targets, which
-    differs from the derivative when target rows do not sum to 1."""
-    _check_options(from_logits, reduction, label_smoothing)
-    backend = _backend_for(logits)
-    xp, logits = _as_logits(logits, backend)
+    """The shared body of the public functions, for the adapters too. ``unit_mass_grad`` (for
+    the TensorFlow adapter): the gradient TensorFlow's softmax_cross_entropy_with_logits returns,
+    softmax - targets, which differs from the derivative when target rows do not sum to 1."""
+    checks.check_options(from_logits, reduction, label_smoothing)
+    backend = checks.backend_for(logits)
+    xp, logits = checks.as_logits(logits, backend)
     launch = _dense_launcher(backend)
-    axis = _normalise_axis(axis, logits.ndim)
-    num_classes = int(logits.shape[axis])
-    if num_classes == 0:
-        raise ValueError(f"logits have no classes: shape {tuple(logits.shape)} is 0 along axis {axis}")
+    axis = checks.normalise_axis(axis, logits.ndim)
+    num_classes = checks.check_num_classes(logits, axis)
     targets = xp.asarray(targets)
-    if targets.dtype.kind not in "fiub" and targets.dtype not in _FLOAT_DTYPES:
+    if targets.dtype.kind not in "fiub" and targets.dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"targets must be numbers (one-hot or probability rows); got dtype {targets.dtype}")
     if tuple(targets.shape) != tuple(logits.shape):
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal the logits shape {tuple(logits.shape)}")
@@ -93,21 +66,20 @@ def _run(
     # of the targets, never of the logits).
     if targets.dtype != logits.dtype:
         targets = targets.astype(logits.dtype)
-    lead_shape = tuple(logits.shape[:axis] + logits.shape[axis + 1 :])
+    lead_shape = checks.lead_shape_of(logits.shape, axis)
     num_rows = int(np.prod(lead_shape, dtype=np.int64))
 
-    weights = _class_weights(class_weight, num_classes, xp)
-    row_weight = _row_weights(sample_weight, lead_shape, num_rows, xp, "the rows' shape")
+    weights = checks.class_weights(class_weight, num_classes, xp)
+    row_weight = checks.row_weights(sample_weight, lead_shape, xp, rows_name="the rows' shape")
 
     # The scalars the host needs, read back together (one synchronisation on a GPU).
-    device_scalars = _hint_scalars(logits, axis, from_logits, xp)
+    device_scalars = checks.hint_scalars(logits, axis, from_logits, xp)
     if weights is not None:
         device_scalars["weight_total"] = weights.sum()
     if reduction == "mean":
         device_scalars["denominator"] = row_weight.sum()
-    host = _to_host(device_scalars, xp)
-    _warn_if_probabilities(host, logits.dtype, num_classes)
-    weight_total = host["weight_total"] if weights is not None else float(num_classes)
+    host = checks.to_host(device_scalars, xp)
+    checks.warn_if_probabilities(host, logits.dtype, num_classes)
     denominator = float(num_rows) if reduction == "sum_over_batch_size" else host.get("denominator", 1.0)
     options = KernelOptions(
         from_logits=bool(from_logits),
@@ -115,21 +87,24 @@ def _run(
         z_loss=0.0,
         softcap=None,
         class_weight=weights,
-        class_weight_total=weight_total,
+        class_weight_total=host["weight_total"] if weights is not None else float(num_classes),
         num_classes=num_classes,
-        grad_scale=0.0 if denominator == 0.0 else 1.0 / denominator,
+        grad_scale=checks.grad_scale_for(denominator),
     )
-    rows = _rows_view(logits, axis, xp)
-    target_rows = _rows_view(targets, axis, xp)
+    rows = checks.rows_view(logits, axis, xp)
+    target_rows = checks.rows_view(targets, axis, xp)
     launch_options = {"unit_mass_grad": True} if unit_mass_grad else {}
     per_row, grad_rows, row_min = launch(rows, target_rows, row_weight, options, want_grad=want_grad, **launch_options)
     if row_min is not None:
-        _reject_negative_probabilities(row_min, lead_shape, xp)
-    loss = _reduce(per_row, reduction, denominator, lead_shape, _loss_dtype(logits.dtype), xp)
+        checks.reject_negative_probabilities(row_min, lead_shape, xp)
+    loss = checks.reduce_loss(per_row, reduction, denominator, lead_shape, checks.loss_dtype(logits.dtype), xp)
     if not want_grad:
         return loss
-    grad = xp.moveaxis(grad_rows.reshape(lead_shape + (num_classes,)), -1, axis)
-    return loss, grad
+    return loss, checks.grad_like(grad_rows, lead_shape, axis, xp)
+
+
+# The name fastxent.tf called before ``run`` was public; kept until the adapter uses ``run``.
+_run = run
 
 
 def categorical_cross_entropy(
@@ -163,7 +138,7 @@ def categorical_cross_entropy(
     Returns:
         The loss: float32 (float64 for float64 logits); 0-d, or the rows' shape for "none".
     """
-    return _run(
+    return run(
         logits,
         targets,
         want_grad=False,
@@ -195,7 +170,7 @@ def categorical_cross_entropy_with_grad(
         (loss, grad): the loss as ``categorical_cross_entropy`` returns it, and the gradient with
         the logits' shape and dtype.
     """
-    return _run(
+    return run(
         logits,
         targets,
         want_grad=True,

@@ -22,22 +22,23 @@ Errors are PyTorch's types too: a label out of range is a ``TargetOutOfBoundsErr
 (``ValueError`` and ``RuntimeError``).
 
 Tensors are exchanged without copies through DLPack: CPU tensors with NumPy, CUDA tensors with
-CuPy (fastxent's GPU backend, on PyTorch's current stream). Import this module explicitly:
+CuPy (fastxent's GPU backend, on PyTorch's current stream); see ``fastxent._torch_interop``
+(bfloat16 CUDA tensors are accepted, through a float32 copy where CuPy has no bfloat16 dtype).
+Import this module explicitly:
 ``import fastxent.torch``.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._C import _functorch
 from torch.autograd import forward_ad
 
+from fastxent import _torch_interop as interop
 from fastxent._api import sparse_cross_entropy, sparse_cross_entropy_with_grad
 from fastxent._dense_api import (
     categorical_cross_entropy,
@@ -61,65 +62,6 @@ class TargetOutOfBoundsError(ValueError, IndexError):
 class InvalidInputError(ValueError, RuntimeError):
     """A shape, dtype or option that PyTorch rejects: fastxent's ``ValueError``, also the
     ``RuntimeError`` PyTorch raises for it, so code written for PyTorch keeps catching it."""
-
-
-# ----------------------------------------------------------------------------------------
-# Zero-copy exchange
-# ----------------------------------------------------------------------------------------
-
-
-def _bfloat16_numpy():
-    from ml_dtypes import bfloat16
-
-    return np.dtype(bfloat16)
-
-
-def _cupy():
-    """CuPy, through fastxent's GPU backend (which raises an install hint without it)."""
-    from fastxent.gpu import load_backend
-
-    return load_backend()[0]
-
-
-def _to_array(tensor: torch.Tensor):
-    """A NumPy (CPU) or CuPy (CUDA) array sharing the tensor's memory."""
-    tensor = tensor.detach()
-    if tensor.device.type == "cuda":
-        if tensor.dtype == torch.bfloat16:
-            raise TypeError(
-                "bfloat16 CUDA tensors cannot be handed to fastxent's GPU backend yet (CuPy has no "
-                "bfloat16 dtype); use float16 or float32 logits"
-            )
-        return _cupy().from_dlpack(tensor)
-    if tensor.device.type != "cpu":
-        raise TypeError(f"fastxent takes CPU or CUDA tensors; got a tensor on {tensor.device}")
-    if tensor.dtype == torch.bfloat16:
-        # NumPy has no bfloat16 in DLPack: view the bits as int16, then as ml_dtypes' bfloat16.
-        return np.from_dlpack(tensor.view(torch.int16)).view(_bfloat16_numpy())
-    return np.from_dlpack(tensor)
-
-
-def _to_tensor(array) -> torch.Tensor:
-    """A tensor sharing the array's memory: on the CPU for NumPy, on the GPU for CuPy."""
-    if isinstance(array, np.ndarray):
-        if array.dtype == _bfloat16_numpy():
-            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(array)
-    return torch.from_dlpack(array)
-
-
-@contextlib.contextmanager
-def _device_stream(tensor: torch.Tensor):
-    """Launch CuPy work on PyTorch's current stream of the tensor's device (nothing on the CPU)."""
-    if tensor.device.type != "cuda":
-        yield
-        return
-    cupy = _cupy()
-    with (
-        cupy.cuda.Device(tensor.device.index),
-        cupy.cuda.ExternalStream(torch.cuda.current_stream(tensor.device).cuda_stream),
-    ):
-        yield
 
 
 # ----------------------------------------------------------------------------------------
@@ -148,16 +90,16 @@ def _fused_loss_and_grad(input, target, weight, ignore_index, reduction, label_s
     by the number of rows; a "mean" over nothing is NaN."""
     class_axis = _class_axis(input)
     probabilities = target.is_floating_point()
-    logits = _to_array(input)
-    class_weight = None if weight is None else _to_array(weight)
+    logits = interop.to_array(input)
+    class_weight = None if weight is None else interop.to_array(weight)
     try:
-        with _device_stream(input):
+        with interop.on_stream(input):
             if probabilities:
                 core_reduction = "sum_over_batch_size" if reduction == "mean" else reduction
                 run = categorical_cross_entropy_with_grad if want_grad else categorical_cross_entropy
                 result = run(
                     logits,
-                    _to_array(target),
+                    interop.to_array(target),
                     reduction=core_reduction,
                     label_smoothing=label_smoothing,
                     class_weight=class_weight,
@@ -167,7 +109,7 @@ def _fused_loss_and_grad(input, target, weight, ignore_index, reduction, label_s
                 run = sparse_cross_entropy_with_grad if want_grad else sparse_cross_entropy
                 result = run(
                     logits,
-                    _to_array(target),
+                    interop.to_array(target),
                     reduction=reduction,
                     ignore_index=ignore_index,
                     label_smoothing=label_smoothing,
@@ -180,8 +122,8 @@ def _fused_loss_and_grad(input, target, weight, ignore_index, reduction, label_s
         raise InvalidInputError(str(error)) from None
     loss_array, grad_array = result if want_grad else (result, None)
     out_dtype = torch.promote_types(input.dtype, target.dtype) if probabilities else input.dtype
-    loss = _to_tensor(loss_array).to(out_dtype)
-    grad = input.new_empty(0) if grad_array is None else _to_tensor(grad_array)
+    loss = interop.to_tensor(loss_array).to(out_dtype)
+    grad = input.new_empty(0) if grad_array is None else interop.to_tensor(grad_array).to(input.dtype)
 
     # fastxent's "mean" is 0.0 when there is nothing to divide by; PyTorch's is NaN (0 / 0),
     # and its gradient is NaN on every counted row.

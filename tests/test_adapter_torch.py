@@ -247,15 +247,17 @@ def test_an_in_place_change_before_backward_raises():
 
 
 def test_exchange_is_zero_copy():
+    from fastxent import _torch_interop as interop
+
     for dtype in TORCH_DTYPES.values():
         tensor = torch.randn(4, 6).to(dtype)
-        array = fxt._to_array(tensor)
+        array = interop.to_array(tensor)
         assert array.ctypes.data == tensor.data_ptr() and array.shape == (4, 6)
-        back = fxt._to_tensor(array)
+        back = interop.to_tensor(array)
         assert back.data_ptr() == tensor.data_ptr() and back.dtype == dtype
     # A non-contiguous view is shared as a view too.
     wide = torch.randn(6, 4)
-    assert fxt._to_array(wide.t()).ctypes.data == wide.data_ptr()
+    assert interop.to_array(wide.t()).ctypes.data == wide.data_ptr()
 
 
 def train(loss_function, steps=25, seed=0):

@@ -209,11 +209,44 @@ def test_tensorflow_style_gradient(rng):
         sample_weight=None,
         axis=-1,
     )
-    loss, grad = _dense_api._run(logits, targets, unit_mass_grad=True, **options)
-    exact_loss, exact_grad = _dense_api._run(logits, targets, **options)
+    loss, grad = _dense_api.run(logits, targets, unit_mass_grad=True, **options)
+    exact_loss, exact_grad = _dense_api.run(logits, targets, **options)
     softmax = np.exp(logits - logits.max(1, keepdims=True))
     softmax /= softmax.sum(1, keepdims=True)
     np.testing.assert_array_equal(loss, exact_loss)
     np.testing.assert_allclose(grad, softmax - targets, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(exact_grad, targets.sum(1, keepdims=True) * softmax - targets, rtol=1e-12, atol=1e-15)
     assert not np.allclose(grad, exact_grad)
+
+
+@pytest.mark.parametrize("kind", ("target_at_max", "target_below"))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_huge_logits(rng, dtype, kind):
+    """Logits of magnitude 1e30 (6e4 for float16) over rows of three blocks, as for sparse labels
+    (tests/test_edges.py): the loss is exact after subtracting the max, ln k for a target among
+    k tied maxima. Guards the fast-math rule: no "reassoc" on the row drivers, whose
+    distance + mass * log(sum_exp) it could regroup into something that cancels."""
+    big = 6e4 if np.dtype(dtype) == np.float16 else 1e30
+    num_classes = 2 * BLOCK + 7
+    logits = random_logits(rng, (3, num_classes), dtype)
+    labels = np.array([5, BLOCK + 3, num_classes - 2])
+    for i, label in enumerate(labels):
+        if kind == "target_at_max":
+            logits[i] = np.where(rng.random(num_classes) < 0.5, -big, logits[i])
+            logits[i, [1, label, BLOCK + 9]] = big  # a three-way tie at the max, in different blocks
+        else:
+            logits[i] = np.where(rng.random(num_classes) < 0.5, big, logits[i])
+            logits[i, label] = -big
+    targets = np.eye(num_classes, dtype=dtype)[labels]
+    loss, grad = fastxent.categorical_cross_entropy_with_grad(logits, targets, reduction="none")
+    ref_loss, ref_grad = reference.categorical_cross_entropy_with_grad(logits, targets, reduction="none")
+    rows = logits.astype(np.float64)
+    for i, label in enumerate(labels):
+        top = rows[i].max()
+        stated = (top - rows[i, label]) + np.log(np.count_nonzero(rows[i] == top))
+        np.testing.assert_allclose(float(loss[i]), stated, rtol=1e-6)
+    assert_loss_close(loss, ref_loss, dtype)
+    assert_grad_close(grad, ref_grad, dtype)
+    # The sparse kernel gives the same rows the same loss.
+    sparse = fastxent.sparse_cross_entropy(logits, labels, reduction="none")
+    assert_loss_close(loss, sparse, dtype)

@@ -364,6 +364,7 @@ def test_torch_function(rng, monkeypatch, case, kernel):
 @pytest.mark.parametrize("kernel", ["numba", "torch-ops"])
 def test_torch_function_bfloat16(rng, kernel):
     torch = pytest.importorskip("torch")
+    from fastxent import _torch_interop as interop
     from fastxent.distributed import _sharded as sharded_module
     from fastxent.distributed import _torch
 
@@ -373,7 +374,7 @@ def test_torch_function_bfloat16(rng, kernel):
 
     def work(comm):
         lo, hi = starts[comm.rank], starts[comm.rank + 1]
-        local = _torch._from_numpy(np.ascontiguousarray(logits[:, lo:hi])).clone().requires_grad_(True)
+        local = interop.from_numpy(np.ascontiguousarray(logits[:, lo:hi])).clone().requires_grad_(True)
         local_kwargs = shard_kwargs(kwargs, lo, hi)
         settings = sharded_module.check_settings(
             True,
@@ -396,7 +397,7 @@ def test_torch_function_bfloat16(rng, kernel):
             use,
         )
         loss.backward()
-        return loss.detach().numpy(), _torch._to_numpy(local.grad)
+        return loss.detach().numpy(), interop.to_numpy(local.grad)
 
     results = run_ranks(2, work)
     for result in results:

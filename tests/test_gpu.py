@@ -659,7 +659,7 @@ def from_device_rows(array, dtype):
 
 def range_case(rng, dtype, option, num_rows=7, num_classes=1500, lo=400, hi=1300):
     """Rows of classes [lo, hi) of longer rows; targets inside, elsewhere (both sides), ignored."""
-    from fastxent.cpu import partial as cpu_partial
+    from fastxent import _range
 
     logits = random_logits(rng, (num_rows, num_classes), dtype)
     labels = rng.integers(lo, hi, num_rows)
@@ -677,8 +677,8 @@ def range_case(rng, dtype, option, num_rows=7, num_classes=1500, lo=400, hi=1300
         grad_scale=0.25,
     )
     rows = np.ascontiguousarray(logits[:, lo:hi])
-    local = cpu_partial.local_labels(labels, lo, hi - lo)
-    assert set(local[:4]) >= {cpu_partial.ELSEWHERE, cpu_partial.IGNORED}
+    local = _range.local_labels(labels, lo, hi - lo)
+    assert set(local[:4]) >= {_range.ELSEWHERE, _range.IGNORED}
     return rows, local, options
 
 
@@ -694,6 +694,7 @@ def value_rtol_for(options, dtype) -> float:
 @pytest.mark.parametrize("option", tuple(RANGE_OPTIONS))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 def test_class_range_matches_cpu(rng, monkeypatch, dtype, option, layout):
+    from fastxent import _range
     from fastxent.cpu import partial as cpu_partial
     from fastxent.gpu import partial as gpu_partial
 
@@ -720,8 +721,8 @@ def test_class_range_matches_cpu(rng, monkeypatch, dtype, option, layout):
     assert got.row_max[3] == -np.inf and got.sum_exp[3] == 0.0  # the ignored row: the identity
 
     # Gradient from the same coefficients (as if this range were merged with the others).
-    target_weight = cpu_partial.target_weights(local, options.class_weight)
-    coefs = cpu_partial.finish_rows(ref, local, target_weight, np.ones(len(local)), options)
+    target_weight = _range.target_weights(local, options.class_weight)
+    coefs = _range.finish_rows(ref, local, target_weight, np.ones(len(local)), options)
     ref_grad = cpu_partial.range_grad(rows, local, ref, coefs, target_weight, options)
     for inplace in (False, True):
         source = dev_rows.copy()
@@ -804,18 +805,9 @@ def test_sharded_loss_on_gpu_ranks(rng, monkeypatch, option):
             lo,
         )
         rows = cupy.asarray(np.ascontiguousarray(logits[:, lo:hi]))
+        shard = _sharded.Shard(rows, lo, hi - lo, np.float32, local_kwargs.get("class_weight"))
         forward = _sharded.sharded_forward(
-            comm,
-            gpu_partial.CupyKernel(),
-            rows,
-            num_rows=labels.size,
-            width=hi - lo,
-            logits_dtype=np.float32,
-            vocab_start=lo,
-            labels=labels,
-            sample_weight=local_kwargs.get("sample_weight"),
-            class_weight=local_kwargs.get("class_weight"),
-            settings=settings,
+            comm, gpu_partial.CupyKernel(), shard, labels, settings, local_kwargs.get("sample_weight")
         )
         return forward.loss, host(forward.grad())
 
@@ -838,6 +830,8 @@ def test_torch_tensors_through_the_cuda_kernel(rng, dtype):
     gradient into a new tensor or in place. CUDA tensors on a GPU; CPU tensors on the host
     emulator, whose CuPy stand-in takes DLPack from any tensor."""
     torch = pytest.importorskip("torch")
+    from fastxent import _range
+    from fastxent import _torch_interop as interop
     from fastxent.cpu import partial as cpu_partial
     from fastxent.distributed import _torch
 
@@ -846,7 +840,7 @@ def test_torch_tensors_through_the_cuda_kernel(rng, dtype):
         pytest.skip("PyTorch sees no CUDA device")
     rows, local, options = range_case(rng, np.float32, "smoothing_and_class_weight")
     tensor = torch.from_numpy(rows).to(getattr(torch, dtype)).to(device)
-    rows = _torch._to_numpy(tensor.cpu())  # the values as stored
+    rows = interop.to_numpy(tensor.cpu())  # the values as stored
     ref = cpu_partial.range_stats(rows, local, options)
     kernel = _torch.CudaKernel()
     got = kernel.stats(tensor, local, options)
@@ -854,15 +848,15 @@ def test_torch_tensors_through_the_cuda_kernel(rng, dtype):
     np.testing.assert_allclose(got.sum_exp, ref.sum_exp, rtol=1e-12 if dtype == "float64" else 1e-5)
     np.testing.assert_array_equal(got.target_input, ref.target_input)
 
-    target_weight = cpu_partial.target_weights(local, options.class_weight)
-    coefs = cpu_partial.finish_rows(ref, local, target_weight, np.ones(len(local)), options)
+    target_weight = _range.target_weights(local, options.class_weight)
+    coefs = _range.finish_rows(ref, local, target_weight, np.ones(len(local)), options)
     ref_grad = cpu_partial.range_grad(rows, local, ref, coefs, target_weight, options).astype(np.float64)
     grad = kernel.grad(tensor, local, ref, coefs, target_weight, options, inplace=False)
     assert grad.dtype == tensor.dtype and grad.device == tensor.device and grad.data_ptr() != tensor.data_ptr()
-    assert_grad_close(_torch._to_numpy(grad.cpu()), ref_grad, rows.dtype)
+    assert_grad_close(interop.to_numpy(grad.cpu()), ref_grad, rows.dtype)
     same = kernel.grad(tensor, local, ref, coefs, target_weight, options, inplace=True)
     assert same is tensor
-    assert_grad_close(_torch._to_numpy(tensor.cpu()), ref_grad, rows.dtype)
+    assert_grad_close(interop.to_numpy(tensor.cpu()), ref_grad, rows.dtype)
 
 
 @pytest.mark.parametrize("mode", ("new", "inplace", "class_axis_first"))

@@ -103,7 +103,7 @@ def describe(device: str = "cpu", threads: Optional[int] = None) -> Dict:
     flags = _cpu_flags(lscpu)
     model = lscpu.get("Model name") or platform.processor() or platform.machine()
     try:
-        from fastxent.cpu._threading import threading_layer_in_use
+        from fastxent.cpu.xent import threading_layer_in_use
 
         layer = threading_layer_in_use()
     except Exception:

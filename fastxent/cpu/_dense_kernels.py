@@ -37,27 +37,13 @@ from numba import njit, prange, types
 from numba.core.extending import overload
 
 from fastxent.cpu._bits import as_compute, from_compute, from_order_key, order_key, to_compute
-from fastxent.cpu._math import FASTMATH, exp_c
+from fastxent.cpu._constants import BLOCK, FASTMATH, PROB_EPS, PROB_ONE_MINUS_EPS
+from fastxent.cpu._kernels import class_weight_range, segment_max
+from fastxent.cpu._math import exp_c
 
-# A block of logits and its targets (2 x 8 KiB of float32) stays in L1 between the max scan
-# and the sums.
-BLOCK = 2048
-
-# Keras' epsilon(); its clip bounds are 1e-7 and 1 - 1e-7 cast to the tensor's dtype, so they
-# are formed in the compute type (float32 bounds for float32 and half inputs).
-PROB_EPS_VALUE = 1e-7
-
-
-def weights_range(class_weight, lo, hi):
-    """class_weight[lo:hi], or None without class weights (Python stub for Numba)."""
-    return None if class_weight is None else class_weight[lo:hi]
-
-
-@overload(weights_range, inline="always")
-def _weights_range_overload(class_weight, lo, hi):
-    if class_weight is None or class_weight == types.none:
-        return lambda class_weight, lo, hi: None
-    return lambda class_weight, lo, hi: class_weight[lo:hi]
+# Fast-math goes on the leaf loops only (segment_terms, logit_row_grad, the probability row's
+# loops); the row drivers, which hold the block merge and the loss, are compiled without it
+# (see ``_constants.py``).
 
 
 def weight_of(weights, j, like):
@@ -80,18 +66,6 @@ def target_mass(raw_target, weight, keep, uniform):
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
-def segment_max(segment):
-    """Max of a non-empty segment of logits via integer order keys (a float compare-and-select
-    max does not vectorize). A positive NaN wins, a negative one loses; the exp-sum turns the
-    row into NaN either way."""
-    best = order_key(to_compute(segment[0]))
-    for j in range(segment.shape[0]):
-        key = order_key(to_compute(segment[j]))
-        best = key if key > best else best
-    return from_order_key(best)
-
-
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def segment_terms(segment, targets, weights, reference, keep, uniform):
     """(sum exp(x - r), sum a, sum a (r - x)) over one block, in compute-type lanes."""
     zero = as_compute(0.0, segment[0])
@@ -108,7 +82,7 @@ def segment_terms(segment, targets, weights, reference, keep, uniform):
     return np.float64(sum_exp), np.float64(mass), np.float64(distance)
 
 
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def logit_row_stats(row, targets, class_weight, keep, uniform):
     """(reference, sum_exp, mass, distance) of one row of logits, block by block."""
     width = row.shape[0]
@@ -121,7 +95,7 @@ def logit_row_stats(row, targets, class_weight, keep, uniform):
     for block_lo in range(0, width, BLOCK):
         block_hi = min(block_lo + BLOCK, width)
         segment = row[block_lo:block_hi]
-        block_max = segment_max(segment)
+        block_max = segment_max(segment, None)
         if block_max > running_max:
             # exp(old_max - new_max) is 0 for an old max of -inf: the old sum is 0 there anyway.
             sum_exp *= math.exp(np.float64(running_max) - np.float64(block_max))
@@ -132,7 +106,7 @@ def logit_row_stats(row, targets, class_weight, keep, uniform):
         block_sum, block_mass, block_distance = segment_terms(
             segment,
             targets[block_lo:block_hi],
-            weights_range(class_weight, block_lo, block_hi),
+            class_weight_range(class_weight, block_lo, block_hi),
             reference,
             keep,
             uniform,
@@ -154,7 +128,7 @@ def logit_row_grad(row, targets, row_out, class_weight, keep, uniform, reference
         row_out[j] = from_compute(prob_coef * exp_c(value - reference) - mass_coef * amount, row_out[0])
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def logit_rows(
     logits, targets, grad_out, class_weight, keep, uniform, sample_weight, grad_scale, unit_mass_grad, loss_out
 ):
@@ -193,8 +167,8 @@ def logit_rows(
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
 def clip_prob(value):
     """Keras' clip to [1e-7, 1 - 1e-7] with the bounds in the compute type; NaN passes through."""
-    low = as_compute(PROB_EPS_VALUE, value)
-    high = as_compute(1.0 - PROB_EPS_VALUE, value)
+    low = as_compute(PROB_EPS, value)
+    high = as_compute(PROB_ONE_MINUS_EPS, value)
     value = low if value < low else value
     return high if value > high else value
 
@@ -221,21 +195,44 @@ def prob_slope(raw, inverse_sum, amount):
     """(q, dL/dq) for one class: q = p / sum p, dL/dq = -a / clip(q) where 1e-7 <= q <= 1 - 1e-7,
     else 0 (clip's derivative is 1 inside its bounds, both included as in TensorFlow, 0 outside)."""
     normalised = to_compute(raw) * inverse_sum
-    low = as_compute(PROB_EPS_VALUE, normalised)
-    high = as_compute(1.0 - PROB_EPS_VALUE, normalised)
+    low = as_compute(PROB_EPS, normalised)
+    high = as_compute(PROB_ONE_MINUS_EPS, normalised)
     inside = normalised >= low and normalised <= high
     slope = -amount / clip_prob(normalised)
     return normalised, slope if inside else as_compute(0.0, normalised)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+def prob_row_loss(row, targets, class_weight, keep, uniform, inverse_sum):
+    """(-sum a log clip(q), G = sum (dL/dq) q) of one row, q = p / sum p (G: the division's gradient)."""
+    loss = 0.0
+    slope_dot = 0.0
+    for j in range(row.shape[0]):
+        amount = target_mass(targets[j], weight_of(class_weight, j, row[0]), keep, uniform)
+        normalised, slope = prob_slope(row[j], inverse_sum, amount)
+        if amount != 0:
+            loss -= amount * math.log(clip_prob(normalised))
+        slope_dot += slope * normalised
+    return loss, slope_dot
+
+
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+def prob_row_grad(row, targets, row_out, class_weight, keep, uniform, inverse_sum, coef, shift):
+    """Write coef (dL/dq_j - shift) over the row: the gradient through the division."""
+    for j in range(row.shape[0]):
+        amount = target_mass(targets[j], weight_of(class_weight, j, row[0]), keep, uniform)
+        _, slope = prob_slope(row[j], inverse_sum, amount)
+        row_out[j] = from_compute(coef * (slope - shift), row_out[0])
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
 def prob_rows(probs, targets, grad_out, class_weight, keep, uniform, sample_weight, grad_scale, loss_out, row_min_out):
     """Row-parallel loss (and gradient unless ``grad_out`` is None) for probabilities (N, C).
 
     row_min_out receives each row's smallest input so the caller can reject negative values.
     This is a compatibility path (Keras' ``from_logits=False``): its log is a scalar libm call.
     """
-    num_rows, num_classes = probs.shape
+    num_rows = probs.shape[0]
     for i in prange(num_rows):
         row = probs[i]
         row_targets = targets[i]
@@ -243,21 +240,10 @@ def prob_rows(probs, targets, grad_out, class_weight, keep, uniform, sample_weig
         row_sum, row_min_out[i] = prob_row_sum(row)
         inverse_sum = as_compute(1.0 / row_sum, row[0])
         # 2. loss -sum a log clip(q), and G = sum (dL/dq) q for the division's gradient
-        loss = 0.0
-        slope_dot = 0.0
-        for j in range(num_classes):
-            amount = target_mass(row_targets[j], weight_of(class_weight, j, row[0]), keep, uniform)
-            normalised, slope = prob_slope(row[j], inverse_sum, amount)
-            if amount != 0:
-                loss -= amount * math.log(clip_prob(normalised))
-            slope_dot += slope * normalised
+        loss, slope_dot = prob_row_loss(row, row_targets, class_weight, keep, uniform, inverse_sum)
         loss_out[i] = sample_weight[i] * loss
         # 3. gradient through the division: dL/dp_j = (dL/dq_j - G) / sum p
         if grad_out is not None:
-            row_out = grad_out[i]
             coef = as_compute(grad_scale * sample_weight[i] / row_sum, row[0])
             shift = as_compute(slope_dot, row[0])
-            for j in range(num_classes):
-                amount = target_mass(row_targets[j], weight_of(class_weight, j, row[0]), keep, uniform)
-                _, slope = prob_slope(row[j], inverse_sum, amount)
-                row_out[j] = from_compute(coef * (slope - shift), row_out[0])
+            prob_row_grad(row, row_targets, grad_out[i], class_weight, keep, uniform, inverse_sum, coef, shift)

@@ -36,23 +36,13 @@ import numpy as np
 from numba import njit, prange, types
 from numba.core.extending import overload
 
+from fastxent._range import IGNORED
 from fastxent.cpu._bits import as_compute, from_compute, from_order_key, order_key, to_compute
-from fastxent.cpu._math import FASTMATH, exp_c, tanh_c
+from fastxent.cpu._constants import BLOCK, FASTMATH, PROB_EPS, PROB_ONE_MINUS_EPS
+from fastxent.cpu._math import exp_c, tanh_c
 
-# A block is read from memory once into L1 (8 KiB of float32), scanned for its max, then
-# scanned again for the exp-sum: one pass over memory, two over cache.
-BLOCK = 2048
-
-# Fast-math flags go on the leaf loops only (segment_*, *_range_grad, prob_range_stats), which
-# need "reassoc" to vectorize their reductions. Everything that calls them is compiled without
-# fast-math: the flags of a caller also reach the code LLVM inlines into it, and with
-# "reassoc" the epilogue's (row_max - x_y) + log(sum_exp) becomes lse - x_y, which returns 0
-# instead of ln 2 for logits of magnitude 1e30.
-
-# Keras' epsilon() = 1e-7; the bounds are rounded to the compute type (float32, or float64
-# for float64 input), as Keras clips in the input's dtype.
-PROB_EPS = 1e-7
-PROB_ONE_MINUS_EPS = 1.0 - 1e-7
+# Fast-math goes on the leaf loops only (segment_*, *_range_grad, prob_range_stats); the row
+# and class-range drivers are compiled without it (see ``_constants.py`` for why).
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
@@ -530,9 +520,6 @@ def prob_rows(
 # IGNORED marks a row that is not counted, ELSEWHERE a counted row whose target lies outside
 # this range (in another process's shard).
 # ----------------------------------------------------------------------------------------
-
-IGNORED = -1
-ELSEWHERE = -2
 
 
 def out_row(grad_out, i):

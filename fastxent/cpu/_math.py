@@ -16,17 +16,7 @@ from numba import njit, types
 from numba.core.extending import overload
 
 from fastxent.cpu._bits import bits_from_f32, f32_from_bits
-
-# No "nnan"/"ninf": with them LLVM may delete the -inf and NaN handling the semantics need.
-# Every kernel also uses error_model="numpy": Numba's default Python error model checks each
-# division for a zero divisor (to raise ZeroDivisionError), which blocks vectorization
-# (measured 0.87 vs 0.25 ns per element) and would raise where IEEE gives inf or NaN.
-FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-# The exp's round-to-integer, (y + M) - M, only works if the two operations are not
-# reassociated into y + (M - M): its body is compiled without "reassoc". It must not be
-# inlined at the Numba IR level either (that would give its code the caller's flags); LLVM
-# still inlines it, keeping these per-instruction flags.
-EXACT_FASTMATH = {"nsz", "arcp", "contract", "afn"}
+from fastxent.cpu._constants import EXACT_FASTMATH, FASTMATH
 
 _LOG2E = np.float32(1.4426950408889634)
 # ln 2 split in two (Cody-Waite): the high part has 11 significant bits, so n * high is exact

@@ -11,16 +11,12 @@ from typing import Optional, Tuple
 import numpy as np
 
 from fastxent._options import KernelOptions
+from fastxent._range import compute_dtype
 from fastxent.cpu import (
     _dense_kernels,
     _threading,  # noqa: F401  (selects a fork- and thread-safe layer first)
 )
-from fastxent.cpu.xent import storage_view
-
-
-def compute_dtype(dtype) -> np.dtype:
-    """The type the kernels compute in: float64 for float64 storage, float32 otherwise."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+from fastxent.cpu.storage import storage_view
 
 
 def fused_dense_xent(

@@ -11,33 +11,28 @@ from typing import Optional, Tuple
 import numpy as np
 
 from fastxent._options import KernelOptions
-from fastxent.cpu import (
-    _kernels,
-    _threading,  # noqa: F401  (selects a fork- and thread-safe layer first)
-    partial,
-)
+from fastxent._range import RowCoefficients, RowStats
+from fastxent.cpu import _kernels, partial
+from fastxent.cpu._constants import BLOCK
 
-try:  # bfloat16 comes from ml_dtypes; without it there are simply no bfloat16 arrays.
-    from ml_dtypes import bfloat16 as _BFLOAT16
-except ImportError:  # pragma: no cover - ml_dtypes is a runtime dependency
-    _BFLOAT16 = None
+# Importing _threading selects a fork- and thread-safe layer before the first parallel kernel;
+# the bench reports which one runs.
+from fastxent.cpu._threading import threading_layer_in_use
+from fastxent.cpu.storage import storage_view
+
+__all__ = [
+    "NumpyKernel",
+    "fused_xent",
+    "part_bounds_for",
+    "storage_view",
+    "threading_layer_in_use",
+    "use_split_rows",
+]
 
 # Below this many rows per thread, rows alone cannot keep every thread busy: split each row.
 SPLIT_ROWS_PER_THREAD = 2
 # Do not split rows shorter than this: per-part overhead would dominate.
-SPLIT_MIN_CLASSES = 4 * _kernels.BLOCK
-
-
-def storage_view(array: np.ndarray) -> np.ndarray:
-    """View half-precision arrays as the integer bit patterns the kernels decode.
-
-    float16 -> int16, bfloat16 -> uint16 (see ``_bits.py``); float32/float64 unchanged.
-    """
-    if array.dtype == np.float16:
-        return array.view(np.int16)
-    if _BFLOAT16 is not None and array.dtype == _BFLOAT16:
-        return array.view(np.uint16)
-    return array
+SPLIT_MIN_CLASSES = 4 * BLOCK
 
 
 def _num_threads() -> int:
@@ -54,9 +49,9 @@ def use_split_rows(num_rows: int, num_classes: int) -> bool:
 def part_bounds_for(num_rows: int, num_classes: int) -> np.ndarray:
     """Class offsets (P + 1,) that cut each row into parts of whole blocks, about 4 tasks per thread."""
     wanted = max(1, (4 * _num_threads() + num_rows - 1) // num_rows)
-    blocks = (num_classes + _kernels.BLOCK - 1) // _kernels.BLOCK
+    blocks = (num_classes + BLOCK - 1) // BLOCK
     parts = max(1, min(wanted, blocks))
-    bounds = (np.arange(parts + 1, dtype=np.int64) * blocks // parts) * _kernels.BLOCK
+    bounds = (np.arange(parts + 1, dtype=np.int64) * blocks // parts) * BLOCK
     bounds[-1] = num_classes
     return bounds
 
@@ -144,3 +139,37 @@ def fused_xent(
     else:
         _kernels.logit_rows(source, None, *args)
     return loss, grad, None
+
+
+class NumpyKernel:
+    """The range layer's kernel (``fastxent._range.RangeKernel``) for NumPy rows (N, W): the
+    Numba class-range kernels, each row cut into parts when there are too few rows for the
+    threads."""
+
+    @staticmethod
+    def _bounds(rows: np.ndarray) -> Optional[np.ndarray]:
+        num_rows, width = rows.shape
+        if num_rows and use_split_rows(num_rows, width):
+            return part_bounds_for(num_rows, width)
+        return None
+
+    def stats(self, rows: np.ndarray, labels: np.ndarray, options: KernelOptions) -> RowStats:
+        return partial.range_stats(rows, labels, options, self._bounds(rows))
+
+    def grad(
+        self,
+        rows: np.ndarray,
+        labels: np.ndarray,
+        stats: RowStats,
+        coefs: RowCoefficients,
+        target_weight: np.ndarray,
+        options: KernelOptions,
+        *,
+        inplace: bool,
+    ) -> np.ndarray:
+        return partial.range_grad(
+            rows, labels, stats, coefs, target_weight, options, inplace=inplace, part_bounds=self._bounds(rows)
+        )
+
+    def targets(self, rows: np.ndarray, labels: np.ndarray, options: KernelOptions) -> Tuple[np.ndarray, np.ndarray]:
+        return partial.targets(rows, labels, options)

@@ -20,11 +20,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from fastxent import _api
-from fastxent._api import Reduction
+from fastxent import _checks as checks
+from fastxent._checks import Reduction
 from fastxent.distributed._comm import Communicator, communicator_for
 from fastxent.distributed._sharded import (
-    NumpyKernel,
+    Shard,
     ShardLayout,
     check_labels,
     check_settings,
@@ -42,7 +42,7 @@ __all__ = [
 
 def _on_host(value: Any) -> Any:
     """A CuPy array's values in host memory (the O(N) inputs the collectives need); else as is."""
-    if value is not None and _api._is_cupy_array(value):
+    if value is not None and checks.is_cupy_array(value):
         return value.get()
     return value
 
@@ -52,26 +52,34 @@ def _local_rows(local_logits: Any, lead_shape: tuple, axis: int, inplace: bool, 
 
     Raises for mistakes that may be this rank's alone; the caller hands them to the collective.
     """
-    on_gpu = _api._is_cupy_array(local_logits)
-    backend = _api._backend_for(local_logits) if on_gpu else _api._Backend("cpu", np, None)
-    xp, logits = _api._as_logits(local_logits, backend)
-    axis = _api._normalise_axis(axis, logits.ndim)
-    own_lead = tuple(logits.shape[:axis] + logits.shape[axis + 1 :])
+    on_gpu = checks.is_cupy_array(local_logits)
+    backend = checks.backend_for(local_logits)
+    xp, logits = checks.as_logits(local_logits, backend)
+    axis = checks.normalise_axis(axis, logits.ndim)
+    own_lead = checks.lead_shape_of(logits.shape, axis)
     if own_lead != lead_shape:
         raise ValueError(
             f"labels shape {lead_shape} must equal the local logits' shape without the class axis, {own_lead}"
         )
-    if inplace and not getattr(logits.flags, "writeable", True):  # CuPy arrays are always writeable
-        raise ValueError("inplace=True needs a writeable array of logits")
+    if inplace:
+        checks.check_inplace(logits, xp)
     if on_gpu and not from_logits:
         raise ValueError(
             "from_logits=False with CuPy arrays is not supported: the GPU class-range kernels "
             "take logits (pass NumPy arrays or torch tensors for probabilities)"
         )
-    # (N, V_local) without reshape(-1, ...), which is ambiguous for a shard of zero classes.
-    moved = xp.moveaxis(logits, axis, -1)
-    rows = xp.ascontiguousarray(moved.reshape(int(np.prod(lead_shape, dtype=np.int64)), moved.shape[-1]))
-    return logits, rows, axis, xp
+    return logits, checks.rows_view(logits, axis, xp), axis, xp
+
+
+def _kernel_for(xp):
+    """The range layer's kernel for the rows' array type."""
+    if xp is np:
+        from fastxent.cpu.xent import NumpyKernel
+
+        return NumpyKernel()
+    from fastxent.gpu.partial import CupyKernel
+
+    return CupyKernel()
 
 
 def _forward(
@@ -102,26 +110,8 @@ def _forward(
         width, dtype = rows.shape[1], logits.dtype
     except (TypeError, ValueError) as error:
         local_error = error
-    if xp is np:
-        kernel = NumpyKernel()
-    else:
-        from fastxent.gpu.partial import CupyKernel
-
-        kernel = CupyKernel()
-    forward = sharded_forward(
-        comm,
-        kernel,
-        rows,
-        num_rows=labels.size,
-        width=width,
-        logits_dtype=dtype,
-        vocab_start=vocab_start,
-        labels=labels,
-        sample_weight=_on_host(sample_weight),
-        class_weight=_on_host(class_weight),
-        settings=settings,
-        local_error=local_error,
-    )
+    shard = Shard(rows, vocab_start, width, dtype, _on_host(class_weight), local_error)
+    forward = sharded_forward(comm, _kernel_for(xp), shard, labels, settings, _on_host(sample_weight))
     return forward, logits, axis, xp
 
 
@@ -231,13 +221,5 @@ def sparse_cross_entropy_with_grad(
     loss = forward.loss if xp is np else xp.asarray(forward.loss)
     lead_shape = tuple(np.shape(labels))
     if inplace:
-        if xp is np:
-            writes_through = np.shares_memory(forward.rows, logits)
-        else:
-            writes_through = forward.rows.data.ptr == logits.data.ptr and logits.flags.c_contiguous
-        if not (grad_rows is forward.rows and writes_through):
-            moved = xp.moveaxis(logits, axis, -1)
-            moved[...] = grad_rows.reshape(moved.shape)
-        return loss, logits
-    grad = xp.moveaxis(grad_rows.reshape(lead_shape + (grad_rows.shape[-1],)), -1, axis)
-    return loss, grad
+        return loss, checks.write_back(logits, forward.rows, grad_rows, axis, xp)
+    return loss, checks.grad_like(grad_rows, lead_shape, axis, xp)

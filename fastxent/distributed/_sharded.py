@@ -1,7 +1,7 @@
 """Vocabulary-parallel cross-entropy: each rank holds one class range of every row.
 
 The logits never move. Each rank computes the partial statistics of its class range with the
-core kernel (``fastxent.cpu.partial.range_stats``), and two all-reductions of per-row numbers
+backend's kernel of the range layer (``fastxent._range.RangeKernel``), and two all-reductions of per-row numbers
 make them global:
 
 1. MAX (float32; float64 for float64 logits), N + 11 values:
@@ -37,13 +37,14 @@ from __future__ import annotations
 import numbers
 import zlib
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from fastxent import _api
+from fastxent import _checks as checks
+from fastxent import _range
 from fastxent._options import KernelOptions
-from fastxent.cpu import partial
+from fastxent._range import RangeKernel, RowCoefficients, RowStats
 from fastxent.distributed._comm import Communicator
 
 # Layout of the per-call tail of the MAX buffer (float32 holds integers exactly below 2**24, so
@@ -56,9 +57,6 @@ _PRINT = slice(6, 8)  # fingerprint of labels, sample weights and options (two 1
 _NEG_PRINT = slice(8, 10)
 _BAD_LABEL = 10  # 1 if this rank found a label outside [0, V)
 TAIL = 11
-
-PROB_EPS = np.float32(1e-7)
-PROB_ONE_MINUS_EPS = np.float32(1.0 - 1e-7)
 
 
 @dataclass(frozen=True)
@@ -138,7 +136,9 @@ class Settings(NamedTuple):
 
 def check_settings(from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap, vocab_start) -> Settings:
     """The core API's option checks, plus vocab_start's type (identical on every rank: raised locally)."""
-    _api._check_options(from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap)
+    checks.check_options(
+        from_logits, reduction, label_smoothing, ignore_index=ignore_index, z_loss=z_loss, softcap=softcap
+    )
     if not isinstance(vocab_start, numbers.Integral) or isinstance(vocab_start, (bool, np.bool_)):
         raise TypeError(f"vocab_start must be an integer (this shard's first global class); got {vocab_start!r}")
     return Settings(
@@ -159,59 +159,6 @@ def check_labels(labels: Any) -> np.ndarray:
     return labels
 
 
-def row_weights(sample_weight: Any, lead_shape: tuple) -> np.ndarray:
-    """float64 (N,) sample weight per row (identical on every rank: raised locally)."""
-    num_rows = int(np.prod(lead_shape, dtype=np.int64))
-    if sample_weight is None:
-        return np.ones(num_rows)
-    sample = np.asarray(sample_weight, dtype=np.float64)
-    try:
-        return np.ascontiguousarray(np.broadcast_to(sample, lead_shape).reshape(-1))
-    except ValueError:
-        raise ValueError(
-            f"sample_weight shape {tuple(sample.shape)} does not broadcast to the labels shape {lead_shape}"
-        ) from None
-
-
-def local_class_weight(class_weight: Any, width: int) -> Optional[np.ndarray]:
-    """This shard's (width,) class weights as float64, or None (may differ by rank: deferred)."""
-    if class_weight is None:
-        return None
-    weights = np.ascontiguousarray(np.asarray(class_weight, dtype=np.float64))
-    if weights.shape != (width,):
-        raise ValueError(
-            f"class_weight must hold this shard's weights, one per local class, shape ({width},); "
-            f"got {tuple(weights.shape)}"
-        )
-    return weights
-
-
-class NumpyKernel:
-    """The core Numba kernels over NumPy rows (N, W): statistics, then the gradient."""
-
-    @staticmethod
-    def _bounds(rows: np.ndarray) -> Optional[np.ndarray]:
-        from fastxent.cpu import xent
-
-        num_rows, width = rows.shape
-        if num_rows and xent.use_split_rows(num_rows, width):
-            return xent.part_bounds_for(num_rows, width)
-        return None
-
-    def stats(self, rows, labels, options: KernelOptions) -> partial.RowStats:
-        return partial.range_stats(rows, labels, options, self._bounds(rows))
-
-    def grad(self, rows, labels, stats, coefs, target_weight, options, *, inplace: bool):
-        return partial.range_grad(
-            rows, labels, stats, coefs, target_weight, options, inplace=inplace, part_bounds=self._bounds(rows)
-        )
-
-
-def _neutral_stats(num_rows: int) -> partial.RowStats:
-    zeros = np.zeros(num_rows)
-    return partial.RowStats(np.full(num_rows, -np.inf), zeros, zeros, zeros, zeros, np.full(num_rows, np.inf))
-
-
 def _fingerprint(
     labels: np.ndarray,
     sample_weight: Optional[np.ndarray],
@@ -226,12 +173,25 @@ def _fingerprint(
     return digest
 
 
-def _bad_label_message(position, value, num_classes, ignore_index) -> str:
-    hint = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
-    return (
-        f"label {value} at position {position} is outside the valid range [0, {num_classes}) of the "
-        f"whole (sharded) vocabulary{hint}"
-    )
+@dataclass(frozen=True)
+class Shard:
+    """This rank's part of a call: its rows of logits and its class range.
+
+    Attributes:
+        rows: (N, width) logits in the kernel's array type (unused when ``error`` is set).
+        vocab_start: the shard's first global class.
+        width: its number of classes.
+        logits_dtype: the logits' dtype (float64 communicates in float64, anything else float32).
+        class_weight: None or this shard's (width,) class weights.
+        error: an error this rank found in its own arguments; every rank raises.
+    """
+
+    rows: Any
+    vocab_start: int
+    width: int
+    logits_dtype: Any
+    class_weight: Any = None
+    error: Optional[Exception] = None
 
 
 @dataclass
@@ -242,11 +202,11 @@ class ShardedForward:
     per_row_loss: np.ndarray
     rows: Any
     labels: np.ndarray  # local labels of this range
-    stats: partial.RowStats  # global statistics
-    coefs: partial.RowCoefficients
+    stats: RowStats  # global statistics
+    coefs: RowCoefficients
     target_weight: np.ndarray
     options: KernelOptions
-    kernel: Any
+    kernel: RangeKernel
     layout: ShardLayout
     bytes_sent: int
     collectives: int
@@ -256,68 +216,89 @@ class ShardedForward:
         one factor per row (the incoming gradient of a "none" reduction)."""
         coefs = self.coefs
         if upstream is not None:
-            factor = np.asarray(upstream, dtype=np.float64).reshape(-1)
-            coefs = partial.RowCoefficients(
-                coefs.loss, coefs.coef_p * factor, coefs.coef_t * factor, coefs.coef_w * factor
-            )
+            coefs = coefs.scaled(np.asarray(upstream, dtype=np.float64).reshape(-1))
         return self.kernel.grad(
             self.rows, self.labels, self.stats, coefs, self.target_weight, self.options, inplace=inplace
         )
 
 
+@dataclass
+class _LocalPart:
+    """What this rank knows before the collectives (step 1)."""
+
+    lead_shape: Tuple[int, ...]
+    comm_dtype: np.dtype
+    row_weight: np.ndarray  # float64 (N,)
+    weights: Optional[np.ndarray]  # this shard's float64 class weights
+    global_labels: np.ndarray  # int64 (N,), IGNORED for ignored rows
+    valid: Optional[np.ndarray]  # labels' shape: not ignore_index (None without one)
+    local: np.ndarray  # labels local to this shard's range
+    layout: Optional[ShardLayout]  # the cached, verified layout, if any
+    bad: Optional[tuple]  # (position, value) of a bad label found with a cached layout
+    options: KernelOptions  # whole-vocabulary fields not known yet
+    stats: RowStats  # this range's statistics (the neutral ones after an error)
+    error: Optional[Exception]
+
+
 def sharded_forward(
     comm: Communicator,
-    kernel: Any,
-    rows: Any,
-    *,
-    num_rows: int,
-    width: int,
-    logits_dtype: Any,
-    vocab_start: int,
+    kernel: RangeKernel,
+    shard: Shard,
     labels: np.ndarray,
-    sample_weight: Any,
-    class_weight: Any,
     settings: Settings,
-    local_error: Optional[Exception] = None,
+    sample_weight: Any = None,
 ) -> ShardedForward:
     """Loss over the whole vocabulary and what this rank's gradient needs, with two collectives.
 
     Args:
         comm: the group's adapter.
-        kernel: ``NumpyKernel`` or another object with the same ``stats``/``grad`` methods.
-        rows: this rank's (N, width) logits in the kernel's array type (unused if ``local_error``).
-        num_rows, width: N and this shard's class count.
-        logits_dtype: the logits' dtype (float64 communicates in float64, anything else float32).
+        kernel: the range layer's kernel for ``shard.rows`` (``fastxent._range.RangeKernel``).
+        shard: this rank's rows and class range.
         labels: integer array of global labels, identical on every rank (its shape is the loss's).
-        sample_weight: None or broadcastable to ``labels``, identical on every rank.
-        class_weight: None or this shard's (width,) class weights.
         settings: the checked options.
-        local_error: an error this rank found in its own arguments; every rank raises.
+        sample_weight: None or broadcastable to ``labels``, identical on every rank.
     """
-    lead_shape = tuple(labels.shape)
-    comm_dtype = np.dtype(np.float64) if np.dtype(logits_dtype) == np.float64 else np.dtype(np.float32)
-    row_weight = row_weights(sample_weight, lead_shape)
-    weights = None
-    if local_error is None:
-        try:
-            weights = local_class_weight(class_weight, width)
-        except ValueError as error:
-            local_error = error
-    ignore_index = settings.ignore_index
-    flat = labels.reshape(-1).astype(np.int64)
-    valid = None if ignore_index is None else flat != ignore_index
-    flat_labels = flat.copy()
-    if valid is not None:
-        flat_labels[~valid] = partial.IGNORED
-    start, width = int(vocab_start), int(width)
-    layout = cached_layout(comm, start, width)
     collectives_before, bytes_before = comm.collectives, comm.bytes_sent
+    # 1. this rank's statistics, and what it can check alone
+    part = _local_part(comm, kernel, shard, labels, settings, sample_weight)
+    # 2. collective 1 (MAX): the row maxima, and every rank's flags
+    global_max, tail = _gather_flags_and_maxima(comm, part, shard, labels, settings, sample_weight)
+    # 3. every rank raises together, or none does
+    layout = _decide_errors(comm, part, shard, tail, labels, settings, global_max)
+    # 4. collective 2 (SUM): the sums, relative to the global maxima
+    sums = _reduce_sums(comm, part, shard.width, layout, settings, global_max)
+    # 5. the global statistics -> per-row losses, gradient coefficients, the reduction
+    forward = _finish(part, sums, layout, settings, global_max, shard, kernel)
+    forward.bytes_sent = comm.bytes_sent - bytes_before
+    forward.collectives = comm.collectives - collectives_before
+    return forward
 
-    bad = None
-    if layout is not None:
-        bad = _api._find_bad_label(labels, None if valid is None else valid.reshape(lead_shape), layout.num_classes, np)
-    # Out-of-range labels map to ELSEWHERE here (or IGNORED for -1): harmless, the call raises below.
-    local = partial.local_labels(flat_labels, start, width)
+
+def _comm_dtype(logits_dtype: Any) -> np.dtype:
+    return np.dtype(np.float64) if np.dtype(logits_dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _local_part(comm, kernel, shard: Shard, labels, settings: Settings, sample_weight) -> _LocalPart:
+    lead_shape = tuple(labels.shape)
+    row_weight = checks.row_weights(sample_weight, lead_shape)
+    error, weights = shard.error, None
+    if error is None:
+        try:
+            weights = checks.class_weights(
+                shard.class_weight, shard.width, np, what="hold this shard's weights, one per local class"
+            )
+        except ValueError as problem:
+            error = problem
+    flat = labels.reshape(-1).astype(np.int64)
+    valid = None if settings.ignore_index is None else flat != settings.ignore_index
+    global_labels = flat.copy()
+    if valid is not None:
+        global_labels[~valid] = _range.IGNORED
+        valid = valid.reshape(lead_shape)
+    layout = cached_layout(comm, int(shard.vocab_start), int(shard.width))
+    bad = None if layout is None else checks.find_bad_label(labels, valid, layout.num_classes, np)
+    # Out-of-range labels map to ELSEWHERE here (or IGNORED for -1): harmless, the call raises.
+    local = _range.local_labels(global_labels, int(shard.vocab_start), int(shard.width))
     options = KernelOptions(
         from_logits=settings.from_logits,
         label_smoothing=settings.label_smoothing,
@@ -328,30 +309,50 @@ def sharded_forward(
         num_classes=0 if layout is None else layout.num_classes,
         grad_scale=1.0,
     )
-    stats = _neutral_stats(num_rows) if local_error is not None else kernel.stats(rows, local, options)
-
-    # ---- collective 1: MAX ------------------------------------------------------------------
-    first = np.empty(num_rows + TAIL, dtype=comm_dtype)
-    first[:num_rows] = stats.row_max if settings.from_logits else -stats.row_min
-    tail = first[num_rows:]
-    tail[_ERROR_RANK] = 0.0 if local_error is None else comm.rank + 1.0
-    tail[_UNVERIFIED] = 1.0 if layout is None else 0.0
-    total = [-1.0, -1.0] if layout is None else _chunks(layout.num_classes, 2, 24)
-    tail[_TOTAL], tail[_NEG_TOTAL] = total, [-t for t in total]
-    printed = _chunks(
-        _fingerprint(
-            labels, None if sample_weight is None else row_weight, settings, class_weight is not None, comm_dtype
-        ),
-        2,
-        16,
+    num_rows = global_labels.shape[0]
+    stats = _range.neutral_stats(num_rows) if error is not None else kernel.stats(shard.rows, local, options)
+    return _LocalPart(
+        lead_shape,
+        _comm_dtype(shard.logits_dtype),
+        row_weight,
+        weights,
+        global_labels,
+        valid,
+        local,
+        layout,
+        bad,
+        options,
+        stats,
+        error,
     )
-    tail[_PRINT], tail[_NEG_PRINT] = printed, [-p for p in printed]
-    tail[_BAD_LABEL] = 0.0 if bad is None else 1.0
-    comm.allreduce_max(first)
 
+
+def _gather_flags_and_maxima(comm, part: _LocalPart, shard: Shard, labels, settings, sample_weight):
+    """Collective 1, MAX of N + TAIL values: per row this range's max (probabilities: minus its
+    min, for the negative-input check); per call the flags of the module docstring."""
+    num_rows = part.global_labels.shape[0]
+    first = np.empty(num_rows + TAIL, dtype=part.comm_dtype)
+    first[:num_rows] = part.stats.row_max if settings.from_logits else -part.stats.row_min
+    tail = first[num_rows:]
+    tail[_ERROR_RANK] = 0.0 if part.error is None else comm.rank + 1.0
+    tail[_UNVERIFIED] = 1.0 if part.layout is None else 0.0
+    total = [-1.0, -1.0] if part.layout is None else _chunks(part.layout.num_classes, 2, 24)
+    tail[_TOTAL], tail[_NEG_TOTAL] = total, [-t for t in total]
+    weights_given = None if sample_weight is None else part.row_weight
+    digest = _fingerprint(labels, weights_given, settings, shard.class_weight is not None, part.comm_dtype)
+    printed = _chunks(digest, 2, 16)
+    tail[_PRINT], tail[_NEG_PRINT] = printed, [-p for p in printed]
+    tail[_BAD_LABEL] = 0.0 if part.bad is None else 1.0
+    comm.allreduce_max(first)
+    return first[:num_rows], tail
+
+
+def _decide_errors(comm, part: _LocalPart, shard: Shard, tail, labels, settings, global_max) -> ShardLayout:
+    """Raise on every rank, from the MAX's results, or return the verified layout."""
+    layout, bad = part.layout, part.bad
     if tail[_ERROR_RANK] > 0:
-        if local_error is not None:
-            raise local_error
+        if part.error is not None:
+            raise part.error
         raise ValueError(f"rank {int(tail[_ERROR_RANK]) - 1} rejected its arguments (see the error raised there)")
     if not _all_equal(tail, _PRINT, _NEG_PRINT):
         raise ValueError(
@@ -360,38 +361,49 @@ def sharded_forward(
         )
     if tail[_UNVERIFIED] > 0 or not _all_equal(tail, _TOTAL, _NEG_TOTAL):
         # Every rank takes this branch together: the flags came out of the same MAX.
-        layout = check_tiling(comm, start, width)
+        layout = check_tiling(comm, int(shard.vocab_start), int(shard.width))
         # Labels are identical on every rank (fingerprint), so every rank finds the same label.
-        bad = _api._find_bad_label(labels, None if valid is None else valid.reshape(lead_shape), layout.num_classes, np)
+        bad = checks.find_bad_label(labels, part.valid, layout.num_classes, np)
     elif tail[_BAD_LABEL] > 0 and bad is None:
         raise ValueError(
             f"another rank found a label outside [0, {layout.num_classes}); labels must be identical on every rank"
         )
     if bad is not None:
-        raise ValueError(_bad_label_message(*bad, layout.num_classes, ignore_index))
-    if not settings.from_logits and num_rows:
-        negative = first[:num_rows] > 0
-        if bool(negative.any()):
-            row = int(np.argmax(negative))
-            position = _api._position(row, lead_shape)
-            raise ValueError(
-                f"from_logits=False expects probabilities, but row {position} has a negative value "
-                f"({-float(first[row]):.6g}) in some shard; the input looks like logits: pass from_logits=True"
-            )
+        message = checks.bad_label_message(
+            *bad, layout.num_classes, settings.ignore_index, of=" of the whole (sharded) vocabulary"
+        )
+        raise ValueError(message)
+    if not settings.from_logits and global_max.size:
+        # The MAX held minus each row's minimum: a positive value is a negative probability.
+        checks.reject_negative_probabilities(-global_max, part.lead_shape, where=" in some shard")
+    return layout
 
-    # ---- collective 2: SUM ------------------------------------------------------------------
+
+class _Sums(NamedTuple):
+    sum_exp: np.ndarray  # float64 (N,), relative to the global max
+    combined: np.ndarray  # float64 (N,): d = v_y - max, or A with label smoothing (see below)
+    target_weight: np.ndarray  # float64 (N,): class_weight[y], 0 for ignored rows
+    weight_total: float  # sum of all class weights (the class count without them)
+
+
+def _reduce_sums(comm, part: _LocalPart, width: int, layout: ShardLayout, settings, global_max) -> _Sums:
+    """Collective 2, SUM: per row the sum of exps rescaled to the global max (probabilities: the
+    clipped sum), the target term, [class weights] the target's weight; per call [class weights
+    and smoothing] the shard's sum of class weights."""
+    num_rows = part.global_labels.shape[0]
+    stats, weights, local = part.stats, part.weights, part.local
     smoothing = settings.label_smoothing != 0.0
     eps, num_classes = settings.label_smoothing, layout.num_classes
-    global_max = first[:num_rows].astype(np.float64) if settings.from_logits else np.zeros(num_rows)
+    row_max = global_max.astype(np.float64) if settings.from_logits else np.zeros(num_rows)
     local_weight_total = float(width) if weights is None else float(weights.sum())
     fields = 2 + int(weights is not None)
-    second = np.zeros(fields * num_rows + int(weights is not None and smoothing), dtype=comm_dtype)
+    second = np.zeros(fields * num_rows + int(weights is not None and smoothing), dtype=part.comm_dtype)
     sum_part, target_part = second[:num_rows], second[num_rows : 2 * num_rows]
-    counted = flat_labels != partial.IGNORED
+    counted = part.global_labels != _range.IGNORED
     owned = np.flatnonzero(local >= 0)
-    local_target_weight = partial.target_weights(local, weights)
+    local_target_weight = _range.target_weights(local, weights)
     if settings.from_logits:
-        sum_part[:] = partial.rescale_sum_exp(stats.row_max, stats.sum_exp, global_max)
+        sum_part[:] = _range.rescale_sum_exp(stats.row_max, stats.sum_exp, row_max)
     else:
         sum_part[:] = stats.sum_exp
     # The target's value relative to the global max, d = v_y - max (probabilities: log clip(p_y)),
@@ -401,9 +413,9 @@ def sharded_forward(
     # of the smoothing sum): label smoothing costs no extra bytes. Relative to the max, because
     # float32 could not resolve a difference next to a large logit.
     with np.errstate(invalid="ignore", over="ignore"):
-        relative_target = stats.target_value[owned] - global_max[owned]
+        relative_target = stats.target_value[owned] - row_max[owned]
         if smoothing:
-            relative_sum = stats.weighted_sum - (local_weight_total * global_max if local_weight_total else 0.0)
+            relative_sum = stats.weighted_sum - (local_weight_total * row_max if local_weight_total else 0.0)
             share = np.where(counted, eps / num_classes * relative_sum, 0.0)
             share[owned] += (1.0 - eps) * local_target_weight[owned] * relative_target
             target_part[:] = share
@@ -415,9 +427,6 @@ def sharded_forward(
             second[3 * num_rows] = local_weight_total
     comm.allreduce_sum(second)
 
-    # ---- finish: global statistics -> per-row loss and gradient coefficients -----------------
-    sum_exp = second[:num_rows].astype(np.float64)
-    combined = second[num_rows : 2 * num_rows].astype(np.float64)
     weight_total = float(num_classes)
     if weights is not None:
         target_weight = np.where(counted, second[2 * num_rows : 3 * num_rows].astype(np.float64), 0.0)
@@ -425,47 +434,49 @@ def sharded_forward(
             weight_total = float(second[3 * num_rows])
     else:
         target_weight = np.where(counted, 1.0, 0.0)
+    return _Sums(
+        second[:num_rows].astype(np.float64),
+        second[num_rows : 2 * num_rows].astype(np.float64),
+        target_weight,
+        weight_total,
+    )
+
+
+def _finish(part: _LocalPart, sums: _Sums, layout, settings: Settings, global_max, shard: Shard, kernel):
+    num_rows = part.global_labels.shape[0]
+    row_max = global_max.astype(np.float64) if settings.from_logits else np.zeros(num_rows)
+    counted = part.global_labels != _range.IGNORED
+    eps, num_classes = settings.label_smoothing, layout.num_classes
     # The epilogue takes (target value, weighted sum); give it values that reproduce A: with
     # smoothing, target value = max and (eps / V)(W max - weighted sum) = -A; without, max + d.
     with np.errstate(invalid="ignore", over="ignore"):
-        if smoothing:
-            epilogue_target = global_max
-            weighted_sum = np.where(counted, weight_total * global_max + combined * (num_classes / eps), 0.0)
+        if eps != 0.0:
+            epilogue_target = row_max
+            weighted_sum = np.where(counted, sums.weight_total * row_max + sums.combined * (num_classes / eps), 0.0)
         else:
-            epilogue_target = global_max + combined
+            epilogue_target = row_max + sums.combined
             weighted_sum = np.zeros(num_rows)
     no_min = np.full(num_rows, np.inf)
-    merged = partial.RowStats(global_max, sum_exp, epilogue_target, np.zeros(num_rows), weighted_sum, no_min)
+    merged = RowStats(row_max, sums.sum_exp, epilogue_target, np.zeros(num_rows), weighted_sum, no_min)
     # The gradient at the target is the owner's alone: it uses its exact local values.
-    grad_stats = partial.RowStats(global_max, sum_exp, stats.target_value, stats.target_input, weighted_sum, no_min)
+    stats = part.stats
+    grad_stats = RowStats(row_max, sums.sum_exp, stats.target_value, stats.target_input, weighted_sum, no_min)
 
     if settings.reduction == "mean":
-        denominator = float(np.sum(np.where(counted, row_weight * target_weight, 0.0)))
+        denominator = float(np.sum(np.where(counted, part.row_weight * sums.target_weight, 0.0)))
     elif settings.reduction == "sum_over_batch_size":
         denominator = float(np.count_nonzero(counted))
     else:
         denominator = 1.0
     options = replace(
-        options,
-        num_classes=layout.num_classes,
-        class_weight_total=weight_total,
-        grad_scale=0.0 if denominator == 0.0 else 1.0 / denominator,
+        part.options,
+        num_classes=num_classes,
+        class_weight_total=sums.weight_total,
+        grad_scale=checks.grad_scale_for(denominator),
     )
-    coefs = partial.finish_rows(merged, local, target_weight, row_weight, options)
-    loss = _api._reduce(
-        coefs.loss, settings.reduction, denominator, lead_shape, _api._loss_dtype(np.dtype(logits_dtype)), np
-    )
+    coefs = _range.finish_rows(merged, part.local, sums.target_weight, part.row_weight, options)
+    loss_dtype = checks.loss_dtype(np.dtype(shard.logits_dtype))
+    loss = checks.reduce_loss(coefs.loss, settings.reduction, denominator, part.lead_shape, loss_dtype, np)
     return ShardedForward(
-        loss,
-        coefs.loss,
-        rows,
-        local,
-        grad_stats,
-        coefs,
-        target_weight,
-        options,
-        kernel,
-        layout,
-        comm.bytes_sent - bytes_before,
-        comm.collectives - collectives_before,
+        loss, coefs.loss, shard.rows, part.local, grad_stats, coefs, sums.target_weight, options, kernel, layout, 0, 0
     )

@@ -6,73 +6,49 @@ vocabulary. The forward pass does the two all-reductions of ``fastxent.distribut
 the backward pass needs no communication: it sweeps this rank's slice once with the saved
 per-row statistics (O(N) numbers), so no N x V_local softmax is kept between the passes.
 
-CPU tensors run the core Numba kernels on a zero-copy NumPy view. CUDA tensors of logits run
-fastxent's CUDA kernels (``fastxent.gpu.partial``) on a zero-copy CuPy view, on PyTorch's
-current stream (``CudaKernel``); without CuPy, and for probabilities, the per-slice statistics
-and gradient are PyTorch operations on the device (``TorchKernel``). Either way the per-row
+Every kernel here implements the range layer's protocol (``fastxent._range.RangeKernel``), and
+tensors reach the kernels through ``fastxent._torch_interop``. CPU tensors run the core Numba
+kernels on a zero-copy NumPy view. CUDA tensors of logits run fastxent's CUDA kernels
+(``fastxent.gpu.partial``) on a zero-copy CuPy view, on PyTorch's current stream
+(``CudaKernel``; bfloat16 through its bits where CuPy has no bfloat16); without CuPy, and for
+probabilities, the per-slice statistics and gradient are PyTorch operations on the device
+(``TorchKernel``). Either way the per-row
 epilogue runs on the host on O(N) numbers, and the collectives go through the process group
 (NCCL stages them on the GPU).
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from fastxent._api import Reduction
-from fastxent.cpu import _kernels
-from fastxent.cpu.partial import target_grads
+from fastxent import _range
+from fastxent import _torch_interop as interop
+from fastxent._checks import Reduction
+from fastxent._range import IGNORED, PROB_EPS, PROB_ONE_MINUS_EPS, RowStats
+from fastxent.cpu.xent import NumpyKernel
 from fastxent.distributed._comm import communicator_for
-from fastxent.distributed._sharded import (
-    PROB_EPS,
-    PROB_ONE_MINUS_EPS,
-    NumpyKernel,
-    check_labels,
-    check_settings,
-    sharded_forward,
-)
-
-try:
-    from ml_dtypes import bfloat16 as _NP_BFLOAT16
-except ImportError:  # pragma: no cover - ml_dtypes is a runtime dependency
-    _NP_BFLOAT16 = None
+from fastxent.distributed._sharded import Shard, check_labels, check_settings, sharded_forward
 
 # Rows per chunk of the device sweeps: bounds the float32/float64 temporaries to about this
 # many elements whatever N is.
 CHUNK_ELEMENTS = 1 << 24
 
 
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """Zero-copy NumPy view of a CPU tensor (bfloat16 through its bits)."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(_NP_BFLOAT16)
-    return tensor.numpy()
-
-
-def _from_numpy(array: np.ndarray) -> torch.Tensor:
-    if _NP_BFLOAT16 is not None and array.dtype == _NP_BFLOAT16:
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
-
-
-def _host(value: Any, dtype=None) -> Optional[np.ndarray]:
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value) if dtype is None else np.asarray(value, dtype=dtype)
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class TorchKernel:
-    """Per-slice statistics and gradient with PyTorch operations, for tensors on any device.
+    """The range layer's kernel (``fastxent._range.RangeKernel``) with PyTorch operations, for
+    tensors on any device.
 
     Follows the Numba kernels' arithmetic (float32 compute, float64 for float64 inputs; Keras'
-    float32 clip for probabilities). The per-target values go through the Numba kernels
-    themselves on O(N) host numbers, so the target's gradient is formed in float64 and rounded
-    once, as on the CPU.
+    clip in the compute type for probabilities). The target values and the target's gradient
+    are formed in float64 by the range layer on O(N) numbers, and the gradient at the target is
+    rounded once, as on the CPU.
     """
 
     @staticmethod
@@ -85,19 +61,28 @@ class TorchKernel:
             return options.softcap * torch.tanh(x / options.softcap)
         return x
 
-    def stats(self, rows: torch.Tensor, labels: np.ndarray, options):
-        from fastxent.cpu.partial import IGNORED, RowStats
+    def targets(self, rows: torch.Tensor, labels: np.ndarray, options):
+        num_rows = rows.shape[0]
+        target_value, target_input = np.zeros(num_rows), np.zeros(num_rows)
+        owned = np.flatnonzero(labels >= 0)
+        if owned.size:
+            index = torch.from_numpy(owned).to(rows.device)
+            raw = rows[index, torch.from_numpy(labels[owned]).to(rows.device)].to(_compute(rows.dtype))
+            target_value[owned], target_input[owned] = _range.target_values(raw.cpu().numpy(), options)
+        return target_value, target_input
 
+    @staticmethod
+    def _clip_bounds(compute: torch.dtype):
+        """Keras' clip bounds rounded to the compute type, as the CPU kernels form them."""
+        bounds = torch.tensor([PROB_EPS, PROB_ONE_MINUS_EPS], dtype=compute)
+        return float(bounds[0]), float(bounds[1])
+
+    def stats(self, rows: torch.Tensor, labels: np.ndarray, options) -> RowStats:
         num_rows, width = rows.shape
-        row_max = np.full(num_rows, -np.inf)
-        sum_exp = np.zeros(num_rows)
-        weighted = np.zeros(num_rows)
-        row_min = np.full(num_rows, np.inf)
-        target_value = np.zeros(num_rows)
-        target_input = np.zeros(num_rows)
         if num_rows == 0 or width == 0:
-            return RowStats(row_max, sum_exp, target_value, target_input, weighted, row_min)
-        compute = torch.float64 if rows.dtype == torch.float64 else torch.float32
+            return _range.neutral_stats(num_rows)
+        compute = _compute(rows.dtype)
+        low, high = self._clip_bounds(compute)
         weights = None if options.class_weight is None else torch.from_numpy(options.class_weight).to(rows.device)
         smoothing = options.label_smoothing != 0.0
         parts = {"max": [], "sum": [], "weighted": [], "min": []}
@@ -112,50 +97,38 @@ class TorchKernel:
                 parts["max"].append(part_max)
                 parts["sum"].append(torch.exp(values - reference[:, None]).sum(dim=1))
             else:
-                probs = x.to(torch.float32)
-                clipped = probs.clamp(float(PROB_EPS), float(PROB_ONE_MINUS_EPS))
+                clipped = x.clamp(low, high)
                 values = torch.log(clipped)
-                parts["max"].append(torch.zeros(probs.shape[0], dtype=compute, device=rows.device))
+                parts["max"].append(torch.zeros(x.shape[0], dtype=compute, device=rows.device))
                 parts["sum"].append(clipped.sum(dim=1))
-                parts["min"].append(probs.amin(dim=1))
+                parts["min"].append(x.amin(dim=1))
             if smoothing:
                 wide = values.to(torch.float64)
                 parts["weighted"].append((wide if weights is None else wide * weights).sum(dim=1))
-        row_max[:] = torch.cat(parts["max"]).cpu().numpy()
-        sum_exp[:] = torch.cat(parts["sum"]).cpu().numpy()
-        if smoothing:
-            weighted[:] = torch.cat(parts["weighted"]).cpu().numpy()
-        if not options.from_logits:
-            row_min[:] = torch.cat(parts["min"]).cpu().numpy()
-        ignored = labels == IGNORED
-        row_max[ignored], sum_exp[ignored], weighted[ignored], row_min[ignored] = -np.inf, 0.0, 0.0, np.inf
 
-        owned = np.flatnonzero(labels >= 0)
-        if owned.size:
-            index = torch.from_numpy(owned).to(rows.device)
-            raw = rows[index, torch.from_numpy(labels[owned]).to(rows.device)].to(compute).cpu().numpy()
-            values = np.zeros(owned.size)
-            inputs = np.zeros(owned.size)
-            _kernels.targets_value(
-                raw.reshape(-1, 1),
-                np.zeros(owned.size, dtype=np.int64),
-                not options.from_logits,
-                options.softcap,
-                values,
-                inputs,
-            )
-            target_value[owned], target_input[owned] = values, inputs
-        return RowStats(row_max, sum_exp, target_value, target_input, weighted, row_min)
+        def gathered(name):
+            return torch.cat(parts[name]).to(torch.float64).cpu().numpy()
+
+        stats = _range.neutral_stats(num_rows)._asdict()
+        stats["row_max"], stats["sum_exp"] = gathered("max"), gathered("sum")
+        if smoothing:
+            stats["weighted_sum"] = gathered("weighted")
+        if not options.from_logits:
+            stats["row_min"] = gathered("min")
+        ignored = labels == IGNORED
+        for name in ("row_max", "sum_exp", "weighted_sum", "row_min"):
+            stats[name][ignored] = _range.neutral_stats(1)._asdict()[name][0]
+        stats["target_value"], stats["target_input"] = self.targets(rows, labels, options)
+        return RowStats(**stats)
 
     def grad(self, rows: torch.Tensor, labels: np.ndarray, stats, coefs, target_weight, options, *, inplace: bool):
-        from fastxent.cpu.partial import IGNORED
-
         num_rows, width = rows.shape
         out = rows if inplace else torch.empty_like(rows)
         if num_rows == 0 or width == 0:
             return out
         device = rows.device
-        compute = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        compute = _compute(rows.dtype)
+        low, high = self._clip_bounds(compute)
 
         def column(values):
             return torch.from_numpy(np.ascontiguousarray(values)).to(device=device, dtype=compute)[:, None]
@@ -179,27 +152,34 @@ class TorchKernel:
                 if options.softcap is not None:
                     grad = grad * (1.0 - (values / options.softcap) ** 2)
             else:
-                probs = x.to(torch.float32)
-                clipped = probs.clamp(float(PROB_EPS), float(PROB_ONE_MINUS_EPS))
-                inside = (probs >= float(PROB_EPS)) & (probs <= float(PROB_ONE_MINUS_EPS))
+                clipped = x.clamp(low, high)
+                inside = (x >= low) & (x <= high)
                 grad = torch.where(inside, coef_p[lo:hi] - weight_term / clipped, torch.zeros_like(clipped))
             grad = torch.where(counted[lo:hi], grad, torch.zeros_like(grad))
             out[lo:hi] = grad.to(out.dtype)
 
-        # The target's gradient, formed in float64 on the host as the CPU kernel forms it.
-        owned, target = target_grads(labels, stats, coefs, target_weight, options)
+        # The target's gradient, formed in float64 by the range layer and rounded once.
+        owned = np.flatnonzero(labels >= 0)
         if owned.size:
+            target = _range.target_grads(
+                labels,
+                stats,
+                coefs,
+                target_weight,
+                options,
+                compute=np.float64 if compute == torch.float64 else np.float32,
+            )[owned]
             index = torch.from_numpy(owned).to(device)
-            out[index, torch.from_numpy(labels[owned]).to(device)] = torch.from_numpy(target).to(
-                device=device, dtype=out.dtype
+            out[index, torch.from_numpy(labels[owned]).to(device)] = (
+                torch.from_numpy(target).to(device=device, dtype=compute).to(out.dtype)
             )
         return out
 
 
 class CudaKernel:
-    """fastxent's CUDA kernels on tensors of logits: zero-copy CuPy views through DLPack,
-    launched on PyTorch's current stream of the tensor's device (bfloat16 travels as its bits,
-    for CuPy releases without a bfloat16 dtype)."""
+    """The range layer's kernel for tensors of logits: fastxent's CUDA kernels
+    (``fastxent.gpu.partial``) on zero-copy CuPy views, launched on PyTorch's current stream of
+    the tensor's device (``fastxent._torch_interop``)."""
 
     def __init__(self):
         import cupy  # noqa: F401  (ImportError here: the caller picks another kernel)
@@ -208,37 +188,19 @@ class CudaKernel:
 
         self._partial = partial
 
-    @staticmethod
-    def _view(tensor: torch.Tensor):
-        import cupy
-
-        if tensor.dtype == torch.bfloat16:
-            return cupy.from_dlpack(tensor.view(torch.int16)).view(cupy.uint16), "bfloat16"
-        return cupy.from_dlpack(tensor), None
-
-    @staticmethod
-    def _on_stream(tensor: torch.Tensor):
-        """CuPy's current device and stream set to PyTorch's for ``tensor`` (for a CUDA tensor)."""
-        if tensor.device.type != "cuda":
-            return contextlib.nullcontext()
-        import cupy
-
-        stream = torch.cuda.current_stream(tensor.device)
-        context = contextlib.ExitStack()
-        context.enter_context(cupy.cuda.Device(tensor.device.index))
-        context.enter_context(cupy.cuda.ExternalStream(stream.cuda_stream))
-        return context
+    def targets(self, rows: torch.Tensor, labels: np.ndarray, options):
+        return TorchKernel().targets(rows, labels, options)
 
     def stats(self, rows: torch.Tensor, labels: np.ndarray, options):
-        view, storage = self._view(rows)
-        with self._on_stream(rows):
+        view, storage = interop.to_cupy_storage(rows)
+        with interop.on_stream(rows):
             return self._partial.range_stats(view, labels, options, storage=storage)
 
     def grad(self, rows: torch.Tensor, labels: np.ndarray, stats, coefs, target_weight, options, *, inplace: bool):
         out = rows if inplace else torch.empty_like(rows)
-        view, storage = self._view(rows)
-        out_view = None if inplace else self._view(out)[0]
-        with self._on_stream(rows):
+        view, storage = interop.to_cupy_storage(rows)
+        out_view = None if inplace else interop.to_cupy_storage(out)[0]
+        with interop.on_stream(rows):
             self._partial.range_grad(
                 view, labels, stats, coefs, target_weight, options, inplace=inplace, out=out_view, storage=storage
             )
@@ -263,7 +225,7 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local_logits, target, vocab_start, group, settings, class_weight, sample_weight, kernel):
-        labels = check_labels(_host(target))
+        labels = check_labels(interop.host(target))
         comm = communicator_for(group)
         lead_shape = tuple(labels.shape)
         rows, width, dtype, local_error = None, 0, np.float32, None
@@ -280,24 +242,12 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
                 )
             width = int(local_logits.shape[-1])
             flat = local_logits.detach().reshape(-1, width).contiguous()
-            rows = _to_numpy(flat) if isinstance(kernel, NumpyKernel) else flat
+            rows = interop.to_numpy(flat) if isinstance(kernel, NumpyKernel) else flat
             dtype = np.float64 if local_logits.dtype == torch.float64 else np.float32
         except (TypeError, ValueError) as error:
             local_error = error
-        forward = sharded_forward(
-            comm,
-            kernel,
-            rows,
-            num_rows=labels.size,
-            width=width,
-            logits_dtype=dtype,
-            vocab_start=vocab_start,
-            labels=labels,
-            sample_weight=_host(sample_weight, np.float64),
-            class_weight=_host(class_weight, np.float64),
-            settings=settings,
-            local_error=local_error,
-        )
+        shard = Shard(rows, vocab_start, width, dtype, interop.host(class_weight, np.float64), local_error)
+        forward = sharded_forward(comm, kernel, shard, labels, settings, interop.host(sample_weight, np.float64))
         ctx.forward = forward
         ctx.shape = tuple(local_logits.shape)
         ctx.save_for_backward(local_logits)  # autograd then refuses a backward after in-place edits
@@ -310,7 +260,7 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         forward = ctx.forward
         upstream = grad_output.detach().to(torch.float64).cpu().numpy()
         grad_rows = forward.grad(upstream=upstream)
-        grad = _from_numpy(grad_rows) if isinstance(grad_rows, np.ndarray) else grad_rows
+        grad = interop.from_numpy(grad_rows) if isinstance(grad_rows, np.ndarray) else grad_rows
         return grad.reshape(ctx.shape).to(grad_output.device), None, None, None, None, None, None, None
 
 

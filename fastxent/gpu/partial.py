@@ -1,8 +1,8 @@
-"""Per-row statistics over one class range on the GPU, and the range's gradient from merged
-statistics: the CUDA side of ``fastxent.cpu.partial``, for vocabulary-parallel shards.
+"""The CUDA backend of the range layer (``fastxent._range``): per-row statistics over one class
+range on the GPU, and the range's gradient from merged statistics, for vocabulary-parallel shards.
 
 A shard holds columns [vocab_start, vocab_start + W) of every row. ``range_stats`` reduces its
-(N, W) logits to the per-row statistics of ``fastxent.cpu.partial.RowStats`` with the split
+(N, W) logits to the per-row statistics of ``fastxent._range.RowStats`` with the split
 path's kernel in class-range mode (``xent_part_stats_*``: blocks per (row, part), merged by the
 row's last block, no epilogue), and brings the O(N) numbers to the host in one transfer, where
 the collectives and the epilogue run. ``range_grad`` sends the per-row coefficients back and
@@ -20,8 +20,9 @@ from typing import Optional
 
 import numpy
 
+from fastxent import _range
 from fastxent._options import KernelOptions
-from fastxent.cpu.partial import ELSEWHERE, IGNORED, RowCoefficients, RowStats, target_grads
+from fastxent._range import ELSEWHERE, IGNORED, RowCoefficients, RowStats
 from fastxent.gpu import xent
 from fastxent.gpu.xent import cupy
 
@@ -33,9 +34,9 @@ __all__ = ["CupyKernel", "range_grad", "range_stats", "ELSEWHERE", "IGNORED"]
 
 def _layout(num_rows: int, width: int, dtype_name: str):
     """(part_len, num_parts, threads) of the part kernels for rows of ``width`` classes."""
-    part_len = xent.split_part_length(num_rows, width, xent._current_limits())
+    part_len = xent.split_part_length(num_rows, width, xent.current_limits())
     num_parts = -(-width // part_len)
-    threads = xent.threads_for(part_len * xent._itemsize(dtype_name) // xent.VECTOR_BYTES)
+    threads = xent.threads_for(part_len * xent.itemsize(dtype_name) // xent.VECTOR_BYTES)
     return part_len, num_parts, threads
 
 
@@ -43,7 +44,7 @@ def _weights_elem(options: KernelOptions, dtype_name: str):
     """This range's class weights in the compute type, where the sweeps read them (smoothing)."""
     if options.class_weight is None or options.label_smoothing == 0.0:
         return None
-    return cupy.asarray(numpy.asarray(options.class_weight), dtype=xent._acc_dtype(dtype_name))
+    return cupy.asarray(numpy.asarray(options.class_weight), dtype=xent.acc_dtype(dtype_name))
 
 
 def _check(rows, options: KernelOptions) -> None:
@@ -77,7 +78,7 @@ def range_stats(rows, labels, options: KernelOptions, *, storage: Optional[str] 
     host = numpy.zeros((5, num_rows))
     host[0] = -numpy.inf
     if num_rows and width:
-        labels = xent._contiguous(cupy.asarray(labels), numpy.int64)
+        labels = xent.contiguous(cupy.asarray(labels), numpy.int64)
         part_len, num_parts, threads = _layout(num_rows, width, dtype_name)
         kernel = xent.get_kernel(xent.kernel_name("part_stats", dtype_name, options.softcap is not None))
         weights = _weights_elem(options, dtype_name)
@@ -117,19 +118,30 @@ def range_stats(rows, labels, options: KernelOptions, *, storage: Optional[str] 
     )
 
 
-def _row_coefs(
-    labels: numpy.ndarray, stats: RowStats, coefs: RowCoefficients, target_weight: numpy.ndarray, options: KernelOptions
-) -> numpy.ndarray:
-    """(N, 4) float64 per row for xent_part_grad: reference (row max, or 0 at -inf), coef_p,
-    coef_w, and the whole gradient at the target (formed in float64 by the CPU's own code)."""
-    num_rows = labels.shape[0]
-    row_coefs = numpy.zeros((num_rows, 4))
-    with numpy.errstate(invalid="ignore"):
-        row_coefs[:, 0] = numpy.where(stats.row_max > -numpy.inf, stats.row_max, 0.0)
-    row_coefs[:, 1] = coefs.coef_p
-    row_coefs[:, 2] = coefs.coef_w
-    owned, target_grad = target_grads(labels, stats, coefs, target_weight, options)
-    row_coefs[owned, 3] = target_grad
+def _row_coefs(labels, stats: RowStats, coefs: RowCoefficients, target_weight, options: KernelOptions):
+    """(N, 4) float64 per row for xent_part_grad, on the device: reference (row max, or 0 at
+    -inf), coef_p, coef_w, and the whole gradient at the target, formed in float64 by the range
+    layer's ``target_grads`` with CuPy (the per-row numbers go over in one transfer)."""
+    host = numpy.stack(
+        [
+            stats.row_max,
+            stats.target_value,
+            stats.target_input,
+            coefs.coef_p,
+            coefs.coef_t,
+            coefs.coef_w,
+            numpy.asarray(target_weight, numpy.float64),
+        ]
+    )
+    row_max, target_value, target_input, coef_p, coef_t, coef_w, weight = cupy.asarray(host)
+    zeros = cupy.zeros_like(row_max)
+    device_stats = RowStats(row_max, zeros, target_value, target_input, zeros, zeros)
+    device_coefs = RowCoefficients(zeros, coef_p, coef_t, coef_w)
+    row_coefs = cupy.empty((labels.shape[0], 4), dtype=cupy.float64)
+    row_coefs[:, 0] = cupy.where(row_max > -numpy.inf, row_max, 0.0)
+    row_coefs[:, 1] = coef_p
+    row_coefs[:, 2] = coef_w
+    row_coefs[:, 3] = _range.target_grads(labels, device_stats, device_coefs, weight, options, xp=cupy)
     return row_coefs
 
 
@@ -149,7 +161,7 @@ def range_grad(
 
     ``stats`` (NumPy) must be merged over the whole vocabulary: the global row max, and the
     target values where the target lies in this range, as ``range_stats`` gives them.
-    ``coefs`` and ``target_weight`` come from ``fastxent.cpu.partial.finish_rows`` and
+    ``coefs`` and ``target_weight`` come from ``fastxent._range.finish_rows`` and
     ``target_weights``. Returns ``rows`` itself holding the gradient when ``inplace``, else
     ``out`` (a C-contiguous CuPy buffer like ``rows``) or a new array.
     """
@@ -159,13 +171,8 @@ def range_grad(
     if num_rows == 0 or width == 0:
         return grad
     dtype_name = xent.storage_name(rows.dtype, storage)
-    labels_host = numpy.ascontiguousarray(
-        cupy.asnumpy(labels) if isinstance(labels, cupy.ndarray) else labels, dtype=numpy.int64
-    )
-    row_coefs = cupy.asarray(
-        _row_coefs(labels_host, stats, coefs, numpy.asarray(target_weight, numpy.float64), options)
-    )
-    labels = cupy.asarray(labels_host)
+    labels = xent.contiguous(cupy.asarray(labels), numpy.int64)
+    row_coefs = _row_coefs(labels, stats, coefs, target_weight, options)
     part_len, num_parts, threads = _layout(num_rows, width, dtype_name)
     kernel = xent.get_kernel(xent.kernel_name("part_grad", dtype_name, options.softcap is not None))
     weights = _weights_elem(options, dtype_name)
@@ -187,8 +194,8 @@ def range_grad(
 
 
 class CupyKernel:
-    """The ``stats``/``grad`` pair ``fastxent.distributed`` runs on a rank's rows, for CuPy rows
-    (the counterpart of the NumPy kernel there). ``storage``: see ``range_stats``."""
+    """The range layer's kernel (``fastxent._range.RangeKernel``) for CuPy rows, the counterpart
+    of ``fastxent.cpu.xent.NumpyKernel``. ``storage``: see ``range_stats``."""
 
     def __init__(self, storage: Optional[str] = None):
         self.storage = storage
@@ -200,3 +207,7 @@ class CupyKernel:
         return range_grad(
             rows, labels, stats, coefs, target_weight, options, inplace=inplace, out=out, storage=self.storage
         )
+
+    def targets(self, rows, labels, options: KernelOptions):
+        stats = self.stats(rows, labels, options)
+        return stats.target_value, stats.target_input

@@ -83,11 +83,11 @@ def storage_name(dtype: Any, storage: Optional[str] = None) -> str:
     return _STORAGE_NAMES[name]
 
 
-def _itemsize(storage: str) -> int:
+def itemsize(storage: str) -> int:
     return 8 if storage == "float64" else 4 if storage == "float32" else 2
 
 
-def _acc_dtype(storage: str):
+def acc_dtype(storage: str):
     """The compute type of a storage type: float64 for float64, float32 otherwise."""
     return numpy.float64 if storage == "float64" else numpy.float32
 
@@ -127,7 +127,7 @@ def device_limits(device_id: int) -> DeviceLimits:
     )
 
 
-def _current_limits() -> DeviceLimits:
+def current_limits() -> DeviceLimits:
     return device_limits(cupy.cuda.runtime.getDevice())
 
 
@@ -435,8 +435,8 @@ def fused_xent(
     num_rows, num_classes = logits.shape
     if num_classes > MAX_CLASSES:
         raise ValueError(f"the GPU kernels index classes with 32-bit integers: C = {num_classes} is too large")
-    labels = _contiguous(labels, numpy.int64)
-    sample_weight = _contiguous(sample_weight, numpy.float64)
+    labels = contiguous(labels, numpy.int64)
+    sample_weight = contiguous(sample_weight, numpy.float64)
     loss = cupy.empty(num_rows, dtype=cupy.float64)
 
     if not options.from_logits:
@@ -452,9 +452,9 @@ def fused_xent(
     # per class (otherwise the weight of the target alone matters, read from the float64 array).
     class_weight_elem = None
     if class_weight is not None and options.label_smoothing != 0.0:
-        class_weight_elem = cupy.ascontiguousarray(class_weight, dtype=_acc_dtype(dtype_name))
+        class_weight_elem = cupy.ascontiguousarray(class_weight, dtype=acc_dtype(dtype_name))
     softcap = options.softcap is not None
-    limits = _current_limits()
+    limits = current_limits()
     if use_split_rows(num_rows, num_classes, limits):
         part_len = split_part_length(num_rows, num_classes, limits)
         num_parts = -(-num_classes // part_len)
@@ -478,14 +478,14 @@ def fused_xent(
     name = kernel_name("fwd_bwd" if want_grad else "fwd", dtype_name, softcap)
     kernel = get_kernel(name)
     static_shared = kernel.shared_size_bytes if want_grad else 0
-    plan = plan_rows(num_rows, num_classes, _itemsize(dtype_name), want_grad, limits, static_shared)
+    plan = plan_rows(num_rows, num_classes, itemsize(dtype_name), want_grad, limits, static_shared)
     if plan.shared_bytes > 0:
         _allow_dynamic_shared(kernel, name, plan.shared_bytes)
     launch_logit_rows(kernel, plan, logits, grad, labels, sample_weight, class_weight, class_weight_elem, options, loss)
     return loss, grad, None
 
 
-def _contiguous(array, dtype):
+def contiguous(array, dtype):
     """``array`` itself when it already is C-contiguous of ``dtype`` (the usual case: the
     checks cost less than the CuPy call they avoid), otherwise a converted copy."""
     if array.dtype == dtype and array.flags.c_contiguous:
@@ -510,7 +510,7 @@ def _split_rows(
     """Few rows, many classes: statistics per (row, part) merged exactly by each row's last
     block, then the gradient per part."""
     num_rows = logits.shape[0]
-    threads = threads_for(part_len * _itemsize(dtype_name) // VECTOR_BYTES)
+    threads = threads_for(part_len * itemsize(dtype_name) // VECTOR_BYTES)
     part_stats = cupy.empty(3 * num_rows * num_parts, dtype=cupy.float64)
     row_coefs = None if grad is None else cupy.empty((num_rows, 4), dtype=cupy.float64)
     launch_part_stats(
@@ -556,8 +556,8 @@ def _prob_rows(probs, labels, sample_weight, options, dtype_name, want_grad, los
     class_weight = options.class_weight
     class_weight_elem = None
     if class_weight is not None and options.label_smoothing != 0.0:
-        class_weight_elem = cupy.ascontiguousarray(class_weight, dtype=_acc_dtype(dtype_name))
-    threads = threads_for(num_classes * _itemsize(dtype_name) // VECTOR_BYTES, FORWARD_MAX_THREADS)
+        class_weight_elem = cupy.ascontiguousarray(class_weight, dtype=acc_dtype(dtype_name))
+    threads = threads_for(num_classes * itemsize(dtype_name) // VECTOR_BYTES, FORWARD_MAX_THREADS)
     launch_prob_rows(
         get_kernel(kernel_name("prob", dtype_name)),
         min(num_rows, 2**31 - 1),
