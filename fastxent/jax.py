@@ -2,17 +2,17 @@
 
 ``sparse_cross_entropy(logits, labels, axis=-1, where=None)`` returns what optax returns (per-row
 losses in the logits' dtype); fastxent's options (reduction, ignore_index, label smoothing, class
-and sample weights, z-loss, softcap) are keyword arguments on top. A ``jax.custom_jvp`` around a
-host callback computes the loss and its gradient in one fused call when differentiating (the
-loss alone otherwise): the loss's tangent is the kept gradient contracted with the logits'
-tangent, which JAX transposes for reverse mode. It works under ``jit``, ``grad``, ``jvp``,
-``jacfwd``, ``jacrev`` and ``vmap`` (one callback per mapped element). Second derivatives, and
-derivatives with respect to the class or sample weights, raise instead of returning a wrong
-number.
+and sample weights, z-loss, softcap) are keyword arguments on top. A ``jax.custom_jvp`` computes
+the loss and its gradient in one fused call when differentiating (the loss alone otherwise):
+the loss's tangent is the kept gradient contracted with the logits' tangent, which JAX
+transposes for reverse mode. It works under ``jit``, ``grad``, ``jvp``, ``jacfwd``, ``jacrev``
+and ``vmap`` (one kernel call per mapped element). Second derivatives, and derivatives with
+respect to the class or sample weights, raise instead of returning a wrong number.
 
-The callback runs on the host: arrays on an accelerator are copied to it and back, and JAX copies
-the callback's results into its own buffers. Requires the ``jax`` extra; import it explicitly:
-``import fastxent.jax``.
+On the CPU the kernel runs as an XLA FFI custom call (``jax.ffi``): it reads XLA's own argument
+buffers and writes the loss and the gradient into the buffers the call returns, without copies.
+On other platforms a host callback (``jax.pure_callback``) copies the arrays to the host and
+back. Requires the ``jax`` extra; import it explicitly: ``import fastxent.jax``.
 """
 
 from __future__ import annotations

@@ -1,14 +1,18 @@
 """TensorFlow drop-in: ``sparse_softmax_cross_entropy_with_logits`` on fastxent's fused kernel.
 
-The loss and its gradient come out of one fused call; the gradient is kept and the backward pass
-only scales it by the incoming per-row gradient. Second derivatives are exact for logits (the
-softmax Hessian applied to the kept gradient), as TensorFlow's own op provides them.
+The loss and its gradient come out of one fused call; without a tape, the loss alone. Second
+derivatives are exact for logits (the softmax Hessian, recomputed in float32 or wider), as
+TensorFlow's own op provides them.
 
 In eager mode the kernel is called directly on the tensors' memory (``np.from_dlpack``, no copy
-of the logits). Inside ``tf.function`` (and so in ``model.fit``) it runs through
-``tf.py_function``, which XLA cannot compile: use ``jit_compile=False`` there. Handing the
-gradient back to TensorFlow copies it once unless the buffer is 64-byte aligned (TensorFlow
-refuses other buffers through DLPack). GPU tensors go to fastxent's CuPy backend through DLPack.
+of the logits); under a tape the forward keeps the gradient and the backward scales it in place
+by the incoming per-row gradient. Inside ``tf.function`` (and so in ``model.fit``) it runs
+through ``tf.py_function``, which XLA cannot compile: use ``jit_compile=False`` there; the
+forward computes the loss alone and the backward computes the gradient with the incoming
+gradient folded in as row weights. Gradients go back to TensorFlow through DLPack without a copy,
+in 64-byte aligned buffers (TensorFlow refuses others) drawn from a small pool
+(``fastxent.host_buffers``) so that a training step does not page-fault a fresh N x C buffer.
+GPU tensors go to fastxent's CuPy backend through DLPack.
 
 Import this module explicitly: ``import fastxent.tf``. ``fastxent.keras`` builds on it. Its
 functions are plain Python around TensorFlow ops (no tensor-dependent control flow), so
