@@ -137,13 +137,6 @@ def log_softmax_gather(logits, labels, *, axis: int = -1) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 
 
-def _clip_bounds(dtype) -> Tuple[float, float]:
-    """Keras' clip bounds 1e-7 and 1 - 1e-7 as the input's dtype holds them (float32 unless float64)."""
-    if np.dtype(dtype) == np.float64:
-        return KERAS_EPSILON, 1.0 - KERAS_EPSILON
-    return float(np.float32(KERAS_EPSILON)), float(np.float32(1.0 - KERAS_EPSILON))
-
-
 def _dense_per_row_terms(x, mass, from_logits, clip_bounds):
     """Per-row loss sum_c a_c (lse - x_c) (or -sum_c a_c log clip(q_c)) and its gradient, float64."""
     with np.errstate(all="ignore"):

@@ -1,6 +1,8 @@
-"""fastxent.torch against torch.nn.functional.cross_entropy: loss and gradient over random inputs
-and every option, PyTorch's quirks (NaN for a "mean" over nothing), errors, zero-copy exchange
-and a training run that must follow PyTorch's own step for step."""
+"""PyTorch, in one file: fastxent.torch against torch.nn.functional.cross_entropy (loss and
+gradient over random inputs and every option, PyTorch's quirks such as NaN for a "mean" over
+nothing, errors, zero-copy exchange, a training run that must follow PyTorch's own step for
+step, OpInfo and ModuleInfo), and fastxent's core API on NumPy arrays against
+torch.nn.functional.cross_entropy on every CPU kernel path (the last section)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,20 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 from conftest import (  # noqa: E402
+    BLOCK,
+    PEER_GRAD_RTOL,
     assert_at_least_naive_accuracy,
     assert_grad_close,
     assert_loss_close,
+    dtype_id,
+    gradient_scale,
+    ignored_labels,
+    random_class_weight,
+    random_labels,
+    random_logits,
 )
 
+import fastxent  # noqa: E402
 import fastxent.torch as fxt  # noqa: E402
 from fastxent import reference  # noqa: E402
 
@@ -258,6 +269,38 @@ def test_exchange_is_zero_copy():
     # A non-contiguous view is shared as a view too.
     wide = torch.randn(6, 4)
     assert interop.to_array(wide.t()).ctypes.data == wide.data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to PyTorch")
+def test_bfloat16_cuda_tensors_are_accepted_by_both_torch_paths(rng):
+    """bfloat16 CUDA tensors are accepted by fastxent.torch and by fastxent.distributed's CUDA
+    kernel alike (fastxent._torch_interop): zero-copy where CuPy has bfloat16, else through a
+    float32 copy (fastxent.torch) or the tensor's bits (the class-range kernels). Both give the
+    values of the same bfloat16 logits on the CPU."""
+    pytest.importorskip("cupy")
+    from fastxent import _torch_interop as interop
+    from fastxent._options import KernelOptions
+    from fastxent.distributed import _torch
+
+    cpu = torch.from_numpy(rng.standard_normal((6, 300)).astype(np.float32)).to(torch.bfloat16)
+    target = torch.from_numpy(rng.integers(0, 300, 6))
+    logits = cpu.cuda().requires_grad_()
+    loss = fxt.cross_entropy(logits, target.cuda())
+    loss.backward()
+    ref = cpu.clone().requires_grad_()
+    ref_loss = fxt.cross_entropy(ref, target)
+    ref_loss.backward()
+    assert logits.grad.dtype == torch.bfloat16
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    assert_grad_close(as64(logits.grad.cpu()), as64(ref.grad), numpy_dtype(torch.bfloat16))
+
+    options = KernelOptions(True, 0.0, 0.0, None, None, 300.0, 300, 1.0)
+    labels = target.numpy()
+    got = _torch.CudaKernel().stats(cpu.cuda(), labels, options)
+    expected = _torch.NumpyKernel().stats(interop.to_numpy(cpu), labels, options)
+    np.testing.assert_array_equal(got.row_max, expected.row_max)
+    np.testing.assert_allclose(got.sum_exp, expected.sum_exp, rtol=1e-5)
 
 
 def train(loss_function, steps=25, seed=0):
@@ -588,4 +631,110 @@ def test_transform_compositions_and_target_only_gradients():
     torch.testing.assert_close(
         torch.autograd.grad(fxt.cross_entropy(logits, target, label_smoothing=0.1), target)[0],
         torch.autograd.grad(F.cross_entropy(logits, target, label_smoothing=0.1), target)[0],
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# fastxent's core API (NumPy arrays) against torch.nn.functional.cross_entropy, loss and
+# autograd gradient, float32 and float64, on every CPU kernel path. One deliberate difference:
+# a "mean" over rows that are all ignored is NaN in PyTorch (0 / 0) and 0.0 in fastxent (the
+# gradient is zero in both) (``test_fully_ignored_mean_is_the_one_difference``).
+# ----------------------------------------------------------------------------------------
+
+CORE_IGNORE_INDEX = -100  # PyTorch's default ignore_index
+CORE_REDUCTIONS = ("none", "sum", "mean")
+CORE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# (logits shape, class axis): PyTorch puts the classes on axis 1 of (N, C, d1, ...).
+CORE_SHAPES = (((6, 2 * BLOCK + 904), 1), ((2, 1000, 3), 1), ((4, 7), 1))
+
+CORE_OPTIONS = ("plain", "ignore_index", "label_smoothing", "weight", "everything")
+
+
+def torch_core_loss_and_grad(logits, labels, **options):
+    """F.cross_entropy and the autograd gradient of its sum (of the rows for "none")."""
+    weight = options.pop("weight", None)
+    inputs = torch.tensor(logits, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(
+        inputs, torch.tensor(labels), weight=None if weight is None else torch.tensor(weight), **options
+    )
+    loss.sum().backward()
+    return loss.detach().numpy(), inputs.grad.numpy()
+
+
+def core_options(rng, option, num_classes):
+    options = {}
+    if option in ("ignore_index", "everything"):
+        options["ignore_index"] = CORE_IGNORE_INDEX
+    if option in ("label_smoothing", "everything"):
+        options["label_smoothing"] = 0.15
+    if option in ("weight", "everything"):
+        options["weight"] = random_class_weight(rng, num_classes)
+    return options
+
+
+@pytest.mark.parametrize("reduction", CORE_REDUCTIONS)
+@pytest.mark.parametrize("option", CORE_OPTIONS)
+@pytest.mark.parametrize("shape,axis", CORE_SHAPES, ids=lambda case: str(case))
+@pytest.mark.parametrize("dtype", CORE_DTYPES, ids=dtype_id)
+def test_torch_cross_entropy(rng, kernel_path, dtype, shape, axis, option, reduction):
+    num_classes = shape[axis]
+    lead_shape = tuple(np.delete(np.array(shape), axis))
+    logits = random_logits(rng, shape, dtype)
+    labels = random_labels(rng, lead_shape, num_classes)
+    torch_options = core_options(rng, option, num_classes)
+    if "weight" in torch_options:  # PyTorch wants the weights in the logits' dtype
+        torch_options["weight"] = torch_options["weight"].astype(dtype)
+    if "ignore_index" in torch_options:
+        labels = ignored_labels(rng, labels, CORE_IGNORE_INDEX)
+    expected, expected_grad = torch_core_loss_and_grad(logits, labels, reduction=reduction, **torch_options)
+
+    options = dict(torch_options, axis=axis, reduction=reduction)
+    options["class_weight"] = options.pop("weight", None)
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, **options)
+    assert loss.dtype == expected.dtype == dtype
+    assert loss.shape == expected.shape
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    assert_loss_close(loss, expected, dtype)
+    assert_loss_close(fastxent.sparse_cross_entropy(logits, labels, **options), expected, dtype)
+    assert_grad_close(grad, expected_grad, dtype, scale=gradient_scale(labels, **options), rtol=PEER_GRAD_RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", CORE_DTYPES, ids=dtype_id)
+def test_torch_edge_values(rng, kernel_path, dtype):
+    num_classes = 2 * BLOCK + 904
+    logits = random_logits(rng, (5, num_classes), dtype)
+    labels = random_labels(rng, (5,), num_classes)
+    logits[0, :BLOCK] = -np.inf
+    labels[0] = BLOCK + 1
+    logits[1, labels[1]] = -np.inf
+    logits[2, :] = -np.inf
+    logits[3, -1] = np.inf
+    logits[4, 9] = np.nan
+    expected, _ = torch_core_loss_and_grad(logits, labels, reduction="none")
+    loss = fastxent.sparse_cross_entropy(logits, labels, reduction="none")
+    assert np.isfinite(expected[0]) and expected[1] == np.inf and np.isnan(expected[2:]).all()
+    assert_loss_close(loss, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", CORE_DTYPES, ids=dtype_id)
+def test_fully_ignored_mean_is_the_one_difference(rng, kernel_path, dtype):
+    logits = random_logits(rng, (3, 2 * BLOCK + 904), dtype)
+    labels = np.full(3, CORE_IGNORE_INDEX)
+    expected, expected_grad = torch_core_loss_and_grad(logits, labels, reduction="mean")
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(
+        logits, labels, reduction="mean", ignore_index=CORE_IGNORE_INDEX
+    )
+    # PyTorch divides 0 by 0; fastxent returns 0.0 (SEMANTICS: "mean").
+    assert np.isnan(expected)
+    assert loss == 0.0
+    # The gradients agree: zero in both.
+    assert not expected_grad.any()
+    assert not grad.any()
+    # So does "sum": 0 in both.
+    expected_sum, _ = torch_core_loss_and_grad(logits, labels, reduction="sum")
+    assert (
+        expected_sum
+        == 0.0
+        == fastxent.sparse_cross_entropy(logits, labels, reduction="sum", ignore_index=CORE_IGNORE_INDEX)
     )
