@@ -140,6 +140,7 @@ def gpu_problem() -> Optional[str]:
 
 
 def run(args) -> int:
+    quiet_framework_logs()
     try:
         cases = _choose_cases(args)
         modes = bench_cases.parse_modes(args.modes)
@@ -194,6 +195,18 @@ def run(args) -> int:
     if "plot_error" in paths:
         print(f"fastxent bench: {paths['plot_error']}", file=sys.stderr)
     return 1 if any(entry.failed for entry in result["entries"]) else 0
+
+
+# The frameworks' own log lines (TensorFlow's oneDNN and CPU-feature notices, absl's "before
+# InitializeLog" warning) would interleave with the tables. They are quieted before any peer
+# imports its framework: in this process, and in the child processes, which inherit it.
+QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "2", "GRPC_VERBOSITY": "ERROR"}
+
+
+def quiet_framework_logs() -> None:
+    """Set the variables of ``QUIET_ENVIRONMENT`` the user has not set."""
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

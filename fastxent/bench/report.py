@@ -411,10 +411,19 @@ def plot(result: Dict, path: str) -> Optional[str]:
             ax.set_ylabel("GB/s (bytes that must move / time)")
             ax.set_title(f"{dtype}, {mode}")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8, loc="best")
+    # One legend for every panel, below them: inside a panel it hid data (the forward+backward
+    # curves run through every corner).
+    legend = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    rows_of_legend = -(-len(legend) // 4) if legend else 0
+    bottom = (0.1 + 0.2 * rows_of_legend) / figure.get_figheight()
+    if legend:
+        figure.legend(legend.values(), legend.keys(), loc="lower center", ncol=min(4, len(legend)), fontsize=8)
     info = result["machine"]
     figure.suptitle(f"fastxent bench: {machine.summary_line(info)}", fontsize=9)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0.0, bottom, 1.0, 1.0))
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return None
