@@ -2,6 +2,15 @@
 
 The package root only re-exports; see ``fastxent._api`` for the entry points and
 ``fastxent.reference`` for the float64 oracle they are tested against.
+
+Which way the imports run: the adapters (``fastxent.torch``, ``.tf``, ``.keras``, ``.jax``),
+``fastxent.distributed`` and the bench import the public API (``_api``, ``_dense_api``) and its
+shared checks (``_checks``); the API imports the backends ``fastxent.cpu`` and ``fastxent.gpu``
+(lazily, by array type); both backends import the range layer ``fastxent._range`` (row
+statistics, their exact merge, the float64 epilogue, the ``RangeKernel`` protocol), which
+imports no backend. ``cpu`` and ``gpu`` never import each other; nothing below the adapters
+imports a framework, and this root imports none (the adapters become attributes of the package
+only when the user imports them). ``reference`` imports nothing of fastxent.
 """
 
 from fastxent import reference

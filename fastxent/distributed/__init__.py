@@ -12,6 +12,11 @@ the Numba kernels; CuPy logits run the CUDA kernels (``fastxent.gpu.partial``) a
 results, while the O(N) statistics travel through the group from host memory. For PyTorch
 tensors and autograd use ``fastxent.distributed._torch.vocab_parallel_cross_entropy``
 (re-exported by ``fastxent.torch``).
+
+Imports run one way: this package imports the shared checks (``fastxent._checks``), the range
+layer (``fastxent._range``: statistics, merge, epilogue) and each backend's range kernel
+(``fastxent.cpu.xent.NumpyKernel``, ``fastxent.gpu.partial.CupyKernel``); ``_torch`` adds the
+torch interop (``fastxent._torch_interop``). Nothing in the core imports it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,12 @@
-"""CUDA backend (CuPy RawKernels), imported lazily so CPU-only machines never need CuPy."""
+"""CUDA backend (CuPy RawKernels), imported lazily so CPU-only machines never need CuPy.
+
+``xent.py`` holds the typed launchers of the kernels in ``xent.cu``; ``partial.py`` the
+class-range statistics and gradient (the range layer's ``CupyKernel``).
+
+Imports run one way: ``fastxent._api`` (by array type) and ``fastxent.distributed`` import this
+package; it imports CuPy and the range layer (``fastxent._range``), never ``fastxent.cpu``, the
+public API or a framework.
+"""
 
 from __future__ import annotations
 
