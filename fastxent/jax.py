@@ -27,14 +27,10 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from fastxent import _api
-from fastxent._api import REDUCTIONS
+from fastxent._checks import REDUCTIONS, loss_dtype
 from fastxent._xla_ffi import register_host_target
 
 __all__ = ["sparse_cross_entropy"]
-
-
-def _loss_dtype(dtype) -> np.dtype:
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
 def _is_zero(tangent) -> bool:
@@ -99,7 +95,7 @@ def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
 
     def shapes(logits, labels, want_grad):
         loss_shape = labels.shape if per_row else ()
-        loss = jax.ShapeDtypeStruct(loss_shape, _loss_dtype(logits.dtype))
+        loss = jax.ShapeDtypeStruct(loss_shape, loss_dtype(logits.dtype))
         return (loss, jax.ShapeDtypeStruct(logits.shape, logits.dtype)) if want_grad else loss
 
     def call(want_grad, logits, labels, weights):

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from fastxent import _dense_api
 from fastxent._api import sparse_cross_entropy, sparse_cross_entropy_with_grad
+from fastxent._range import PROB_EPS, PROB_ONE_MINUS_EPS
 from fastxent.cpu.rowscale import SCALABLE_DTYPES, scale_rows_
 from fastxent.host_buffers import HostBufferPool
 
@@ -36,8 +37,6 @@ try:
     from tensorflow.python.eager import record as _record
 except ImportError:  # pragma: no cover - a TensorFlow that moved it
     _record = None
-
-_KERAS_EPSILON = 1e-7
 
 __all__ = ["InvalidLabelError", "sparse_softmax_cross_entropy_with_logits"]
 
@@ -382,7 +381,7 @@ def dense_per_row(logits, targets, *, from_logits: bool = True, label_smoothing:
         else:
             # Keras' epsilon() bounds, rounded to the compute type as the kernels hold them.
             normalised = wide / tf.reduce_sum(wide, axis=class_axis, keepdims=True)
-            log_q = tf.math.log(tf.clip_by_value(normalised, _KERAS_EPSILON, 1.0 - _KERAS_EPSILON))
+            log_q = tf.math.log(tf.clip_by_value(normalised, PROB_EPS, PROB_ONE_MINUS_EPS))
         return tf.cast(-(1.0 - label_smoothing) * log_q * tf.cast(up, loss_dtype), targets.dtype)
 
     # The targets' gradient costs a pass over N x C: in eager mode it is computed only when a
