@@ -359,7 +359,7 @@ def dense_per_row(logits, targets, *, from_logits: bool = True, label_smoothing:
     def compute(logits_array, targets_array):
         # With logits the gradient is TensorFlow's softmax - targets (what its op returns; the
         # exact derivative has (sum of the row's targets) * softmax, equal for rows summing to 1).
-        return _dense_api._run(
+        return _dense_api.run(
             logits_array,
             targets_array,
             want_grad=True,
