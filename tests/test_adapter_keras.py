@@ -1,6 +1,9 @@
 """fastxent.keras against Keras 3's own losses: loss and gradient for every constructor option,
 reduction and sample weight, Keras' quirks (softmax outputs read as logits, ignore_class masks),
-serialization, and the classic tutorial model trained with each loss."""
+serialization, and the classic tutorial model trained with each loss; and the core API against
+Keras' SparseCategoricalCrossentropy (Keras maps ``from_logits=False`` to clip(p, 1e-7, 1 - 1e-7)
+-> log -> softmax cross-entropy and reduces "sum_over_batch_size" by the number of rows that are
+not ``ignore_class``, not by the sum of the sample weights; fastxent follows both exactly)."""
 
 from __future__ import annotations
 
@@ -13,8 +16,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from conftest import random_probabilities  # noqa: E402
+from conftest import (  # noqa: E402
+    PEER_GRAD_RTOL,
+    assert_grad_close,
+    assert_loss_close,
+    gradient_scale,
+    random_labels,
+    random_logits,
+    random_probabilities,
+    random_sample_weight,
+    shape_id,
+)
 
+import fastxent  # noqa: E402
 import fastxent.keras as fxk  # noqa: E402
 from fastxent import reference  # noqa: E402
 
@@ -293,3 +307,62 @@ def test_dense_targets_get_keras_gradient(rng, graph, input_kind):
     assert ours[1] is not None
     for mine, other in zip(ours, theirs, strict=True):
         np.testing.assert_allclose(mine.numpy(), other.numpy(), rtol=2e-5, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# The core API against Keras' SparseCategoricalCrossentropy
+# ----------------------------------------------------------------------------------------
+
+FLOAT32 = np.dtype(np.float32)
+
+KERAS_REDUCTIONS = ("sum_over_batch_size", "sum", "none")
+
+
+@pytest.mark.parametrize("reduction", KERAS_REDUCTIONS)
+@pytest.mark.parametrize("weighted", (False, True), ids=("unweighted", "sample_weight"))
+@pytest.mark.parametrize("ignore_class", (None, -1, 3))
+@pytest.mark.parametrize("from_logits", (True, False), ids=("logits", "probabilities"))
+@pytest.mark.parametrize("lead_shape", ((8,), (2, 3)), ids=shape_id)
+def test_keras_sparse_categorical_crossentropy(rng, lead_shape, from_logits, ignore_class, weighted, reduction):
+    num_classes = 1000
+    shape = lead_shape + (num_classes,)
+    inputs = random_logits(rng, shape, FLOAT32) if from_logits else random_probabilities(rng, shape, FLOAT32)
+    labels = random_labels(rng, lead_shape, num_classes)
+    if ignore_class is not None:
+        labels.reshape(-1)[[1, -1]] = ignore_class
+    sample_weight = random_sample_weight(rng, lead_shape).astype(np.float32) if weighted else None
+
+    keras_loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=from_logits, ignore_class=ignore_class, reduction=reduction
+    )
+    variable = tf.Variable(inputs)
+    with tf.GradientTape() as tape:
+        expected = keras_loss(labels, variable, sample_weight=sample_weight)
+        total = tf.reduce_sum(expected)
+    expected_grad = tape.gradient(total, variable).numpy()
+    expected = expected.numpy()
+
+    options = dict(from_logits=from_logits, ignore_index=ignore_class, sample_weight=sample_weight, reduction=reduction)
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(inputs, labels, **options)
+    assert loss.dtype == expected.dtype == np.float32
+    assert loss.shape == expected.shape
+    assert_loss_close(loss, expected, FLOAT32)
+    assert_loss_close(fastxent.sparse_cross_entropy(inputs, labels, **options), expected, FLOAT32)
+    assert_grad_close(
+        grad, expected_grad, FLOAT32, scale=gradient_scale(labels, **options), rtol=PEER_GRAD_RTOL[FLOAT32]
+    )
+
+
+def test_keras_zero_probability_scores_16_118():
+    probs = np.array([[0.0, 0.5, 0.5]], dtype=np.float32)
+    expected = keras.losses.SparseCategoricalCrossentropy(reduction="sum")(np.array([0]), probs).numpy()
+    loss = fastxent.sparse_cross_entropy(probs, np.array([0]), from_logits=False, reduction="sum")
+    assert round(float(expected), 3) == round(float(loss), 3) == 16.118
+
+
+def test_keras_all_rows_ignored_gives_zero(rng):
+    logits = random_logits(rng, (4, 10), FLOAT32)
+    labels = np.full(4, -1)
+    expected = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1)(labels, logits)
+    loss = fastxent.sparse_cross_entropy(logits, labels, ignore_index=-1, reduction="sum_over_batch_size")
+    assert float(expected) == float(loss) == 0.0

@@ -1,5 +1,6 @@
 """fastxent.tf.sparse_softmax_cross_entropy_with_logits against TensorFlow's own op: loss, first
-and second derivatives in eager mode and inside tf.function, dtypes, and the label error."""
+and second derivatives in eager mode and inside tf.function, dtypes, the label error, when the
+gradient is computed and where it lives; and the core API against TensorFlow's fused op."""
 
 from __future__ import annotations
 
@@ -11,8 +12,18 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 tf = pytest.importorskip("tensorflow")
 
-from conftest import assert_at_least_naive_accuracy, assert_grad_close, assert_loss_close  # noqa: E402
+from conftest import (  # noqa: E402
+    BLOCK,
+    PEER_GRAD_RTOL,
+    assert_at_least_naive_accuracy,
+    assert_grad_close,
+    assert_loss_close,
+    random_labels,
+    random_logits,
+    shape_id,
+)
 
+import fastxent  # noqa: E402
 import fastxent.tf as fxtf  # noqa: E402
 from fastxent import reference  # noqa: E402
 
@@ -246,3 +257,58 @@ def test_gradient_is_differentiable_in_the_incoming_gradient(rng, mode):
     ours = run(fxtf.sparse_softmax_cross_entropy_with_logits, upstream)
     theirs = run(tf.nn.sparse_softmax_cross_entropy_with_logits, upstream)
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# The core API against TensorFlow's fused op
+# ----------------------------------------------------------------------------------------
+
+FLOAT32 = np.dtype(np.float32)
+
+
+def tf_loss_and_grad(logits, labels, reduce):
+    """tf.nn's per-row loss, and the gradient of ``reduce(per_row)`` by GradientTape."""
+    variable = tf.Variable(logits)
+    with tf.GradientTape() as tape:
+        per_row = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=variable)
+        total = reduce(per_row)
+    return per_row.numpy(), total.numpy(), tape.gradient(total, variable).numpy()
+
+
+@pytest.mark.parametrize("num_classes", (7, 1000, BLOCK + 1, 2 * BLOCK + 904))
+@pytest.mark.parametrize("lead_shape", ((5,), (3, 4)), ids=shape_id)
+def test_tf_sparse_softmax_cross_entropy_with_logits(rng, kernel_path, lead_shape, num_classes):
+    logits = random_logits(rng, lead_shape + (num_classes,), FLOAT32)
+    labels = random_labels(rng, lead_shape, num_classes)
+
+    per_row, total, tf_grad = tf_loss_and_grad(logits, labels, tf.reduce_sum)
+    assert per_row.dtype == np.float32
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction="none")
+    assert loss.dtype == np.float32 and loss.shape == per_row.shape
+    assert_loss_close(loss, per_row, FLOAT32)
+    assert_grad_close(grad, tf_grad, FLOAT32, scale=1.0, rtol=PEER_GRAD_RTOL[FLOAT32])
+
+    _, mean, tf_mean_grad = tf_loss_and_grad(logits, labels, tf.reduce_mean)
+    for reduction in ("mean", "sum_over_batch_size"):
+        loss, grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, reduction=reduction)
+        assert_loss_close(loss, mean, FLOAT32)
+        assert_grad_close(grad, tf_mean_grad, FLOAT32, scale=1.0 / labels.size, rtol=PEER_GRAD_RTOL[FLOAT32])
+    assert_loss_close(fastxent.sparse_cross_entropy(logits, labels, reduction="sum"), total, FLOAT32)
+
+
+def test_tf_edge_values(rng, kernel_path):
+    """SEMANTICS' edge rows give what TensorFlow gives (finite, +inf, NaN)."""
+    num_classes = 2 * BLOCK + 904
+    logits = random_logits(rng, (6, num_classes), FLOAT32)
+    labels = random_labels(rng, (6,), num_classes)
+    logits[0, :BLOCK] = -np.inf  # some -inf, the target finite
+    labels[0] = BLOCK + 3
+    logits[1, labels[1]] = -np.inf  # the target -inf
+    logits[2, :] = -np.inf  # everything -inf
+    logits[3, -1] = np.inf  # one +inf
+    logits[4, 11] = np.nan  # one NaN
+    per_row, _, _ = tf_loss_and_grad(logits, labels, tf.reduce_sum)
+    loss = fastxent.sparse_cross_entropy(logits, labels, reduction="none")
+    np.testing.assert_array_equal(np.isnan(loss), np.isnan(per_row))
+    assert np.isfinite(per_row[[0, 5]]).all() and per_row[1] == np.inf and np.isnan(per_row[2:5]).all()
+    assert_loss_close(loss, per_row, FLOAT32)
