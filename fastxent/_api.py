@@ -130,6 +130,42 @@ def _run(
     axis,
     out=None,
 ):
+    with checks.device_scope(logits):
+        return _run_on_device(
+            logits,
+            labels,
+            want_grad=want_grad,
+            inplace=inplace,
+            from_logits=from_logits,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            class_weight=class_weight,
+            sample_weight=sample_weight,
+            z_loss=z_loss,
+            softcap=softcap,
+            axis=axis,
+            out=out,
+        )
+
+
+def _run_on_device(
+    logits,
+    labels,
+    *,
+    want_grad,
+    inplace,
+    from_logits,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    class_weight,
+    sample_weight,
+    z_loss,
+    softcap,
+    axis,
+    out,
+):
     call = prepare(
         logits,
         labels,

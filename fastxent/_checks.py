@@ -9,6 +9,7 @@ offending value; kernels never see an unchecked argument.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import sys
@@ -69,6 +70,14 @@ class Backend:
 
 def is_cupy_array(array: Any) -> bool:
     return type(array).__module__.split(".")[0] == "cupy"
+
+
+def device_scope(array: Any):
+    """A context in which the array's device is current: CuPy launches, limits and temporaries
+    go to the device current at the time, which need not be the array's. No-op for the rest."""
+    if is_cupy_array(array):
+        return array.device
+    return contextlib.nullcontext()
 
 
 def backend_for(logits: Any) -> Backend:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import types
 
 import numpy as np
 import pytest
@@ -585,6 +586,215 @@ def test_one_synchronisation_per_call(rng, reduction, from_logits):
     )
     assert_loss_matches(loss, ref_loss, np.float32)
     assert_grad_matches(grad, ref_grad, np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Arrays handed to the kernels: strided views, devices, threads and grid limits
+# ----------------------------------------------------------------------------------------
+
+
+def strided(host_array):
+    """A device view of ``host_array`` with stride 2 (every other element of a larger buffer)."""
+    base = cupy.zeros((2 * host_array.shape[0],) + host_array.shape[1:], dtype=host_array.dtype)
+    base[::2] = cupy.asarray(host_array)
+    view = base[::2]
+    assert not view.flags.c_contiguous
+    return view
+
+
+@pytest.mark.parametrize("option", ("class_weight", "smoothing_and_class_weight", "probabilities"))
+def test_strided_class_weight(rng, gpu_path, option):
+    """A class_weight view with stride 2 gives the loss and gradient of its values (a kernel
+    indexing its base pointer would read every other weight of the buffer instead)."""
+    num_rows, num_classes = 4, 2500
+    from_logits = option != "probabilities"
+    inputs, labels, options = make_case(
+        rng,
+        "class_weight" if option == "probabilities" else option,
+        (num_rows,),
+        num_classes,
+        np.float32,
+        from_logits=from_logits,
+    )
+    weights = options.pop("class_weight")
+    ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(
+        inputs, labels, from_logits=from_logits, reduction="sum", class_weight=weights, **options
+    )
+    loss, grad = fastxent.sparse_cross_entropy_with_grad(
+        cupy.asarray(inputs),
+        cupy.asarray(labels),
+        from_logits=from_logits,
+        reduction="sum",
+        class_weight=strided(weights),
+        **options,
+    )
+    assert_loss_matches(loss, ref_loss, np.float32)
+    assert_grad_matches(grad, ref_grad, np.float32, natural_gradient_size(labels, "sum", class_weight=weights))
+    if from_logits:
+        assert_path(gpu_path, num_rows, num_classes)
+
+
+@pytest.mark.parametrize("smoothing", (0.0, 0.1))
+def test_launcher_takes_strided_arrays(rng, gpu_path, smoothing):
+    """The launcher makes every array it hands a kernel C-contiguous: class weights in the
+    options, labels and sample weights (the API passes contiguous ones; other callers may not)."""
+    num_rows, num_classes = 5, 3001
+    logits = random_logits(rng, (num_rows, num_classes), np.float32)
+    labels = random_labels(rng, (num_rows,), num_classes)
+    sample_weight = random_sample_weight(rng, (num_rows,))
+    weights = random_class_weight(rng, num_classes)
+    settings = dict(label_smoothing=smoothing, class_weight=weights)
+    cpu_loss, cpu_grad, _ = cpu_xent.fused_xent(
+        logits.copy(), labels, sample_weight, kernel_options(num_classes, **settings), want_grad=True
+    )
+    options = kernel_options(num_classes, **settings, xp=cupy)
+    options = KernelOptions(**{**options.__dict__, "class_weight": strided(weights)})
+    loss, grad, _ = gpu_xent.fused_xent(
+        cupy.asarray(logits), strided(labels), strided(sample_weight), options, want_grad=True
+    )
+    np.testing.assert_allclose(host(loss), cpu_loss, rtol=4e-5, atol=2e-5)
+    np.testing.assert_allclose(host(grad), cpu_grad, rtol=4e-5, atol=2e-6 * float(np.abs(cpu_grad).max()))
+
+
+def test_class_range_takes_strided_class_weight(rng):
+    from fastxent.cpu import partial as cpu_partial
+    from fastxent.gpu import partial as gpu_partial
+
+    rows, local, options = range_case(rng, np.float32, "smoothing_and_class_weight")
+    ref = cpu_partial.range_stats(rows, local, options)
+    device_options = KernelOptions(**{**options.__dict__, "class_weight": strided(options.class_weight)})
+    got = gpu_partial.range_stats(cupy.asarray(rows), local, device_options)
+    np.testing.assert_allclose(
+        got.weighted_sum, ref.weighted_sum, rtol=1e-5, atol=1e-5 * np.abs(ref.weighted_sum).max()
+    )
+
+
+def split_rows_case(rng, monkeypatch, num_rows=6, num_classes=1500):
+    """Rows forced onto the split path (parts of 256 classes), with an ignored row."""
+    force_gpu_path(monkeypatch, "split")
+    logits = random_logits(rng, (num_rows, num_classes), np.float32)
+    labels = random_labels(rng, (num_rows,), num_classes)
+    labels[1] = -100
+    return logits, labels
+
+
+def test_split_rows_in_chunks_of_the_grid_limit(rng, monkeypatch):
+    """More rows than gridDim.y allows go in several launches (the limit lowered to 3 here: on
+    the host emulator the device's own limit too, so an unchunked launch is rejected)."""
+    logits, labels = split_rows_case(rng, monkeypatch, num_rows=8)
+    monkeypatch.setattr(gpu_xent, "MAX_GRID_ROWS", 3, raising=False)
+    if EMULATED:
+        import emulated_kernels
+
+        monkeypatch.setattr(emulated_kernels, "MAX_GRID_Y", 3)
+    recorder = PathRecorder(monkeypatch)
+    check_gpu(logits, labels, reduction="none", ignore_index=-100, label_smoothing=0.1)
+    assert recorder.used("part_stats") and recorder.used("part_grad")
+
+
+def test_split_row_counters_per_thread(rng, monkeypatch):
+    """Under CuPy's per-thread default stream every thread's current stream has the same handle
+    (cudaStreamPerThread) though the streams differ: two threads must not share the split
+    path's arrival counters, or their launches overlap on them."""
+    import threading
+
+    per_thread_stream = types.SimpleNamespace(ptr=2)  # cudaStreamPerThread
+    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: per_thread_stream)
+    logits, labels = split_rows_case(rng, monkeypatch)
+    ref_loss = reference.sparse_cross_entropy(logits, labels, reduction="none", ignore_index=-100)
+    counters = {}
+    launch = gpu_xent.launch_part_stats
+
+    def recording_launch(*args, **kwargs):
+        counters.setdefault(threading.get_ident(), set()).add(args[11].data.ptr)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_xent, "launch_part_stats", recording_launch)
+    device_logits, device_labels = cupy.asarray(logits), cupy.asarray(labels)
+    start = threading.Barrier(2)
+
+    def work():
+        start.wait()
+        results = []
+        for _ in range(3):
+            loss = fastxent.sparse_cross_entropy(device_logits, device_labels, reduction="none", ignore_index=-100)
+            results.append(host(loss))
+        return results
+
+    outcomes = [None, None]
+
+    def run(index):
+        try:
+            outcomes[index] = work()
+        except BaseException as error:  # reported below
+            outcomes[index] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        for loss in outcome:
+            assert_loss_matches(loss, ref_loss, np.float32)
+    assert len(counters) == 2
+    first, second = counters.values()
+    assert not first & second, "two threads launched on the same counter buffer"
+
+
+def test_arrays_on_another_device(rng):
+    """Arrays on device 1 while device 0 is current: kernels, limits and counters of device 1
+    (every path), and results on device 1."""
+    if _device_count() < 2:
+        pytest.skip("one CUDA device")
+    cases = {"rows": (3, 2500), "split": (1, 40000)}
+    for name, shape in cases.items():
+        logits = random_logits(rng, shape, np.float32)
+        labels = random_labels(rng, shape[:1], shape[1])
+        weights = random_class_weight(rng, shape[1])
+        ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(
+            logits, labels, class_weight=weights, label_smoothing=0.1
+        )
+        with cupy.cuda.Device(1):
+            device_logits, device_labels = cupy.asarray(logits), cupy.asarray(labels)
+            device_weights = cupy.asarray(weights)
+        assert cupy.cuda.runtime.getDevice() == 0
+        loss, grad = fastxent.sparse_cross_entropy_with_grad(
+            device_logits, device_labels, class_weight=device_weights, label_smoothing=0.1
+        )
+        assert cupy.cuda.runtime.getDevice() == 0
+        assert loss.device.id == 1 and grad.device.id == 1, name
+        assert_loss_matches(loss, ref_loss, np.float32)
+        assert_grad_matches(grad, ref_grad, np.float32, natural_gradient_size(labels, class_weight=weights))
+    probs = random_probabilities(rng, (3, 500), np.float32)
+    labels = random_labels(rng, (3,), 500)
+    with cupy.cuda.Device(1):
+        device_probs, device_labels = cupy.asarray(probs), cupy.asarray(labels)
+    loss = fastxent.sparse_cross_entropy(device_probs, device_labels, from_logits=False)
+    assert_loss_matches(loss, reference.sparse_cross_entropy(probs, labels, from_logits=False), np.float32)
+
+
+def test_class_range_on_another_device(rng):
+    if _device_count() < 2:
+        pytest.skip("one CUDA device")
+    from fastxent import _range
+    from fastxent.cpu import partial as cpu_partial
+    from fastxent.gpu import partial as gpu_partial
+
+    rows, local, options = range_case(rng, np.float32, "plain")
+    ref = cpu_partial.range_stats(rows, local, options)
+    with cupy.cuda.Device(1):
+        device_rows = cupy.asarray(rows)
+    got = gpu_partial.range_stats(device_rows, local, options)
+    np.testing.assert_allclose(got.sum_exp, ref.sum_exp, rtol=1e-5)
+    target_weight = _range.target_weights(local, options.class_weight)
+    coefs = _range.finish_rows(ref, local, target_weight, np.ones(len(local)), options)
+    ref_grad = cpu_partial.range_grad(rows, local, ref, coefs, target_weight, options)
+    grad = gpu_partial.range_grad(device_rows, local, ref, coefs, target_weight, options)
+    assert grad.device.id == 1
+    assert_grad_close(host(grad), ref_grad.astype(np.float64), np.float32)
 
 
 # ----------------------------------------------------------------------------------------

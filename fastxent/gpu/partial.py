@@ -27,7 +27,7 @@ from fastxent.gpu import xent
 from fastxent.gpu.xent import cupy
 
 # gridDim.y, which indexes rows in the part kernels, stops at 65535: longer batches go in chunks.
-MAX_GRID_ROWS = 65535
+MAX_GRID_ROWS = xent.MAX_GRID_ROWS
 
 __all__ = ["CupyKernel", "range_grad", "range_stats", "ELSEWHERE", "IGNORED"]
 
@@ -42,9 +42,7 @@ def _layout(num_rows: int, width: int, dtype_name: str):
 
 def _weights_elem(options: KernelOptions, dtype_name: str):
     """This range's class weights in the compute type, where the sweeps read them (smoothing)."""
-    if options.class_weight is None or options.label_smoothing == 0.0:
-        return None
-    return cupy.asarray(numpy.asarray(options.class_weight), dtype=xent.acc_dtype(dtype_name))
+    return xent.class_weight_arrays(options, dtype_name)[1]
 
 
 def _check(rows, options: KernelOptions) -> None:
@@ -78,36 +76,37 @@ def range_stats(rows, labels, options: KernelOptions, *, storage: Optional[str] 
     host = numpy.zeros((5, num_rows))
     host[0] = -numpy.inf
     if num_rows and width:
-        labels = xent.contiguous(cupy.asarray(labels), numpy.int64)
-        part_len, num_parts, threads = _layout(num_rows, width, dtype_name)
-        kernel = xent.get_kernel(xent.kernel_name("part_stats", dtype_name, options.softcap is not None))
-        weights = _weights_elem(options, dtype_name)
-        device = cupy.empty((5, num_rows), dtype=cupy.float64)
-        for lo in range(0, num_rows, MAX_GRID_ROWS):
-            hi = min(lo + MAX_GRID_ROWS, num_rows)
-            # The kernel writes five contiguous planes of the launch's rows.
-            chunk = device if hi - lo == num_rows else cupy.empty((5, hi - lo), dtype=cupy.float64)
-            part_stats = cupy.empty(3 * (hi - lo) * num_parts, dtype=cupy.float64)
-            xent.launch_part_stats(
-                kernel,
-                num_parts,
-                threads,
-                rows[lo:hi],
-                labels[lo:hi],
-                None,
-                None,
-                weights,
-                part_len,
-                options,
-                part_stats,
-                xent.row_counters(hi - lo),
-                None,
-                None,
-                range_stats=chunk,
-            )
-            if chunk is not device:
-                device[:, lo:hi] = chunk
-        host = device.get()  # the one device-to-host transfer
+        with rows.device:  # the kernels, the counters and the launch on the rows' device
+            labels = xent.contiguous(cupy.asarray(labels), numpy.int64)
+            part_len, num_parts, threads = _layout(num_rows, width, dtype_name)
+            kernel = xent.get_kernel(xent.kernel_name("part_stats", dtype_name, options.softcap is not None))
+            weights = _weights_elem(options, dtype_name)
+            device = cupy.empty((5, num_rows), dtype=cupy.float64)
+            for lo in range(0, num_rows, MAX_GRID_ROWS):
+                hi = min(lo + MAX_GRID_ROWS, num_rows)
+                # The kernel writes five contiguous planes of the launch's rows.
+                chunk = device if hi - lo == num_rows else cupy.empty((5, hi - lo), dtype=cupy.float64)
+                part_stats = cupy.empty(3 * (hi - lo) * num_parts, dtype=cupy.float64)
+                xent.launch_part_stats(
+                    kernel,
+                    num_parts,
+                    threads,
+                    rows[lo:hi],
+                    labels[lo:hi],
+                    None,
+                    None,
+                    weights,
+                    part_len,
+                    options,
+                    part_stats,
+                    xent.row_counters(hi - lo),
+                    None,
+                    None,
+                    range_stats=chunk,
+                )
+                if chunk is not device:
+                    device[:, lo:hi] = chunk
+            host = device.get()  # the one device-to-host transfer
     return RowStats(
         row_max=host[0],
         sum_exp=host[1],
@@ -167,10 +166,17 @@ def range_grad(
     """
     _check(rows, options)
     num_rows, width = rows.shape
-    grad = rows if inplace else (xent.empty_rows_like(rows) if out is None else out)
-    if num_rows == 0 or width == 0:
-        return grad
-    dtype_name = xent.storage_name(rows.dtype, storage)
+    with rows.device:  # the new buffer, the kernels and the launch on the rows' device
+        grad = rows if inplace else (xent.empty_rows_like(rows) if out is None else out)
+        if num_rows and width:
+            _range_grad(
+                rows, grad, labels, stats, coefs, target_weight, options, xent.storage_name(rows.dtype, storage)
+            )
+    return grad
+
+
+def _range_grad(rows, grad, labels, stats, coefs, target_weight, options, dtype_name) -> None:
+    num_rows, width = rows.shape
     labels = xent.contiguous(cupy.asarray(labels), numpy.int64)
     row_coefs = _row_coefs(labels, stats, coefs, target_weight, options)
     part_len, num_parts, threads = _layout(num_rows, width, dtype_name)
@@ -190,7 +196,6 @@ def range_grad(
             part_len,
             options,
         )
-    return grad
 
 
 class CupyKernel:

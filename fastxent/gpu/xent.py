@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -60,8 +61,11 @@ SPLIT_MIN_CLASSES = 16 * 1024
 # Blocks the split path aims for per SM, and the granularity of a part (classes).
 SPLIT_BLOCKS_PER_SM = 4
 SPLIT_PART_ALIGN = 1024
-# Rows are indexed by int inside a row: 2^31 - 1 classes at most (N * C may be anything).
+# Classes are indexed by int inside a row (the scalar loops in 64 bits, which pass it by up to
+# a block): 2^31 - 1 classes at most (N * C may be anything).
 MAX_CLASSES = 2**31 - 1
+# gridDim.y, which indexes rows in the part kernels, stops at 65535: more rows go in chunks.
+MAX_GRID_ROWS = 65535
 
 _NULL = numpy.uint64(0)  # a null pointer argument (8 bytes, as every pointer)
 _ATTR_MULTIPROCESSOR_COUNT = 16  # cudaDevAttrMultiProcessorCount
@@ -98,16 +102,22 @@ def acc_dtype(storage: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _module():
+def _module(device_id: int):
     with open(SOURCE_PATH) as handle:
         source = handle.read()
     return cupy.RawModule(code=source, options=COMPILE_OPTIONS)
 
 
 @functools.lru_cache(maxsize=None)
+def _kernel_on(name: str, device_id: int):
+    with cupy.cuda.Device(device_id):
+        return _module(device_id).get_function(name)
+
+
 def get_kernel(name: str):
-    """The RawKernel of one entry of xent.cu (compiled for the current device on first call)."""
-    return _module().get_function(name)
+    """The RawKernel of one entry of xent.cu for the current device (a function handle belongs
+    to the device its module was loaded on: one module per device, compiled on first use)."""
+    return _kernel_on(name, cupy.cuda.runtime.getDevice())
 
 
 @dataclass(frozen=True)
@@ -132,20 +142,26 @@ def current_limits() -> DeviceLimits:
 
 
 _dynamic_shared_set = {}
-_row_counters = {}
+# Per host thread: CuPy's per-thread default stream (CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1) gives
+# every thread's current stream the same handle, cudaStreamPerThread, though the streams differ
+# and their launches may overlap.
+_thread_state = threading.local()
 
 
 def row_counters(num_rows: int):
     """A zeroed uint32 buffer of at least num_rows for the split path's arrival counts.
 
-    The kernel leaves it zeroed, so one buffer per (device, stream) serves every launch without
-    a memset; launches on the same stream never overlap.
+    The kernel leaves it zeroed, so one buffer per (host thread, device, stream handle) serves
+    every launch without a memset: launches on one thread's stream never overlap.
     """
+    buffers = getattr(_thread_state, "row_counters", None)
+    if buffers is None:
+        buffers = _thread_state.row_counters = {}
     key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
-    counters = _row_counters.get(key)
+    counters = buffers.get(key)
     if counters is None or counters.size < num_rows:
         counters = cupy.zeros(max(num_rows, 256), dtype=cupy.uint32)
-        _row_counters[key] = counters
+        buffers[key] = counters
     return counters
 
 
@@ -429,8 +445,28 @@ def fused_xent(
 
     Returns:
         (loss float64 (N,), gradient (N, C) in the logits' dtype or None, row minimum float64
-        (N,) for probability inputs or None), all CuPy arrays on the current device.
+        (N,) for probability inputs or None), all CuPy arrays on the logits' device.
     """
+    # Limits, counters, kernels and launches on the logits' device, whichever is current.
+    with logits.device:
+        return _fused_xent(logits, labels, sample_weight, options, want_grad, inplace, storage, grad_out)
+
+
+def class_weight_arrays(options: KernelOptions, dtype_name: str):
+    """(float64 (C,), compute-type (C,) or None) class weights as the kernels index them:
+    C-contiguous (a strided view would be read as if it were contiguous). The compute-type copy
+    only where label smoothing reads a weight per class; otherwise the target's weight alone
+    matters, read from the float64 array. (None, None) without class weights."""
+    if options.class_weight is None:
+        return None, None
+    class_weight = contiguous(cupy.asarray(options.class_weight), numpy.float64)
+    class_weight_elem = None
+    if options.label_smoothing != 0.0:
+        class_weight_elem = contiguous(class_weight, acc_dtype(dtype_name))
+    return class_weight, class_weight_elem
+
+
+def _fused_xent(logits, labels, sample_weight, options, want_grad, inplace, storage, grad_out):
     dtype_name = storage_name(logits.dtype, storage)
     num_rows, num_classes = logits.shape
     if num_classes > MAX_CLASSES:
@@ -447,12 +483,7 @@ def fused_xent(
     if num_rows == 0:
         return loss, grad, None
 
-    class_weight = options.class_weight
-    # Per-class weights in the compute type, for the sweeps: only label smoothing reads one
-    # per class (otherwise the weight of the target alone matters, read from the float64 array).
-    class_weight_elem = None
-    if class_weight is not None and options.label_smoothing != 0.0:
-        class_weight_elem = cupy.ascontiguousarray(class_weight, dtype=acc_dtype(dtype_name))
+    class_weight, class_weight_elem = class_weight_arrays(options, dtype_name)
     softcap = options.softcap is not None
     limits = current_limits()
     if use_split_rows(num_rows, num_classes, limits):
@@ -508,40 +539,48 @@ def _split_rows(
     loss,
 ) -> None:
     """Few rows, many classes: statistics per (row, part) merged exactly by each row's last
-    block, then the gradient per part."""
+    block, then the gradient per part. gridDim.y counts rows: launches of MAX_GRID_ROWS rows
+    at most, in order on the stream (they share the partials buffer and the counters)."""
     num_rows = logits.shape[0]
+    chunk_rows = min(num_rows, MAX_GRID_ROWS)
     threads = threads_for(part_len * itemsize(dtype_name) // VECTOR_BYTES)
-    part_stats = cupy.empty(3 * num_rows * num_parts, dtype=cupy.float64)
+    part_stats = cupy.empty(3 * chunk_rows * num_parts, dtype=cupy.float64)
     row_coefs = None if grad is None else cupy.empty((num_rows, 4), dtype=cupy.float64)
-    launch_part_stats(
-        get_kernel(kernel_name("part_stats", dtype_name, softcap)),
-        num_parts,
-        threads,
-        logits,
-        labels,
-        sample_weight,
-        class_weight,
-        class_weight_elem,
-        part_len,
-        options,
-        part_stats,
-        row_counters(num_rows),
-        loss,
-        row_coefs,
-    )
-    if grad is not None:
-        launch_part_grad(
-            get_kernel(kernel_name("part_grad", dtype_name, softcap)),
+    counters = row_counters(chunk_rows)
+    stats_kernel = get_kernel(kernel_name("part_stats", dtype_name, softcap))
+    grad_kernel = None if grad is None else get_kernel(kernel_name("part_grad", dtype_name, softcap))
+    for lo in range(0, num_rows, chunk_rows):
+        rows = slice(lo, min(lo + chunk_rows, num_rows))
+        coefs = None if row_coefs is None else row_coefs[rows]
+        launch_part_stats(
+            stats_kernel,
             num_parts,
             threads,
-            logits,
-            grad,
-            labels,
+            logits[rows],
+            labels[rows],
+            sample_weight[rows],
+            class_weight,
             class_weight_elem,
-            row_coefs,
             part_len,
             options,
+            part_stats,
+            counters,
+            loss[rows],
+            coefs,
         )
+        if grad is not None:
+            launch_part_grad(
+                grad_kernel,
+                num_parts,
+                threads,
+                logits[rows],
+                grad[rows],
+                labels[rows],
+                class_weight_elem,
+                coefs,
+                part_len,
+                options,
+            )
 
 
 def _prob_rows(probs, labels, sample_weight, options, dtype_name, want_grad, loss, grad_out=None):
@@ -553,10 +592,7 @@ def _prob_rows(probs, labels, sample_weight, options, dtype_name, want_grad, los
     grad = (empty_rows_like(probs) if grad_out is None else grad_out) if want_grad else None
     if num_rows == 0:
         return loss, grad, row_min
-    class_weight = options.class_weight
-    class_weight_elem = None
-    if class_weight is not None and options.label_smoothing != 0.0:
-        class_weight_elem = cupy.ascontiguousarray(class_weight, dtype=acc_dtype(dtype_name))
+    class_weight, class_weight_elem = class_weight_arrays(options, dtype_name)
     threads = threads_for(num_classes * itemsize(dtype_name) // VECTOR_BYTES, FORWARD_MAX_THREADS)
     launch_prob_rows(
         get_kernel(kernel_name("prob", dtype_name)),

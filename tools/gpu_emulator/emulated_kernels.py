@@ -15,7 +15,8 @@ import os
 import re
 import shutil
 import subprocess
-from typing import Dict, Optional, Sequence
+import threading
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy
 
@@ -23,6 +24,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 BUILD_DIR = os.path.join(HERE, "build")
 DEFAULT_SHARED_LIMIT = 48 * 1024
+# gridDim.y and gridDim.z of a launch stop here on every CUDA GPU (tests may lower it).
+MAX_GRID_Y = 65535
+# One launch at a time: the emulator's block state is global, and ctypes releases the GIL.
+_LAUNCH_LOCK = threading.Lock()
 
 
 def cuda_include_dir() -> Optional[str]:
@@ -103,6 +108,10 @@ def build(source: str) -> ctypes.CDLL:
 def _argument(value):
     """(ctypes value, kind code) of one kernel argument; kinds as emu::kind_of in emu_cuda.h."""
     if isinstance(value, numpy.ndarray):
+        # A kernel gets the base pointer only and indexes it as a C-contiguous array: a strided
+        # view would be read as if it were contiguous, silently (a real launch checks nothing).
+        if not numpy.ndarray.flags.__get__(value).c_contiguous:
+            raise ValueError(f"a strided array (strides {value.strides}) passed as a kernel pointer")
         return ctypes.c_void_p(value.__array_interface__["data"][0]), "p"
     if isinstance(value, numpy.uint64):  # the launchers' null pointer
         return ctypes.c_void_p(int(value)), "p"
@@ -120,8 +129,17 @@ def _argument(value):
 class EmulatedKernel:
     """What ``RawModule.get_function`` returns: callable as a CuPy RawKernel."""
 
-    def __init__(self, library: ctypes.CDLL, name: str, limits: Dict[str, int]):
+    def __init__(
+        self,
+        library: ctypes.CDLL,
+        name: str,
+        limits: Dict[str, int],
+        device_id: int = 0,
+        current_device: Callable[[], int] = lambda: 0,
+    ):
         self.name = name
+        self.device_id = device_id  # a function handle belongs to the device its module was loaded on
+        self._current_device = current_device
         self._launch = getattr(library, f"emu_launch_{name}")
         self._launch.restype = ctypes.c_int
         self._launch.argtypes = [ctypes.c_uint] * 6 + [
@@ -150,8 +168,21 @@ class EmulatedKernel:
     def __call__(self, grid, block, args, shared_mem: int = 0, stream=None) -> None:
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
         block = tuple(int(b) for b in block) + (1,) * (3 - len(block))
-        if not (0 < grid[0] < 2**31 and 0 < grid[1] <= 65535 and 0 < grid[2] <= 65535):
+        if not (0 < grid[0] < 2**31 and 0 < grid[1] <= MAX_GRID_Y and 0 < grid[2] <= MAX_GRID_Y):
             raise ValueError(f"{self.name}: invalid grid {grid}")
+        current_device = self._current_device()
+        if current_device != self.device_id:
+            raise RuntimeError(
+                f"{self.name}: launched on device {current_device} with a function loaded on device "
+                f"{self.device_id} (invalid resource handle)"
+            )
+        for arg in args:
+            device = getattr(getattr(arg, "device", None), "id", None)
+            if device is not None and device != current_device:
+                raise RuntimeError(
+                    f"{self.name}: an argument lives on device {device}, the launch runs on device "
+                    f"{current_device} (illegal address without peer access)"
+                )
         if block[0] * block[1] * block[2] > 1024 or block[0] % 32:
             raise ValueError(f"{self.name}: invalid block {block}")
         if shared_mem > self._max_dynamic_shared:
@@ -161,9 +192,10 @@ class EmulatedKernel:
             )
         values, kinds = zip(*(_argument(a) for a in args), strict=True) if args else ((), ())
         params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
-        status = self._launch(
-            *grid, *block, shared_mem, ctypes.cast(params, ctypes.c_void_p), len(values), "".join(kinds).encode()
-        )
+        with _LAUNCH_LOCK:
+            status = self._launch(
+                *grid, *block, shared_mem, ctypes.cast(params, ctypes.c_void_p), len(values), "".join(kinds).encode()
+            )
         self.launches += 1
         if status != 0:
             raise RuntimeError(f"{self.name}: emulated launch failed (status {status}); see stderr")

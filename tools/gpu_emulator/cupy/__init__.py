@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 import time
 import types
 
@@ -28,6 +29,27 @@ EMULATED = True
 # Device figures of the emulated GPU. Few SMs keep the split-row path reachable with small
 # inputs and the number of emulated blocks small.
 _SM_COUNT = int(os.environ.get("FASTXENT_EMULATED_SM_COUNT", "4"))
+# Two devices by default, so that code which launches on the wrong one fails here: every array
+# remembers the device current at its creation, and a launch checks its kernel and arguments.
+_DEVICE_COUNT = int(os.environ.get("FASTXENT_EMULATED_DEVICE_COUNT", "2"))
+# CuPy's per-thread default stream mode: every thread's current stream then has the same handle
+# (cudaStreamPerThread), though the streams are distinct.
+_PER_THREAD_DEFAULT_STREAM = os.environ.get("CUPY_CUDA_PER_THREAD_DEFAULT_STREAM") == "1"
+_STREAM_PER_THREAD = 2  # cudaStreamPerThread
+_state = threading.local()  # the current device, per host thread as in CUDA
+
+
+def _current_device() -> int:
+    return getattr(_state, "device", 0)
+
+
+def _set_device(device_id) -> None:
+    device_id = int(device_id)
+    if not 0 <= device_id < _DEVICE_COUNT:
+        raise RuntimeError(f"cudaErrorInvalidDevice: device {device_id} of {_DEVICE_COUNT}")
+    _state.device = device_id
+
+
 _LIMITS = {"shared_per_block": 227 * 1024, "shared_per_sm": 228 * 1024}
 _ATTRIBUTES = {16: _SM_COUNT, 81: _LIMITS["shared_per_sm"], 89: 1 << 20, 97: _LIMITS["shared_per_block"]}
 
@@ -69,6 +91,17 @@ class ndarray(numpy.ndarray):
     As in CuPy, reductions give 0-d device arrays rather than host scalars, and turning one into
     a Python value is a device-to-host read (counted, see ``host_reads``).
     """
+
+    def __array_finalize__(self, obj):
+        # A view keeps its base's device; new memory is on the current device.
+        source = obj
+        while source is not None and not hasattr(source, "_device_id"):
+            source = getattr(source, "base", None)
+        self._device_id = source._device_id if source is not None else _current_device()
+
+    @property
+    def device(self):
+        return _Device(self._device_id)
 
     def __array_wrap__(self, array, context=None, return_scalar=False):
         return numpy.ndarray.__array_wrap__(self, array, context, False)
@@ -168,18 +201,46 @@ class RawModule:
     def get_function(self, name):
         if self._library is None:
             self._library = emulated_kernels.build(self._code)
-        if name not in self._kernels:
-            self._kernels[name] = emulated_kernels.EmulatedKernel(self._library, name, _LIMITS)
-        return self._kernels[name]
+        key = (name, _current_device())  # loaded on the current device, as cuModuleLoad does
+        if key not in self._kernels:
+            self._kernels[key] = emulated_kernels.EmulatedKernel(
+                self._library, name, _LIMITS, key[1], current_device=_current_device
+            )
+        return self._kernels[key]
 
 
 class _Device:
-    def __init__(self, device_id=0):
-        self.id = int(device_id)
+    def __init__(self, device_id=None):
+        self.id = _current_device() if device_id is None else int(device_id)
         self.compute_capability = "90"
+        self._previous = []
+
+    def use(self):
+        _set_device(self.id)
+
+    def __enter__(self):
+        self._previous.append(_current_device())
+        _set_device(self.id)
+        return self
+
+    def __exit__(self, *exc):
+        _set_device(self._previous.pop())
+
+    def __eq__(self, other):
+        return isinstance(other, _Device) and other.id == self.id
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __repr__(self):
+        return f"<CUDA Device {self.id}>"
 
     def synchronize(self):
         pass
+
+
+def _current_stream():
+    return types.SimpleNamespace(ptr=_STREAM_PER_THREAD if _PER_THREAD_DEFAULT_STREAM else 0)
 
 
 def _device_get_attribute(attribute, device_id):
@@ -214,8 +275,9 @@ def get_default_memory_pool():
 
 cuda = types.SimpleNamespace(
     runtime=types.SimpleNamespace(
-        getDeviceCount=lambda: 1,
-        getDevice=lambda: 0,
+        getDeviceCount=lambda: _DEVICE_COUNT,
+        getDevice=_current_device,
+        setDevice=_set_device,
         deviceGetAttribute=_device_get_attribute,
         CUDARuntimeError=RuntimeError,
         getDeviceProperties=lambda device_id: {"name": b"emulated GPU (host)"},
@@ -224,5 +286,5 @@ cuda = types.SimpleNamespace(
     Device=_Device,
     Event=_Event,
     get_elapsed_time=_get_elapsed_time,
-    get_current_stream=lambda: types.SimpleNamespace(ptr=0),
+    get_current_stream=_current_stream,
 )
