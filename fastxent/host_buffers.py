@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
@@ -84,3 +84,16 @@ class HostBufferPool:
 def _view(owner: np.ndarray, shape, dtype: np.dtype, nbytes: int) -> np.ndarray:
     offset = (-owner.ctypes.data) % ALIGNMENT
     return owner[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+# The pool the adapters share: a gradient handed to one framework and released is reused by the
+# next call of any adapter.
+ADAPTER_POOL = HostBufferPool()
+
+
+def host_output_like(array) -> Optional[np.ndarray]:
+    """An aligned, pooled array shaped like the NumPy ``array`` for a result an adapter hands to
+    its framework; None for device arrays (their backend allocates)."""
+    if not isinstance(array, np.ndarray):
+        return None
+    return ADAPTER_POOL.empty(array.shape, array.dtype)

@@ -31,7 +31,7 @@ from fastxent import _dense_api
 from fastxent._api import sparse_cross_entropy, sparse_cross_entropy_with_grad
 from fastxent._range import PROB_EPS, PROB_ONE_MINUS_EPS
 from fastxent.cpu.rowscale import SCALABLE_DTYPES, scale_rows_
-from fastxent.host_buffers import HostBufferPool
+from fastxent.host_buffers import host_output_like
 
 try:
     from tensorflow.python.eager import record as _record
@@ -94,16 +94,6 @@ def _to_array(tensor):
         # NumPy has no bfloat16 in DLPack: share the bits as int16, view them as ml_dtypes' bfloat16.
         return np.from_dlpack(tf.bitcast(tensor, tf.int16)).view(_bfloat16_numpy())
     return np.from_dlpack(tensor)
-
-
-# Gradients handed to TensorFlow live in these buffers: aligned for DLPack, and warm when reused.
-_BUFFERS = HostBufferPool()
-
-
-def _host_empty(like):
-    """An aligned host array shaped like ``like`` for a result handed to TensorFlow (None for
-    device arrays: CuPy allocates those)."""
-    return _BUFFERS.empty(like.shape, like.dtype) if isinstance(like, np.ndarray) else None
 
 
 def _to_tensor(array, dtype: tf.DType):
@@ -245,14 +235,14 @@ def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Op
         return (sparse_cross_entropy(logits_array, labels_array, **options),)
 
     def loss_and_grad(logits_array, labels_array):
-        out = _host_empty(logits_array)
+        out = host_output_like(logits_array)
         loss, grad = sparse_cross_entropy_with_grad(logits_array, labels_array, out=out, **options)
         if eager:
             kept.array = grad
         return loss, grad
 
     def weighted_grad(logits_array, labels_array, upstream_array):
-        out = _host_empty(logits_array)
+        out = host_output_like(logits_array)
         _, grad = sparse_cross_entropy_with_grad(
             logits_array, labels_array, out=out, sample_weight=upstream_array, **options
         )

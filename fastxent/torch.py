@@ -45,6 +45,7 @@ from fastxent._dense_api import (
     categorical_cross_entropy_with_grad,
 )
 from fastxent.distributed._torch import vocab_parallel_cross_entropy  # noqa: F401  (re-export)
+from fastxent.host_buffers import host_output_like
 
 __all__ = ["CrossEntropyLoss", "InvalidInputError", "TargetOutOfBoundsError", "cross_entropy"]
 
@@ -106,16 +107,19 @@ def _fused_loss_and_grad(input, target, weight, ignore_index, reduction, label_s
                     axis=class_axis,
                 )
             else:
-                run = sparse_cross_entropy_with_grad if want_grad else sparse_cross_entropy
-                result = run(
-                    logits,
-                    interop.to_array(target),
+                options = dict(
                     reduction=reduction,
                     ignore_index=ignore_index,
                     label_smoothing=label_smoothing,
                     class_weight=class_weight,
                     axis=class_axis,
                 )
+                if want_grad:
+                    # A pooled host buffer: already faulted in when a released gradient is reused.
+                    out = host_output_like(logits)
+                    result = sparse_cross_entropy_with_grad(logits, interop.to_array(target), out=out, **options)
+                else:
+                    result = sparse_cross_entropy(logits, interop.to_array(target), **options)
     except ValueError as error:
         if "outside the valid range" in str(error):
             raise TargetOutOfBoundsError(str(error)) from None
