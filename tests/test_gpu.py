@@ -818,6 +818,43 @@ def test_runs_on_the_current_stream(rng):
     assert_grad_matches(grad_host, ref_grad, np.float32)
 
 
+LIMIT_PROBE = """
+import numpy, cupy
+from fastxent.gpu import xent
+from fastxent._options import KernelOptions
+
+xent.SPLIT_MIN_CLASSES = 2**62  # one block per row: the row's whole range in one sweep
+num_classes = xent.MAX_CLASSES
+logits = cupy.zeros((1, num_classes), dtype=cupy.float16)
+options = KernelOptions(
+    from_logits=True, label_smoothing=0.0, z_loss=0.0, softcap=None, class_weight=None,
+    class_weight_total=float(num_classes), num_classes=num_classes, grad_scale=1.0,
+)
+labels, weights = cupy.asarray([num_classes - 1]), cupy.ones(1)
+loss, _, _ = xent.fused_xent(logits, labels, weights, options, want_grad=False)
+print("loss", repr(float(loss[0])))
+"""
+
+
+@pytest.mark.slow
+def test_class_count_at_the_limit():
+    """C = MAX_CLASSES = 2^31 - 1 (float16, one row of zeros: loss ln C). The scalar tail's
+    index (tail + thread, stepping by the block) passes INT_MAX there: in 32 bits it wraps
+    negative and reads before the row. On the host emulator in a child process (a wrapped
+    index may crash it; the zero row costs no memory until written), about a minute."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The child imports the same CuPy (the emulator's stand-in sits first on the path).
+    paths = ([os.path.dirname(os.path.dirname(cupy.__file__))] if EMULATED else []) + [root]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", LIMIT_PROBE], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    loss = float(result.stdout.split("loss")[-1])
+    np.testing.assert_allclose(loss, np.log(2.0**31 - 1), rtol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(EMULATED, reason="too large for the host emulator")
 def test_more_than_2_31_elements():

@@ -259,6 +259,11 @@ struct Storage<__nv_bfloat16> : Storage16<Storage<__nv_bfloat16> > {
 // scalar tail. Thread t takes vectors t, t + T, t + 2T, ... (T threads): a warp's loads cover
 // 512 contiguous bytes. The shared-memory row cache is indexed by vector, written by the first
 // sweep and read by the second only after the block's barriers between them.
+//
+// A range has at most 2^31 - 1 classes, so an element index fits an int, but a scalar loop's
+// index runs past the end by up to a block (j = tail + tid, j += T): those loops count in 64
+// bits, or a range within 1024 of INT_MAX would wrap them negative. Vector indices stay below
+// length / 4 plus a few blocks.
 // ------------------------------------------------------------------------------------------
 
 struct RangeSplit {
@@ -295,9 +300,9 @@ __device__ __forceinline__ void sweep_read(const T* first, int length, bool vect
   const int num_threads = blockDim.x;
   const RangeSplit split = split_range(first, length, vectorize);
 #pragma unroll 1
-  for (int j = tid; j < split.head; j += num_threads) {
+  for (long long j = tid; j < split.head; j += num_threads) {
     A x[1] = {Storage<T>::to_acc(first[j])};
-    visit(x, j);
+    visit(x, (int)j);
   }
   const uint4* vectors = reinterpret_cast<const uint4*>(first + split.head);
   int v = tid;
@@ -326,9 +331,9 @@ __device__ __forceinline__ void sweep_read(const T* first, int length, bool vect
     visit(x, split.head + v * kVec);
   }
 #pragma unroll 1
-  for (int j = split.tail + tid; j < length; j += num_threads) {
+  for (long long j = (long long)split.tail + tid; j < length; j += num_threads) {
     A x[1] = {Storage<T>::to_acc(first[j])};
-    visit(x, j);
+    visit(x, (int)j);
   }
 }
 
@@ -380,9 +385,9 @@ __device__ __forceinline__ void sweep_write(const T* in, T* out, int length, boo
   const int num_threads = blockDim.x;
   const RangeSplit split = split_range(in, length, vectorize);
 #pragma unroll 1
-  for (int j = tid; j < split.head; j += num_threads) {
+  for (long long j = tid; j < split.head; j += num_threads) {
     A x[1] = {Storage<T>::to_acc(in[j])};
-    op(x, j);
+    op(x, (int)j);
     out[j] = Storage<T>::from_acc(x[0]);
   }
   const uint4* in_vectors = reinterpret_cast<const uint4*>(in + split.head);
@@ -393,9 +398,9 @@ __device__ __forceinline__ void sweep_write(const T* in, T* out, int length, boo
   write_vectors<kUnroll, T>(in_vectors, out_vectors, cached, split.num_vectors, split.head, op, cache, cache_vectors);
   write_vectors<kUnroll, T>(in_vectors, out_vectors, 0, cached, split.head, op, cache, cache_vectors);
 #pragma unroll 1
-  for (int j = split.tail + tid; j < length; j += num_threads) {
+  for (long long j = (long long)split.tail + tid; j < length; j += num_threads) {
     A x[1] = {Storage<T>::to_acc(in[j])};
-    op(x, j);
+    op(x, (int)j);
     out[j] = Storage<T>::from_acc(x[0]);
   }
 }
@@ -407,11 +412,11 @@ __device__ __forceinline__ void fill_zero(T* out, int length) {
   const int tid = threadIdx.x;
   const int num_threads = blockDim.x;
   const RangeSplit split = split_range(out, length, true);
-  for (int j = tid; j < split.head; j += num_threads) out[j] = Storage<T>::from_acc(A(0));
+  for (long long j = tid; j < split.head; j += num_threads) out[j] = Storage<T>::from_acc(A(0));
   uint4* vectors = reinterpret_cast<uint4*>(out + split.head);
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits are +0 in every storage type
   for (int v = tid; v < split.num_vectors; v += num_threads) __stcs(vectors + v, zero);
-  for (int j = split.tail + tid; j < length; j += num_threads) out[j] = Storage<T>::from_acc(A(0));
+  for (long long j = (long long)split.tail + tid; j < length; j += num_threads) out[j] = Storage<T>::from_acc(A(0));
 }
 
 // ------------------------------------------------------------------------------------------
