@@ -103,10 +103,6 @@ def run(
     return loss, checks.grad_like(grad_rows, lead_shape, axis, xp)
 
 
-# The name fastxent.tf called before ``run`` was public; kept until the adapter uses ``run``.
-_run = run
-
-
 def categorical_cross_entropy(
     logits: Any,
     targets: Any,
