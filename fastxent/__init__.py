@@ -4,7 +4,7 @@ The package root only re-exports; see ``fastxent._api`` for the entry points and
 ``fastxent.reference`` for the float64 oracle they are tested against.
 
 Which way the imports run: the adapters (``fastxent.torch``, ``.tf``, ``.keras``, ``.jax``),
-``fastxent.distributed`` and the bench import the public API (``_api``, ``_dense_api``) and its
+``fastxent.distributed`` and the bench import the public API (``_api``, ``_dense_api``, ``_linear_api``) and its
 shared checks (``_checks``); the API imports the backends ``fastxent.cpu`` and ``fastxent.gpu``
 (lazily, by array type); both backends import the range layer ``fastxent._range`` (row
 statistics, their exact merge, the float64 epilogue, the ``RangeKernel`` protocol), which
@@ -22,6 +22,7 @@ from fastxent._api import (
     sparse_cross_entropy_with_grad,
 )
 from fastxent._dense_api import categorical_cross_entropy, categorical_cross_entropy_with_grad
+from fastxent._linear_api import linear_cross_entropy, linear_cross_entropy_with_grad
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,8 @@ __all__ = [
     "Reduction",
     "categorical_cross_entropy",
     "categorical_cross_entropy_with_grad",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
     "log_softmax_gather",
     "reference",
     "sparse_cross_entropy",

@@ -62,7 +62,47 @@ def prepare(
     num_classes = checks.check_num_classes(logits, axis)
     lead_shape = checks.lead_shape_of(logits.shape, axis)
     labels = checks.check_labels(labels, xp, lead_shape)
+    flat_labels, row_weight, options, denominator, host = prepare_targets(
+        labels,
+        num_classes,
+        xp,
+        from_logits=from_logits,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weight=class_weight,
+        sample_weight=sample_weight,
+        z_loss=z_loss,
+        softcap=softcap,
+        extra_scalars=checks.hint_scalars(logits, axis, from_logits, xp),
+    )
+    checks.warn_if_probabilities(host, logits.dtype, num_classes)
+    return Prepared(backend, logits, axis, lead_shape, flat_labels, row_weight, options, denominator)
 
+
+def prepare_targets(
+    labels,
+    num_classes: int,
+    xp: Any,
+    *,
+    from_logits,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    class_weight,
+    sample_weight,
+    z_loss,
+    softcap,
+    extra_scalars: Optional[dict] = None,
+):
+    """The labels' side of a validated call: flat int64 labels (-1 ignored), float64 row
+    weights, the kernels' options and the reduction's denominator, with every scalar the host
+    needs (``extra_scalars`` too) read back in one transfer.
+
+    ``labels`` are already checked for dtype and shape (``checks.check_labels``); a label
+    outside [0, C) that is not ignored raises ``ValueError`` here. Returns
+    (labels, row_weight, options, denominator, host scalars).
+    """
     flat = labels.reshape(-1)
     num_rows = flat.shape[0]
     out_of_range = (flat < 0) | (flat >= num_classes)
@@ -72,7 +112,7 @@ def prepare(
         out_of_range &= ~ignored
         flat_labels = xp.where(ignored, -1, flat_labels)
     weights = checks.class_weights(class_weight, num_classes, xp)
-    row_weight = checks.row_weights(sample_weight, lead_shape, xp)
+    row_weight = checks.row_weights(sample_weight, tuple(labels.shape), xp)
     counted = flat_labels >= 0
 
     # Every scalar the host needs, computed on the device and read back together.
@@ -91,14 +131,13 @@ def prepare(
         device_scalars["denominator"] = xp.sum(xp.where(counted, target_weight, 0.0))
     elif reduction == "sum_over_batch_size":
         device_scalars["denominator"] = xp.count_nonzero(counted)
-    device_scalars.update(checks.hint_scalars(logits, axis, from_logits, xp))
+    device_scalars.update(extra_scalars or {})
     host = checks.to_host(device_scalars, xp)
 
     if host.get("bad_labels"):
         first = int(host["first_bad"] if "first_bad" in host else np.argmax(out_of_range))
         where = checks.position(first, tuple(labels.shape))
         raise ValueError(checks.bad_label_message(where, int(flat[first]), num_classes, ignore_index))
-    checks.warn_if_probabilities(host, logits.dtype, num_classes)
     denominator = host.get("denominator", 1.0)
     options = KernelOptions(
         from_logits=bool(from_logits),
@@ -110,7 +149,7 @@ def prepare(
         num_classes=num_classes,
         grad_scale=checks.grad_scale_for(denominator),
     )
-    return Prepared(backend, logits, axis, lead_shape, flat_labels, row_weight, options, denominator)
+    return flat_labels, row_weight, options, denominator, host
 
 
 def _run(

@@ -215,3 +215,39 @@ def categorical_cross_entropy_with_grad(
 def categorical_cross_entropy(logits, targets, **options) -> np.ndarray:
     """Float64 loss only; see ``categorical_cross_entropy_with_grad``."""
     return categorical_cross_entropy_with_grad(logits, targets, **options)[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Linear layer + cross-entropy (the unfused float64 composition)
+# ----------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy_with_grad(hidden, weight, labels, *, bias=None, **options):
+    """Float64 loss and gradients of ``sparse_cross_entropy(hidden @ weight.T + bias, labels)``.
+
+    hidden (..., H), weight (V, H), bias (V,) or None; ``options`` as the sparse function's
+    (from_logits and axis excepted). Returns (loss, grad_hidden (..., H), grad_weight (V, H),
+    grad_bias (V,) or None), float64.
+    """
+    h = np.asarray(hidden).astype(np.float64)
+    w = np.asarray(weight).astype(np.float64)
+    rows = h.reshape(-1, h.shape[-1])
+    logits = rows @ w.T
+    if bias is not None:
+        logits = logits + np.asarray(bias).astype(np.float64)
+    flat_labels = np.asarray(labels).reshape(-1)
+    sample_weight = options.pop("sample_weight", None)
+    if sample_weight is not None:
+        lead_shape = np.asarray(labels).shape
+        sample_weight = np.broadcast_to(np.asarray(sample_weight, np.float64), lead_shape).reshape(-1)
+    loss, grad = sparse_cross_entropy_with_grad(logits, flat_labels, sample_weight=sample_weight, **options)
+    if options.get("reduction") == "none":
+        loss = loss.reshape(np.asarray(labels).shape)
+    grad_hidden = (grad @ w).reshape(h.shape)
+    grad_bias = None if bias is None else grad.sum(axis=0)
+    return loss, grad_hidden, grad.T @ rows, grad_bias
+
+
+def linear_cross_entropy(hidden, weight, labels, **options) -> np.ndarray:
+    """Float64 loss only; see ``linear_cross_entropy_with_grad``."""
+    return linear_cross_entropy_with_grad(hidden, weight, labels, **options)[0]

@@ -1,0 +1,267 @@
+"""The public linear + cross-entropy entry points: validate, normalise, dispatch by array type.
+
+``linear_cross_entropy(hidden, weight, labels)`` is ``sparse_cross_entropy(hidden @ weight.T +
+bias, labels)`` without the (N, V) logits ever existing: every option means what it means in
+the core API applied to those logits. The schedule lives in ``fastxent._linear`` (no backend);
+NumPy arrays run it with the CPU launcher ``fastxent.cpu.linear``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from fastxent import _checks as checks
+from fastxent._api import prepare_targets
+from fastxent._checks import Reduction
+from fastxent._linear import LinearBlocks, plan_blocks
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
+
+
+def _check_arrays(hidden: Any, weight: Any, bias: Any) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """hidden (..., H), weight (V, H), bias (V,) of one floating dtype, as NumPy arrays."""
+    if any(checks.is_cupy_array(a) for a in (hidden, weight, bias) if a is not None):
+        raise NotImplementedError("linear_cross_entropy runs on NumPy arrays (the CPU) only so far")
+    hidden, weight = np.asarray(hidden), np.asarray(weight)
+    if hidden.dtype not in checks.FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64; got dtype {hidden.dtype}")
+    if hidden.ndim < 1:
+        raise ValueError(f"hidden must have at least one dimension (the features); got shape {hidden.shape}")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D (V, H) as nn.Linear's; got shape {weight.shape}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight shape {weight.shape} does not match hidden shape {hidden.shape}: "
+            f"weight must be (V, {hidden.shape[-1]})"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight has no classes: shape {weight.shape}")
+    if bias is not None:
+        bias = np.asarray(bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), one entry per class; got {bias.shape}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+    return hidden, weight, bias
+
+
+def _run(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias,
+    ignore_index,
+    label_smoothing,
+    class_weight,
+    sample_weight,
+    z_loss,
+    softcap,
+    reduction,
+    memory_budget,
+    block_rows,
+    block_classes,
+    want_hidden=False,
+    want_weight=False,
+    want_bias=False,
+):
+    checks.check_options(True, reduction, label_smoothing, ignore_index=ignore_index, z_loss=z_loss, softcap=softcap)
+    for name, value in (("memory_budget", memory_budget), ("block_rows", block_rows), ("block_classes", block_classes)):
+        _check_positive(name, value)
+    hidden, weight, bias = _check_arrays(hidden, weight, bias)
+    lead_shape = tuple(hidden.shape[:-1])
+    num_classes, features = weight.shape
+    labels = checks.check_labels(labels, np, lead_shape)
+    flat_labels, row_weight, options, denominator, _ = prepare_targets(
+        labels,
+        num_classes,
+        np,
+        from_logits=True,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weight=class_weight,
+        sample_weight=sample_weight,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    num_rows = flat_labels.shape[0]
+    blocks = plan_linear_blocks(
+        num_rows,
+        num_classes,
+        hidden.dtype,
+        memory_budget=memory_budget,
+        block_rows=block_rows,
+        block_classes=block_classes,
+    )
+    from fastxent.cpu import linear as cpu_linear
+
+    per_row, hidden_grad, weight_grad, bias_grad = cpu_linear.linear_xent(
+        hidden.reshape(num_rows, features),
+        weight,
+        bias,
+        flat_labels,
+        row_weight,
+        options,
+        blocks,
+        want_hidden=want_hidden,
+        want_weight=want_weight,
+        want_bias=want_bias and bias is not None,
+    )
+    loss = checks.reduce_loss(per_row, reduction, denominator, lead_shape, checks.loss_dtype(hidden.dtype), np)
+    if hidden_grad is not None:
+        hidden_grad = hidden_grad.reshape(hidden.shape)
+    return loss, hidden_grad, weight_grad, bias_grad
+
+
+def plan_linear_blocks(
+    num_rows: int,
+    num_classes: int,
+    dtype: Any,
+    *,
+    memory_budget: Optional[int] = None,
+    block_rows: Optional[int] = None,
+    block_classes: Optional[int] = None,
+) -> LinearBlocks:
+    """The block shapes a call with these sizes uses (``dtype``: the inputs'; blocks hold the
+    compute type, float32 for half precision)."""
+    itemsize = 8 if np.dtype(dtype) == np.float64 else 4
+    return plan_blocks(
+        num_rows,
+        num_classes,
+        itemsize,
+        memory_budget=memory_budget,
+        block_rows=block_rows,
+        block_classes=block_classes,
+    )
+
+
+def linear_cross_entropy(
+    hidden: Any,
+    weight: Any,
+    labels: Any,
+    *,
+    bias: Any = None,
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    class_weight: Any = None,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    reduction: Reduction = "mean",
+    memory_budget: Optional[int] = None,
+    block_rows: Optional[int] = None,
+    block_classes: Optional[int] = None,
+):
+    """Cross-entropy of the logits ``hidden @ weight.T + bias`` without materialising them.
+
+    One GEMM's work: blocks of logits, each consumed by the statistics kernel while cached.
+
+    Args:
+        hidden: (..., H) float16/bfloat16/float32/float64 NumPy array: the layer's input.
+        weight: (V, H) of the hidden's dtype, ``nn.Linear``'s layout: logits = hidden @ weight.T.
+        labels: integer array of class indices, the hidden's shape without H.
+        bias: (V,) of the hidden's dtype, added to the logits, or None.
+        ignore_index, label_smoothing, class_weight, sample_weight, z_loss, softcap, reduction:
+            exactly as in ``fastxent.sparse_cross_entropy`` on the logits (class_weight (V,)).
+        memory_budget: bytes of logits held at once (default: the smaller of 256 MiB and an
+            eighth of the N x V logits, in the compute type).
+        block_rows, block_classes: override the block shapes (rows per block or chunk; classes
+            per block of the loss-only pass).
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs): 0-d, or the labels' shape for "none".
+    """
+    loss, *_ = _run(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weight=class_weight,
+        sample_weight=sample_weight,
+        z_loss=z_loss,
+        softcap=softcap,
+        reduction=reduction,
+        memory_budget=memory_budget,
+        block_rows=block_rows,
+        block_classes=block_classes,
+    )
+    return loss
+
+
+def linear_cross_entropy_with_grad(
+    hidden: Any,
+    weight: Any,
+    labels: Any,
+    *,
+    bias: Any = None,
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    class_weight: Any = None,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    reduction: Reduction = "mean",
+    memory_budget: Optional[int] = None,
+    block_rows: Optional[int] = None,
+    block_classes: Optional[int] = None,
+    hidden_grad: bool = True,
+    weight_grad: bool = True,
+    bias_grad: bool = True,
+):
+    """Loss and its gradients w.r.t. hidden, weight and bias, computed in the same call.
+
+    Three GEMMs' work (logits, hidden gradient, weight gradient), nothing recomputed: chunks of
+    rows over the whole vocabulary, each turned into loss and gradient in place. With reduction
+    "none" the gradients are those of the sum of the per-row losses.
+
+    Args:
+        hidden: (..., H) float16/bfloat16/float32/float64 NumPy array: the layer's input.
+        weight: (V, H) of the hidden's dtype, ``nn.Linear``'s layout: logits = hidden @ weight.T.
+        labels: integer array of class indices, the hidden's shape without H.
+        bias: (V,) of the hidden's dtype, added to the logits, or None.
+        ignore_index, label_smoothing, class_weight, sample_weight, z_loss, softcap, reduction:
+            exactly as in ``fastxent.sparse_cross_entropy`` on the logits (class_weight (V,)).
+        memory_budget: bytes of logits held at once (default: the smaller of 256 MiB and an
+            eighth of the N x V logits, in the compute type).
+        block_rows, block_classes: override the block shapes (rows per block or chunk; classes
+            per block of the loss-only pass).
+        hidden_grad, weight_grad, bias_grad: False skips that gradient and its work (a frozen
+            head: ``weight_grad=False, bias_grad=False`` saves the dW GEMM).
+
+    Returns:
+        (loss, grad_hidden (..., H), grad_weight (V, H), grad_bias (V,)), each gradient in the
+        inputs' dtype; None where skipped, grad_bias None without a bias. When no gradient is
+        wanted the call is ``linear_cross_entropy``'s (one GEMM).
+    """
+    return _run(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weight=class_weight,
+        sample_weight=sample_weight,
+        z_loss=z_loss,
+        softcap=softcap,
+        reduction=reduction,
+        memory_budget=memory_budget,
+        block_rows=block_rows,
+        block_classes=block_classes,
+        want_hidden=bool(hidden_grad),
+        want_weight=bool(weight_grad),
+        want_bias=bool(bias_grad),
+    )

@@ -1,0 +1,109 @@
+"""CPU launcher of the linear + cross-entropy: NumPy's BLAS for the GEMMs, the Numba row kernels
+for the statistics and gradients, ``fastxent._linear`` for the schedule.
+
+Precision: float32 and float64 inputs compute in their own dtype (BLAS sgemm/dgemm, the kernels
+in that type, dW accumulated in it). float16 and bfloat16 have no BLAS GEMM in NumPy (its
+half-precision matmul is a slow scalar loop), so they compute in float32: hidden and weight
+are converted once (a float32 copy of each, 2x their size), dW accumulates in a float32
+buffer, and the gradients are rounded to the input dtype once at the end. The extra memory for
+half precision is therefore the float32 copies of hidden and weight and the float32 dW, on
+top of the chunk of logits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from fastxent import _linear
+from fastxent._linear import Grads, LinearBlocks
+from fastxent._options import KernelOptions
+from fastxent._range import compute_dtype
+from fastxent.cpu import blas, xent
+
+__all__ = ["NumpyLinearOps", "linear_xent"]
+
+
+class NumpyLinearOps:
+    """``fastxent._linear.LinearOps`` on NumPy arrays of one compute dtype (float32 or float64)."""
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = np.dtype(dtype)
+
+    def empty(self, shape: Tuple[int, ...]) -> np.ndarray:
+        return np.empty(shape, dtype=self.dtype)
+
+    def logits(self, hidden: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], out: np.ndarray) -> np.ndarray:
+        np.matmul(hidden, weight.T, out=out)
+        if bias is not None:
+            out += bias
+        return out
+
+    def hidden_grad(self, grad: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
+        np.matmul(grad, weight, out=out)
+
+    def accumulate_weight_grad(self, grad: np.ndarray, hidden: np.ndarray, out: np.ndarray) -> None:
+        blas.accumulate_at_b(grad, hidden, out)
+
+    def accumulate_bias_grad(self, grad: np.ndarray, out: np.ndarray) -> None:
+        # A GEMV over the chunk's rows in the compute type; the chunks add up in float64.
+        out += np.ones(grad.shape[0], dtype=grad.dtype) @ grad
+
+
+def _compute_copy(array: Optional[np.ndarray], dtype: np.dtype) -> Optional[np.ndarray]:
+    """C-contiguous ``array`` in the compute dtype (itself where it already is)."""
+    return None if array is None else np.ascontiguousarray(array, dtype=dtype)
+
+
+def linear_xent(
+    hidden: np.ndarray,
+    weight: np.ndarray,
+    bias: Optional[np.ndarray],
+    labels: np.ndarray,
+    sample_weight: np.ndarray,
+    options: KernelOptions,
+    blocks: LinearBlocks,
+    *,
+    want_hidden: bool = False,
+    want_weight: bool = False,
+    want_bias: bool = False,
+) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
+    """Per-row loss and the wanted gradients of ``hidden @ weight.T + bias``'s cross-entropy.
+
+    Args:
+        hidden: (N, H) float16/bfloat16/float32/float64.
+        weight: (V, H), the hidden's dtype.
+        bias: (V,) of that dtype, or None.
+        labels: int64 (N,) in [0, V), -1 for ignored rows.
+        sample_weight: float64 (N,).
+        options: validated options (``grad_scale``: the reduction's factor).
+        blocks: the block shapes (``fastxent._linear.plan_blocks``).
+        want_hidden, want_weight, want_bias: which gradients to compute (none: loss only,
+            one GEMM's work).
+
+    Returns:
+        (loss float64 (N,), d hidden (N, H), d weight (V, H), d bias (V,)), each gradient in
+        the input dtype or None where not wanted.
+    """
+    dtype = hidden.dtype
+    compute = compute_dtype(dtype)
+    ops = NumpyLinearOps(compute)
+    hidden_c, weight_c, bias_c = (_compute_copy(a, compute) for a in (hidden, weight, bias))
+    if not (want_hidden or want_weight or want_bias):
+        loss = _linear.loss_rows(
+            ops, xent.NumpyKernel(), hidden_c, weight_c, bias_c, labels, sample_weight, options, blocks
+        )
+        return loss, None, None, None
+
+    num_classes = weight.shape[0]
+    grads = Grads(
+        np.empty(hidden_c.shape, dtype=compute) if want_hidden else None,
+        np.zeros(weight_c.shape, dtype=compute) if want_weight else None,
+        np.zeros(num_classes) if want_bias else None,
+    )
+    loss = _linear.loss_and_grads(
+        ops, xent.fused_xent, hidden_c, weight_c, bias_c, labels, sample_weight, options, blocks, grads
+    )
+    hidden_grad, weight_grad, bias_grad = (None if g is None else g.astype(dtype, copy=False) for g in grads)
+    return loss, hidden_grad, weight_grad, bias_grad
