@@ -73,6 +73,19 @@ def _physical_cores() -> Optional[int]:
 
         return psutil.cpu_count(logical=False)
     except ImportError:
+        pass
+    # Linux without psutil: distinct (physical id, core id) pairs.
+    try:
+        cores, physical = set(), "0"
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "physical id":
+                    physical = value.strip()
+                elif key.strip() == "core id":
+                    cores.add((physical, value.strip()))
+        return len(cores) or None
+    except OSError:
         return None
 
 

@@ -310,7 +310,7 @@ def machine_markdown(info: Dict) -> List[str]:
     """Bullet lines describing the machine and the software versions."""
     versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items() if version)
     lines = [
-        f"- CPU: {info['cpu_model']}, {info['vector_isa']}, {info['physical_cores']} physical cores, "
+        f"- CPU: {info['cpu_model']}, {info['vector_isa']}, {info['physical_cores'] or 'unknown'} physical cores, "
         f"{info['logical_cpus']} logical CPUs"
         + (f", {info['memory_gib']} GiB" if info.get("memory_gib") else "")
         + (f", virtualised ({info['hypervisor']})" if info.get("hypervisor") else ""),
