@@ -533,6 +533,61 @@ def test_negative_probability_raises(rng):
     assert host(probs).tobytes() == before.tobytes(), "rejected input was overwritten"
 
 
+@pytest.mark.parametrize("value", (-1e-40, -1.4e-45, -np.inf))
+def test_negative_subnormal_probability_raises(rng, value):
+    """A negative subnormal "probability" is below 0 as on the CPU, though the kernels are
+    compiled with flush-to-zero, where a float compare would see it as 0."""
+    probs = random_probabilities(rng, (3, 20), np.float32)
+    probs[1, 7] = 0.0
+    probs[1, 4] = value
+    labels = np.array([1, 2, 3])
+    with pytest.raises(ValueError, match=r"row \(1,\) has a negative value"):
+        fastxent.sparse_cross_entropy(probs, labels, from_logits=False)
+    with pytest.raises(ValueError, match=r"row \(1,\) has a negative value"):
+        fastxent.sparse_cross_entropy(cupy.asarray(probs), cupy.asarray(labels), from_logits=False)
+
+
+def test_softcap_values_to_an_ulp(rng):
+    """Softcapped values over the range where tanh's (1 - e) / (1 + e) form cancels (|x / s| in
+    0.1-0.6), against float64: within 3e-7 relative, as the class-range tests need of them."""
+    from fastxent import _range
+    from fastxent.gpu import partial as gpu_partial
+
+    cap = 4.0
+    targets = np.concatenate([np.linspace(0.02, 0.7, 2000), -np.linspace(0.02, 0.7, 2000)]) * cap
+    rows = np.zeros((targets.size, 4), np.float32)
+    rows[:, 0] = targets
+    local = _range.local_labels(np.zeros(targets.size, np.int64), 0, 4)
+    options = KernelOptions(
+        from_logits=True,
+        label_smoothing=0.0,
+        z_loss=0.0,
+        softcap=cap,
+        class_weight=None,
+        class_weight_total=4.0,
+        num_classes=4,
+        grad_scale=1.0,
+    )
+    got = gpu_partial.range_stats(cupy.asarray(rows), local, options)
+    exact = cap * np.tanh(rows[:, 0].astype(np.float64) / cap)
+    np.testing.assert_allclose(got.target_value, exact, rtol=3e-7, atol=0.0)
+
+
+def test_softcapped_one_class_rows_have_zero_loss(gpu_path):
+    """One class: the loss is exactly 0 (log of a sum of exps that is at least 1), never an ulp
+    below, with and without the gradient."""
+    logits = np.linspace(-30.0, 30.0, 64).astype(np.float32).reshape(64, 1)
+    labels = np.zeros(64, np.int64)
+    device_logits, device_labels = cupy.asarray(logits), cupy.asarray(labels)
+    for softcap in (None, 5.0):
+        loss = host(fastxent.sparse_cross_entropy(device_logits, device_labels, reduction="none", softcap=softcap))
+        assert (loss == 0.0).all(), loss[loss != 0.0]
+        loss, grad = fastxent.sparse_cross_entropy_with_grad(
+            device_logits, device_labels, reduction="none", softcap=softcap
+        )
+        assert (host(loss) == 0.0).all() and (host(grad) == 0.0).all()
+
+
 def test_bad_arguments_raise():
     logits = cupy.zeros((4, 5), dtype=cupy.float32)
     with pytest.raises(TypeError, match="labels must be integers"):

@@ -47,15 +47,19 @@ def _load_names():
     return module
 
 
+# What CuPy adds to a RawModule's options when it compiles: float32 flush-to-zero.
+CUPY_ADDED_OPTIONS = ("-ftz=true",)
+
+
 def _compile_options() -> Tuple[str, ...]:
     """The options the launcher hands to CuPy's RawModule (read from xent.py, not imported:
-    importing it needs CuPy)."""
+    importing it needs CuPy), and those CuPy adds."""
     with open(os.path.join(ROOT, "fastxent", "gpu", "xent.py")) as handle:
         text = handle.read()
     match = re.search(r"^COMPILE_OPTIONS\s*=\s*\(([^)]*)\)", text, re.MULTILINE)
     if match is None:
         raise SystemExit("check_cuda: cannot find COMPILE_OPTIONS in fastxent/gpu/xent.py")
-    return tuple(re.findall(r"\"([^\"]+)\"", match.group(1)))
+    return tuple(re.findall(r"\"([^\"]+)\"", match.group(1))) + CUPY_ADDED_OPTIONS
 
 
 def find_nvcc(explicit: Optional[str] = None) -> Optional[str]:

@@ -17,8 +17,8 @@
 //   1. every thread keeps an online (row_max, sum_exp) over 16-byte vectors of its row;
 //   2. warp shuffles, then shared memory, merge the threads' partials exactly;
 //   3. thread 0 runs the epilogue in double and publishes the coefficients;
-//   4. fwd_bwd sweeps the row again (from shared memory as far as it holds it, else from L2)
-//      and writes the gradient, new buffer or in place.
+//   4. fwd_bwd sweeps the row again (from shared memory as far as it holds it, else from L2,
+//      the rest from its end down) and writes the gradient, new buffer or in place.
 //
 // Storage types: float, double, __half, __nv_bfloat16. Compute type (Acc): float, double for
 // double. Only the conversion intrinsics of cuda_fp16.h / cuda_bf16.h are used, so the source
@@ -100,12 +100,14 @@ __device__ __forceinline__ double fast_exp(double x) {
   return x < -745.2 ? 0.0 : result;
 }
 
-// tanh for the softcap, as the CPU's tanh_f32: an odd polynomial near 0 (where 1 - e loses
-// digits), (1 - e) / (1 + e) with e = exp(-2|u|) elsewhere. NaN stays NaN; +-inf gives +-1.
+// tanh for the softcap: an odd polynomial near 0, -m / (2 + m) with m = expm1(-2|u|) elsewhere.
+// expm1 and the IEEE division, not __expf and __fdividef: (1 - e) / (1 + e) with e = __expf(-2|u|)
+// cancels for |u| around 0.1-0.3 and left 8e-7 relative error there, more than the ulp or two
+// that the softcapped values may differ from the CPU's. NaN stays NaN; +-inf gives +-1.
 __device__ __forceinline__ float tanh_acc(float u) {
   const float magnitude = fabsf(u);
-  const float decay = __expf(-2.0f * magnitude);
-  const float large = copysignf(__fdividef(1.0f - decay, 1.0f + decay), u);
+  const float decay_m1 = expm1f(-2.0f * magnitude);  // exp(-2|u|) - 1, in (-1, 0]
+  const float large = copysignf(-decay_m1 / (2.0f + decay_m1), u);
   const float square = u * u;
   const float small =
       u * (1.0f + square * (-1.0f / 3.0f +
@@ -117,6 +119,34 @@ __device__ __forceinline__ double tanh_acc(double u) { return tanh(u); }
 template <bool kSoftcap, typename A>
 __device__ __forceinline__ A apply_softcap(A x, A cap) {
   return kSoftcap ? cap * tanh_acc(x / cap) : x;
+}
+
+// The key a row minimum is taken over. float: a signed integer whose order is the order of the
+// floats (negative floats' magnitude bits flipped), NaN skipped (+inf), compared without
+// floating-point instructions: under -ftz=true a float compare sees a subnormal as 0, so a
+// negative subnormal "probability" would not count as below 0. double: the value itself
+// (float64 is never flushed; NaN compares false).
+__device__ __forceinline__ int min_key(float x) {
+  const int bits = (int)__float_as_uint(x);
+  return x != x ? 0x7f800000 : bits >= 0 ? bits : bits ^ 0x7fffffff;  // NaN: the key of +inf
+}
+__device__ __forceinline__ double min_key(double x) { return x; }
+
+// The value of a key as a double, subnormal floats exact (a float-to-double conversion would
+// flush them under -ftz=true; double arithmetic never flushes).
+__device__ __forceinline__ double from_min_key(int key) {
+  const unsigned bits = (unsigned)(key >= 0 ? key : key ^ 0x7fffffff);
+  if ((bits & 0x7f800000u) != 0u) return (double)__uint_as_float(bits);
+  const double magnitude = (double)(bits & 0x007fffffu) * 1.401298464324817e-45;  // 2^-149
+  return (bits >> 31) ? -magnitude : magnitude;
+}
+__device__ __forceinline__ double from_min_key(double key) { return key; }
+
+// A finite row max's own term is exp(0) = 1, so the sum of exps is at least 1; but a softcapped
+// logit recomputed in the sum can round below the max, which gave a one-class row an ulp-negative
+// loss. As the CPU's logit_range_stats: sums in (0, 1) become 1 (0: an all -inf range; NaN stays).
+__device__ __forceinline__ double sum_exp_at_least_one(double sum_exp) {
+  return sum_exp > 0.0 && sum_exp < 1.0 ? 1.0 : sum_exp;
 }
 
 // Keras' clip of a probability to [eps, 1 - eps] in the compute type; NaN passes through.
@@ -261,9 +291,10 @@ struct Storage<__nv_bfloat16> : Storage16<Storage<__nv_bfloat16> > {
 // sweep and read by the second only after the block's barriers between them.
 //
 // A range has at most 2^31 - 1 classes, so an element index fits an int, but a scalar loop's
-// index runs past the end by up to a block (j = tail + tid, j += T): those loops count in 64
-// bits, or a range within 1024 of INT_MAX would wrap them negative. Vector indices stay below
-// length / 4 plus a few blocks.
+// index runs past the end by up to a block (j = tail + tid, j += T): those loops count in
+// unsigned 32 bits (2^31 - 1 + 2 * 1024 still fits; 64 bits cost registers that the float64
+// kernels do not have), or a range within 1024 of INT_MAX would wrap them negative. Vector
+// indices stay below length / 4 plus a few blocks.
 // ------------------------------------------------------------------------------------------
 
 struct RangeSplit {
@@ -300,7 +331,7 @@ __device__ __forceinline__ void sweep_read(const T* first, int length, bool vect
   const int num_threads = blockDim.x;
   const RangeSplit split = split_range(first, length, vectorize);
 #pragma unroll 1
-  for (long long j = tid; j < split.head; j += num_threads) {
+  for (unsigned j = tid; j < (unsigned)split.head; j += num_threads) {
     A x[1] = {Storage<T>::to_acc(first[j])};
     visit(x, (int)j);
   }
@@ -331,7 +362,7 @@ __device__ __forceinline__ void sweep_read(const T* first, int length, bool vect
     visit(x, split.head + v * kVec);
   }
 #pragma unroll 1
-  for (long long j = (long long)split.tail + tid; j < length; j += num_threads) {
+  for (unsigned j = (unsigned)split.tail + tid; j < (unsigned)length; j += num_threads) {
     A x[1] = {Storage<T>::to_acc(first[j])};
     visit(x, (int)j);
   }
@@ -373,11 +404,49 @@ __device__ __forceinline__ void write_vectors(const uint4* in_vectors, uint4* ou
   }
 }
 
+// Vectors [begin, end) through op from the last one down (position p of the walk is vector
+// end - 1 - p; thread t takes positions t, t + T, ...: a warp still covers 512 contiguous bytes).
+// For the part of a row that the first sweep read last: under L2's least-recently-used
+// replacement, walking it again from the start would evict, with every miss, the lines it needs
+// next; from the end it reads first what is likeliest to still be there.
+template <int kUnroll, typename T, typename Op>
+__device__ __forceinline__ void write_vectors_descending(const uint4* in_vectors, uint4* out_vectors, int begin,
+                                                         int end, int first_class, Op& op) {
+  typedef typename Storage<T>::Acc A;
+  constexpr int kVec = Storage<T>::kVec;
+  const int num_threads = blockDim.x;
+  const int count = end - begin;
+  int p = threadIdx.x;
+  for (; p + (kUnroll - 1) * num_threads < count; p += kUnroll * num_threads) {
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) raw[u] = __ldcs(in_vectors + (end - 1 - (p + u * num_threads)));
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int index = end - 1 - (p + u * num_threads);
+      A x[kVec];
+      Storage<T>::unpack(raw[u], x);
+      op(x, first_class + index * kVec);
+      __stcs(out_vectors + index, Storage<T>::pack(x));
+    }
+  }
+#pragma unroll 1
+  for (; p < count; p += num_threads) {
+    const int index = end - 1 - p;
+    const uint4 raw = __ldcs(in_vectors + index);
+    A x[kVec];
+    Storage<T>::unpack(raw, x);
+    op(x, first_class + index * kVec);
+    __stcs(out_vectors + index, Storage<T>::pack(x));
+  }
+}
+
 // out[j] = op(in[j]) over a range, op(values, first_class) rewriting the values in place.
 // `in` and `out` may be the same memory (in-place gradient): every element is read by the
 // thread that writes it, before it writes it. The first `cache_vectors` vectors come from
 // `cache` instead of `in`. Stores are evict-first: the gradient is not read again here.
-template <int kUnroll, typename T, typename Op>
+// kFromTheEnd: walk the uncached vectors from the last one down (write_vectors_descending).
+template <int kUnroll, typename T, typename Op, bool kFromTheEnd = true>
 __device__ __forceinline__ void sweep_write(const T* in, T* out, int length, bool vectorize, Op& op,
                                             const uint4* cache, int cache_vectors) {
   typedef typename Storage<T>::Acc A;
@@ -385,20 +454,25 @@ __device__ __forceinline__ void sweep_write(const T* in, T* out, int length, boo
   const int num_threads = blockDim.x;
   const RangeSplit split = split_range(in, length, vectorize);
 #pragma unroll 1
-  for (long long j = tid; j < split.head; j += num_threads) {
+  for (unsigned j = tid; j < (unsigned)split.head; j += num_threads) {
     A x[1] = {Storage<T>::to_acc(in[j])};
     op(x, (int)j);
     out[j] = Storage<T>::from_acc(x[0]);
   }
   const uint4* in_vectors = reinterpret_cast<const uint4*>(in + split.head);
   uint4* out_vectors = reinterpret_cast<uint4*>(out + split.head);
-  // The vectors not cached first: they are the ones read last by sweep_read, the likeliest to
-  // still be in L2. Then the cached ones, from shared memory.
+  // The vectors not cached first, from the last: they are the ones read last by sweep_read, the
+  // likeliest to still be in L2. Then the cached ones, from shared memory.
   const int cached = cache_vectors < split.num_vectors ? cache_vectors : split.num_vectors;
-  write_vectors<kUnroll, T>(in_vectors, out_vectors, cached, split.num_vectors, split.head, op, cache, cache_vectors);
+  if (kFromTheEnd) {
+    write_vectors_descending<kUnroll, T>(in_vectors, out_vectors, cached, split.num_vectors, split.head, op);
+  } else {
+    write_vectors<kUnroll, T>(in_vectors, out_vectors, cached, split.num_vectors, split.head, op, cache,
+                              cache_vectors);
+  }
   write_vectors<kUnroll, T>(in_vectors, out_vectors, 0, cached, split.head, op, cache, cache_vectors);
 #pragma unroll 1
-  for (long long j = (long long)split.tail + tid; j < length; j += num_threads) {
+  for (unsigned j = (unsigned)split.tail + tid; j < (unsigned)length; j += num_threads) {
     A x[1] = {Storage<T>::to_acc(in[j])};
     op(x, (int)j);
     out[j] = Storage<T>::from_acc(x[0]);
@@ -412,11 +486,11 @@ __device__ __forceinline__ void fill_zero(T* out, int length) {
   const int tid = threadIdx.x;
   const int num_threads = blockDim.x;
   const RangeSplit split = split_range(out, length, true);
-  for (long long j = tid; j < split.head; j += num_threads) out[j] = Storage<T>::from_acc(A(0));
+  for (unsigned j = tid; j < (unsigned)split.head; j += num_threads) out[j] = Storage<T>::from_acc(A(0));
   uint4* vectors = reinterpret_cast<uint4*>(out + split.head);
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits are +0 in every storage type
   for (int v = tid; v < split.num_vectors; v += num_threads) __stcs(vectors + v, zero);
-  for (long long j = (long long)split.tail + tid; j < length; j += num_threads) out[j] = Storage<T>::from_acc(A(0));
+  for (unsigned j = (unsigned)split.tail + tid; j < (unsigned)length; j += num_threads) out[j] = Storage<T>::from_acc(A(0));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -465,11 +539,12 @@ __device__ __forceinline__ LogitStats<A> shuffle_xor(const LogitStats<A>& stats,
   return other;
 }
 
-// Probability inputs: the smallest raw value (to reject negative "probabilities"), the sum of
-// the clipped values and the weighted sum of their logs (label smoothing).
+// Probability inputs: the smallest raw value as an order key (to reject negative
+// "probabilities", subnormal ones included), the sum of the clipped values and the weighted sum
+// of their logs (label smoothing).
 template <typename A>
 struct ProbStats {
-  A min_value;
+  decltype(min_key(A(0))) min_value;
   A clipped_sum;
   double weighted_log_sum;
 };
@@ -477,7 +552,7 @@ struct ProbStats {
 template <typename A>
 __device__ __forceinline__ ProbStats<A> identity_stats(ProbStats<A>*) {
   ProbStats<A> stats;
-  stats.min_value = -neg_inf(A(0));  // +inf
+  stats.min_value = min_key(-neg_inf(A(0)));  // +inf
   stats.clipped_sum = A(0);
   stats.weighted_log_sum = 0.0;
   return stats;
@@ -609,7 +684,8 @@ struct ProbStatsVisitor {
   __device__ __forceinline__ void operator()(A (&x)[N], int first_class) {
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      stats.min_value = x[k] < stats.min_value ? x[k] : stats.min_value;  // NaN skipped
+      const auto key = min_key(x[k]);
+      stats.min_value = key < stats.min_value ? key : stats.min_value;  // NaN skipped
       const A clipped = clip_prob(x[k]);
       stats.clipped_sum += clipped;
       if (want_weighted_sum) {
@@ -768,7 +844,7 @@ __device__ __forceinline__ void logit_rows(const T* logits, T* grad, const long 
     if (threadIdx.x == 0) {
       const A target = apply_softcap<kSoftcap>(Storage<T>::to_acc(in[label]), cap);
       const double target_weight = class_weight ? class_weight[label] : 1.0;
-      const RowEpilogue e = row_epilogue((double)stats.row_max, (double)stats.sum_exp, (double)target,
+      const RowEpilogue e = row_epilogue((double)stats.row_max, sum_exp_at_least_one((double)stats.sum_exp), (double)target,
                                          stats.weighted_sum, sample_weight[row], target_weight,
                                          class_weight_total, num_classes_total, smoothing, z_loss, grad_scale);
       loss_out[row] = e.loss;
@@ -854,6 +930,7 @@ __device__ __forceinline__ void part_stats(const T* logits, const long long* lab
   }
   merged = warp_reduce(merged);
   if (threadIdx.x != 0) return;
+  merged.sum_exp = sum_exp_at_least_one(merged.sum_exp);
   row_counters[row] = 0u;  // every part has arrived: ready for the next launch
   if (range_stats_out) {
     const long long rows = gridDim.y;
@@ -952,7 +1029,7 @@ __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long lo
     sweep_read<1>(in, width, vectorize, visit, (uint4*)nullptr, 0, want_grad);
     const ProbStats<A> stats = block_reduce(visit.stats);
     if (threadIdx.x == 0) {
-      row_min_out[row] = (double)stats.min_value;
+      row_min_out[row] = from_min_key(stats.min_value);
       const A raw_target = Storage<T>::to_acc(in[label]);
       const double target_value = log((double)clip_prob(raw_target));
       const double target_weight = class_weight ? class_weight[label] : 1.0;
@@ -969,7 +1046,9 @@ __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long lo
     if (want_grad) {
       __syncthreads();
       ProbGradOp<A> op = {shared_coefs, class_weight_elem, (int)label};
-      sweep_write<1>(in, out, width, vectorize, op, (const uint4*)nullptr, 0);
+      // In ascending order: the float64 instance has no register left for the descending walk,
+      // and probabilities are the compatibility path.
+      sweep_write<1, T, ProbGradOp<A>, false>(in, out, width, vectorize, op, (const uint4*)nullptr, 0);
     }
   }
 }

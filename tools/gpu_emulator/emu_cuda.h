@@ -15,6 +15,7 @@
 #include <vector_functions.h>
 
 #include <cmath>
+#include <cfloat>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -84,8 +85,52 @@ inline double __hiloint2double(int high, int low) {
 }
 inline int __double2loint(double d) { unsigned long long bits; std::memcpy(&bits, &d, 8); return (int)(unsigned)bits; }
 inline int __double2hiint(double d) { unsigned long long bits; std::memcpy(&bits, &d, 8); return (int)(unsigned)(bits >> 32); }
-inline float __expf(float x) { return std::exp(x); }
-inline float __fdividef(float a, float b) { return a / b; }
+inline long long __double_as_longlong(double d) { long long bits; std::memcpy(&bits, &d, 8); return bits; }
+
+// Numerics of the hardware that a host computes differently. CuPy compiles with -ftz=true: every
+// float32 operation flushes subnormal inputs and results to zero. run_grid sets the x86 FTZ and
+// DAZ bits for the launch, which does the same (to float64 too, where the GPU keeps subnormals:
+// the kernels never form float64 subnormals that matter).
+//
+// The fast intrinsics, as the CUDA programming guide bounds them: __expf(x) is ex2.approx of
+// x * log2(e) rounded to float, the rounding giving an error that grows with |x| (up to
+// 2 + floor(|1.173 x|) ulp in all); __fdividef(a, b) is a times an approximate 1/b, within 2 ulp,
+// and 0 for 2^126 < |b| < 2^128. The approximations' own error is modelled as a deterministic
+// pseudo-random error of up to 2 ulp drawn from the inputs' bits, so a test sees errors of the
+// size hardware gives, the same on every run.
+namespace emu {
+
+inline unsigned mix_bits(unsigned x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// `exact` moved by up to `max_ulps` float ulps (direction and size from `seed`), rounded to
+// float, flushed to zero below the smallest normal float.
+inline float approximate(double exact, unsigned seed, double max_ulps) {
+  if (!std::isfinite(exact) || exact == 0.0) return (float)exact;
+  const double unit = std::ldexp(1.0, std::ilogb(exact) - 23);
+  const double fraction = (double)(mix_bits(seed) >> 8) / (double)(1u << 23) - 1.0;  // [-1, 1)
+  const float result = (float)(exact + fraction * max_ulps * unit);
+  return std::fabs(result) < 1.17549435e-38f ? std::copysign(0.0f, result) : result;
+}
+
+}  // namespace emu
+
+inline float __expf(float x) {
+  const float exponent = x * 1.44269504f;  // rounded to float, as the hardware's multiply
+  return emu::approximate(std::exp2((double)exponent), __float_as_uint(x), 2.0);
+}
+
+inline float __fdividef(float a, float b) {
+  const float magnitude = std::fabs(b);
+  if (magnitude > 8.50705917e37f && magnitude < INFINITY) return std::isinf(a) ? NAN : 0.0f * a;
+  return emu::approximate((double)a / (double)b, __float_as_uint(a) * 31u + __float_as_uint(b), 2.0);
+}
 inline void __threadfence() {}  // blocks run one after another: every write is already visible
 inline unsigned atomicAdd(unsigned* address, unsigned value) {
   const unsigned old = *address;

@@ -3,6 +3,8 @@
 
 #include "emu_cuda.h"
 
+#include <xmmintrin.h>
+
 namespace emu {
 
 dim3 thread_idx, block_idx, block_dim, grid_dim;
@@ -121,6 +123,14 @@ int run_grid(dim3 grid, dim3 block, size_t shared_bytes, const std::function<voi
   kernel_body = &body;
   block_dim = block;
   grid_dim = grid;
+  // -ftz=true: flush subnormal inputs (DAZ) and results (FTZ) while the kernel runs. The fibers'
+  // contexts are made inside, so they start with these bits too.
+  const unsigned saved_csr = _mm_getcsr();
+  _mm_setcsr(saved_csr | 0x8040u);
+  struct RestoreCsr {
+    unsigned csr;
+    ~RestoreCsr() { _mm_setcsr(csr); }
+  } restore{saved_csr};
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
