@@ -76,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the peak-memory measurement (it starts a process per framework)",
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    parser.add_argument(
+        "--op",
+        choices=("xent", "linear"),
+        default="xent",
+        help="xent: the cross-entropy on logits (default); linear: the fused linear + cross-entropy "
+        "against bare GEMMs and PyTorch (--shapes as NxHxV,...)",
+    )
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -141,6 +148,10 @@ def gpu_problem() -> Optional[str]:
 
 def run(args) -> int:
     quiet_framework_logs()
+    if getattr(args, "op", "xent") == "linear":
+        from fastxent.bench import linear
+
+        return linear.run(args)
     try:
         cases = _choose_cases(args)
         modes = bench_cases.parse_modes(args.modes)

@@ -12,8 +12,10 @@ top of the chunk of logits.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, Optional, Tuple
 
+import numba
 import numpy as np
 
 from fastxent import _linear
@@ -22,7 +24,27 @@ from fastxent._options import KernelOptions
 from fastxent._range import compute_dtype
 from fastxent.cpu import blas, xent
 
-__all__ = ["NumpyLinearOps", "linear_xent"]
+__all__ = ["KERNEL_THREADS", "NumpyLinearOps", "linear_xent"]
+
+# Threads of the Numba row kernels between the GEMMs (None: Numba's setting). OpenBLAS's
+# workers keep spinning for a while after each GEMM; a parallel kernel run in that window
+# competes with them for the cores, and the GEMM after it with the kernel's idle workers.
+# The kernels are a few per cent of the work, so they run on the calling thread alone.
+KERNEL_THREADS: Optional[int] = 1
+
+
+@contextlib.contextmanager
+def kernel_threads(count: Optional[int]) -> Iterator[None]:
+    """Numba's thread count for this thread (its setting is thread-local) within the block."""
+    if count is None:
+        yield
+        return
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(count, previous))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
 
 
 class NumpyLinearOps:
@@ -91,9 +113,10 @@ def linear_xent(
     ops = NumpyLinearOps(compute)
     hidden_c, weight_c, bias_c = (_compute_copy(a, compute) for a in (hidden, weight, bias))
     if not (want_hidden or want_weight or want_bias):
-        loss = _linear.loss_rows(
-            ops, xent.NumpyKernel(), hidden_c, weight_c, bias_c, labels, sample_weight, options, blocks
-        )
+        with kernel_threads(KERNEL_THREADS):
+            loss = _linear.loss_rows(
+                ops, xent.NumpyKernel(), hidden_c, weight_c, bias_c, labels, sample_weight, options, blocks
+            )
         return loss, None, None, None
 
     num_classes = weight.shape[0]
@@ -102,8 +125,9 @@ def linear_xent(
         np.zeros(weight_c.shape, dtype=compute) if want_weight else None,
         np.zeros(num_classes) if want_bias else None,
     )
-    loss = _linear.loss_and_grads(
-        ops, xent.fused_xent, hidden_c, weight_c, bias_c, labels, sample_weight, options, blocks, grads
-    )
+    with kernel_threads(KERNEL_THREADS):
+        loss = _linear.loss_and_grads(
+            ops, xent.fused_xent, hidden_c, weight_c, bias_c, labels, sample_weight, options, blocks, grads
+        )
     hidden_grad, weight_grad, bias_grad = (None if g is None else g.astype(dtype, copy=False) for g in grads)
     return loss, hidden_grad, weight_grad, bias_grad
