@@ -20,6 +20,10 @@ from fastxent._range import PROB_EPS, PROB_ONE_MINUS_EPS
 # their targets, 2 x 8 KiB), scanned for its max, then for the sums: one pass over memory, two
 # over cache.
 BLOCK = 2048
+# Sums of exps run in the compute type over this many terms, then in float64 (see
+# segment_sum_exp). Numba's cache does not see this file: clear fastxent/cpu/__pycache__ after
+# changing a constant here.
+SUM_RUN = 256
 
 # Every kernel also uses error_model="numpy": Numba's default Python error model checks each
 # division for a zero divisor (to raise ZeroDivisionError), which blocks vectorization
@@ -31,4 +35,4 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # still inlines it, keeping these per-instruction flags.
 EXACT_FASTMATH = {"nsz", "arcp", "contract", "afn"}
 
-__all__ = ["BLOCK", "EXACT_FASTMATH", "FASTMATH", "PROB_EPS", "PROB_ONE_MINUS_EPS"]
+__all__ = ["BLOCK", "EXACT_FASTMATH", "FASTMATH", "PROB_EPS", "PROB_ONE_MINUS_EPS", "SUM_RUN"]

@@ -38,7 +38,7 @@ from numba.core.extending import overload
 
 from fastxent._range import IGNORED
 from fastxent.cpu._bits import as_compute, from_compute, from_order_key, order_key, to_compute
-from fastxent.cpu._constants import BLOCK, FASTMATH, PROB_EPS, PROB_ONE_MINUS_EPS
+from fastxent.cpu._constants import BLOCK, FASTMATH, PROB_EPS, PROB_ONE_MINUS_EPS, SUM_RUN
 from fastxent.cpu._math import exp_c, tanh_c
 
 # Fast-math goes on the leaf loops only (segment_*, *_range_grad, prob_range_stats); the row
@@ -132,11 +132,27 @@ def segment_max(segment, softcap):
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def segment_sum_exp(segment, reference, softcap):
-    """sum_j exp(v_j - reference) over a segment; NaN anywhere gives NaN."""
-    total = as_compute(0.0, segment[0])
-    for j in range(segment.shape[0]):
-        total += exp_c(load_logit(segment[j], softcap) - reference)
-    return np.float64(total)
+    """sum_j exp(v_j - reference) over a segment; NaN anywhere gives NaN.
+
+    Terms are summed in the compute type over runs of ``SUM_RUN`` elements and the runs in
+    float64: a float32 sum over a whole block rounds the same way at every step when the terms
+    are alike (one logit of 9 and 2046 zeros lost 3e-6 of the sum, 1.3e-5 of the loss; runs of
+    256 keep it to 3e-7 at no measured cost, where float64 for every term costs the forward 70 %
+    and runs of 64 cost it 20 %).
+    """
+    total = 0.0
+    num = segment.shape[0]
+    whole = num - num % SUM_RUN
+    # Runs of a fixed length (a loop LLVM unrolls into vector lanes), then the tail.
+    for start in range(0, whole, SUM_RUN):
+        run = as_compute(0.0, segment[0])
+        for j in range(SUM_RUN):
+            run += exp_c(load_logit(segment[start + j], softcap) - reference)
+        total += np.float64(run)
+    tail = as_compute(0.0, segment[0])
+    for j in range(whole, num):
+        tail += exp_c(load_logit(segment[j], softcap) - reference)
+    return total + np.float64(tail)
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
