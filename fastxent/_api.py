@@ -152,40 +152,10 @@ def prepare_targets(
     return flat_labels, row_weight, options, denominator, host
 
 
-def _run(
-    logits,
-    labels,
-    *,
-    want_grad,
-    inplace,
-    from_logits,
-    reduction,
-    ignore_index,
-    label_smoothing,
-    class_weight,
-    sample_weight,
-    z_loss,
-    softcap,
-    axis,
-    out=None,
-):
+def _run(logits, labels, **call):
+    """``_run_on_device`` on the logits' device (every argument keyword-only, passed through)."""
     with checks.device_scope(logits):
-        return _run_on_device(
-            logits,
-            labels,
-            want_grad=want_grad,
-            inplace=inplace,
-            from_logits=from_logits,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            class_weight=class_weight,
-            sample_weight=sample_weight,
-            z_loss=z_loss,
-            softcap=softcap,
-            axis=axis,
-            out=out,
-        )
+        return _run_on_device(logits, labels, **call)
 
 
 def _run_on_device(
@@ -203,7 +173,7 @@ def _run_on_device(
     z_loss,
     softcap,
     axis,
-    out,
+    out=None,
 ):
     call = prepare(
         logits,

@@ -18,6 +18,7 @@ back. Requires the ``jax`` extra; import it explicitly: ``import fastxent.jax``.
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 from typing import Any, Optional, Tuple, Union
 
@@ -68,12 +69,12 @@ def _cpu_target(
             loss = _api.sparse_cross_entropy(logits, labels, **common)
         results[0][...] = loss
 
-    name = f"fastxent_sparse_xent_{len(_TARGET_NAMES)}"
-    _TARGET_NAMES.append(name)
+    name = f"fastxent_sparse_xent_{next(_TARGET_NUMBERS)}"
     return register_host_target(name, compute)
 
 
-_TARGET_NAMES: list = []
+# One custom-call target per configuration (the cache above): numbered in order of creation.
+_TARGET_NUMBERS = itertools.count()
 
 
 @functools.lru_cache(maxsize=None)

@@ -192,20 +192,26 @@ class _KeptGradient:
         self.tensor = None
         self.array: Optional[np.ndarray] = None
 
-    def take_for_scaling(self, logits_in, upstream) -> Optional[np.ndarray]:
-        """The kept host array, to be scaled in place by the incoming gradient, or None when
-        that is not safe: a tape recording the backward (second derivatives), a graph, a dtype
-        or a buffer that cannot be scaled in place, or a gradient already handed out."""
+    def scaled_in_place(self, logits_in, upstream, class_axis: int):
+        """The kept gradient scaled in place by the incoming per-row gradient, handed out (a
+        later backward computes its own); None when that is not safe: a tape recording the
+        backward (second derivatives), a graph, a device array, a dtype, a class axis or a
+        buffer that cannot be scaled in place, or a gradient already handed out."""
         array = self.array
         if (
-            array is None
+            not isinstance(array, np.ndarray)
             or not tf.executing_eagerly()
             or array.dtype not in SCALABLE_DTYPES
+            or class_axis != array.ndim - 1
             or not np.shares_memory(array, _to_array(self.tensor))
             or _tape_watches(logits_in, upstream)
         ):
             return None
-        return array
+        factors = _to_array(upstream).reshape(-1)
+        if not np.all(factors == 1):
+            scale_rows_(array.reshape(-1, array.shape[-1]), factors)
+        result, self.tensor, self.array = self.tensor, None, None
+        return result
 
 
 @tf.autograph.experimental.do_not_convert
@@ -306,15 +312,9 @@ def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Op
             (loss,) = _host_call(_raise_label_errors(loss_only), [logits_in, labels], [loss_dtype], [labels.shape])
 
         def backward(upstream):
-            array = kept.take_for_scaling(logits_in, upstream)
-            if array is not None and class_axis == rank - 1:
-                factors = _to_array(upstream).reshape(-1)
-                if not np.all(factors == 1):
-                    scale_rows_(array.reshape(-1, array.shape[-1]), factors)
-                # The kept gradient is now this backward's result: a later backward (a
-                # persistent tape) computes its own.
-                result, kept.tensor, kept.array = kept.tensor, None, None
-                return result
+            scaled = kept.scaled_in_place(logits_in, upstream, class_axis)
+            if scaled is not None:
+                return scaled
             if kept.tensor is None:
                 return weighted_gradient(logits_in, upstream)
             # A tape records this backward (second derivatives): the kept gradient times the
