@@ -71,12 +71,14 @@ def _run(
     memory_budget,
     block_rows,
     block_classes,
+    threads=None,
     want_hidden=False,
     want_weight=False,
     want_bias=False,
 ):
     checks.check_options(True, reduction, label_smoothing, ignore_index=ignore_index, z_loss=z_loss, softcap=softcap)
-    for name, value in (("memory_budget", memory_budget), ("block_rows", block_rows), ("block_classes", block_classes)):
+    sizes = ("memory_budget", memory_budget), ("block_rows", block_rows), ("block_classes", block_classes)
+    for name, value in sizes + (("threads", threads),):
         _check_positive(name, value)
     hidden, weight, bias = _check_arrays(hidden, weight, bias)
     lead_shape = tuple(hidden.shape[:-1])
@@ -96,6 +98,8 @@ def _run(
         softcap=softcap,
     )
     num_rows = flat_labels.shape[0]
+    from fastxent.cpu import linear as cpu_linear
+
     blocks = plan_linear_blocks(
         num_rows,
         num_classes,
@@ -103,8 +107,10 @@ def _run(
         memory_budget=memory_budget,
         block_rows=block_rows,
         block_classes=block_classes,
+        features=features,
+        max_workers=cpu_linear.max_workers(),
+        threads=threads,
     )
-    from fastxent.cpu import linear as cpu_linear
 
     per_row, hidden_grad, weight_grad, bias_grad = cpu_linear.linear_xent(
         hidden.reshape(num_rows, features),
@@ -132,9 +138,13 @@ def plan_linear_blocks(
     memory_budget: Optional[int] = None,
     block_rows: Optional[int] = None,
     block_classes: Optional[int] = None,
+    features: int = 1,
+    max_workers: int = 1,
+    threads: Optional[int] = None,
 ) -> LinearBlocks:
-    """The block shapes a call with these sizes uses (``dtype``: the inputs'; blocks hold the
-    compute type, float32 for half precision)."""
+    """The block shapes and worker count a call with these sizes uses (``dtype``: the inputs';
+    blocks hold the compute type, float32 for half precision; ``max_workers``: the backend's
+    thread count, used from ``fastxent._linear.PARALLEL_MIN_WORK`` multiply-adds)."""
     itemsize = 8 if np.dtype(dtype) == np.float64 else 4
     return plan_blocks(
         num_rows,
@@ -143,6 +153,9 @@ def plan_linear_blocks(
         memory_budget=memory_budget,
         block_rows=block_rows,
         block_classes=block_classes,
+        features=features,
+        max_workers=max_workers,
+        workers=threads,
     )
 
 
@@ -162,6 +175,7 @@ def linear_cross_entropy(
     memory_budget: Optional[int] = None,
     block_rows: Optional[int] = None,
     block_classes: Optional[int] = None,
+    threads: Optional[int] = None,
 ):
     """Cross-entropy of the logits ``hidden @ weight.T + bias`` without materialising them.
 
@@ -178,6 +192,10 @@ def linear_cross_entropy(
             eighth of the N x V logits, in the compute type).
         block_rows, block_classes: override the block shapes (rows per block or chunk; classes
             per block of the loss-only pass).
+        threads: worker threads that share the blocks, each running its GEMMs single-threaded
+            and its kernels on the blocks it just computed (default: NumPy's BLAS thread count
+            for problems of 2^30 multiply-adds or more, else 1). While workers run, NumPy's
+            BLAS is single-threaded process-wide (OpenBLAS has only a process-wide setting).
 
     Returns:
         The loss, float32 (float64 for float64 inputs): 0-d, or the labels' shape for "none".
@@ -197,6 +215,7 @@ def linear_cross_entropy(
         memory_budget=memory_budget,
         block_rows=block_rows,
         block_classes=block_classes,
+        threads=threads,
     )
     return loss
 
@@ -217,6 +236,7 @@ def linear_cross_entropy_with_grad(
     memory_budget: Optional[int] = None,
     block_rows: Optional[int] = None,
     block_classes: Optional[int] = None,
+    threads: Optional[int] = None,
     hidden_grad: bool = True,
     weight_grad: bool = True,
     bias_grad: bool = True,
@@ -238,6 +258,10 @@ def linear_cross_entropy_with_grad(
             eighth of the N x V logits, in the compute type).
         block_rows, block_classes: override the block shapes (rows per block or chunk; classes
             per block of the loss-only pass).
+        threads: worker threads that share the blocks, each running its GEMMs single-threaded
+            and its kernels on the blocks it just computed (default: NumPy's BLAS thread count
+            for problems of 2^30 multiply-adds or more, else 1). While workers run, NumPy's
+            BLAS is single-threaded process-wide (OpenBLAS has only a process-wide setting).
         hidden_grad, weight_grad, bias_grad: False skips that gradient and its work (a frozen
             head: ``weight_grad=False, bias_grad=False`` saves the dW GEMM).
 
@@ -261,6 +285,7 @@ def linear_cross_entropy_with_grad(
         memory_budget=memory_budget,
         block_rows=block_rows,
         block_classes=block_classes,
+        threads=threads,
         want_hidden=bool(hidden_grad),
         want_weight=bool(weight_grad),
         want_bias=bool(bias_grad),

@@ -8,6 +8,9 @@ small inputs still cross several row chunks and class blocks (V not a multiple o
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numpy as np
 import pytest
 from conftest import (
@@ -68,14 +71,16 @@ def linear_case(rng, option, dtype, *, lead_shape=LEAD_SHAPE, num_classes=NUM_CL
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("threads", [1, 3], ids=["one-thread", "three-workers"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=dtype_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", OPTION_NAMES)
-def test_matches_float64_composition(rng, option, reduction, dtype):
+def test_matches_float64_composition(rng, option, reduction, dtype, threads):
     hidden, weight, bias, labels, options = linear_case(rng, option, dtype)
     options["reduction"] = reduction
+    options["threads"] = threads
     ref_loss, ref_hidden, ref_weight, ref_bias = reference.linear_cross_entropy_with_grad(
-        hidden, weight, labels, bias=bias, **options
+        hidden, weight, labels, bias=bias, **{k: v for k, v in options.items() if k != "threads"}
     )
     loss, grad_hidden, grad_weight, grad_bias = fastxent.linear_cross_entropy_with_grad(
         hidden, weight, labels, bias=bias, **options, **SMALL_BLOCKS
@@ -91,7 +96,19 @@ def test_matches_float64_composition(rng, option, reduction, dtype):
     assert_loss_close(loss_only, ref_loss, dtype, scale=10.0)
 
 
-@pytest.mark.parametrize("blocks", [{}, {"block_rows": 1}, {"block_rows": 5, "block_classes": 7}, {"memory_budget": 1}])
+@pytest.mark.parametrize(
+    "blocks",
+    [
+        {},
+        {"block_rows": 1},
+        {"block_rows": 5, "block_classes": 7},
+        {"memory_budget": 1},
+        # More workers than a chunk has rows, and than V = 1000 has 256-class blocks.
+        {"block_rows": 3, "threads": 4},
+        {"block_rows": 1, "threads": 2},
+        {"threads": 7, "block_classes": 256},
+    ],
+)
 def test_block_shapes_agree(rng, blocks):
     hidden, weight, bias, labels, options = linear_case(rng, "everything", np.float64)
     ref_loss, ref_hidden, ref_weight, ref_bias = reference.linear_cross_entropy_with_grad(
@@ -256,6 +273,8 @@ def test_bad_input(rng, change, error, match):
         ({"block_rows": 0}, "block_rows must be a positive integer"),
         ({"memory_budget": -1}, "memory_budget must be a positive integer"),
         ({"block_classes": 2.5}, "block_classes must be a positive integer"),
+        ({"threads": 0}, "threads must be a positive integer"),
+        ({"threads": True}, "threads must be a positive integer"),
         ({"class_weight": np.ones(29)}, r"class_weight must have one entry per class, shape \(30,\)"),
     ],
 )
@@ -278,6 +297,80 @@ def test_default_blocks_hold_at_most_an_eighth_of_the_logits(num_rows, num_class
     assert chunk_bytes <= max(logits_bytes // 8, num_classes * 4)
     assert chunk_bytes <= _linear.DEFAULT_MEMORY_BUDGET
     assert blocks.rows * blocks.classes * 4 <= max(_linear.CACHE_BLOCK_BYTES, logits_bytes)
+
+
+def test_workers_only_for_large_problems():
+    assert plan_linear_blocks(64, 1000, np.float32, features=24, max_workers=4).workers == 1
+    assert plan_linear_blocks(2048, 128256, np.float32, features=512, max_workers=4).workers == 4
+    assert plan_linear_blocks(2048, 128256, np.float32, features=512, max_workers=4, threads=2).workers == 2
+    assert plan_linear_blocks(64, 1000, np.float32, features=24, max_workers=1, threads=3).workers == 3
+
+
+def test_threads_default_to_blas(monkeypatch, rng):
+    """A large call without ``threads`` shares the work among BLAS's thread count of workers,
+    and gives the same numbers as one thread."""
+    from fastxent.cpu import linear as cpu_linear
+
+    seen = []
+    real = _linear.run_workers
+    monkeypatch.setattr(_linear, "run_workers", lambda count, *args: (seen.append(count), real(count, *args)))
+    monkeypatch.setattr(_linear, "PARALLEL_MIN_WORK", 1)
+    monkeypatch.setattr(cpu_linear, "max_workers", lambda: 3)
+    hidden, weight, bias, labels, options = linear_case(rng, "plain", np.float64)
+    many = fastxent.linear_cross_entropy_with_grad(hidden, weight, labels, bias=bias, block_rows=8)
+    one = fastxent.linear_cross_entropy_with_grad(hidden, weight, labels, bias=bias, block_rows=8, threads=1)
+    assert seen == [3, 1]
+    assert_loss_close(many[0], one[0], np.float64)
+    for got, ref in zip(many[1:], one[1:]):
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("failing", [0, 1, 2])
+def test_a_failing_worker_stops_the_others(failing):
+    """The worker's own error reaches the caller (not the broken barrier it leaves behind),
+    and no other worker is left waiting at the barrier."""
+    finished = []
+
+    def work(index, barrier):
+        for step in range(3):
+            if index == failing and step == 1:
+                raise KeyError(f"worker {index}")
+            barrier.wait()
+        finished.append(index)
+
+    with pytest.raises(KeyError, match=f"worker {failing}"):
+        _linear.run_workers(3, contextlib.nullcontext, work)
+    assert finished == []
+
+
+def test_single_threaded_blas_is_counted_and_restored():
+    if not blas.has_thread_control():
+        pytest.skip("NumPy's BLAS offers no thread control here")
+    before = blas.num_threads()
+    with blas.single_threaded():
+        assert blas.num_threads() == 1
+        with blas.single_threaded():
+            assert blas.num_threads() == 1
+        # The inner block leaving does not restore the count while the outer one runs.
+        assert blas.num_threads() == 1
+    assert blas.num_threads() == before
+    # Overlapping uses from two threads: the count comes back only after both have left.
+    inside, leave = threading.Event(), threading.Event()
+
+    def other():
+        with blas.single_threaded():
+            inside.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert inside.wait(10)
+    with blas.single_threaded():
+        pass
+    assert blas.num_threads() == 1
+    leave.set()
+    thread.join()
+    assert blas.num_threads() == before
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=dtype_id)

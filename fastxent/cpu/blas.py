@@ -13,10 +13,12 @@ falls back to ``matmul`` into a bounded temporary, a block of rows of C at a tim
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
-from typing import Optional
+import threading
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -26,33 +28,43 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 FALLBACK_ROWS = 1024
 
 
-def _load_cblas() -> Optional[dict]:
-    """{dtype: ctypes gemm} from NumPy's bundled OpenBLAS, or None when there is none."""
+def _load_library() -> Optional[ctypes.CDLL]:
+    """NumPy's bundled OpenBLAS, or None when there is none."""
     numpy_dir = os.path.dirname(np.__file__)
     candidates = sorted(glob.glob(os.path.join(numpy_dir, os.pardir, "numpy.libs", "libscipy_openblas*.so*")))
     for path in candidates:
         try:
-            lib = ctypes.CDLL(path)
+            return ctypes.CDLL(path)
         except OSError:
             continue
-        found = {}
-        for dtype, letter, scalar in ((np.float32, "s", ctypes.c_float), (np.float64, "d", ctypes.c_double)):
-            for name, index in (
-                (f"scipy_cblas_{letter}gemm64_", ctypes.c_int64),
-                (f"scipy_cblas_{letter}gemm", ctypes.c_int),
-            ):
-                function = getattr(lib, name, None)
-                if function is None:
-                    continue
-                enum = ctypes.c_int
-                pointer = ctypes.c_void_p
-                function.argtypes = [enum, enum, enum, index, index, index, scalar, pointer, index]
-                function.argtypes += [pointer, index, scalar, pointer, index]
-                function.restype = None
-                found[np.dtype(dtype)] = function
-                break
-        if len(found) == 2:
-            return found
+    return None
+
+
+_LIBRARY = _load_library()
+
+
+def _load_cblas() -> Optional[dict]:
+    """{dtype: ctypes gemm} from NumPy's bundled OpenBLAS, or None when there is none."""
+    if _LIBRARY is None:
+        return None
+    found = {}
+    for dtype, letter, scalar in ((np.float32, "s", ctypes.c_float), (np.float64, "d", ctypes.c_double)):
+        for name, index in (
+            (f"scipy_cblas_{letter}gemm64_", ctypes.c_int64),
+            (f"scipy_cblas_{letter}gemm", ctypes.c_int),
+        ):
+            function = getattr(_LIBRARY, name, None)
+            if function is None:
+                continue
+            enum = ctypes.c_int
+            pointer = ctypes.c_void_p
+            function.argtypes = [enum, enum, enum, index, index, index, scalar, pointer, index]
+            function.argtypes += [pointer, index, scalar, pointer, index]
+            function.restype = None
+            found[np.dtype(dtype)] = function
+            break
+    if len(found) == 2:
+        return found
     return None
 
 
@@ -115,3 +127,63 @@ def accumulate_at_b(a: np.ndarray, b: np.ndarray, c: np.ndarray, *, use_cblas: O
         block = temp[: hi - lo]
         np.matmul(a[:, lo:hi].T, b, out=block)
         c[lo:hi] += block
+
+
+def _thread_functions() -> Optional[tuple]:
+    """(get, set) of OpenBLAS's process-wide thread count, or None."""
+    if _LIBRARY is None:
+        return None
+    for suffix in ("64_", "_64_", ""):
+        get = getattr(_LIBRARY, f"scipy_openblas_get_num_threads{suffix}", None)
+        put = getattr(_LIBRARY, f"scipy_openblas_set_num_threads{suffix}", None)
+        if get is not None and put is not None:
+            get.argtypes, get.restype = [], ctypes.c_int
+            put.argtypes, put.restype = [ctypes.c_int], None
+            return get, put
+    return None
+
+
+_THREADS = _thread_functions()
+# ``single_threaded`` is entered by concurrent calls: the first saves the count, the last restores it.
+_THREADS_LOCK = threading.Lock()
+_THREADS_USERS = 0
+_THREADS_SAVED = 1
+
+
+def has_thread_control() -> bool:
+    """Whether ``single_threaded`` can make NumPy's GEMMs run on their calling threads."""
+    return _THREADS is not None
+
+
+def num_threads() -> int:
+    """The threads NumPy's BLAS runs a GEMM on (1 where that cannot be read)."""
+    return max(1, int(_THREADS[0]())) if _THREADS is not None else 1
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Within the block, NumPy's BLAS runs each GEMM on the thread that calls it.
+
+    For callers that bring their own threads, each calling GEMMs side by side. OpenBLAS's
+    count is process-wide (its "local" setter also is, in the pthreads builds NumPy ships), so
+    other threads' GEMMs are single-threaded meanwhile too. Nested and concurrent uses are
+    counted: the count in force before the first is restored when the last one leaves. A no-op
+    where the BLAS offers no such control.
+    """
+    global _THREADS_USERS, _THREADS_SAVED
+    if _THREADS is None:
+        yield
+        return
+    get, put = _THREADS
+    with _THREADS_LOCK:
+        if _THREADS_USERS == 0:
+            _THREADS_SAVED = get()
+            put(1)
+        _THREADS_USERS += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_USERS -= 1
+            if _THREADS_USERS == 0:
+                put(_THREADS_SAVED)

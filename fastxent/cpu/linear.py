@@ -13,7 +13,7 @@ top of the chunk of logits.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Tuple
+from typing import ContextManager, Iterator, Optional, Tuple
 
 import numba
 import numpy as np
@@ -24,7 +24,7 @@ from fastxent._options import KernelOptions
 from fastxent._range import compute_dtype
 from fastxent.cpu import blas, xent
 
-__all__ = ["KERNEL_THREADS", "NumpyLinearOps", "linear_xent"]
+__all__ = ["KERNEL_THREADS", "NumpyLinearOps", "linear_xent", "max_workers"]
 
 # Threads of the Numba row kernels between the GEMMs (None: Numba's setting). OpenBLAS's
 # workers keep spinning for a while after each GEMM; a parallel kernel run in that window
@@ -72,6 +72,23 @@ class NumpyLinearOps:
         # A GEMV over the chunk's rows in the compute type; the chunks add up in float64.
         out += np.ones(grad.shape[0], dtype=grad.dtype) @ grad
 
+    def worker_scope(self) -> ContextManager[None]:
+        # Numba's thread count is per thread: each worker's kernels run on the worker itself.
+        return kernel_threads(1)
+
+
+def max_workers() -> int:
+    """Worker threads for a large problem: as many as NumPy's BLAS would use for one GEMM."""
+    return blas.num_threads() if blas.has_thread_control() else 1
+
+
+def _threads(blocks: LinearBlocks) -> ContextManager[None]:
+    """The calling thread's setup for a schedule: single-threaded GEMMs when workers share the
+    work (each worker is one core's worth), else BLAS's own threads and kernels on this thread."""
+    if blocks.workers > 1:
+        return blas.single_threaded()
+    return kernel_threads(KERNEL_THREADS)
+
 
 def _compute_copy(array: Optional[np.ndarray], dtype: np.dtype) -> Optional[np.ndarray]:
     """C-contiguous ``array`` in the compute dtype (itself where it already is)."""
@@ -113,7 +130,7 @@ def linear_xent(
     ops = NumpyLinearOps(compute)
     hidden_c, weight_c, bias_c = (_compute_copy(a, compute) for a in (hidden, weight, bias))
     if not (want_hidden or want_weight or want_bias):
-        with kernel_threads(KERNEL_THREADS):
+        with _threads(blocks):
             loss = _linear.loss_rows(
                 ops, xent.NumpyKernel(), hidden_c, weight_c, bias_c, labels, sample_weight, options, blocks
             )
@@ -125,7 +142,7 @@ def linear_xent(
         np.zeros(weight_c.shape, dtype=compute) if want_weight else None,
         np.zeros(num_classes) if want_bias else None,
     )
-    with kernel_threads(KERNEL_THREADS):
+    with _threads(blocks):
         loss = _linear.loss_and_grads(
             ops, xent.fused_xent, hidden_c, weight_c, bias_c, labels, sample_weight, options, blocks, grads
         )
