@@ -117,7 +117,11 @@ def plan_blocks(
     logits_bytes = num_rows * num_classes * itemsize
     if memory_budget is None:
         memory_budget = min(DEFAULT_MEMORY_BUDGET, logits_bytes // LOGITS_FRACTION)
-    cache_bytes = min(CACHE_BLOCK_BYTES, max(memory_budget, 1))
+    if workers is None:
+        workers = max_workers if num_rows * num_classes * features >= PARALLEL_MIN_WORK else 1
+    workers = max(1, workers)
+    # Each worker holds its own block in the loss-only pass.
+    cache_bytes = min(CACHE_BLOCK_BYTES, max(memory_budget // workers, 1))
 
     rows = min(num_rows, FORWARD_ROWS)
     classes = _round_down(cache_bytes // (rows * itemsize), CLASS_ALIGN)
@@ -125,15 +129,14 @@ def plan_blocks(
         # A narrow budget: keep the class blocks GEMM-sized and give up rows instead.
         classes = CLASS_ALIGN
         rows = _round_down(max(1, cache_bytes // (classes * itemsize)), ROW_ALIGN)
-    grad_rows = _round_down(max(1, memory_budget // (num_classes * itemsize)), ROW_ALIGN)
+    # The gradient pass holds one chunk of logits, and workers 1.. a (chunk, H) partial dX each.
+    grad_rows = _round_down(max(1, memory_budget // ((num_classes + (workers - 1) * features) * itemsize)), ROW_ALIGN)
 
     if block_rows is not None:
         rows = grad_rows = block_rows
     if block_classes is not None:
         classes = block_classes
-    if workers is None:
-        workers = max_workers if num_rows * num_classes * features >= PARALLEL_MIN_WORK else 1
-    return LinearBlocks(min(rows, num_rows), min(classes, num_classes), min(grad_rows, num_rows), max(1, workers))
+    return LinearBlocks(min(rows, num_rows), min(classes, num_classes), min(grad_rows, num_rows), workers)
 
 
 class LinearOps(Protocol):

@@ -8,7 +8,10 @@ in the machine's speed hit all alike), on float32 inputs:
   ``x @ W^T``, ``G @ W`` and ``G^T @ x``;
 * fastxent: ``linear_cross_entropy`` and ``linear_cross_entropy_with_grad``;
 * PyTorch unfused: ``F.cross_entropy(F.linear(x, W), y)`` (forward under ``no_grad``);
-* ``F.linear_cross_entropy`` with its chunked options, where this PyTorch has it.
+* ``F.linear_cross_entropy``, plain (``options=None``, PyTorch's reference path) and chunked
+  (``options=LinearCrossEntropyOptions()``), where this PyTorch has it;
+* JAX with optax's ``softmax_cross_entropy_with_integer_labels`` on the materialised logits,
+  under ``jit``, where both are installed.
 
 Peak extra memory of fastxent is the peak of NumPy's allocations during one call
 (``tracemalloc``) less the returned gradients (PyTorch's unfused path holds the N x V logits
@@ -19,6 +22,7 @@ best bare GEMM(s) of the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -92,9 +96,9 @@ def implementations(case: Case, mode: str, torch) -> Dict[str, Callable[[], obje
             with torch.no_grad():
                 return F.cross_entropy(F.linear(tx, tw), ty)
 
-        def torch_fused():
+        def torch_fused(options):
             with torch.no_grad():
-                return F.linear_cross_entropy(tx, tw, ty, options=lce_options)
+                return F.linear_cross_entropy(tx, tw, ty, options=options)
 
     else:
 
@@ -111,15 +115,34 @@ def implementations(case: Case, mode: str, torch) -> Dict[str, Callable[[], obje
             F.cross_entropy(F.linear(gx, gw), ty).backward()
             return gx.grad, gw.grad
 
-        def torch_fused():
+        def torch_fused(options):
             gx.grad = gw.grad = None
-            F.linear_cross_entropy(gx, gw, ty, options=lce_options).backward()
+            F.linear_cross_entropy(gx, gw, ty, options=options).backward()
             return gx.grad, gw.grad
 
     calls["torch unfused"] = torch_unfused
     if hasattr(F, "linear_cross_entropy"):
-        calls["torch F.linear_cross_entropy"] = torch_fused
+        calls["torch F.linear_cross_entropy"] = functools.partial(torch_fused, None)
+        if lce_options is not None:
+            calls["torch F.linear_cross_entropy chunked"] = functools.partial(torch_fused, lce_options)
+    calls.update(jax_implementations(case, mode))
     return calls
+
+
+def jax_implementations(case: Case, mode: str) -> Dict[str, Callable[[], object]]:
+    """optax's loss on the materialised logits under ``jax.jit`` ({} without JAX or optax)."""
+    try:
+        import jax
+        import optax
+    except ImportError:
+        return {}
+    x, w, y = (jax.device_put(a) for a in (case.hidden, case.weight, case.labels.astype(np.int32)))
+
+    def loss(x, w):
+        return optax.softmax_cross_entropy_with_integer_labels(x @ w.T, y).mean()
+
+    step = jax.jit(loss) if mode == "forward" else jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return {"jax optax": lambda: jax.block_until_ready(step(x, w))}
 
 
 def time_case(calls: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, List[float]]:
