@@ -3,7 +3,8 @@
 ``linear_cross_entropy(hidden, weight, labels)`` is ``sparse_cross_entropy(hidden @ weight.T +
 bias, labels)`` without the (N, V) logits ever existing: every option means what it means in
 the core API applied to those logits. The schedule lives in ``fastxent._linear`` (no backend);
-NumPy arrays run it with the CPU launcher ``fastxent.cpu.linear``.
+NumPy arrays run it with the CPU launcher ``fastxent.cpu.linear``, CuPy arrays with the GPU's,
+``fastxent.gpu.linear``.
 """
 
 from __future__ import annotations
@@ -21,16 +22,38 @@ from fastxent._linear import LinearBlocks, plan_blocks
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
 
 
+def _to_host(array: Any) -> Any:
+    """A CuPy array's NumPy copy; anything else as it is."""
+    return array.get() if checks.is_cupy_array(array) else array
+
+
 def _check_positive(name: str, value: Any) -> None:
     if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
         raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
 
 
-def _check_arrays(hidden: Any, weight: Any, bias: Any) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """hidden (..., H), weight (V, H), bias (V,) of one floating dtype, as NumPy arrays."""
-    if any(checks.is_cupy_array(a) for a in (hidden, weight, bias) if a is not None):
-        raise NotImplementedError("linear_cross_entropy runs on NumPy arrays (the CPU) only so far")
-    hidden, weight = np.asarray(hidden), np.asarray(weight)
+def _on_gpu(hidden: Any, weight: Any, bias: Any) -> bool:
+    """Whether the layer is on a GPU: hidden, weight and bias all CuPy arrays on one device
+    (TypeError for a mix of host and device arrays, ValueError for two devices)."""
+    arrays = {"hidden": hidden, "weight": weight, "bias": bias}
+    on_device = {name: checks.is_cupy_array(a) for name, a in arrays.items() if a is not None}
+    if not any(on_device.values()):
+        return False
+    if not all(on_device.values()):
+        where = ", ".join(f"{name} {'CuPy' if gpu else type(arrays[name]).__name__}" for name, gpu in on_device.items())
+        raise TypeError(f"hidden, weight and bias must all be NumPy arrays or all CuPy arrays; got {where}")
+    devices = {name: int(arrays[name].device.id) for name in on_device}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"hidden, weight and bias must be on one device; got devices {devices}")
+    return True
+
+
+def _check_arrays(hidden: Any, weight: Any, bias: Any) -> Tuple[Any, Any, Optional[Any]]:
+    """hidden (..., H), weight (V, H), bias (V,) of one floating dtype: NumPy arrays (anything
+    array-like becomes one) or CuPy arrays on one device."""
+    if not _on_gpu(hidden, weight, bias):
+        hidden, weight = np.asarray(hidden), np.asarray(weight)
+        bias = None if bias is None else np.asarray(bias)
     if hidden.dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"hidden must be float16, bfloat16, float32 or float64; got dtype {hidden.dtype}")
     if hidden.ndim < 1:
@@ -47,7 +70,6 @@ def _check_arrays(hidden: Any, weight: Any, bias: Any) -> Tuple[np.ndarray, np.n
     if weight.shape[0] == 0:
         raise ValueError(f"weight has no classes: shape {weight.shape}")
     if bias is not None:
-        bias = np.asarray(bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), one entry per class; got {bias.shape}")
         if bias.dtype != hidden.dtype:
@@ -81,8 +103,12 @@ def _run(
     for name, value in sizes + (("threads", threads),):
         _check_positive(name, value)
     hidden, weight, bias = _check_arrays(hidden, weight, bias)
+    on_gpu = checks.is_cupy_array(hidden)
     lead_shape = tuple(hidden.shape[:-1])
     num_classes, features = weight.shape
+    # The schedule keeps labels and per-row numbers on the host, whatever the layer's device:
+    # device labels and weights come over once (O(N) numbers).
+    labels, class_weight, sample_weight = (_to_host(a) for a in (labels, class_weight, sample_weight))
     labels = checks.check_labels(labels, np, lead_shape)
     flat_labels, row_weight, options, denominator, _ = prepare_targets(
         labels,
@@ -98,7 +124,10 @@ def _run(
         softcap=softcap,
     )
     num_rows = flat_labels.shape[0]
-    from fastxent.cpu import linear as cpu_linear
+    if on_gpu:
+        from fastxent.gpu import linear as launcher
+    else:
+        from fastxent.cpu import linear as launcher
 
     blocks = plan_linear_blocks(
         num_rows,
@@ -108,11 +137,11 @@ def _run(
         block_rows=block_rows,
         block_classes=block_classes,
         features=features,
-        max_workers=cpu_linear.max_workers(),
+        max_workers=1 if on_gpu else launcher.max_workers(),
         threads=threads,
     )
 
-    per_row, hidden_grad, weight_grad, bias_grad = cpu_linear.linear_xent(
+    per_row, hidden_grad, weight_grad, bias_grad = launcher.linear_xent(
         hidden.reshape(num_rows, features),
         weight,
         bias,
@@ -124,7 +153,14 @@ def _run(
         want_weight=want_weight,
         want_bias=want_bias and bias is not None,
     )
-    loss = checks.reduce_loss(per_row, reduction, denominator, lead_shape, checks.loss_dtype(hidden.dtype), np)
+    xp = np
+    if on_gpu:
+        import cupy as xp
+
+        with hidden.device:
+            per_row = xp.asarray(per_row)
+    with checks.device_scope(hidden):
+        loss = checks.reduce_loss(per_row, reduction, denominator, lead_shape, checks.loss_dtype(hidden.dtype), xp)
     if hidden_grad is not None:
         hidden_grad = hidden_grad.reshape(hidden.shape)
     return loss, hidden_grad, weight_grad, bias_grad
@@ -182,7 +218,8 @@ def linear_cross_entropy(
     One GEMM's work: blocks of logits, each consumed by the statistics kernel while cached.
 
     Args:
-        hidden: (..., H) float16/bfloat16/float32/float64 NumPy array: the layer's input.
+        hidden: (..., H) float16/bfloat16/float32/float64, a NumPy array (CPU) or a CuPy array
+            (its GPU; weight and bias on the same device): the layer's input.
         weight: (V, H) of the hidden's dtype, ``nn.Linear``'s layout: logits = hidden @ weight.T.
         labels: integer array of class indices, the hidden's shape without H.
         bias: (V,) of the hidden's dtype, added to the logits, or None.
@@ -198,7 +235,8 @@ def linear_cross_entropy(
             BLAS is single-threaded process-wide (OpenBLAS has only a process-wide setting).
 
     Returns:
-        The loss, float32 (float64 for float64 inputs): 0-d, or the labels' shape for "none".
+        The loss, float32 (float64 for float64 inputs), an array of the hidden's kind: 0-d, or the
+        labels' shape for "none".
     """
     loss, *_ = _run(
         hidden,
@@ -248,7 +286,8 @@ def linear_cross_entropy_with_grad(
     "none" the gradients are those of the sum of the per-row losses.
 
     Args:
-        hidden: (..., H) float16/bfloat16/float32/float64 NumPy array: the layer's input.
+        hidden: (..., H) float16/bfloat16/float32/float64, a NumPy array (CPU) or a CuPy array
+            (its GPU; weight and bias on the same device): the layer's input.
         weight: (V, H) of the hidden's dtype, ``nn.Linear``'s layout: logits = hidden @ weight.T.
         labels: integer array of class indices, the hidden's shape without H.
         bias: (V,) of the hidden's dtype, added to the logits, or None.

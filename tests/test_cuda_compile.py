@@ -2,7 +2,7 @@
 
 * Every kernel instantiation compiles with nvcc for sm_80 and sm_90 without register spills
   (and through NVRTC where libnvrtc is installed): ``tools/check_cuda.py``, skipped without nvcc.
-* The GPU test suite (tests/test_gpu.py) passes with the kernels run by the host emulator in
+* The GPU test suites (tests/test_gpu.py, tests/test_gpu_linear.py) pass with the kernels run by the host emulator in
   ``tools/gpu_emulator`` (a NumPy stand-in for CuPy, the CUDA threads of a block as fibers):
   skipped without a C++ compiler and the CUDA headers.
 """
@@ -48,7 +48,9 @@ def test_gpu_suite_on_the_host_emulator():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [EMULATOR_DIR, env.get("PYTHONPATH")]))
     result = _run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join("tests", "test_gpu.py")], env=env
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        + [os.path.join("tests", name) for name in ("test_gpu.py", "test_gpu_linear.py")],
+        env=env,
     )
     tail = result.stdout[-6000:] + result.stderr[-2000:]
     assert result.returncode == 0, tail

@@ -273,6 +273,22 @@ def get_default_memory_pool():
     return _MemoryPool()
 
 
+def _cublas_gemm(transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
+    """cupy.cublas.gemm: out = alpha op(a) op(b) + beta out, written into ``out`` (C-contiguous)."""
+    op_a = a.T if transa in ("T", "t", 1) else a
+    op_b = b.T if transb in ("T", "t", 1) else b
+    product = numpy.matmul(op_a.view(numpy.ndarray), op_b.view(numpy.ndarray))
+    if out is None:
+        return (alpha * product).astype(a.dtype).view(ndarray)
+    if not out.flags.c_contiguous:
+        raise ValueError("cupy.cublas.gemm: out must be C-contiguous")
+    base = out.view(numpy.ndarray)
+    base[...] = alpha * product + (beta * base if beta != 0.0 else 0.0)
+    return out
+
+
+cublas = types.SimpleNamespace(gemm=_cublas_gemm)
+
 cuda = types.SimpleNamespace(
     runtime=types.SimpleNamespace(
         getDeviceCount=lambda: _DEVICE_COUNT,
