@@ -11,6 +11,8 @@
 #                 indexing, streams, and the CUDA-tensor distributed tests)
 #   bench.log     the benchmark's progress
 #   gpu.md        the benchmark table (copy it to benchmarks/results/gpu.md)
+#   linear.log, linear-gpu.md   the fused linear + cross-entropy against cuBLAS and PyTorch
+#                 (copy the table to benchmarks/results/linear-gpu.md)
 # Each stage has its own time limit (TEST_SECONDS, BENCH_SECONDS) so one slow stage cannot
 # take the other's time. Exit status: 0 when both stages passed, else the first failure's.
 set -uo pipefail
@@ -53,5 +55,12 @@ tail -n 40 "$out/bench.log"
 [ -f "$out/gpu.md" ] && cat "$out/gpu.md"
 [ "$status" -eq 0 ] && [ "$bench_status" -ne 0 ] && status=$bench_status
 
-echo "== tests exit $test_status, benchmark exit $bench_status"
+echo "== GPU linear + cross-entropy benchmark (limit ${LINEAR_SECONDS:-120} s)"
+timeout "${LINEAR_SECONDS:-120}" "$python" -m fastxent bench --op linear --device gpu --repeats 5 \
+    --shapes 2048x512x128256,8192x4096x128256 --output "$out" >"$out/linear.log" 2>&1
+linear_status=$?
+tail -n 30 "$out/linear.log"
+[ "$status" -eq 0 ] && [ "$linear_status" -ne 0 ] && status=$linear_status
+
+echo "== tests exit $test_status, benchmark exit $bench_status, linear benchmark exit $linear_status"
 exit "$status"

@@ -13,6 +13,10 @@ in the machine's speed hit all alike), on float32 inputs:
 * JAX with optax's ``softmax_cross_entropy_with_integer_labels`` on the materialised logits,
   under ``jit``, where both are installed.
 
+With ``--device gpu`` the same cases run on CuPy arrays: the bare GEMMs are CuPy's (cuBLAS) and
+PyTorch's on CUDA tensors, every call is followed by a device synchronisation inside its timing,
+and no memory is measured.
+
 Peak extra memory of fastxent is the peak of NumPy's allocations during one call
 (``tracemalloc``) less the returned gradients (PyTorch's unfused path holds the N x V logits
 and their gradient by construction). Reported: medians over the rounds and each median's ratio to the
@@ -145,22 +149,108 @@ def jax_implementations(case: Case, mode: str) -> Dict[str, Callable[[], object]
     return {"jax optax": lambda: jax.block_until_ready(step(x, w))}
 
 
-def time_case(calls: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, List[float]]:
-    """Seconds per call of each implementation: a warm-up, then ``repeats`` interleaved rounds."""
+def gpu_implementations(case: Case, mode: str, torch) -> Dict[str, Callable[[], object]]:
+    """name -> zero-argument call on the GPU (CuPy arrays; CUDA tensors for PyTorch's peers)."""
+    import cupy
+
+    import fastxent
+
+    x, w, y = (cupy.asarray(a) for a in (case.hidden, case.weight, case.labels))
+    num_rows, features, num_classes = case.shape
+    logits = cupy.empty((num_rows, num_classes), cupy.float32)
+    dx, dw = cupy.empty_like(x), cupy.empty_like(w)
+    calls: Dict[str, Callable[[], object]] = {}
+    if mode == "forward":
+        calls["cupy GEMM"] = lambda: cupy.matmul(x, w.T, out=logits)
+        calls["fastxent"] = lambda: fastxent.linear_cross_entropy(x, w, y)
+    else:
+
+        def cupy_gemms():
+            cupy.matmul(x, w.T, out=logits)
+            cupy.matmul(logits, w, out=dx)
+            cupy.matmul(logits.T, x, out=dw)
+
+        calls["cupy GEMM"] = cupy_gemms
+        calls["fastxent"] = lambda: fastxent.linear_cross_entropy_with_grad(x, w, y)
+    if torch is None or not torch.cuda.is_available():
+        return calls
+    F = torch.nn.functional
+    tx, tw, ty = (torch.as_tensor(a, device="cuda") for a in (case.hidden, case.weight, case.labels))
+    t_logits = torch.empty((num_rows, num_classes), device="cuda")
+    lce_options = torch.nn.LinearCrossEntropyOptions() if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
+    if mode == "forward":
+        calls["torch GEMM"] = lambda: torch.mm(tx, tw.t(), out=t_logits)
+
+        def torch_unfused():
+            with torch.no_grad():
+                return F.cross_entropy(F.linear(tx, tw), ty)
+
+        def torch_fused(options):
+            with torch.no_grad():
+                return F.linear_cross_entropy(tx, tw, ty, options=options)
+
+    else:
+        t_dx, t_dw = torch.empty_like(tx), torch.empty_like(tw)
+
+        def torch_gemms():
+            torch.mm(tx, tw.t(), out=t_logits)
+            torch.mm(t_logits, tw, out=t_dx)
+            torch.mm(t_logits.t(), tx, out=t_dw)
+
+        calls["torch GEMM"] = torch_gemms
+        gx, gw = tx.clone().requires_grad_(), tw.clone().requires_grad_()
+
+        def torch_unfused():
+            gx.grad = gw.grad = None
+            F.cross_entropy(F.linear(gx, gw), ty).backward()
+
+        def torch_fused(options):
+            gx.grad = gw.grad = None
+            F.linear_cross_entropy(gx, gw, ty, options=options).backward()
+
+    calls["torch unfused"] = torch_unfused
+    if hasattr(F, "linear_cross_entropy"):
+        calls["torch F.linear_cross_entropy"] = functools.partial(torch_fused, None)
+        if lce_options is not None:
+            calls["torch F.linear_cross_entropy chunked"] = functools.partial(torch_fused, lce_options)
+    return calls
+
+
+def _gpu_sync(torch) -> Callable[[], None]:
+    import cupy
+
+    def sync() -> None:
+        cupy.cuda.Device().synchronize()
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    return sync
+
+
+def time_case(
+    calls: Dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None] = lambda: None
+) -> Dict[str, List[float]]:
+    """Seconds per call of each implementation: a warm-up, then ``repeats`` interleaved rounds
+    (``sync`` waits for the device inside each timing)."""
     for call in calls.values():
         call()
+    sync()
     times: Dict[str, List[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
             start = time.perf_counter()
             call()
+            sync()
             times[name].append(time.perf_counter() - start)
     return times
 
 
-def run_case(case: Case, mode: str, repeats: int, torch, measure_memory: bool) -> List[dict]:
-    calls = implementations(case, mode, torch)
-    times = time_case(calls, repeats)
+def run_case(case: Case, mode: str, repeats: int, torch, measure_memory: bool, device: str = "cpu") -> List[dict]:
+    if device == "gpu":
+        calls, sync, measure_memory = gpu_implementations(case, mode, torch), _gpu_sync(torch), False
+    else:
+        calls, sync = implementations(case, mode, torch), lambda: None
+    times = time_case(calls, repeats, sync)
     medians = {name: statistics.median(t) for name, t in times.items()}
     gemm_names = [name for name in medians if name.endswith("GEMM")]
     best_gemm = min(medians[name] for name in gemm_names)
@@ -223,17 +313,18 @@ def run(args: argparse.Namespace) -> int:
 
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     repeats = args.repeats or (2 if args.quick else 3)
+    device = getattr(args, "device", "cpu")
     modes = ("forward", "forward+backward") if args.modes == "both" else (args.modes,)
     rows: List[dict] = []
     for num_rows, features, num_classes in parse_shapes(args.shapes, args.quick):
         case = Case(num_rows, features, num_classes, args.seed)
         for mode in modes:
-            rows.extend(run_case(case, mode, repeats, torch, args.memory))
+            rows.extend(run_case(case, mode, repeats, torch, args.memory, device))
             print(markdown([r for r in rows if r["mode"] == mode and r["case"] == rows[-1]["case"]], threads, repeats))
     text = markdown(rows, threads, repeats)
     os.makedirs(args.output, exist_ok=True)
-    path = os.path.join(args.output, "linear-cpu.md")
+    path = os.path.join(args.output, f"linear-{device}.md")
     with open(path, "w") as out:
-        out.write("# fastxent.linear_cross_entropy on the CPU\n\n" + text)
+        out.write(f"# fastxent.linear_cross_entropy on the {device.upper()}\n\n" + text)
     print(f"wrote {path}")
     return 0
