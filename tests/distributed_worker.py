@@ -21,7 +21,7 @@ import sys
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
-from sharding import NUM_ROWS, bounds, case_inputs, make_case, shard_kwargs  # noqa: E402
+from sharding import NUM_ROWS, bounds, case_inputs, linear_inputs, make_case, shard_kwargs  # noqa: E402
 
 import fastxent  # noqa: E402
 from fastxent import distributed  # noqa: E402
@@ -120,6 +120,21 @@ def run_rank(rank: int, group, widths, seed: int, out: str, with_torch: bool, de
     arrays["after_errors/loss"] = distributed.sparse_cross_entropy(local, labels, vocab_start=lo, group=group)
     arrays["after_errors/comm"] = np.array([comm.collectives - before[0], comm.bytes_sent - before[1]])
     arrays["after_errors/expected"] = fastxent.sparse_cross_entropy(logits, labels)
+
+    # The linear + cross-entropy with the output layer's rows sharded: chunks of 5 rows.
+    for name, hidden, weight, bias, labels, kwargs in linear_inputs(seed, num_classes):
+        local_kwargs = shard_kwargs(kwargs, lo, hi)
+        for reduction in ("mean", "none"):
+            results = distributed.linear_cross_entropy_with_grad(
+                hidden, weight[lo:hi], labels, vocab_start=lo, group=group, bias=bias[lo:hi],
+                reduction=reduction, block_rows=5, **local_kwargs,
+            )  # fmt: skip
+            for field, value in zip(("loss", "hidden", "weight", "bias"), results, strict=True):
+                arrays[f"linear/{name}/{reduction}/{field}"] = value
+    short = weight[lo:hi, :-1] if rank == 0 else weight[lo:hi]
+    messages["linear_one_rank_wrong"] = _error_of(
+        lambda: distributed.linear_cross_entropy(hidden, short, labels, vocab_start=lo, group=group)
+    )
 
     np.savez(os.path.join(out, f"rank{rank}.npz"), **arrays)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:

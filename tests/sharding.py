@@ -88,6 +88,22 @@ def case_inputs(seed: int, num_classes: int, num_rows: int = NUM_ROWS):
         yield (name,) + make_case(rng, name, num_rows, num_classes)
 
 
+LINEAR_FEATURES = 8
+LINEAR_CASES = ("plain", "everything")
+
+
+def linear_inputs(seed: int, num_classes: int, num_rows: int = NUM_ROWS):
+    """(name, hidden, weight, bias, labels, kwargs) for the linear + cross-entropy cases, from
+    one seed: the workers and the test process draw the same inputs."""
+    rng = np.random.default_rng(seed + 2)
+    for name in LINEAR_CASES:
+        _, labels, kwargs = make_case(rng, name, num_rows, num_classes)
+        hidden = rng.standard_normal((num_rows, LINEAR_FEATURES)).astype(np.float32)
+        weight = (0.6 * rng.standard_normal((num_classes, LINEAR_FEATURES))).astype(np.float32)
+        bias = (0.5 * rng.standard_normal(num_classes)).astype(np.float32)
+        yield name, hidden, weight, bias, labels, kwargs
+
+
 def shard_kwargs(kwargs: dict, lo: int, hi: int) -> dict:
     """The kwargs a rank holding classes [lo, hi) passes (its slice of the class weights)."""
     local = dict(kwargs)

@@ -28,6 +28,7 @@ from sharding import (
     SHARDINGS,
     bounds,
     case_inputs,
+    linear_inputs,
     make_case,
     run_ranks,
     shard_kwargs,
@@ -42,11 +43,12 @@ LAUNCH_TIMEOUT_S = 300
 SEED = 20240611
 
 
-def assert_sharded_loss(got, ref, dtype=np.float32, from_logits=True):
+def assert_sharded_loss(got, ref, dtype=np.float32, from_logits=True, rtol=None):
     """1e-6 relative for float32 compute (also probabilities, which are clipped in float32)."""
     got64, ref64 = np.asarray(got, np.float64), np.asarray(ref, np.float64)
     assert got64.shape == ref64.shape, (got64.shape, ref64.shape)
-    rtol = 1e-10 if np.dtype(dtype) == np.float64 and from_logits else 1e-6
+    if rtol is None:
+        rtol = 1e-10 if np.dtype(dtype) == np.float64 and from_logits else 1e-6
     np.testing.assert_allclose(got64, ref64, rtol=rtol, atol=0.0, equal_nan=True)
 
 
@@ -501,6 +503,24 @@ def _check_processes(widths, arrays, messages, variants):
         assert f"rank {last} holds [{num_classes - widths[-1] - 10}," in rank_messages["overlap"]
         expected = "class_weight must hold" if rank == 0 else "rank 0 rejected its arguments"
         assert expected in rank_messages["one_rank_wrong"]
+    # The linear + cross-entropy with sharded output rows, against the single process.
+    for name, hidden, weight, bias, labels, kwargs in linear_inputs(SEED, num_classes):
+        for reduction in ("mean", "none"):
+            ref = fastxent.linear_cross_entropy_with_grad(
+                hidden, weight, labels, bias=bias, reduction=reduction, **kwargs
+            )
+            key = f"linear/{name}/{reduction}"
+            scale = float(np.max(np.abs(ref[2])))
+            for rank_arrays in arrays:
+                assert_sharded_loss(rank_arrays[f"{key}/loss"], ref[0], rtol=2e-5)
+                np.testing.assert_allclose(rank_arrays[f"{key}/hidden"], ref[1], rtol=2e-5, atol=2e-5 * scale)
+            for field, want in (("weight", ref[2]), ("bias", ref[3])):
+                got = np.concatenate([rank_arrays[f"{key}/{field}"] for rank_arrays in arrays])
+                np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * scale)
+    for rank, rank_messages in enumerate(messages):
+        if len(widths) > 1:
+            expected = "weight_shard shape" if rank == 0 else "rank 0 rejected its arguments"
+            assert expected in rank_messages["linear_one_rank_wrong"]
     # Then a correct call: the right loss, with two collectives.
     for rank_arrays in arrays:
         assert_sharded_loss(rank_arrays["after_errors/loss"], rank_arrays["after_errors/expected"])

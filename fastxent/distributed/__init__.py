@@ -13,6 +13,10 @@ results, while the O(N) statistics travel through the group from host memory. Fo
 tensors and autograd use ``fastxent.distributed._torch.vocab_parallel_cross_entropy``
 (re-exported by ``fastxent.torch``).
 
+``linear_cross_entropy[_with_grad]`` shard the output layer instead of the logits: each rank
+holds rows of the weight and computes its logits one chunk of rows at a time
+(``fastxent.distributed._linear``).
+
 Imports run one way: this package imports the shared checks (``fastxent._checks``), the range
 layer (``fastxent._range``: statistics, merge, epilogue) and each backend's range kernel
 (``fastxent.cpu.xent.NumpyKernel``, ``fastxent.gpu.partial.CupyKernel``); ``_torch`` adds the
@@ -27,6 +31,7 @@ import numpy as np
 
 from fastxent import _checks as checks
 from fastxent._checks import Reduction
+from fastxent.distributed import _linear
 from fastxent.distributed._comm import Communicator, communicator_for
 from fastxent.distributed._sharded import (
     Shard,
@@ -40,6 +45,8 @@ __all__ = [
     "Communicator",
     "ShardLayout",
     "communicator_for",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
     "sparse_cross_entropy",
     "sparse_cross_entropy_with_grad",
 ]
@@ -228,3 +235,190 @@ def sparse_cross_entropy_with_grad(
     if inplace:
         return loss, checks.write_back(logits, forward.rows, grad_rows, axis, xp)
     return loss, checks.grad_like(grad_rows, lead_shape, axis, xp)
+
+
+def _layer_arrays(hidden: Any, weight_shard: Any, bias: Any):
+    """(hidden, weight, bias, error): NumPy arrays, or CuPy arrays on one device, checked; an
+    error this rank found alone is returned for every rank to raise together."""
+    try:
+        on_gpu = [checks.is_cupy_array(a) for a in (hidden, weight_shard, bias) if a is not None]
+        if any(on_gpu) and not all(on_gpu):
+            raise TypeError("hidden, weight_shard and bias must all be NumPy arrays or all CuPy arrays")
+        if not any(on_gpu):
+            hidden, weight_shard = np.asarray(hidden), np.asarray(weight_shard)
+            bias = None if bias is None else np.asarray(bias)
+        elif len({int(a.device.id) for a in (hidden, weight_shard, bias) if a is not None}) > 1:
+            raise ValueError("hidden, weight_shard and bias must be on one device")
+        _linear.check_layer(hidden, weight_shard, bias)
+    except (TypeError, ValueError) as error:
+        return hidden, weight_shard, bias, error
+    return hidden, weight_shard, bias, None
+
+
+def _linear_call(
+    hidden,
+    weight_shard,
+    labels,
+    *,
+    vocab_start,
+    group,
+    bias,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    class_weight,
+    sample_weight,
+    z_loss,
+    softcap,
+    memory_budget,
+    block_rows,
+    want_hidden=False,
+    want_weight=False,
+    want_bias=False,
+):
+    settings = check_settings(True, reduction, ignore_index, label_smoothing, z_loss, softcap, vocab_start)
+    labels = check_labels(_on_host(labels))
+    hidden, weight_shard, bias, error = _layer_arrays(hidden, weight_shard, bias)
+    if error is None and tuple(hidden.shape[:-1]) != tuple(labels.shape):
+        error = ValueError(
+            f"labels shape {tuple(labels.shape)} must equal hidden's shape without H, {hidden.shape[:-1]}"
+        )
+    return _linear.sharded_linear(
+        communicator_for(group),
+        hidden,
+        weight_shard,
+        bias,
+        labels,
+        vocab_start=vocab_start,
+        settings=settings,
+        class_weight=_on_host(class_weight),
+        sample_weight=_on_host(sample_weight),
+        memory_budget=memory_budget,
+        block_rows=block_rows,
+        local_error=error,
+        want_hidden=want_hidden,
+        want_weight=want_weight,
+        want_bias=want_bias and bias is not None,
+    )
+
+
+def linear_cross_entropy(
+    hidden: Any,
+    weight_shard: Any,
+    labels: Any,
+    *,
+    vocab_start: int,
+    group: Any = None,
+    bias: Any = None,
+    reduction: Reduction = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    class_weight: Any = None,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    memory_budget: Optional[int] = None,
+    block_rows: Optional[int] = None,
+):
+    """Cross-entropy of ``hidden @ weight.T + bias`` with the output layer's rows sharded across
+    the ranks of ``group``, without the logits ever existing whole.
+
+    Every rank passes the same hidden states and labels and its own rows of the layer; all get
+    the same loss, equal to ``fastxent.linear_cross_entropy`` with the concatenated weight. Per
+    chunk of rows, the same two all-reductions of per-row statistics as
+    ``sparse_cross_entropy`` (see ``fastxent.distributed._linear``).
+
+    Args:
+        hidden: (..., H) float16/bfloat16/float32/float64, NumPy or CuPy, identical on every rank.
+        weight_shard: (V_local, H): rows [vocab_start, vocab_start + V_local) of the layer's
+            weight, in ``nn.Linear``'s layout; hidden's dtype and array type.
+        labels: integer array, hidden's shape without H: global class ids, identical on every rank.
+        vocab_start: this shard's first global class; the shards must tile [0, V_total).
+        group: an mpi4py communicator, a torch.distributed process group, or None.
+        bias: this shard's (V_local,) bias, or None.
+        class_weight: this shard's (V_local,) class weights.
+        sample_weight: per-row weights, identical on every rank.
+        reduction, ignore_index, label_smoothing, z_loss, softcap: as in
+            ``fastxent.linear_cross_entropy``, with their global meaning.
+        memory_budget, block_rows: the chunk of logits each rank holds (bytes, or rows); ranks
+            agree on the smallest.
+
+    Returns:
+        The loss, identical on every rank (an array of hidden's kind).
+
+    Raises:
+        On every rank together: an argument one rank gets wrong (a weight shard of the wrong
+        width, say), a label outside [0, V_total), shards that do not tile the vocabulary,
+        ranks passing different labels or sample weights.
+    """
+    loss, *_ = _linear_call(
+        hidden,
+        weight_shard,
+        labels,
+        vocab_start=vocab_start,
+        group=group,
+        bias=bias,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weight=class_weight,
+        sample_weight=sample_weight,
+        z_loss=z_loss,
+        softcap=softcap,
+        memory_budget=memory_budget,
+        block_rows=block_rows,
+    )
+    return loss
+
+
+def linear_cross_entropy_with_grad(
+    hidden: Any,
+    weight_shard: Any,
+    labels: Any,
+    *,
+    vocab_start: int,
+    group: Any = None,
+    bias: Any = None,
+    reduction: Reduction = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    class_weight: Any = None,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    memory_budget: Optional[int] = None,
+    block_rows: Optional[int] = None,
+    hidden_grad: bool = True,
+    weight_grad: bool = True,
+    bias_grad: bool = True,
+):
+    """The loss and its gradients, computed in the same call; the arguments of
+    ``linear_cross_entropy`` plus flags that skip a gradient and its work.
+
+    Returns:
+        (loss, grad_hidden (..., H), grad_weight_shard (V_local, H), grad_bias_shard
+        (V_local,)): the loss and ``grad_hidden`` identical on every rank (``grad_hidden`` is
+        all-reduced once per call), the shard gradients this rank's own; each in the inputs'
+        dtype, None where skipped (``grad_bias_shard`` without a bias). With reduction "none"
+        the gradients are those of the sum of the per-row losses.
+    """
+    return _linear_call(
+        hidden,
+        weight_shard,
+        labels,
+        vocab_start=vocab_start,
+        group=group,
+        bias=bias,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weight=class_weight,
+        sample_weight=sample_weight,
+        z_loss=z_loss,
+        softcap=softcap,
+        memory_budget=memory_budget,
+        block_rows=block_rows,
+        want_hidden=bool(hidden_grad),
+        want_weight=bool(weight_grad),
+        want_bias=bool(bias_grad),
+    )
