@@ -321,7 +321,7 @@ def test_threads_default_to_blas(monkeypatch, rng):
     one = fastxent.linear_cross_entropy_with_grad(hidden, weight, labels, bias=bias, block_rows=8, threads=1)
     assert seen == [3, 1]
     assert_loss_close(many[0], one[0], np.float64)
-    for got, ref in zip(many[1:], one[1:]):
+    for got, ref in zip(many[1:], one[1:], strict=True):
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-15)
 
 
