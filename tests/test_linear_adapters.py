@@ -542,6 +542,33 @@ def test_jax_options_match_float64_composition(jax, rng, option):
         assert_gemm_close(got, ref)
 
 
+def test_jax_bfloat16_at_least_as_accurate_as_optax(jax, rng):
+    """bfloat16: no value less accurate than optax on bfloat16 logits (against the float64
+    composition of the same bfloat16 inputs)."""
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    import fastxent.jax as fxj
+
+    hidden, weight, bias = (a.astype(BFLOAT16) for a in random_head(rng))
+    labels = rng.integers(0, NUM_CLASSES, NUM_ROWS)
+    ref_loss, *ref_grads = reference.linear_cross_entropy_with_grad(hidden, weight, labels, bias=bias)
+    arrays = [jnp.asarray(a) for a in (hidden, weight, bias)]
+
+    def ours(x, w, b):
+        return fxj.linear_cross_entropy(x, w, jnp.asarray(labels), bias=b)
+
+    def naive(x, w, b):
+        return optax_composition(jnp, optax, x, w, b, jnp.asarray(labels), "mean")
+
+    got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2)))(*arrays)
+    peer = jax.value_and_grad(naive, argnums=(0, 1, 2))(*arrays)
+    assert got[0].dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in got[1])
+    assert_at_least_naive_accuracy(got[0], ref_loss, peer[0], BFLOAT16, "loss")
+    for g, r, n in zip(got[1], ref_grads, peer[1], strict=True):
+        assert_at_least_naive_accuracy(g, r, n, BFLOAT16, "grad")
+
+
 def test_jax_vmap_and_frozen_head(jax, rng, launcher_calls):
     """vmap: one independent loss per mapped element; differentiating the hidden states alone
     asks the launcher for no weight gradient."""
