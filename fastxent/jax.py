@@ -9,6 +9,9 @@ transposes for reverse mode. It works under ``jit``, ``grad``, ``jvp``, ``jacfwd
 and ``vmap`` (one kernel call per mapped element). Second derivatives, and derivatives with
 respect to the class or sample weights, raise instead of returning a wrong number.
 
+``linear_cross_entropy(hidden, weight, labels, *, bias=None, ...)`` is the fused linear layer
++ cross-entropy (``fastxent.linear_cross_entropy``) with a ``jax.custom_vjp``.
+
 On the CPU the kernel runs as an XLA FFI custom call (``jax.ffi``): it reads XLA's own argument
 buffers and writes the loss and the gradient into the buffers the call returns, without copies.
 On other platforms a host callback (``jax.pure_callback``) copies the arrays to the host and

@@ -6,6 +6,9 @@ pass) with the per-row loss computed by fastxent, its gradient from the same fus
 module-level ``sparse_categorical_crossentropy`` and ``categorical_crossentropy`` mirror
 ``keras.losses``' functions.
 
+``LinearCrossEntropy`` is an output layer (Dense's kernel and bias) that adds the fused linear +
+cross-entropy loss (``fastxent.linear_cross_entropy``) without materialising the logits.
+
 Keras' quirks are reproduced:
 * With ``from_logits=False``, a ``y_pred`` that comes straight out of a softmax (Keras marks it,
   or in a graph its op is ``Softmax``) is replaced by the softmax's input and treated as logits,
