@@ -8,8 +8,8 @@ offending value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+import math
+from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -20,9 +20,9 @@ from fastxent._options import KernelOptions
 __all__ = ["REDUCTIONS", "Reduction", "log_softmax_gather", "sparse_cross_entropy", "sparse_cross_entropy_with_grad"]
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """A validated call: what the backend launcher needs and how to shape the result."""
+class Prepared(NamedTuple):
+    """A validated call: what the backend launcher needs and how to shape the result (a
+    NamedTuple: built on every call, it costs a quarter of a frozen dataclass)."""
 
     backend: checks.Backend
     logits: Any  # the caller's array
@@ -36,6 +36,114 @@ class Prepared:
     @property
     def xp(self):
         return self.backend.xp
+
+
+class Static(NamedTuple):
+    """What a call's shapes, dtypes and options decide, checked: the same for every call with
+    the same ones (see ``static_checks``)."""
+
+    backend: checks.Backend
+    axis: int  # the class axis, normalised
+    num_classes: int
+    lead_shape: Tuple[int, ...]  # the labels' shape
+    hint_on_host: bool  # the CPU's label pass takes the softmax hint of the first row
+    options: Optional[KernelOptions]  # when no label value can change them (no weights, nothing ignored)
+
+
+# Static checks passed, by (shapes, dtypes, options); see ``static_key``.
+_STATIC: dict = {}
+_STATIC_LIMIT = 1024
+# Option values of these exact types are immutable and compare equal only when they check the
+# same way (the type is part of the key: True, 1 and 1.0 are equal but not interchangeable).
+_PLAIN_TYPES = frozenset((bool, int, float, str, type(None)))
+
+
+def static_key(logits, labels, from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap, axis, weights):
+    """The key under which a call's static checks are kept, or None for a call whose checks are
+    not kept (arrays other than NumPy's, options of other types). ``weights``: whether class or
+    sample weights are given (they are arrays: checked on every call, never kept)."""
+    if type(logits) is not np.ndarray or type(labels) is not np.ndarray:
+        return None
+    values = (from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap, axis)
+    types = tuple(map(type, values))
+    if not _PLAIN_TYPES.issuperset(types):
+        return None
+    return (logits.shape, logits.dtype, logits.flags.c_contiguous, labels.shape, labels.dtype, weights, values, types)
+
+
+def static_checks(
+    logits, labels, *, from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap, axis, weights
+) -> Tuple[Any, Any, Static]:
+    """(logits, labels, Static): everything the arrays' shapes and dtypes and the options
+    decide, checked. Raises for the first user error; a call that passed is kept under
+    ``static_key``, so the next call with the same shapes, dtypes and options skips these checks
+    (the labels' values are checked on every call, by ``prepare_targets``)."""
+    key = static_key(
+        logits, labels, from_logits, reduction, ignore_index, label_smoothing, z_loss, softcap, axis, weights
+    )
+    static = _STATIC.get(key) if key is not None else None
+    if static is not None:
+        return logits, labels, static
+    checks.check_options(
+        from_logits, reduction, label_smoothing, ignore_index=ignore_index, z_loss=z_loss, softcap=softcap
+    )
+    backend = checks.backend_for(logits)
+    xp, logits = checks.as_logits(logits, backend)
+    axis = checks.normalise_axis(axis, logits.ndim)
+    num_classes = checks.check_num_classes(logits, axis)
+    lead_shape = checks.lead_shape_of(logits.shape, axis)
+    labels = checks.check_labels(labels, xp, lead_shape)
+    hint_on_host = bool(
+        backend.name == "cpu"
+        and from_logits
+        and axis == logits.ndim - 1
+        and logits.shape[axis] >= 2
+        and logits.size
+        and logits.flags.c_contiguous
+    )
+    options = None
+    if not weights and ignore_index is None:
+        # Every row is counted with weight 1 (or the call raises): the denominator is the row count.
+        num_rows = math.prod(lead_shape)
+        options = kernel_options(
+            from_logits,
+            label_smoothing,
+            z_loss,
+            softcap,
+            None,
+            num_classes,
+            denominator_of(reduction, float(num_rows), float(num_rows)),
+        )
+    static = Static(backend, axis, num_classes, lead_shape, hint_on_host, options)
+    if key is not None:
+        if len(_STATIC) >= _STATIC_LIMIT:
+            _STATIC.clear()
+        _STATIC[key] = static
+    return logits, labels, static
+
+
+def kernel_options(from_logits, label_smoothing, z_loss, softcap, weights, num_classes: int, denominator: float):
+    """The kernels' options of checked arguments (``weights``: float64 class weights or None)."""
+    return KernelOptions(
+        from_logits=bool(from_logits),
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap),
+        class_weight=weights,
+        class_weight_total=float(weights.sum()) if weights is not None else float(num_classes),
+        num_classes=num_classes,
+        grad_scale=checks.grad_scale_for(denominator),
+    )
+
+
+def denominator_of(reduction, weight_sum: float, counted: float) -> float:
+    """The reduction's divisor: the counted rows' weights for "mean", their number for
+    "sum_over_batch_size", 1 otherwise."""
+    if reduction == "mean":
+        return weight_sum
+    if reduction == "sum_over_batch_size":
+        return counted
+    return 1.0
 
 
 def prepare(
@@ -53,15 +161,21 @@ def prepare(
     axis,
 ) -> Prepared:
     """Validate everything, with one device-to-host transfer of the scalars the host needs."""
-    checks.check_options(
-        from_logits, reduction, label_smoothing, ignore_index=ignore_index, z_loss=z_loss, softcap=softcap
+    logits, labels, static = static_checks(
+        logits,
+        labels,
+        from_logits=from_logits,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        axis=axis,
+        weights=class_weight is not None or sample_weight is not None,
     )
-    backend = checks.backend_for(logits)
-    xp, logits = checks.as_logits(logits, backend)
-    axis = checks.normalise_axis(axis, logits.ndim)
-    num_classes = checks.check_num_classes(logits, axis)
-    lead_shape = checks.lead_shape_of(logits.shape, axis)
-    labels = checks.check_labels(labels, xp, lead_shape)
+    backend, axis, num_classes = static.backend, static.axis, static.num_classes
+    xp = backend.xp
+    hint_row = logits.reshape(-1)[:num_classes] if static.hint_on_host else None
     flat_labels, row_weight, options, denominator, host = prepare_targets(
         labels,
         num_classes,
@@ -74,10 +188,12 @@ def prepare(
         sample_weight=sample_weight,
         z_loss=z_loss,
         softcap=softcap,
-        extra_scalars=checks.hint_scalars(logits, axis, from_logits, xp),
+        extra_scalars=None if hint_row is not None else checks.hint_scalars(logits, axis, from_logits, xp),
+        hint_row=hint_row,
+        static_options=static.options,
     )
     checks.warn_if_probabilities(host, logits.dtype, num_classes)
-    return Prepared(backend, logits, axis, lead_shape, flat_labels, row_weight, options, denominator)
+    return Prepared(backend, logits, axis, static.lead_shape, flat_labels, row_weight, options, denominator)
 
 
 def prepare_targets(
@@ -94,10 +210,16 @@ def prepare_targets(
     z_loss,
     softcap,
     extra_scalars: Optional[dict] = None,
+    hint_row: Any = None,
+    static_options: Optional[KernelOptions] = None,
 ):
     """The labels' side of a validated call: flat int64 labels (-1 ignored), float64 row
     weights, the kernels' options and the reduction's denominator, with every scalar the host
     needs (``extra_scalars`` too) read back in one transfer.
+
+    ``hint_row``: NumPy only, a row of logits whose softmax-hint scalars (see
+    ``checks.hint_scalars``) the CPU's label pass adds to the host scalars.
+    ``static_options``: the options, when no label value can change them (``static_checks``).
 
     ``labels`` are already checked for dtype and shape (``checks.check_labels``); a label
     outside [0, C) that is not ignored raises ``ValueError`` here. Returns
@@ -105,14 +227,37 @@ def prepare_targets(
     """
     flat = labels.reshape(-1)
     num_rows = flat.shape[0]
+    weights = checks.class_weights(class_weight, num_classes, xp)
+    row_weight = checks.row_weights(sample_weight, tuple(labels.shape), xp)
+    if xp is np:
+        encoded = checks.cpu_backend().launcher.encode_labels(
+            flat, num_classes, ignore_index, weights, row_weight, hint_row
+        )
+        if encoded is not None:
+            return _host_targets(
+                labels,
+                flat,
+                encoded,
+                row_weight,
+                weights,
+                num_classes,
+                from_logits=from_logits,
+                reduction=reduction,
+                ignore_index=ignore_index,
+                label_smoothing=label_smoothing,
+                z_loss=z_loss,
+                softcap=softcap,
+                host={**(extra_scalars or {}), **encoded[4]},
+                static_options=static_options,
+            )
+    if hint_row is not None:
+        extra_scalars = {**(extra_scalars or {}), **checks.hint_scalars(hint_row, 0, True, np)}
     out_of_range = (flat < 0) | (flat >= num_classes)
     flat_labels = flat.astype(xp.int64)
     if ignore_index is not None:
         ignored = flat == ignore_index
         out_of_range &= ~ignored
         flat_labels = xp.where(ignored, -1, flat_labels)
-    weights = checks.class_weights(class_weight, num_classes, xp)
-    row_weight = checks.row_weights(sample_weight, tuple(labels.shape), xp)
     counted = flat_labels >= 0
 
     # Every scalar the host needs, computed on the device and read back together.
@@ -152,8 +297,41 @@ def prepare_targets(
     return flat_labels, row_weight, options, denominator, host
 
 
+def _host_targets(
+    labels,
+    flat,
+    encoded,
+    row_weight,
+    weights,
+    num_classes: int,
+    *,
+    from_logits,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    host: dict,
+    static_options: Optional[KernelOptions],
+):
+    """``prepare_targets``'s result from the CPU's one-pass label check (``encoded``: its
+    encoded labels, first bad position, counted rows and weighted count)."""
+    flat_labels, first_bad, counted, weight_sum, _ = encoded
+    if first_bad >= 0:
+        where = checks.position(first_bad, tuple(labels.shape))
+        raise ValueError(checks.bad_label_message(where, int(flat[first_bad]), num_classes, ignore_index))
+    denominator = denominator_of(reduction, weight_sum, float(counted))
+    if static_options is not None:
+        assert static_options.grad_scale == checks.grad_scale_for(denominator), "static options out of date"
+        return flat_labels, row_weight, static_options, denominator, host
+    options = kernel_options(from_logits, label_smoothing, z_loss, softcap, weights, num_classes, denominator)
+    return flat_labels, row_weight, options, denominator, host
+
+
 def _run(logits, labels, **call):
     """``_run_on_device`` on the logits' device (every argument keyword-only, passed through)."""
+    if type(logits) is np.ndarray:  # host memory: no device to make current
+        return _run_on_device(logits, labels, **call)
     with checks.device_scope(logits):
         return _run_on_device(logits, labels, **call)
 

@@ -10,6 +10,7 @@ offending value; kernels never see an unchecked argument.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import os
 import sys
@@ -35,6 +36,14 @@ FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float16, np.float32, np.float64) +
 # ----------------------------------------------------------------------------------------
 
 
+def _is_real(value) -> bool:
+    return type(value) is float or isinstance(value, numbers.Real)  # the plain float first: cheaper
+
+
+def _is_finite(value) -> bool:
+    return math.isfinite(value) if type(value) is float else bool(np.isfinite(value))
+
+
 def check_options(from_logits, reduction, label_smoothing, *, ignore_index=None, z_loss=0.0, softcap=None) -> None:
     """The core options (the sparse-only ones default to "not given", as dense targets take them)."""
     if reduction not in REDUCTIONS:
@@ -43,12 +52,12 @@ def check_options(from_logits, reduction, label_smoothing, *, ignore_index=None,
         raise TypeError(f"from_logits must be a bool; got {from_logits!r}")
     if ignore_index is not None and not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an integer or None; got {ignore_index!r}")
-    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= float(label_smoothing) < 1.0:
+    if not _is_real(label_smoothing) or not 0.0 <= float(label_smoothing) < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
-    if not isinstance(z_loss, numbers.Real) or not np.isfinite(z_loss) or z_loss < 0:
+    if not _is_real(z_loss) or not _is_finite(z_loss) or z_loss < 0:
         raise ValueError(f"z_loss must be a finite number >= 0; got {z_loss!r}")
     if softcap is not None:
-        if not isinstance(softcap, numbers.Real) or not np.isfinite(softcap) or softcap <= 0:
+        if not _is_real(softcap) or not _is_finite(softcap) or softcap <= 0:
             raise ValueError(f"softcap must be a finite number > 0 or None; got {softcap!r}")
         if not from_logits:
             raise ValueError("softcap applies to logits; it cannot be combined with from_logits=False")
@@ -80,16 +89,27 @@ def device_scope(array: Any):
     return contextlib.nullcontext()
 
 
+_CPU_BACKEND: Optional[Backend] = None
+
+
+def cpu_backend() -> Backend:
+    """The CPU backend (its launchers imported on first use, then kept)."""
+    global _CPU_BACKEND
+    if _CPU_BACKEND is None:
+        from fastxent.cpu import xent as cpu_xent
+
+        _CPU_BACKEND = Backend("cpu", np, cpu_xent)
+    return _CPU_BACKEND
+
+
 def backend_for(logits: Any) -> Backend:
     """The GPU backend for CuPy arrays (ImportError with an install hint without CuPy), else the CPU's."""
-    if is_cupy_array(logits):
+    if type(logits) is not np.ndarray and is_cupy_array(logits):
         from fastxent.gpu import load_backend
 
         xp, launcher = load_backend()
         return Backend("gpu", xp, launcher)
-    from fastxent.cpu import xent as cpu_xent
-
-    return Backend("cpu", np, cpu_xent)
+    return cpu_backend()
 
 
 def as_logits(logits: Any, backend: Backend):
@@ -105,6 +125,8 @@ def as_logits(logits: Any, backend: Backend):
 
 
 def normalise_axis(axis: int, ndim: int) -> int:
+    if type(axis) is int and axis == -1 and ndim:  # the usual call, without the ABC check below
+        return ndim - 1
     if not isinstance(axis, numbers.Integral) or not -ndim <= axis < ndim:
         raise ValueError(f"axis {axis!r} is out of range for logits with {ndim} dimension(s)")
     return int(axis) % ndim
@@ -137,8 +159,10 @@ def check_labels(labels: Any, xp: Any, lead_shape: Tuple[int, ...]):
 def rows_view(array: Any, axis: int, xp: Any):
     """(N, C) C-contiguous rows of an array with its classes on ``axis``: a view where
     possible, otherwise a copy. Unambiguous for zero classes (no reshape(-1, ...))."""
+    if array.ndim == 2 and axis == 1 and array.flags.c_contiguous:
+        return array
     moved = array if axis == array.ndim - 1 else xp.moveaxis(array, axis, -1)
-    num_rows = int(np.prod(moved.shape[:-1], dtype=np.int64))
+    num_rows = math.prod(moved.shape[:-1])
     return xp.ascontiguousarray(moved.reshape(num_rows, moved.shape[-1]))
 
 
@@ -160,7 +184,7 @@ def class_weights(class_weight, num_classes: int, xp: Any, *, what: str = "have 
 def row_weights(sample_weight, lead_shape: Tuple[int, ...], xp: Any = np, *, rows_name: str = "the labels shape"):
     """float64 (N,) weight per row from ``sample_weight`` broadcast to the rows' shape (ones without)."""
     if sample_weight is None:
-        return xp.ones(int(np.prod(lead_shape, dtype=np.int64)), dtype=xp.float64)
+        return xp.ones(math.prod(lead_shape), dtype=xp.float64)
     sample = xp.asarray(sample_weight, dtype=xp.float64)
     try:
         return xp.ascontiguousarray(xp.broadcast_to(sample, lead_shape).reshape(-1))
@@ -324,7 +348,7 @@ def reduce_loss(per_row, reduction: str, denominator: float, lead_shape: Tuple[i
         return per_row.reshape(lead_shape).astype(dtype)
     if denominator == 0.0:
         return xp.asarray(0.0, dtype=dtype)
-    return xp.asarray(per_row.sum() / denominator).astype(dtype)
+    return xp.asarray(per_row.sum() / denominator, dtype=dtype)
 
 
 def check_inplace(logits, xp: Any) -> None:

@@ -313,11 +313,13 @@ def ignored_labels(rng, labels, ignore_index, fraction=0.3) -> np.ndarray:
 def force_kernel_path(monkeypatch, path: str) -> None:
     """Route every logits call to one kernel path, whatever N and C are.
 
-    "rows": one task per row (the split threshold made unreachable). "split": every row cut
+    "rows": one task per row on the thread pool (the split threshold made unreachable, small
+    inputs too: they would otherwise run on the calling thread). "split": every row cut
     into parts of whole blocks (inputs longer than one block get several parts).
     """
     if path == "rows":
         monkeypatch.setattr(cpu_xent, "SPLIT_MIN_CLASSES", 2**62)
+        monkeypatch.setattr(cpu_xent, "SERIAL_WORK", -1)  # the row-parallel kernel, however small
     elif path == "split":
         monkeypatch.setattr(cpu_xent, "SPLIT_MIN_CLASSES", 0)
         monkeypatch.setattr(cpu_xent, "SPLIT_ROWS_PER_THREAD", 2**40)

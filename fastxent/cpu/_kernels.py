@@ -355,6 +355,23 @@ def prob_target_grad_of(probability, like, coef_p, coef_t, coef_w, target_weight
 # ----------------------------------------------------------------------------------------
 
 
+def out_row(grad_out, i):
+    """Row i of the gradient buffer, True (in place) when ``grad_out`` is True, None (no
+    gradient) when it is None (stub)."""
+    if grad_out is None or grad_out is True:
+        return grad_out
+    return grad_out[i]
+
+
+@overload(out_row, inline="always")
+def _out_row_overload(grad_out, i):
+    if grad_out is None or grad_out == types.none:
+        return lambda grad_out, i: None
+    if isinstance(grad_out, types.Boolean):
+        return lambda grad_out, i: True
+    return lambda grad_out, i: grad_out[i]
+
+
 @njit(cache=True, error_model="numpy")
 def logit_row(
     row_in,
@@ -399,6 +416,45 @@ def logit_row(
     return loss
 
 
+@njit(cache=True, error_model="numpy")
+def logit_rows_at(
+    i,
+    logits,
+    grad_out,
+    labels,
+    sample_weight,
+    class_weight,
+    class_weight_total,
+    smoothing,
+    z_loss,
+    softcap,
+    grad_scale,
+    loss_out,
+):
+    """Row i of ``logit_rows``: its loss, and its gradient into ``grad_out`` (True: over the
+    logits; None: no gradient). An ignored row gets loss 0 and gradient 0."""
+    label = labels[i]
+    row = logits[i]
+    if label < 0:
+        loss_out[i] = 0.0
+        if grad_out is not None:
+            grad_dest(row, out_row(grad_out, i), 0, row.shape[0])[:] = 0
+        return
+    loss_out[i] = logit_row(
+        row,
+        out_row(grad_out, i),
+        label,
+        sample_weight[i],
+        class_weight,
+        class_weight_total,
+        logits.shape[1],
+        smoothing,
+        z_loss,
+        softcap,
+        grad_scale,
+    )
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def logit_rows(
     logits,
@@ -413,59 +469,57 @@ def logit_rows(
     grad_scale,
     loss_out,
 ):
-    """Row-parallel loss (and gradient into ``grad_out`` unless it is None) for logits (N, C).
+    """Row-parallel loss and gradient for logits (N, C): ``grad_out`` an (N, C) buffer, True
+    to write over the logits (see ``grad_dest``), or None for the loss alone.
 
     labels: int64 (N,), -1 marks an ignored row (loss 0, gradient 0). sample_weight: float64 (N,).
     """
-    num_rows, num_classes = logits.shape
-    for i in prange(num_rows):
-        label = labels[i]
-        if label < 0:
-            loss_out[i] = 0.0
-            if grad_out is not None:
-                grad_out[i, :] = 0
-            continue
-        row_out = None if grad_out is None else grad_out[i]
-        loss_out[i] = logit_row(
-            logits[i],
-            row_out,
-            label,
-            sample_weight[i],
+    for i in prange(logits.shape[0]):
+        logit_rows_at(
+            i,
+            logits,
+            grad_out,
+            labels,
+            sample_weight,
             class_weight,
             class_weight_total,
-            num_classes,
             smoothing,
             z_loss,
             softcap,
             grad_scale,
+            loss_out,
         )
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def logit_rows_inplace(
-    logits, labels, sample_weight, class_weight, class_weight_total, smoothing, z_loss, softcap, grad_scale, loss_out
+@njit(cache=True, error_model="numpy")
+def logit_rows_serial(
+    logits,
+    grad_out,
+    labels,
+    sample_weight,
+    class_weight,
+    class_weight_total,
+    smoothing,
+    z_loss,
+    softcap,
+    grad_scale,
+    loss_out,
 ):
-    """As ``logit_rows`` with the gradient written over the logits (see ``grad_dest``)."""
-    num_rows, num_classes = logits.shape
-    for i in prange(num_rows):
-        label = labels[i]
-        row = logits[i]
-        if label < 0:
-            loss_out[i] = 0.0
-            row[:] = 0
-            continue
-        loss_out[i] = logit_row(
-            row,
-            True,
-            label,
-            sample_weight[i],
+    """``logit_rows`` on the calling thread, for inputs too small to pay for waking the others."""
+    for i in range(logits.shape[0]):
+        logit_rows_at(
+            i,
+            logits,
+            grad_out,
+            labels,
+            sample_weight,
             class_weight,
             class_weight_total,
-            num_classes,
             smoothing,
             z_loss,
             softcap,
             grad_scale,
+            loss_out,
         )
 
 
@@ -536,18 +590,6 @@ def prob_rows(
 # IGNORED marks a row that is not counted, ELSEWHERE a counted row whose target lies outside
 # this range (in another process's shard).
 # ----------------------------------------------------------------------------------------
-
-
-def out_row(grad_out, i):
-    """Row i of the gradient buffer, or True (in place) when ``grad_out`` is True (stub)."""
-    return True if grad_out is True else grad_out[i]
-
-
-@overload(out_row, inline="always")
-def _out_row_overload(grad_out, i):
-    if isinstance(grad_out, types.Boolean):
-        return lambda grad_out, i: True
-    return lambda grad_out, i: grad_out[i]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")

@@ -15,6 +15,8 @@ def storage_view(array: np.ndarray) -> np.ndarray:
 
     float16 -> int16, bfloat16 -> uint16 (see ``_bits.py``); float32/float64 unchanged.
     """
+    if array.dtype.char in "fd":  # float32, float64: the usual case, without comparing dtypes
+        return array
     if array.dtype == np.float16:
         return array.view(np.int16)
     if BFLOAT16 is not None and array.dtype == BFLOAT16:
