@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from fastxent._linear_api import linear_cross_entropy_with_grad
-from fastxent.tf import _host_call, dense_per_row, sparse_per_row
+from fastxent.tf import host_call, dense_per_row, sparse_per_row
 
 __all__ = [
     "CategoricalCrossentropy",
@@ -302,7 +302,7 @@ def _fused_linear_loss(hidden, kernel, bias, labels, options, *, want_grads, wan
     def host(wants, tensors):
         out_dtypes = [loss_dtype] + ([t.dtype for t in tensors if t is not labels] if wants else [])
         out_shapes = [tf.TensorShape([])] + ([t.shape for t in tensors if t is not labels] if wants else [])
-        return _host_call(functools.partial(compute, wants), tensors, out_dtypes, out_shapes)
+        return host_call(functools.partial(compute, wants), tensors, out_dtypes, out_shapes)
 
     @tf.custom_gradient
     def fused(hidden_in, kernel_in, *bias_in):

@@ -111,7 +111,7 @@ def _to_tensor(array, dtype: tf.DType):
     return tf.cast(tensor, dtype) if tensor.dtype != dtype else tensor
 
 
-def _host_call(compute: Callable, inputs: Sequence, out_dtypes: Sequence[tf.DType], out_shapes: Sequence):
+def host_call(compute: Callable, inputs: Sequence, out_dtypes: Sequence[tf.DType], out_shapes: Sequence):
     """Run ``compute(*arrays) -> arrays`` on the tensors' memory; through ``tf.py_function`` in graphs."""
 
     def run(*tensors):
@@ -274,7 +274,7 @@ def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Op
 
         @tf.custom_gradient
         def weighted(logits_w, upstream_w):
-            (grad,) = _host_call(
+            (grad,) = host_call(
                 _raise_label_errors(weighted_grad),
                 [logits_w, labels, tf.cast(upstream_w, loss_dtype)],
                 [logits_w.dtype],
@@ -302,14 +302,14 @@ def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Op
     @tf.custom_gradient
     def fused(logits_in):
         if want_grad:
-            loss, kept.tensor = _host_call(
+            loss, kept.tensor = host_call(
                 _raise_label_errors(loss_and_grad),
                 [logits_in, labels],
                 [loss_dtype, logits_in.dtype],
                 [labels.shape, logits_in.shape],
             )
         else:
-            (loss,) = _host_call(_raise_label_errors(loss_only), [logits_in, labels], [loss_dtype], [labels.shape])
+            (loss,) = host_call(_raise_label_errors(loss_only), [logits_in, labels], [loss_dtype], [labels.shape])
 
         def backward(upstream):
             scaled = kept.scaled_in_place(logits_in, upstream, class_axis)
@@ -382,7 +382,7 @@ def dense_per_row(logits, targets, *, from_logits: bool = True, label_smoothing:
 
     @tf.custom_gradient
     def fused(logits_in, targets_in):
-        loss, grad = _host_call(
+        loss, grad = host_call(
             compute, [logits_in, targets_in], [loss_dtype, logits_in.dtype], [row_shape, logits_in.shape]
         )
 

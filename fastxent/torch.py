@@ -42,6 +42,7 @@ from torch import nn
 from torch._C import _functorch
 from torch.autograd import forward_ad
 
+from fastxent import _checks as checks
 from fastxent import _torch_interop as interop
 from fastxent._api import sparse_cross_entropy, sparse_cross_entropy_with_grad
 from fastxent._dense_api import (
@@ -397,10 +398,9 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 # Linear layer + cross-entropy
 # ----------------------------------------------------------------------------------------
 
-# Devices whose tensors the fused linear path takes. CUDA tensors join once the array API takes
-# CuPy arrays: add "cuda" here and the arrays below come through ``interop.to_array`` (CuPy
-# views) with the launches on PyTorch's stream (``interop.on_stream``).
-_LINEAR_DEVICE_TYPES = ("cpu",)
+# Devices whose tensors the fused linear path takes: CPU tensors as NumPy views, CUDA tensors as
+# CuPy views (``interop.to_array``) with the launches on PyTorch's stream (``interop.on_stream``).
+_LINEAR_DEVICE_TYPES = ("cpu", "cuda")
 
 
 def _linear_arrays(*tensors):
@@ -409,8 +409,7 @@ def _linear_arrays(*tensors):
     device = tensors[0].device
     if device.type not in _LINEAR_DEVICE_TYPES:
         raise NotImplementedError(
-            f"fastxent.torch.linear_cross_entropy takes CPU tensors only so far; got tensors on {device}. "
-            "Use torch.nn.functional.linear_cross_entropy for CUDA tensors until fastxent's GPU path takes them."
+            f"fastxent.torch.linear_cross_entropy takes CPU and CUDA tensors; got tensors on {device}"
         )
     return [None if tensor is None else interop.to_array(tensor) for tensor in tensors]
 
@@ -442,7 +441,7 @@ def _linear_loss_and_grads(input, linear_weight, linear_bias, target, weight, co
     rows as reduction: the gradients of ``sum_i row_scale_i * loss_i`` (reduction "none"'s
     backward), exact for any factors.
     """
-    hidden, w, b, labels, class_weight = _linear_arrays(input, linear_weight, linear_bias, target, weight)
+    hidden, w, b, labels = _linear_arrays(input, linear_weight, linear_bias, target)
     reduction = config.reduction
     sample_weight = None
     if row_scale is not None:
@@ -450,28 +449,34 @@ def _linear_loss_and_grads(input, linear_weight, linear_bias, target, weight, co
         reduction = "sum"
     want_hidden, want_weight, want_bias = wants
     try:
-        loss, *grads = linear_cross_entropy_with_grad(
-            hidden,
-            w,
-            labels,
-            bias=b,
-            ignore_index=config.ignore_index,
-            label_smoothing=config.label_smoothing,
-            class_weight=None if class_weight is None else np.asarray(class_weight, np.float64),
-            sample_weight=sample_weight,
-            z_loss=config.z_loss,
-            softcap=config.softcap,
-            reduction=reduction,
-            hidden_grad=want_hidden,
-            weight_grad=want_weight,
-            bias_grad=want_bias,
-        )
+        with interop.on_stream(input):
+            loss, *grads = linear_cross_entropy_with_grad(
+                hidden,
+                w,
+                labels,
+                bias=b,
+                ignore_index=config.ignore_index,
+                label_smoothing=config.label_smoothing,
+                class_weight=interop.host(weight, np.float64),
+                sample_weight=sample_weight,
+                z_loss=config.z_loss,
+                softcap=config.softcap,
+                reduction=reduction,
+                hidden_grad=want_hidden,
+                weight_grad=want_weight,
+                bias_grad=want_bias,
+            )
     except ValueError as error:
         if "outside the valid range" in str(error):
             raise TargetOutOfBoundsError(str(error)) from None
         raise InvalidInputError(str(error)) from None
-    loss = interop.to_tensor(np.asarray(loss)).to(input.dtype)
-    grads = [None if g is None else interop.to_tensor(g) for g in grads]
+    loss = interop.to_tensor(loss if checks.is_cupy_array(loss) else np.asarray(loss)).to(input.dtype)
+    # A bfloat16 CUDA tensor reaches the GPU path as a float32 copy where CuPy has no bfloat16:
+    # its gradients come back in float32 and go to the tensors' own dtypes here.
+    grads = [
+        None if g is None else interop.to_tensor(g).to(t.dtype)
+        for g, t in zip(grads, (input, linear_weight, linear_bias), strict=True)
+    ]
     if reduction == "mean" and _mean_over_nothing_counted(target, weight, config.ignore_index):
         # fastxent's "mean" over nothing is 0 with zero gradients; PyTorch's is 0 / 0: NaN, and
         # NaN gradients wherever a counted row (of class weight 0) reaches them.

@@ -439,7 +439,7 @@ def test_torch_bad_input_raises_pytorchs_exception_types(torch, case):
 
 
 def test_torch_devices_the_fused_path_does_not_serve_raise(torch):
-    """Tensors on a device without a fused path (here ``meta``; CUDA for now) raise
+    """Tensors on a device without a fused path (here ``meta``) raise
     NotImplementedError naming the device, from the one place that decides."""
     import fastxent.torch as fxt
 
@@ -701,3 +701,30 @@ def test_keras_layer_gradients_match_float64_composition(keras, rng, reduction, 
     assert launcher_calls == [{"want_hidden": True, "want_weight": False, "want_bias": False}]
     clone = fxk.LinearCrossEntropy.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_torch_cuda_tensors_match_the_cpu_path(torch, rng, dtype_name):
+    """CUDA tensors run the GPU path (CuPy views, PyTorch's stream) and give the CPU path's
+    loss and gradients, in the tensors' own dtypes."""
+    pytest.importorskip("cupy")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device visible to PyTorch")
+    import fastxent.torch as fxt
+
+    dtype = getattr(torch, dtype_name)
+    hidden = torch.randn(9, 16, generator=torch.Generator().manual_seed(3)).to(dtype)
+    weight = (torch.randn(500, 16, generator=torch.Generator().manual_seed(4)) * 0.5).to(dtype)
+    bias = torch.randn(500, generator=torch.Generator().manual_seed(5)).to(dtype)
+    target = torch.tensor(rng.integers(0, 500, 9))
+    results = []
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device).requires_grad_() for t in (hidden, weight, bias)]
+        loss = fxt.linear_cross_entropy(leaves[0], leaves[1], target.to(device), linear_bias=leaves[2], z_loss=1e-3)
+        loss.backward()
+        assert loss.device.type == device and all(t.grad.dtype == dtype for t in leaves)
+        results.append([loss.detach().float().cpu()] + [t.grad.float().cpu() for t in leaves])
+    tol = 1e-5 if dtype_name == "float32" else 2**-7
+    for cpu, cuda in zip(*results, strict=True):
+        torch.testing.assert_close(cuda, cpu, rtol=tol, atol=tol * float(cpu.abs().max()))
