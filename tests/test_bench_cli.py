@@ -130,3 +130,18 @@ def test_gpu_without_a_gpu_exits_non_zero_with_a_clear_message():
 def test_usage_errors_exit_2_without_traceback(args, message, capsys):
     assert main(["bench", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_linear_op_writes_its_table(tmp_path, capsys):
+    status = main(["bench", "--op", "linear", "--shapes", "32x8x600", "--repeats", "1", "--output", str(tmp_path)])
+    assert status == 0
+    table = (tmp_path / "linear-cpu.md").read_text()
+    for mode in ("forward", "forward+backward"):
+        rows = [line for line in table.splitlines() if line.startswith(f"| 32x8x600 | {mode} |")]
+        names = {line.split("|")[3].strip() for line in rows}
+        assert {"numpy GEMM", "fastxent"} <= names, names
+        # The GEMM row is the ratio's base; fastxent's row carries its measured extra memory.
+        (gemm,) = [line for line in rows if "| numpy GEMM |" in line]
+        assert "| 1.000 |" in gemm
+        (ours,) = [line for line in rows if "| fastxent |" in line]
+        assert "MiB" in ours

@@ -66,33 +66,37 @@ class Case:
         self.logits_bytes = num_rows * num_classes * 4
 
 
-def implementations(case: Case, mode: str, torch) -> Dict[str, Callable[[], object]]:
-    """name -> zero-argument call, for ``mode`` "forward" or "forward+backward"."""
+def _array_implementations(case: Case, mode: str, xp, name: str) -> Dict[str, Callable[[], object]]:
+    """The bare GEMMs of ``xp`` (NumPy or CuPy) and fastxent on ``xp`` arrays of the case."""
     import fastxent
 
-    x, w, y = case.hidden, case.weight, case.labels
-    num_rows, features, num_classes = case.shape
-    calls: Dict[str, Callable[[], object]] = {}
-    logits = np.empty((num_rows, num_classes), np.float32)
-    dx, dw = np.empty_like(x), np.empty_like(w)
+    x, w, y = (xp.asarray(a) for a in (case.hidden, case.weight, case.labels))
+    num_rows, _, num_classes = case.shape
+    logits = xp.empty((num_rows, num_classes), xp.float32)
+    dx, dw = xp.empty_like(x), xp.empty_like(w)
     if mode == "forward":
-        calls["numpy GEMM"] = lambda: np.matmul(x, w.T, out=logits)
-        calls["fastxent"] = lambda: fastxent.linear_cross_entropy(x, w, y)
-    else:
+        return {
+            f"{name} GEMM": lambda: xp.matmul(x, w.T, out=logits),
+            "fastxent": lambda: fastxent.linear_cross_entropy(x, w, y),
+        }
 
-        def numpy_gemms():
-            np.matmul(x, w.T, out=logits)
-            np.matmul(logits, w, out=dx)
-            np.matmul(logits.T, x, out=dw)
+    def gemms():
+        xp.matmul(x, w.T, out=logits)
+        xp.matmul(logits, w, out=dx)
+        xp.matmul(logits.T, x, out=dw)
 
-        calls["numpy GEMM"] = numpy_gemms
-        calls["fastxent"] = lambda: fastxent.linear_cross_entropy_with_grad(x, w, y)
-    if torch is None:
-        return calls
+    return {f"{name} GEMM": gemms, "fastxent": lambda: fastxent.linear_cross_entropy_with_grad(x, w, y)}
+
+
+def _torch_implementations(case: Case, mode: str, torch, device: str) -> Dict[str, Callable[[], object]]:
+    """PyTorch's bare GEMMs, unfused loss and ``F.linear_cross_entropy`` (plain and chunked) on
+    tensors of the case on ``device``."""
     F = torch.nn.functional
-    tx, tw, ty = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(y)
-    t_logits, t_dx, t_dw = torch.from_numpy(logits), torch.from_numpy(dx), torch.from_numpy(dw)
-    lce_options = torch.nn.LinearCrossEntropyOptions() if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
+    tx, tw, ty = (torch.as_tensor(a, device=device) for a in (case.hidden, case.weight, case.labels))
+    num_rows, _, num_classes = case.shape
+    t_logits = torch.empty((num_rows, num_classes), device=device)
+    t_dx, t_dw = torch.empty_like(tx), torch.empty_like(tw)
+    calls: Dict[str, Callable[[], object]] = {}
     if mode == "forward":
         calls["torch GEMM"] = lambda: torch.mm(tx, tw.t(), out=t_logits)
 
@@ -117,18 +121,26 @@ def implementations(case: Case, mode: str, torch) -> Dict[str, Callable[[], obje
         def torch_unfused():
             gx.grad = gw.grad = None
             F.cross_entropy(F.linear(gx, gw), ty).backward()
-            return gx.grad, gw.grad
 
         def torch_fused(options):
             gx.grad = gw.grad = None
             F.linear_cross_entropy(gx, gw, ty, options=options).backward()
-            return gx.grad, gw.grad
 
     calls["torch unfused"] = torch_unfused
     if hasattr(F, "linear_cross_entropy"):
         calls["torch F.linear_cross_entropy"] = functools.partial(torch_fused, None)
-        if lce_options is not None:
-            calls["torch F.linear_cross_entropy chunked"] = functools.partial(torch_fused, lce_options)
+        if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            calls["torch F.linear_cross_entropy chunked"] = functools.partial(
+                torch_fused, torch.nn.LinearCrossEntropyOptions()
+            )
+    return calls
+
+
+def implementations(case: Case, mode: str, torch) -> Dict[str, Callable[[], object]]:
+    """name -> zero-argument call on the CPU, for ``mode`` "forward" or "forward+backward"."""
+    calls = _array_implementations(case, mode, np, "numpy")
+    if torch is not None:
+        calls.update(_torch_implementations(case, mode, torch, "cpu"))
     calls.update(jax_implementations(case, mode))
     return calls
 
@@ -153,66 +165,9 @@ def gpu_implementations(case: Case, mode: str, torch) -> Dict[str, Callable[[], 
     """name -> zero-argument call on the GPU (CuPy arrays; CUDA tensors for PyTorch's peers)."""
     import cupy
 
-    import fastxent
-
-    x, w, y = (cupy.asarray(a) for a in (case.hidden, case.weight, case.labels))
-    num_rows, features, num_classes = case.shape
-    logits = cupy.empty((num_rows, num_classes), cupy.float32)
-    dx, dw = cupy.empty_like(x), cupy.empty_like(w)
-    calls: Dict[str, Callable[[], object]] = {}
-    if mode == "forward":
-        calls["cupy GEMM"] = lambda: cupy.matmul(x, w.T, out=logits)
-        calls["fastxent"] = lambda: fastxent.linear_cross_entropy(x, w, y)
-    else:
-
-        def cupy_gemms():
-            cupy.matmul(x, w.T, out=logits)
-            cupy.matmul(logits, w, out=dx)
-            cupy.matmul(logits.T, x, out=dw)
-
-        calls["cupy GEMM"] = cupy_gemms
-        calls["fastxent"] = lambda: fastxent.linear_cross_entropy_with_grad(x, w, y)
-    if torch is None or not torch.cuda.is_available():
-        return calls
-    F = torch.nn.functional
-    tx, tw, ty = (torch.as_tensor(a, device="cuda") for a in (case.hidden, case.weight, case.labels))
-    t_logits = torch.empty((num_rows, num_classes), device="cuda")
-    lce_options = torch.nn.LinearCrossEntropyOptions() if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
-    if mode == "forward":
-        calls["torch GEMM"] = lambda: torch.mm(tx, tw.t(), out=t_logits)
-
-        def torch_unfused():
-            with torch.no_grad():
-                return F.cross_entropy(F.linear(tx, tw), ty)
-
-        def torch_fused(options):
-            with torch.no_grad():
-                return F.linear_cross_entropy(tx, tw, ty, options=options)
-
-    else:
-        t_dx, t_dw = torch.empty_like(tx), torch.empty_like(tw)
-
-        def torch_gemms():
-            torch.mm(tx, tw.t(), out=t_logits)
-            torch.mm(t_logits, tw, out=t_dx)
-            torch.mm(t_logits.t(), tx, out=t_dw)
-
-        calls["torch GEMM"] = torch_gemms
-        gx, gw = tx.clone().requires_grad_(), tw.clone().requires_grad_()
-
-        def torch_unfused():
-            gx.grad = gw.grad = None
-            F.cross_entropy(F.linear(gx, gw), ty).backward()
-
-        def torch_fused(options):
-            gx.grad = gw.grad = None
-            F.linear_cross_entropy(gx, gw, ty, options=options).backward()
-
-    calls["torch unfused"] = torch_unfused
-    if hasattr(F, "linear_cross_entropy"):
-        calls["torch F.linear_cross_entropy"] = functools.partial(torch_fused, None)
-        if lce_options is not None:
-            calls["torch F.linear_cross_entropy chunked"] = functools.partial(torch_fused, lce_options)
+    calls = _array_implementations(case, mode, cupy, "cupy")
+    if torch is not None and torch.cuda.is_available():
+        calls.update(_torch_implementations(case, mode, torch, "cuda"))
     return calls
 
 
