@@ -140,8 +140,7 @@ def test_linear_op_writes_its_table(tmp_path, capsys):
         rows = [line for line in table.splitlines() if line.startswith(f"| 32x8x600 | {mode} |")]
         names = {line.split("|")[3].strip() for line in rows}
         assert {"numpy GEMM", "fastxent"} <= names, names
-        # The GEMM row is the ratio's base; fastxent's row carries its measured extra memory.
-        (gemm,) = [line for line in rows if "| numpy GEMM |" in line]
-        assert "| 1.000 |" in gemm
+        # The fastest bare GEMM is the ratios' base; fastxent's row carries its measured extra memory.
+        assert any("GEMM |" in line and "| 1.000 |" in line for line in rows), rows
         (ours,) = [line for line in rows if "| fastxent |" in line]
         assert "MiB" in ours
