@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,10 +45,17 @@ from fastxent._dense_api import (
     categorical_cross_entropy,
     categorical_cross_entropy_with_grad,
 )
+from fastxent._linear_api import linear_cross_entropy_with_grad
 from fastxent.distributed._torch import vocab_parallel_cross_entropy  # noqa: F401  (re-export)
 from fastxent.host_buffers import host_output_like
 
-__all__ = ["CrossEntropyLoss", "InvalidInputError", "TargetOutOfBoundsError", "cross_entropy"]
+__all__ = [
+    "CrossEntropyLoss",
+    "InvalidInputError",
+    "TargetOutOfBoundsError",
+    "cross_entropy",
+    "linear_cross_entropy",
+]
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -380,3 +388,336 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
         )
+
+
+# ----------------------------------------------------------------------------------------
+# Linear layer + cross-entropy
+# ----------------------------------------------------------------------------------------
+
+# Devices whose tensors the fused linear path takes. CUDA tensors join once the array API takes
+# CuPy arrays: add "cuda" here and the arrays below come through ``interop.to_array`` (CuPy
+# views) with the launches on PyTorch's stream (``interop.on_stream``).
+_LINEAR_DEVICE_TYPES = ("cpu",)
+
+
+def _linear_arrays(*tensors):
+    """The fused linear path's arrays for tensors on one device (None stays None): NumPy views
+    of CPU tensors. The one place that decides which devices the fused path serves."""
+    device = tensors[0].device
+    if device.type not in _LINEAR_DEVICE_TYPES:
+        raise NotImplementedError(
+            f"fastxent.torch.linear_cross_entropy takes CPU tensors only so far; got tensors on {device}. "
+            "Use torch.nn.functional.linear_cross_entropy for CUDA tensors until fastxent's GPU path takes them."
+        )
+    return [None if tensor is None else interop.to_array(tensor) for tensor in tensors]
+
+
+class _LinearConfig:
+    """The static options of one call (hashable, kept on the autograd context)."""
+
+    __slots__ = ("reduction", "ignore_index", "label_smoothing", "softcap", "z_loss")
+
+    def __init__(self, reduction, ignore_index, label_smoothing, softcap, z_loss):
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.softcap = softcap
+        self.z_loss = z_loss
+
+
+def _mean_over_nothing_counted(target, weight, ignore_index) -> bool:
+    """Whether PyTorch's "mean" divides 0 by 0 (no counted row, or counted rows of weight 0)."""
+    return target.numel() == 0 or _nothing_counted(target, weight, ignore_index)
+
+
+def _linear_loss_and_grads(input, linear_weight, linear_bias, target, weight, config, wants, *, row_scale=None):
+    """fastxent's fused linear + cross-entropy on the tensors' memory.
+
+    Returns (loss in the input's dtype, grad input, grad linear_weight, grad linear_bias), each
+    gradient a tensor sharing the kernel's output or None where ``wants`` (three bools) says no.
+    ``row_scale``: a per-row factor folded into the kernel as sample weights, with the sum over
+    rows as reduction: the gradients of ``sum_i row_scale_i * loss_i`` (reduction "none"'s
+    backward), exact for any factors.
+    """
+    hidden, w, b, labels, class_weight = _linear_arrays(input, linear_weight, linear_bias, target, weight)
+    reduction = config.reduction
+    sample_weight = None
+    if row_scale is not None:
+        sample_weight = interop.host(row_scale, np.float64).reshape(target.shape)
+        reduction = "sum"
+    want_hidden, want_weight, want_bias = wants
+    try:
+        loss, *grads = linear_cross_entropy_with_grad(
+            hidden,
+            w,
+            labels,
+            bias=b,
+            ignore_index=config.ignore_index,
+            label_smoothing=config.label_smoothing,
+            class_weight=None if class_weight is None else np.asarray(class_weight, np.float64),
+            sample_weight=sample_weight,
+            z_loss=config.z_loss,
+            softcap=config.softcap,
+            reduction=reduction,
+            hidden_grad=want_hidden,
+            weight_grad=want_weight,
+            bias_grad=want_bias,
+        )
+    except ValueError as error:
+        if "outside the valid range" in str(error):
+            raise TargetOutOfBoundsError(str(error)) from None
+        raise InvalidInputError(str(error)) from None
+    loss = interop.to_tensor(np.asarray(loss)).to(input.dtype)
+    grads = [None if g is None else interop.to_tensor(g) for g in grads]
+    if reduction == "mean" and _mean_over_nothing_counted(target, weight, config.ignore_index):
+        # fastxent's "mean" over nothing is 0 with zero gradients; PyTorch's is 0 / 0: NaN, and
+        # NaN gradients wherever a counted row (of class weight 0) reaches them.
+        loss = torch.full_like(loss, float("nan"))
+        counted = target != config.ignore_index
+        if bool(counted.any()):
+            grad_input, grad_weight, grad_bias = grads
+            if grad_input is not None:
+                grads[0] = grad_input.masked_fill(counted.unsqueeze(-1).expand_as(grad_input), float("nan"))
+            grads[1] = None if grad_weight is None else torch.full_like(grad_weight, float("nan"))
+            grads[2] = None if grad_bias is None else torch.full_like(grad_bias, float("nan"))
+    return (loss, *grads)
+
+
+def _composed_linear_loss(input, linear_weight, linear_bias, target, weight, config):
+    """The same loss from PyTorch's own differentiable ops (materialising the logits): the exact
+    path for second derivatives, and for ``label_smoothing=1.0`` (outside the kernel's [0, 1))."""
+    logits = F.linear(input, linear_weight, linear_bias)
+    if config.softcap is not None:
+        logits = config.softcap * torch.tanh(logits / config.softcap)
+    options = dict(weight=weight, ignore_index=config.ignore_index, label_smoothing=config.label_smoothing)
+    if not config.z_loss:
+        return F.cross_entropy(logits, target, reduction=config.reduction, **options)
+    rows = F.cross_entropy(logits, target, reduction="none", **options)
+    counted = target != config.ignore_index
+    safe = torch.where(counted, target, torch.zeros_like(target)).long()
+    class_weight = torch.ones_like(rows) if weight is None else weight.to(rows.dtype)[safe]
+    target_weight = torch.where(counted, class_weight, torch.zeros_like(class_weight))
+    # z-loss: z * w_y * logsumexp(logits)^2 per counted row (fastxent's definition).
+    rows = rows + config.z_loss * target_weight * torch.logsumexp(logits, dim=-1) ** 2
+    if config.reduction == "none":
+        return rows
+    if config.reduction == "sum":
+        return rows.sum()
+    return rows.sum() / target_weight.sum()
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Loss and, for "mean" and "sum", the wanted gradients in one fused call; the backward
+    scales the kept gradients by the incoming scalar. For "none" the incoming gradient is one
+    factor per row, which cannot be applied to a kept weight gradient (dW = G^T X sums over the
+    rows): the forward computes the loss alone and the backward computes the gradients with the
+    factors folded in as row weights (exact, one fused call each way)."""
+
+    @staticmethod
+    def forward(input, linear_weight, linear_bias, target, weight, config, wants):
+        if config.reduction == "none":
+            wants = (False, False, False)
+        loss, *grads = _linear_loss_and_grads(input, linear_weight, linear_bias, target, weight, config, wants)
+        # Autograd outputs are tensors: an empty one stands for a gradient not computed.
+        return (loss, *(input.new_empty(0) if g is None else g for g in grads))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, linear_weight, linear_bias, target, weight, config, _ = inputs
+        _, grad_input, grad_weight, grad_bias = output
+        ctx.mark_non_differentiable(grad_input, grad_weight, grad_bias)
+        # The kept gradients are outputs nobody differentiates: no zero-filled incoming gradient.
+        ctx.set_materialize_grads(False)
+        # Version-checked references: an in-place change before the backward raises.
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, grad_input, grad_weight, grad_bias)
+        ctx.config = config
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_kept):
+        input, linear_weight, linear_bias, target, weight, *kept = ctx.saved_tensors
+        config = ctx.config
+        needs = tuple(ctx.needs_input_grad[:3])
+        nothing = (None,) * 7
+        if grad_loss is None or not any(needs):
+            return nothing
+        if torch.is_grad_enabled():
+            # A graph is being built through this backward (double backward, gradient penalties,
+            # torch.func): differentiate PyTorch's own composition, exactly but unfused.
+            saved = (input, linear_weight, linear_bias)
+            primals = [t for t, need in zip(saved, needs, strict=True) if need]
+
+            def loss_of(*args):
+                given = iter(args)
+                x, w, b = (next(given) if need else t for t, need in zip(saved, needs, strict=True))
+                return _composed_linear_loss(x, w, b, target, weight, config)
+
+            _, vjp = torch.func.vjp(loss_of, *primals)
+            found = iter(vjp(grad_loss))
+            grads = tuple(next(found) if need else None for need in needs)
+            return (*grads, None, None, None, None)
+        if config.reduction == "none":
+            _, *grads = _linear_loss_and_grads(
+                input, linear_weight, linear_bias, target, weight, config, needs, row_scale=grad_loss
+            )
+            return (*grads, None, None, None, None)
+        if any(need and g.numel() == 0 for need, g in zip(needs, kept, strict=True)):
+            # A gradient the forward did not compute (nothing required it then): compute them now.
+            _, *kept = _linear_loss_and_grads(input, linear_weight, linear_bias, target, weight, config, needs)
+        if _is_plain_cpu_one(grad_loss):
+            # loss.backward(): the kept gradients are the answer, no multiply.
+            grads = [g if need else None for g, need in zip(kept, needs, strict=True)]
+        else:
+            grads = [g * grad_loss.to(g.dtype) if need else None for g, need in zip(kept, needs, strict=True)]
+        return (*grads, None, None, None, None)
+
+
+def _records_grad(tensor: Optional[torch.Tensor]) -> bool:
+    """Whether autograd records a gradient for ``tensor`` in this call."""
+    return tensor is not None and torch.is_grad_enabled() and (tensor.requires_grad or _is_wrapped(tensor))
+
+
+def _check_linear_inputs(input, linear_weight, target, linear_bias, weight) -> None:
+    """PyTorch's checks of F.linear_cross_entropy's arguments, raised as its exception types."""
+    tensors = {"input": input, "linear_weight": linear_weight, "target": target}
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"linear_cross_entropy(): argument '{name}' must be a Tensor, not {type(value).__name__}")
+    for name, value in (("linear_bias", linear_bias), ("weight", weight)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"linear_cross_entropy(): argument '{name}' must be a Tensor or None")
+    if input.dim() < 1 or input.dim() > 2:
+        raise InvalidInputError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise InvalidInputError(f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
+    if input.shape[-1] != linear_weight.shape[-1]:
+        raise InvalidInputError(
+            "expected equal input and linear_weight last dimensions (in_features), "
+            f"got {input.shape[-1]} and {linear_weight.shape[-1]}, respectively"
+        )
+    out_shape = (linear_weight.shape[0], *linear_weight.shape[1:-1])
+    if linear_bias is not None and tuple(linear_bias.shape) != out_shape:
+        raise InvalidInputError(f"expected linear_bias shape {out_shape}, got {tuple(linear_bias.shape)}")
+    present = [t for t in (input, linear_weight, linear_bias, target, weight) if t is not None]
+    devices = {t.device for t in present}
+    if len(devices) > 1:
+        raise InvalidInputError(
+            f"expected all tensors to be on the same device, got {', '.join(sorted(map(str, devices)))}"
+        )
+    floats = [t for t in (input, linear_weight, linear_bias) if t is not None]
+    if not input.is_floating_point() or input.dtype not in interop.FLOAT_DTYPES:
+        raise InvalidInputError(f"expected a float16, bfloat16, float32 or float64 input, got {input.dtype}")
+    if any(t.dtype != input.dtype for t in floats):
+        raise InvalidInputError(
+            "expected input, linear_weight and linear_bias to have the same dtype, got "
+            + ", ".join(str(t.dtype) for t in floats)
+        )
+    if weight is not None:
+        if tuple(weight.shape) != (linear_weight.shape[0],):
+            raise InvalidInputError(
+                f"weight tensor should be defined either for all {linear_weight.shape[0]} classes or no classes "
+                f"but got weight tensor of shape: {list(weight.shape)}"
+            )
+        if weight.requires_grad:
+            raise InvalidInputError(
+                "linear_cross_entropy is not differentiable with respect to argument 'weight'. "
+                "This input cannot have requires_grad True."
+            )
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    options=None,
+    softcap: Optional[float] = None,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """``torch.nn.functional.linear_cross_entropy`` (PyTorch 2.13), fused by fastxent.
+
+    ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without the (N, C)
+    logits: one GEMM's work for the loss; with gradients (reductions "mean" and "sum") the
+    forward computes the loss and the gradients of every argument that requires one in the same
+    call (three GEMMs), and the backward only scales them. A ``linear_weight`` (and
+    ``linear_bias``) that does not require grad costs no weight-gradient GEMM. Reduction
+    "none" computes the loss alone and its backward the gradients, with the incoming per-row
+    gradient folded in as row weights (exact for any incoming gradient).
+
+    Args:
+        input: (H,) or (N, H) float16/bfloat16/float32/float64 CPU tensor.
+        linear_weight: (C, H), the input's dtype (``nn.Linear``'s weight): logits = input @ W^T.
+        target: class indices, () or (N,) integers in [0, C) or ``ignore_index``.
+        linear_bias: (C,) of the input's dtype, or None.
+        weight: (C,) class weights (not differentiable, as in PyTorch).
+        reduction: "none", "mean" (divided by the summed class weights of the counted rows; NaN
+            when that is 0, as PyTorch) or "sum".
+        ignore_index: a target value that is ignored; None means -100, as in PyTorch.
+        label_smoothing: in [0, 1], PyTorch's definition (with class weights too).
+        options: PyTorch's ``LinearCrossEntropyOptions`` (chunking); accepted for compatibility
+            and ignored: fastxent's path never holds more than a bounded block of logits.
+        softcap: fastxent's extra: logits become ``softcap * tanh(logits / softcap)`` (Gemma).
+        z_loss: fastxent's extra: adds ``z_loss * w_y * logsumexp(logits)^2`` per counted row.
+
+    Returns:
+        The loss in the input's dtype: 0-d, or the target's shape for "none".
+
+    Also as PyTorch: a K-dimensional head (``linear_weight`` (C, d1, ..., H)) and class
+    probability targets are handed to PyTorch's own ``F.linear_cross_entropy`` (exact, not
+    fused; ``softcap``/``z_loss`` raise ``NotImplementedError`` there), and so is
+    ``label_smoothing=1.0`` (through PyTorch's ops). Second derivatives come from PyTorch's own
+    ops on the saved inputs (exact, not fused); ``torch.func.vmap`` and forward-mode AD raise.
+    CUDA tensors raise ``NotImplementedError`` for now. Errors are PyTorch's types:
+    ``TargetOutOfBoundsError`` (``IndexError``), ``InvalidInputError`` (``RuntimeError``).
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    _check_linear_inputs(input, linear_weight, target, linear_bias, weight)
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise InvalidInputError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    logits_shape = (*input.shape[:-1], linear_weight.shape[0], *linear_weight.shape[1:-1])
+    probabilities = tuple(target.shape) == logits_shape
+    if probabilities and ignore_index is not None:
+        raise InvalidInputError("ignore_index cannot be specified when target contains probabilities")
+    if probabilities or linear_weight.dim() > 2:
+        if softcap is not None or z_loss:
+            raise NotImplementedError(
+                "softcap and z_loss apply to class-index targets and (C, H) heads only; "
+                "this call has class-probability targets or a K-dimensional head"
+            )
+        # PyTorch's own, exactly (its reference composition): fastxent's kernel takes neither.
+        return F.linear_cross_entropy(
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=weight,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            options=options,
+        )
+    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+        raise InvalidInputError(f"expected target dtype to be Long or Byte, but got {target.dtype}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise InvalidInputError(
+            f"Expected input batch_size ({input.shape[0] if input.dim() == 2 else 1}) to match target shape "
+            f"{tuple(target.shape)}: target must be the input's shape without in_features"
+        )
+    config = _LinearConfig(
+        reduction,
+        -100 if ignore_index is None else int(ignore_index),
+        float(label_smoothing),
+        None if softcap is None else float(softcap),
+        float(z_loss),
+    )
+    if config.label_smoothing == 1.0:
+        # Allowed by PyTorch (every row's target is uniform), outside the kernel's [0, 1).
+        return _composed_linear_loss(input, linear_weight, linear_bias, target, weight, config)
+    wants = (_records_grad(input), _records_grad(linear_weight), _records_grad(linear_bias))
+    loss, *_ = _FusedLinearCrossEntropy.apply(input, linear_weight, linear_bias, target, weight, config, wants)
+    return loss
