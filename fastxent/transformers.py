@@ -82,53 +82,10 @@ _STOCK = "__fastxent_stock_forward__"
 # ----------------------------------------------------------------------------------------
 
 
-# TEMPORARY, to be replaced by fastxent.torch.linear_cross_entropy (the autograd adapter, with
-# F.linear_cross_entropy's signature) once it exists: a minimal autograd Function over
-# fastxent.linear_cross_entropy_with_grad for CPU float32/bfloat16 tensors, mean or sum.
-class _LinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows, weight, bias, targets, reduction, ignore_index, softcap):
-        from fastxent import _torch_interop as interop
-        from fastxent._linear_api import linear_cross_entropy_with_grad
-
-        want_rows, want_weight, want_bias = ctx.needs_input_grad[:3]
-        loss, d_rows, d_weight, d_bias = linear_cross_entropy_with_grad(
-            interop.to_numpy(rows.contiguous()),
-            interop.to_numpy(weight.contiguous()),
-            targets.contiguous().numpy(),
-            bias=None if bias is None else interop.to_numpy(bias),
-            ignore_index=ignore_index,
-            softcap=softcap,
-            reduction=reduction,
-            hidden_grad=want_rows,
-            weight_grad=want_weight,
-            bias_grad=want_bias and bias is not None,
-        )
-        grads = [None if g is None else interop.from_numpy(g) for g in (d_rows, d_weight, d_bias)]
-        ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
-        ctx.present = [g is not None for g in grads]
-        return torch.as_tensor(loss).to(rows.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grads = [
-            g * grad_loss.to(g.dtype) if present else None
-            for g, present in zip(ctx.saved_tensors, ctx.present, strict=True)
-        ]
-        return (*grads, None, None, None, None)
-
-
-def _shim_linear_cross_entropy(
-    input, linear_weight, target, *, linear_bias=None, reduction="mean", ignore_index=-100, softcap=None
-):
-    return _LinearCrossEntropyFunction.apply(
-        input, linear_weight, linear_bias, target, reduction, ignore_index, softcap
-    )
-
-
 def _fused_linear_cross_entropy() -> Callable[..., torch.Tensor]:
-    """``fastxent.torch.linear_cross_entropy`` (the autograd adapter)."""
-    return getattr(_fastxent_torch, "linear_cross_entropy", _shim_linear_cross_entropy)
+    """``fastxent.torch.linear_cross_entropy`` (the autograd adapter), looked up at each call so
+    that tests can wrap it."""
+    return _fastxent_torch.linear_cross_entropy
 
 
 def _shifted_targets(
@@ -196,7 +153,9 @@ def _causal_lm_linear_loss(
         ignore_index=ignore_index,
         softcap=softcap,
     )
-    # The stock loss is computed on logits.float(): float32 whatever the model's dtype.
+    # The stock loss is computed on logits.float(): float32 whatever the model's dtype. (A
+    # bfloat16 head's loss comes back rounded to bfloat16, as F.linear_cross_entropy returns it;
+    # its gradients are computed in float32 and are not affected.)
     loss = loss.float()
     if num_items_in_batch is not None:
         loss = _divide_by_items(loss, num_items_in_batch)

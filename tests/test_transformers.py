@@ -447,3 +447,19 @@ def test_trainer_gradient_accumulation(tmp_path, monkeypatch):
     assert expected[0] != expected[-1]
     for (name, p), q in zip(patched.named_parameters(), stock.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_bfloat16_model():
+    """A bfloat16 model: the fused path (float32 inside) against stock's bfloat16 logits, to
+    bfloat16's precision; gradients point the same way."""
+    stock, patched = _pair("qwen3")
+    for model in (stock, patched):
+        model.to(torch.bfloat16)
+    input_ids, labels = _batch()
+    expected, expected_grads = _loss_and_grads(stock, input_ids=input_ids, labels=labels)
+    got, grads = _loss_and_grads(patched, input_ids=input_ids, labels=labels)
+    assert got.logits is None and got.loss.dtype == torch.float32
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-2, atol=0)
+    for name, expected_grad in expected_grads.items():
+        a, b = grads[name].float().reshape(-1), expected_grad.float().reshape(-1)
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98, name
