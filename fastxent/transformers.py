@@ -137,7 +137,9 @@ def _causal_lm_linear_loss(
         The 0-d float32 loss, differentiable w.r.t. hidden, head.weight and head.bias.
     """
     targets = _shifted_targets(labels, shift_labels, ignore_index).to(hidden.device)
-    rows = hidden.reshape(-1, hidden.shape[-1])
+    # Under CPU autocast the hidden states may be bfloat16 while the head is float32 (stock's
+    # F.linear would compute in bfloat16): the head's dtype is at least as accurate.
+    rows = hidden.reshape(-1, hidden.shape[-1]).to(head.weight.dtype)
     if rows.shape[0] != targets.shape[0]:
         # The error the stock loss raises for this mismatch (through F.cross_entropy).
         raise ValueError(
@@ -321,9 +323,13 @@ def _make_forward(stock: Callable[..., Any]) -> Callable[..., Any]:
             # Everything the stock forward passes to the decoder (including **kwargs such as
             # num_items_in_batch, which it forwards there too) is passed unchanged.
             output = stock(*bound.args, **bound.kwargs)
-        if len(stand_in.calls) != 1:
-            # The head was not called through its module (or more than once): the stock forward
-            # already built real logits, so compute the stock loss on them.
+        if len(stand_in.calls) > 1:
+            # The head ran more than once (e.g. a subclass's own use of it): the placeholders
+            # went into the model's output, so run the stock forward for real instead.
+            return stock(self, *args, **kwargs)
+        if not stand_in.calls:
+            # The forward used the head's weight without calling the module: it built the real
+            # logits, so the stock loss is computed on them.
             logits = output[0] if isinstance(output, tuple) else output.logits
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **extra)
             if isinstance(output, tuple):

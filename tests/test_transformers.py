@@ -463,3 +463,17 @@ def test_bfloat16_model():
     for name, expected_grad in expected_grads.items():
         a, b = grads[name].float().reshape(-1), expected_grad.float().reshape(-1)
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98, name
+
+
+def test_autocast_bfloat16():
+    """Under CPU autocast the hidden states reach the float32 head in bfloat16; the fused loss
+    computes in float32, stock in bfloat16: equal to bfloat16's precision."""
+    stock, patched = _pair("llama")
+    input_ids, labels = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = stock(input_ids=input_ids, labels=labels)
+        got = patched(input_ids=input_ids, labels=labels)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, expected.loss.float(), rtol=1e-2, atol=0)
+    got.loss.backward()
+    assert patched.lm_head.weight.grad is not None and patched.lm_head.weight.grad.dtype == torch.float32
