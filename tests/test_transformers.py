@@ -477,3 +477,24 @@ def test_autocast_bfloat16():
     torch.testing.assert_close(got.loss, expected.loss.float(), rtol=1e-2, atol=0)
     got.loss.backward()
     assert patched.lm_head.weight.grad is not None and patched.lm_head.weight.grad.dtype == torch.float32
+
+
+def test_head_not_called_as_a_module_falls_back_to_stock_loss(monkeypatch):
+    """If the forward never calls the head module (it uses its weight directly), the real logits
+    it built get transformers' loss, not a wrong fused one."""
+    stock, patched = _pair("llama")
+    unused = torch.nn.Linear(32, VOCAB, bias=False)
+    monkeypatch.setattr(fxtf, "_head_linears", lambda head: [unused])
+    input_ids, labels = _batch()
+    got = patched(input_ids=input_ids, labels=labels, num_items_in_batch=torch.tensor(9))
+    expected = stock(input_ids=input_ids, labels=labels, num_items_in_batch=torch.tensor(9))
+    assert got.logits is not None
+    torch.testing.assert_close(got.loss, expected.loss)
+
+
+def test_gradient_checkpointing():
+    stock, patched = _pair("qwen2")
+    for model in (stock, patched):
+        model.gradient_checkpointing_enable()
+    input_ids, labels = _batch()
+    _assert_same_training_step(stock, patched, input_ids=input_ids, labels=labels)
