@@ -9,6 +9,9 @@ transposes for reverse mode. It works under ``jit``, ``grad``, ``jvp``, ``jacfwd
 and ``vmap`` (one kernel call per mapped element). Second derivatives, and derivatives with
 respect to the class or sample weights, raise instead of returning a wrong number.
 
+``linear_cross_entropy(hidden, weight, labels, *, bias=None, ...)`` is the fused linear layer
++ cross-entropy (``fastxent.linear_cross_entropy``) with a ``jax.custom_vjp``.
+
 On the CPU the kernel runs as an XLA FFI custom call (``jax.ffi``): it reads XLA's own argument
 buffers and writes the loss and the gradient into the buffers the call returns, without copies.
 On other platforms a host callback (``jax.pure_callback``) copies the arrays to the host and
@@ -27,11 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from fastxent import _api
-from fastxent._checks import REDUCTIONS, loss_dtype
+from fastxent import _api, _linear_api
+from fastxent._checks import REDUCTIONS, check_options, loss_dtype
 from fastxent._xla_ffi import register_host_target
 
-__all__ = ["sparse_cross_entropy"]
+__all__ = ["linear_cross_entropy", "sparse_cross_entropy"]
 
 
 def _is_zero(tangent) -> bool:
@@ -247,3 +250,203 @@ def sparse_cross_entropy(
     weights = tuple(None if w is None else jnp.asarray(w) for w in (class_weight, sample_weight))
     loss = _fused(options, class_axis)(logits, labels, weights)
     return loss.astype(logits.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Linear layer + cross-entropy
+# ----------------------------------------------------------------------------------------
+
+
+def _linear_host(static, wants, hidden, weight, labels, bias, class_weight, sample_weight):
+    """The loss and the wanted gradients (a list: loss, then each wanted gradient in order)."""
+    loss, *grads = _linear_api.linear_cross_entropy_with_grad(
+        np.asarray(hidden),
+        np.asarray(weight),
+        np.asarray(labels),
+        bias=None if bias is None else np.asarray(bias),
+        class_weight=None if class_weight is None else np.asarray(class_weight),
+        sample_weight=None if sample_weight is None else np.asarray(sample_weight),
+        hidden_grad=wants[0],
+        weight_grad=wants[1],
+        bias_grad=wants[2],
+        **static,
+    )
+    return [loss] + [g for g, want in zip(grads, wants, strict=True) if want]
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_cpu_target(options: Tuple[Tuple[str, Any], ...], wants: Tuple[bool, ...], present: Tuple[bool, ...]) -> str:
+    """The XLA CPU custom-call target of one configuration: reads XLA's argument buffers, writes
+    the loss and the wanted gradients into the result buffers."""
+    static = dict(options)
+
+    def compute(arguments, results):
+        for array in arguments:
+            array.flags.writeable = False
+        hidden, weight, labels, *given = arguments
+        optional = iter(given)
+        bias, class_weight, sample_weight = (next(optional) if here else None for here in present)
+        outputs = _linear_host(static, wants, hidden, weight, labels, bias, class_weight, sample_weight)
+        # The linear API allocates its gradients (float32 accumulators rounded once): one copy
+        # each into XLA's buffers.
+        for result, output in zip(results, outputs, strict=True):
+            result[...] = output
+
+    return register_host_target(f"fastxent_linear_xent_{next(_TARGET_NUMBERS)}", compute)
+
+
+def _linear_call(options, wants, hidden, weight, labels, bias, class_weight, sample_weight):
+    """The loss and the wanted gradients, computed by one host call (XLA FFI on the CPU)."""
+    static = dict(options)
+    optional = (bias, class_weight, sample_weight)
+    present = tuple(a is not None for a in optional)
+    loss_shape = labels.shape if static["reduction"] == "none" else ()
+    shapes = [jax.ShapeDtypeStruct(loss_shape, loss_dtype(hidden.dtype))]
+    for want, array in zip(wants, (hidden, weight, bias), strict=True):
+        if want:
+            shapes.append(jax.ShapeDtypeStruct(array.shape, array.dtype))
+    arguments = (hidden, weight, labels, *(a for a in optional if a is not None))
+
+    def on_cpu(*args):
+        target = _linear_cpu_target(options, wants, present)
+        return jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(*args)
+
+    def elsewhere(*args):
+        # Accelerators: a host callback (the arrays are copied to the host and back).
+        def host(hidden, weight, labels, *given):
+            found = iter(given)
+            bias, class_weight, sample_weight = (next(found) if here else None for here in present)
+            return _linear_host(static, wants, hidden, weight, labels, bias, class_weight, sample_weight)
+
+        return jax.pure_callback(host, shapes, *args, vmap_method="sequential")
+
+    return list(jax.lax.platform_dependent(*arguments, cpu=on_cpu, default=elsewhere))
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_fused(options: Tuple[Tuple[str, Any], ...]):
+    """The custom-VJP loss for one set of static options (cached: one trace per configuration).
+
+    "mean"/"sum": the forward computes the loss and the gradients of the perturbed arguments in
+    one call, the backward scales them by the incoming scalar. "none": the incoming gradient is
+    one factor per row, which cannot scale a kept weight gradient (a sum over rows): the forward
+    computes the loss alone, the backward the gradients with the factors as row weights.
+    """
+    static = dict(options)
+    per_row = static["reduction"] == "none"
+    weighted = tuple(sorted({**static, "reduction": "sum"}.items()))
+    nothing = (False, False, False)
+
+    @jax.custom_vjp
+    def loss(hidden, weight, bias, labels, class_weight, sample_weight):
+        return _linear_call(options, nothing, hidden, weight, labels, bias, class_weight, sample_weight)[0]
+
+    def forward(hidden, weight, bias, labels, class_weight, sample_weight):
+        for name, primal in (("class_weight", class_weight), ("sample_weight", sample_weight)):
+            if primal is not None and primal.perturbed:
+                raise NotImplementedError(
+                    f"fastxent.jax.linear_cross_entropy is not differentiable with respect to {name}; "
+                    "pass it through jax.lax.stop_gradient"
+                )
+        wants = (hidden.perturbed, weight.perturbed, bias is not None and bias.perturbed)
+        values = tuple(
+            None if p is None else p.value for p in (hidden, weight, bias, labels, class_weight, sample_weight)
+        )
+        x, w, b, y, cw, sw = values
+        if per_row:
+            (value,) = _linear_call(options, nothing, x, w, y, b, cw, sw)
+            return value, (wants, values, None)
+        value, *grads = _linear_call(options, wants, x, w, y, b, cw, sw)
+        return value, (wants, values, grads)
+
+    def backward(residuals, cotangent):
+        wants, (x, w, b, y, cw, sw), grads = residuals
+        if isinstance(cotangent, SymbolicZero):
+            return None, None, None, None, None, None
+        if per_row:
+            row_weight = cotangent if sw is None else cotangent * sw
+            _, *grads = _linear_call(weighted, wants, x, w, y, b, cw, row_weight)
+        else:
+            grads = [(g.astype(cotangent.dtype) * cotangent).astype(g.dtype) for g in grads]
+        found = iter(grads)
+        grad_x, grad_w, grad_b = (next(found) if want else None for want in wants)
+        return grad_x, grad_w, grad_b, None, None, None
+
+    loss.defvjp(forward, backward, symbolic_zeros=True)
+    return loss
+
+
+def linear_cross_entropy(
+    hidden: Any,
+    weight: Any,
+    labels: Any,
+    *,
+    bias: Any = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    class_weight: Any = None,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+):
+    """Cross-entropy of the logits ``hidden @ weight.T + bias`` without materialising them.
+
+    ``optax.softmax_cross_entropy_with_integer_labels(hidden @ weight.T + bias, labels)`` reduced
+    as ``reduction`` says, computed by ``fastxent.linear_cross_entropy`` (blocks of logits, each
+    consumed while cached). A ``jax.custom_vjp``: with "mean", "sum" and "sum_over_batch_size"
+    the forward computes the loss and the gradients of the arguments being differentiated in one
+    call (a weight under ``jax.lax.stop_gradient``, or not among the ``argnums``, costs no
+    weight-gradient GEMM) and the backward scales them; with "none" the forward computes the
+    loss and the backward the gradients, the incoming per-row gradient folded in as row
+    weights. Works under ``jit``, ``grad``, ``vjp`` and ``vmap`` (one call per mapped element).
+    Forward mode (``jvp``, ``jacfwd``) and second derivatives raise: JAX has no forward mode
+    for a custom VJP.
+
+    Args:
+        hidden: (..., H) float16/bfloat16/float32/float64.
+        weight: (V, H) of the hidden's dtype (``nn.Linear``'s layout; a Flax ``Dense`` kernel
+            is its transpose).
+        labels: integer class indices, the hidden's shape without H.
+        bias: (V,) of the hidden's dtype, or None.
+        reduction: "mean" (divided by the summed weights of the counted rows), "sum",
+            "sum_over_batch_size" or "none", as in ``fastxent.sparse_cross_entropy``.
+        ignore_index, label_smoothing, class_weight (V,), sample_weight (labels' shape), z_loss,
+            softcap: as in ``fastxent.sparse_cross_entropy`` (the weights are not differentiable).
+
+    Returns:
+        The loss in the hidden's dtype: a scalar, or the labels' shape for "none".
+    """
+    hidden, weight, labels = jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(labels)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(map(repr, REDUCTIONS))}")
+    if not jnp.issubdtype(hidden.dtype, jnp.floating):
+        raise TypeError(f"hidden must be floating point; got {hidden.dtype}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integers (class indices); got {labels.dtype}")
+    # Shapes are checked here, at trace time: a host call cannot report them under jit.
+    if hidden.ndim < 1 or weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be (V, H) with H = hidden.shape[-1]; got weight {weight.shape}, hidden {hidden.shape}"
+        )
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels shape {labels.shape} must be hidden's shape without H, {hidden.shape[:-1]}")
+    if weight.dtype != hidden.dtype or (bias is not None and jnp.asarray(bias).dtype != hidden.dtype):
+        raise TypeError("hidden, weight and bias must have the same dtype")
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},); got {bias.shape}")
+    options = (
+        ("ignore_index", ignore_index),
+        ("label_smoothing", float(label_smoothing)),
+        ("reduction", reduction),
+        ("softcap", None if softcap is None else float(softcap)),
+        ("z_loss", float(z_loss)),
+    )
+    # The options are checked now rather than inside the host call.
+    check_options(True, reduction, label_smoothing, ignore_index=ignore_index, z_loss=z_loss, softcap=softcap)
+    class_weight = None if class_weight is None else jnp.asarray(class_weight)
+    sample_weight = None if sample_weight is None else jnp.broadcast_to(jnp.asarray(sample_weight), labels.shape)
+    loss = _linear_fused(options)(hidden, weight, bias, labels, class_weight, sample_weight)
+    return loss.astype(hidden.dtype)

@@ -6,6 +6,9 @@ pass) with the per-row loss computed by fastxent, its gradient from the same fus
 module-level ``sparse_categorical_crossentropy`` and ``categorical_crossentropy`` mirror
 ``keras.losses``' functions.
 
+``LinearCrossEntropy`` is an output layer (Dense's kernel and bias) that adds the fused linear +
+cross-entropy loss (``fastxent.linear_cross_entropy``) without materialising the logits.
+
 Keras' quirks are reproduced:
 * With ``from_logits=False``, a ``y_pred`` that comes straight out of a softmax (Keras marks it,
   or in a graph its op is ``Softmax``) is replaced by the softmax's input and treated as logits,
@@ -30,16 +33,19 @@ runs as a host call that XLA cannot compile. Import this module explicitly:
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from fastxent.tf import dense_per_row, sparse_per_row
+from fastxent._linear_api import linear_cross_entropy_with_grad
+from fastxent.tf import _host_call, dense_per_row, sparse_per_row
 
 __all__ = [
     "CategoricalCrossentropy",
+    "LinearCrossEntropy",
     "SparseCategoricalCrossentropy",
     "categorical_crossentropy",
     "get",
@@ -250,3 +256,185 @@ def register() -> None:
 
     for name, value in _NAMES.items():
         keras_losses.ALL_OBJECTS_DICT[_PREFIX + name] = value
+
+
+# ----------------------------------------------------------------------------------------
+# The output layer with its loss: linear + cross-entropy, fused
+# ----------------------------------------------------------------------------------------
+
+_LINEAR_REDUCTIONS = ("sum_over_batch_size", "mean", "sum")
+
+
+@tf.autograph.experimental.do_not_convert
+def _fused_linear_loss(hidden, kernel, bias, labels, options, *, want_grads, want_head_grads):
+    """The reduced loss of ``hidden @ kernel + bias`` against ``labels`` (kernel (H, V), Dense's
+    layout), differentiable in hidden, kernel and bias; computed by
+    ``fastxent.linear_cross_entropy_with_grad`` without the logits.
+
+    With ``want_grads`` the host call computes the loss and the gradients together and the
+    backward scales them by the incoming scalar; otherwise the loss alone, and a backward (if
+    one is asked for after all) computes the gradients then. ``want_head_grads`` False skips
+    the kernel and bias gradients (a frozen layer: no weight-gradient GEMM).
+    """
+    loss_dtype = tf.float64 if hidden.dtype == tf.float64 else tf.float32
+    with_bias = bias is not None
+
+    def compute(wants, hidden_array, kernel_array, labels_array, *bias_array):
+        # The kernel's (H, V) memory read as the (V, H) weight the linear API takes.
+        loss, grad_hidden, grad_weight, grad_bias = linear_cross_entropy_with_grad(
+            hidden_array,
+            kernel_array.T,
+            labels_array,
+            bias=bias_array[0] if with_bias else None,
+            hidden_grad=wants,
+            weight_grad=wants and want_head_grads,
+            bias_grad=wants and want_head_grads,
+            **options,
+        )
+        if not wants:
+            return (loss,)
+        grad_kernel = np.zeros(kernel_array.shape, kernel_array.dtype) if grad_weight is None else grad_weight.T
+        results = [loss, grad_hidden, np.ascontiguousarray(grad_kernel)]
+        if with_bias:
+            results.append(np.zeros(bias_array[0].shape, bias_array[0].dtype) if grad_bias is None else grad_bias)
+        return results
+
+    def host(wants, tensors):
+        out_dtypes = [loss_dtype] + ([t.dtype for t in tensors if t is not labels] if wants else [])
+        out_shapes = [tf.TensorShape([])] + ([t.shape for t in tensors if t is not labels] if wants else [])
+        return _host_call(functools.partial(compute, wants), tensors, out_dtypes, out_shapes)
+
+    @tf.custom_gradient
+    def fused(hidden_in, kernel_in, *bias_in):
+        tensors = [hidden_in, kernel_in, labels, *bias_in]
+        outputs = host(want_grads, tensors)
+        loss = outputs[0]
+
+        def backward(upstream):
+            grads = outputs[1:] if want_grads else host(True, tensors)[1:]
+            return [g * tf.cast(upstream, g.dtype) for g in grads]
+
+        return loss, backward
+
+    return fused(hidden, kernel, *([bias] if with_bias else []))
+
+
+@keras.saving.register_keras_serializable(package="fastxent")
+class LinearCrossEntropy(keras.layers.Layer):
+    """An output layer and its loss in one: ``Dense(num_classes)`` + sparse cross-entropy from
+    logits, computed by fastxent without the (N, num_classes) logits.
+
+    The layer owns the kernel ``(H, num_classes)`` and bias ``(num_classes,)`` exactly as
+    ``keras.layers.Dense(num_classes)`` does (same names, shapes and initializers:
+    ``set_weights``/``get_weights`` carry over both ways). Called as ``layer([hidden, labels])``
+    with hidden ``(..., H)`` and integer labels ``(...)``, it returns the reduced scalar loss and
+    adds it to the model with ``add_loss``, so a model whose output is this layer trains with
+    ``model.compile(optimizer, loss=None, jit_compile=False)`` and ``model.fit([hidden,
+    labels])``. Design choice: the loss, not the logits, is the layer's output (returning logits
+    would materialise them); per-token losses are not offered, so the backward only scales the
+    gradients the forward computed (one fused call per step).
+
+    In training (``training`` not False) the forward computes the loss and the gradients of
+    hidden, kernel and bias in one call (kernel and bias only when the layer is trainable: a
+    frozen head costs no weight-gradient GEMM); in inference the loss alone. Runs through
+    ``tf.py_function`` inside ``model.fit`` (TensorFlow backend only, ``jit_compile=False``).
+
+    Args:
+        num_classes: V, the vocabulary size.
+        use_bias: whether the layer has a bias.
+        kernel_initializer, bias_initializer: as Dense's.
+        ignore_index, label_smoothing, class_weight ((V,) values), z_loss, softcap: as in
+            ``fastxent.linear_cross_entropy``.
+        reduction: "sum_over_batch_size" (Keras' default: divided by the rows not ignored),
+            "mean" (divided by the summed class weights of those rows) or "sum".
+    """
+
+    def __init__(
+        self,
+        num_classes,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        ignore_index=None,
+        label_smoothing=0.0,
+        class_weight=None,
+        z_loss=0.0,
+        softcap=None,
+        reduction="sum_over_batch_size",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _require_tensorflow_backend()
+        if reduction not in _LINEAR_REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_LINEAR_REDUCTIONS}; got {reduction!r}")
+        self.num_classes = int(num_classes)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.ignore_index = ignore_index
+        self.label_smoothing = float(label_smoothing)
+        self.class_weight = None if class_weight is None else [float(w) for w in np.asarray(class_weight)]
+        self.z_loss = float(z_loss)
+        self.softcap = None if softcap is None else float(softcap)
+        self.reduction = reduction
+
+    def build(self, input_shape):
+        hidden_shape = input_shape[0]
+        features = hidden_shape[-1]
+        if features is None:
+            raise ValueError(f"the last dimension of the hidden input must be known; got shape {hidden_shape}")
+        self.kernel = self.add_weight(
+            name="kernel", shape=(features, self.num_classes), initializer=self.kernel_initializer
+        )
+        self.bias = (
+            self.add_weight(name="bias", shape=(self.num_classes,), initializer=self.bias_initializer)
+            if self.use_bias
+            else None
+        )
+
+    def call(self, inputs, training=None):
+        hidden, labels = inputs
+        hidden = tf.convert_to_tensor(hidden)
+        labels = tf.cast(labels, tf.int64)
+        if len(labels.shape) == len(hidden.shape) and labels.shape[-1] == 1:
+            labels = tf.squeeze(labels, axis=-1)  # Keras' sparse labels often come as (N, 1)
+        kernel = tf.cast(tf.convert_to_tensor(self.kernel), hidden.dtype)
+        bias = None if self.bias is None else tf.cast(tf.convert_to_tensor(self.bias), hidden.dtype)
+        options = dict(
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            class_weight=None if self.class_weight is None else np.asarray(self.class_weight),
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            reduction=self.reduction,
+        )
+        loss = _fused_linear_loss(
+            hidden,
+            kernel,
+            bias,
+            labels,
+            options,
+            want_grads=training is not False,
+            want_head_grads=self.trainable,
+        )
+        self.add_loss(loss)
+        return loss
+
+    def compute_output_shape(self, input_shape):
+        return ()
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_classes=self.num_classes,
+            use_bias=self.use_bias,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            bias_initializer=keras.initializers.serialize(self.bias_initializer),
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            class_weight=self.class_weight,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            reduction=self.reduction,
+        )
+        return config

@@ -21,6 +21,9 @@ Errors are PyTorch's types too: a label out of range is a ``TargetOutOfBoundsErr
 (``ValueError`` and ``IndexError``), a bad shape, dtype or option an ``InvalidInputError``
 (``ValueError`` and ``RuntimeError``).
 
+``linear_cross_entropy`` is ``torch.nn.functional.linear_cross_entropy`` (PyTorch 2.13) on
+fastxent's fused linear + cross-entropy (CPU tensors so far); see its docstring.
+
 Tensors are exchanged without copies through DLPack: CPU tensors with NumPy, CUDA tensors with
 CuPy (fastxent's GPU backend, on PyTorch's current stream); see ``fastxent._torch_interop``
 (bfloat16 CUDA tensors are accepted, through a float32 copy where CuPy has no bfloat16 dtype).

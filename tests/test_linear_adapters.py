@@ -8,6 +8,8 @@ SparseCategoricalCrossentropy. Each framework's tests are skipped where it is no
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from conftest import (
@@ -474,3 +476,228 @@ def test_torch_training_loop_follows_pytorch(torch, rng):
         finals.append([p.detach().clone() for p in head.parameters()])
     for got, expected in zip(*finals, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# JAX
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def jax():
+    return pytest.importorskip("jax")
+
+
+def optax_composition(jnp, optax, hidden, weight, bias, labels, reduction):
+    """JAX's own: materialised logits through optax, reduced as fastxent reduces."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(hidden @ weight.T + bias, labels)
+    return losses if reduction == "none" else (losses.mean() if reduction == "mean" else losses.sum())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_jax_grad_under_jit_matches_optax(jax, rng, reduction):
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    import fastxent.jax as fxj
+
+    hidden, weight, bias = (jnp.asarray(a) for a in random_head(rng))
+    labels = jnp.asarray(rng.integers(0, NUM_CLASSES, NUM_ROWS))
+    upstream = jnp.asarray(rng.uniform(-1.0, 2.0, NUM_ROWS) if reduction == "none" else 1.7, jnp.float32)
+
+    def ours(x, w, b):
+        return jnp.sum(fxj.linear_cross_entropy(x, w, labels, bias=b, reduction=reduction) * upstream)
+
+    def peers(x, w, b):
+        return jnp.sum(optax_composition(jnp, optax, x, w, b, labels, reduction) * upstream)
+
+    value, grads = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2)))(hidden, weight, bias)
+    peer_value, peer_grads = jax.value_and_grad(peers, argnums=(0, 1, 2))(hidden, weight, bias)
+    np.testing.assert_allclose(value, peer_value, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads, peer_grads, strict=True):
+        assert got.dtype == jnp.float32
+        assert_gemm_close(got, expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("option", ["ignore_index", "everything"])
+def test_jax_options_match_float64_composition(jax, rng, option):
+    import jax.numpy as jnp
+
+    import fastxent.jax as fxj
+
+    hidden, weight, bias = random_head(rng)
+    labels, options = random_targets(rng, option)
+    options = reference_options(options, "mean")
+    sample_weight = rng.uniform(0.0, 2.0, NUM_ROWS)
+    ref_loss, *ref_grads = reference.linear_cross_entropy_with_grad(
+        hidden, weight, labels, bias=bias, sample_weight=sample_weight, **options
+    )
+
+    def loss(x, w, b):
+        return fxj.linear_cross_entropy(x, w, jnp.asarray(labels), bias=b, sample_weight=sample_weight, **options)
+
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(hidden, weight, bias)
+    np.testing.assert_allclose(value, ref_loss, rtol=1e-5, atol=2e-5)
+    for got, ref in zip(grads, ref_grads, strict=True):
+        assert_gemm_close(got, ref)
+
+
+def test_jax_bfloat16_at_least_as_accurate_as_optax(jax, rng):
+    """bfloat16: no value less accurate than optax on bfloat16 logits (against the float64
+    composition of the same bfloat16 inputs)."""
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    import fastxent.jax as fxj
+
+    hidden, weight, bias = (a.astype(BFLOAT16) for a in random_head(rng))
+    labels = rng.integers(0, NUM_CLASSES, NUM_ROWS)
+    ref_loss, *ref_grads = reference.linear_cross_entropy_with_grad(hidden, weight, labels, bias=bias)
+    arrays = [jnp.asarray(a) for a in (hidden, weight, bias)]
+
+    def ours(x, w, b):
+        return fxj.linear_cross_entropy(x, w, jnp.asarray(labels), bias=b)
+
+    def naive(x, w, b):
+        return optax_composition(jnp, optax, x, w, b, jnp.asarray(labels), "mean")
+
+    got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2)))(*arrays)
+    peer = jax.value_and_grad(naive, argnums=(0, 1, 2))(*arrays)
+    assert got[0].dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in got[1])
+    assert_at_least_naive_accuracy(got[0], ref_loss, peer[0], BFLOAT16, "loss")
+    for g, r, n in zip(got[1], ref_grads, peer[1], strict=True):
+        assert_at_least_naive_accuracy(g, r, n, BFLOAT16, "grad")
+
+
+def test_jax_vmap_and_frozen_head(jax, rng, launcher_calls):
+    """vmap: one independent loss per mapped element; differentiating the hidden states alone
+    asks the launcher for no weight gradient."""
+    import jax.numpy as jnp
+
+    import fastxent.jax as fxj
+
+    hidden, weight, bias = random_head(rng)
+    batch = jnp.asarray(np.stack([hidden, hidden[::-1] * 0.5]))
+    labels = jnp.asarray(rng.integers(0, NUM_CLASSES, (2, NUM_ROWS)))
+
+    def loss(x, y):
+        return fxj.linear_cross_entropy(x, weight, y, bias=bias)
+
+    grads = jax.jit(jax.vmap(jax.grad(loss)))(batch, labels)
+    assert launcher_calls and all(not c["want_weight"] and not c["want_bias"] for c in launcher_calls)
+    for index in range(2):
+        _, ref_grad, _, _ = reference.linear_cross_entropy_with_grad(
+            np.asarray(batch[index]), weight, np.asarray(labels[index]), bias=bias
+        )
+        assert_gemm_close(grads[index], ref_grad)
+
+
+def test_jax_forward_mode_and_bad_input_raise(jax, rng):
+    import jax.numpy as jnp
+
+    import fastxent.jax as fxj
+
+    hidden, weight, _ = (jnp.asarray(a) for a in random_head(rng, num_classes=11))
+    labels = jnp.zeros(NUM_ROWS, jnp.int32)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda x: fxj.linear_cross_entropy(x, weight, labels), (hidden,), (hidden,))
+    with pytest.raises(ValueError, match="weight must be"):
+        fxj.linear_cross_entropy(hidden, weight[:, :-1], labels)
+    with pytest.raises(ValueError, match="labels shape"):
+        fxj.linear_cross_entropy(hidden, weight, labels[:-1])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fxj.linear_cross_entropy(hidden, weight, labels, label_smoothing=2.0)
+    with pytest.raises(NotImplementedError, match="class_weight"):
+        jax.grad(lambda cw: fxj.linear_cross_entropy(hidden, weight, labels, class_weight=cw))(jnp.ones(11))
+
+
+# ----------------------------------------------------------------------------------------
+# Keras
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def keras():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("fastxent.keras needs the TensorFlow backend")
+    return keras
+
+
+def test_keras_layer_trains_as_dense_with_sparse_crossentropy(keras, rng):
+    """Two SGD steps of model.fit: the same losses and the same weights after each epoch as
+    Dense + SparseCategoricalCrossentropy(from_logits=True) started from the same weights."""
+    import fastxent.keras as fxk
+
+    num_classes = 200
+    hidden, _, _ = random_head(rng, num_rows=16, num_classes=num_classes)
+    labels = rng.integers(0, num_classes, 16)
+
+    x, y = keras.Input((FEATURES,)), keras.Input((), dtype="int64")
+    layer = fxk.LinearCrossEntropy(num_classes)
+    fused = keras.Model([x, y], layer([x, y]))
+    fused.compile(optimizer=keras.optimizers.SGD(0.5), loss=None, jit_compile=False)
+    x2 = keras.Input((FEATURES,))
+    dense = keras.layers.Dense(num_classes)
+    plain = keras.Model(x2, dense(x2))
+    plain.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=False,
+    )
+    # A non-zero bias, so its gradient path is exercised from the first step.
+    dense.set_weights([dense.get_weights()[0], rng.standard_normal(num_classes).astype(np.float32)])
+    layer.set_weights(dense.get_weights())
+    for _ in range(2):
+        ours = fused.fit([hidden, labels], None, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        theirs = plain.fit(hidden, labels, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        np.testing.assert_allclose(ours.history["loss"], theirs.history["loss"], rtol=1e-5)
+        for got, expected in zip(layer.get_weights(), dense.get_weights(), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # Inference computes the same loss (the loss alone).
+    np.testing.assert_allclose(
+        fused.evaluate([hidden, labels], verbose=0), plain.evaluate(hidden, labels, verbose=0), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "mean", "sum"])
+def test_keras_layer_gradients_match_float64_composition(keras, rng, reduction, launcher_calls):
+    import tensorflow as tf
+
+    import fastxent.keras as fxk
+
+    hidden, weight, bias = random_head(rng)
+    labels, options = random_targets(rng, "everything")
+    options = reference_options(options, reduction)
+    options["class_weight"] = list(options["class_weight"])
+    layer = fxk.LinearCrossEntropy(NUM_CLASSES, **options)
+    x = tf.constant(hidden)
+    layer([x, labels])  # builds the layer
+    layer.set_weights([weight.T, bias])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = layer([x, labels])
+    grads = tape.gradient(loss, [x, layer.kernel, layer.bias])
+    ref_options = dict(options)
+    if reduction == "sum_over_batch_size":
+        ref_options["reduction"] = "sum_over_batch_size"
+    ref_loss, ref_hidden, ref_weight, ref_bias = reference.linear_cross_entropy_with_grad(
+        hidden, weight, labels, bias=bias, **ref_options
+    )
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5, atol=2e-5)
+    for got, ref in zip(grads, (ref_hidden, ref_weight.T, ref_bias), strict=True):
+        assert_gemm_close(np.asarray(got), ref)
+    assert launcher_calls[-1] == {"want_hidden": True, "want_weight": True, "want_bias": True}
+
+    # A frozen layer: no weight-gradient GEMM, and its config round-trips.
+    layer.trainable = False
+    launcher_calls.clear()
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = layer([x, labels])
+    assert_gemm_close(np.asarray(tape.gradient(loss, x)), ref_hidden)
+    assert launcher_calls == [{"want_hidden": True, "want_weight": False, "want_bias": False}]
+    clone = fxk.LinearCrossEntropy.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
