@@ -498,3 +498,15 @@ def test_gradient_checkpointing():
         model.gradient_checkpointing_enable()
     input_ids, labels = _batch()
     _assert_same_training_step(stock, patched, input_ids=input_ids, labels=labels)
+
+
+def test_apply_to_families():
+    stock_forwards = {name: getattr(transformers, name).forward for name in fxtf.FAMILIES}
+    try:
+        patched = fxtf.apply_to_families()
+        assert [cls.__name__ for cls in patched] == list(fxtf.FAMILIES)
+        assert all(fxtf.is_applied(cls) for cls in patched)
+    finally:
+        for name in fxtf.FAMILIES:
+            fxtf.remove(getattr(transformers, name))
+    assert all(getattr(transformers, name).forward is stock_forwards[name] for name in fxtf.FAMILIES)
