@@ -37,9 +37,21 @@ from numba import njit, prange, types
 from numba.core.extending import overload
 
 from fastxent._range import IGNORED
-from fastxent.cpu._bits import as_compute, from_compute, from_order_key, order_key, to_compute
+from fastxent.cpu._bits import (
+    as_compute,
+    bits_from_f32,
+    f32_from_bits,
+    from_compute,
+    from_compute_finite,
+    from_order_key,
+    half_from_order_key,
+    half_order_key,
+    max_int16,
+    order_key,
+    to_compute,
+)
 from fastxent.cpu._constants import BLOCK, FASTMATH, PROB_EPS, PROB_ONE_MINUS_EPS, SUM_RUN
-from fastxent.cpu._math import exp_c, tanh_c
+from fastxent.cpu._math import exp_for, tanh_c
 
 # Fast-math goes on the leaf loops only (segment_*, *_range_grad, prob_range_stats); the row
 # and class-range drivers are compiled without it (see ``_constants.py`` for why).
@@ -116,6 +128,33 @@ def _weight_at_overload(weights, j):
     return lambda weights, j: np.float64(weights[j])
 
 
+def stored_max(segment):
+    """Max of a non-empty segment of stored logits (no softcap), in the compute type (stub)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(stored_max, inline="always")
+def _stored_max_overload(segment):
+    if segment.dtype in (types.int16, types.uint16):
+        # Half precision: a max over the 16-bit order keys of the stored bits, widened once.
+        def max_of_bits(segment):
+            best = half_order_key(segment[0])
+            for j in range(segment.shape[0]):
+                best = max_int16(half_order_key(segment[j]), best)
+            return to_compute(half_from_order_key(best, segment[0]))
+
+        return max_of_bits
+
+    def max_of_floats(segment):
+        best = order_key(to_compute(segment[0]))
+        for j in range(segment.shape[0]):
+            key = order_key(to_compute(segment[j]))
+            best = key if key > best else best
+        return from_order_key(best)
+
+    return max_of_floats
+
+
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def segment_max(segment, softcap):
     """Max of the (softcapped) logits of a non-empty 1-D segment, via integer order keys.
@@ -123,6 +162,8 @@ def segment_max(segment, softcap):
     A positive NaN wins the max and a negative one loses it; either way the exp-sum turns
     the row into NaN, as the semantics require.
     """
+    if softcap is None:
+        return stored_max(segment)
     best = order_key(load_logit(segment[0], softcap))
     for j in range(segment.shape[0]):
         key = order_key(load_logit(segment[j], softcap))
@@ -147,11 +188,11 @@ def segment_sum_exp(segment, reference, softcap):
     for start in range(0, whole, SUM_RUN):
         run = as_compute(0.0, segment[0])
         for j in range(SUM_RUN):
-            run += exp_c(load_logit(segment[start + j], softcap) - reference)
+            run += exp_for(load_logit(segment[start + j], softcap) - reference, segment[0])
         total += np.float64(run)
     tail = as_compute(0.0, segment[0])
     for j in range(whole, num):
-        tail += exp_c(load_logit(segment[j], softcap) - reference)
+        tail += exp_for(load_logit(segment[j], softcap) - reference, segment[0])
     return total + np.float64(tail)
 
 
@@ -278,6 +319,94 @@ def row_epilogue(
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+def finite_grad(value, reference, prob_coef, weight_coef, softcap, like):
+    """coef_p exp(v - reference) - coef_w, times dv/dx, for a (softcapped) logit ``value``."""
+    grad = prob_coef * exp_for(value - reference, like) - weight_coef
+    if softcap is not None:
+        cap = as_compute(softcap, like)
+        ratio = value / cap
+        grad *= as_compute(1.0, like) - ratio * ratio
+    return grad
+
+
+def finite_grad_sweep(source, dest, row_out, reference, prob_coef, weight_coef, softcap):
+    """The gradient sweep of a row known to give finite gradients (stub for Numba)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(finite_grad_sweep, inline="always")
+def _finite_grad_sweep_overload(source, dest, row_out, reference, prob_coef, weight_coef, softcap):
+    if source.dtype != types.uint16:
+
+        def sweep(source, dest, row_out, reference, prob_coef, weight_coef, softcap):
+            for j in range(source.shape[0]):
+                raw = source[j]
+                grad = finite_grad(
+                    soft_value(to_compute(raw), softcap), reference, prob_coef, weight_coef, softcap, raw
+                )
+                dest[j] = from_compute_finite(grad, dest[0])
+
+        return sweep
+
+    # bfloat16: two logits per 32-bit word. Widening is a shift (the even element) and a mask
+    # (the odd one), and the two rounded results merge back into one word with a shift and a
+    # mask, where 16-bit lanes need a zero-extending load per 8 elements and a pack plus a
+    # cross-lane permute per 16 to restore the order.
+    def sweep_pairs(source, dest, row_out, reference, prob_coef, weight_coef, softcap):
+        num = source.shape[0]
+        pairs = num // 2
+        words_in = source[: 2 * pairs].view(np.uint32)
+        words_out = word_dest(words_in, dest, row_out, pairs)
+        for k in range(pairs):
+            word = words_in[k]
+            even = soft_value(f32_from_bits(np.uint32(word << np.uint32(16))), softcap)
+            odd = soft_value(f32_from_bits(np.uint32(word & np.uint32(0xFFFF0000))), softcap)
+            even_bits = bfloat16_rounded_high(finite_grad(even, reference, prob_coef, weight_coef, softcap, source[0]))
+            odd_bits = bfloat16_rounded_high(finite_grad(odd, reference, prob_coef, weight_coef, softcap, source[0]))
+            words_out[k] = np.uint32(
+                np.uint32(even_bits >> np.uint32(16)) | np.uint32(odd_bits & np.uint32(0xFFFF0000))
+            )
+        for j in range(2 * pairs, num):
+            raw = source[j]
+            grad = finite_grad(soft_value(to_compute(raw), softcap), reference, prob_coef, weight_coef, softcap, raw)
+            dest[j] = from_compute_finite(grad, dest[0])
+
+    return sweep_pairs
+
+
+def word_dest(words_in, dest, row_out, pairs):
+    """Where the paired bfloat16 sweep writes: ``words_in`` itself in place (the same view, see
+    ``grad_dest``), else ``dest`` as 32-bit words (stub for Numba)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(word_dest, inline="always")
+def _word_dest_overload(words_in, dest, row_out, pairs):
+    if isinstance(row_out, types.Boolean):
+        return lambda words_in, dest, row_out, pairs: words_in
+    return lambda words_in, dest, row_out, pairs: dest[: 2 * pairs].view(np.uint32)
+
+
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+def soft_value(value, softcap):
+    """The optional softcap s * tanh(x / s) of a widened logit (``load_logit`` after the
+    widening; a compiled function of its own, where Numba prunes the None branch)."""
+    if softcap is not None:
+        cap = as_compute(softcap, value)
+        value = cap * tanh_c(value / cap)
+    return value
+
+
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
+def bfloat16_rounded_high(value):
+    """A finite float32's bits with the bfloat16 rounding (to nearest, ties to even) applied:
+    the high 16 bits are the bfloat16, the low 16 are left over."""
+    bits = np.uint32(bits_from_f32(np.float32(value)))
+    odd = np.uint32(np.uint32(bits >> np.uint32(16)) & np.uint32(1))
+    return np.uint32(bits + np.uint32(0x7FFF) + odd)
+
+
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def logit_range_grad(row_in, row_out, lo, hi, row_max, coef_p, coef_w, class_weight, softcap):
     """Write (coef_p exp(v_j - row_max) - coef_w w_j) dv/dx over [lo, hi); the target is fixed after.
 
@@ -290,11 +419,17 @@ def logit_range_grad(row_in, row_out, lo, hi, row_max, coef_p, coef_w, class_wei
     reference = as_compute(row_max if row_max > -np.inf else 0.0, row_in[0])
     prob_coef = as_compute(coef_p, row_in[0])
     weight_coef = as_compute(coef_w, row_in[0])
+    # A finite max and finite coefficients mean the row holds no NaN and no +inf (either would
+    # have made the max or the sum NaN or infinite), so without class weights every gradient is
+    # finite and may be rounded without a NaN guard (cheaper for bfloat16).
+    if weights is None and abs(row_max) < np.inf and abs(coef_p) < np.inf and abs(coef_w) < np.inf:
+        finite_grad_sweep(source, dest, row_out, reference, prob_coef, weight_coef, softcap)
+        return
     for j in range(source.shape[0]):
         raw = source[j]
         value = load_logit(raw, softcap)
         weight = as_compute(weight_at(weights, j), raw)
-        grad = prob_coef * exp_c(value - reference) - weight_coef * weight
+        grad = prob_coef * exp_for(value - reference, raw) - weight_coef * weight
         if softcap is not None:
             cap = as_compute(softcap, raw)
             ratio = value / cap
