@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from fastxent._linear_api import linear_cross_entropy_with_grad
-from fastxent.tf import host_call, dense_per_row, sparse_per_row
+from fastxent.tf import dense_per_row, host_call, sparse_per_row
 
 __all__ = [
     "CategoricalCrossentropy",
