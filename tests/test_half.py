@@ -29,7 +29,7 @@ import fastxent
 from fastxent import reference
 from fastxent.cpu import _kernels
 from fastxent.cpu._bits import from_compute_finite
-from fastxent.cpu._math import exp_half
+from fastxent.cpu._math import HALF_MIN_ARG, exp_half, exp_half_in_range
 from fastxent.cpu.storage import storage_view
 
 
@@ -70,15 +70,15 @@ def test_max_of_stored_bits_edges(dtype):
 
 
 @njit(cache=False)
-def _exp_half_of(x, out):
+def _exp_half_of(x, out, in_range):
     for i in range(x.shape[0]):
-        out[i] = exp_half(x[i])
+        out[i] = exp_half_in_range(x[i]) if in_range else exp_half(x[i])
 
 
-def exp_half_of(x) -> np.ndarray:
+def exp_half_of(x, in_range=False) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty_like(x)
-    _exp_half_of(x, out)
+    _exp_half_of(x, out, in_range)
     return out
 
 
@@ -95,6 +95,8 @@ def test_exp_half_accuracy():
     relative = got / exact - 1.0
     assert np.abs(relative).max() < 4e-6
     assert abs(relative.mean()) < 1e-6
+    # Without the mask, the same values inside the range.
+    np.testing.assert_array_equal(exp_half_of(grid, in_range=True), got.astype(np.float32))
     # exp(0) is exactly 1: the max of a row contributes exactly 1 to its sum.
     assert exp_half_of([0.0, -0.0])[0] == 1.0 and exp_half_of([-0.0])[0] == 1.0
 
@@ -191,3 +193,24 @@ def test_nan_and_inf_rows_take_the_guarded_sweep(rng, kernel_path, dtype):
     grad64 = grad.astype(np.float64)
     np.testing.assert_array_equal(np.isnan(grad64), np.isnan(ref_grad))
     np.testing.assert_array_equal(np.isinf(grad64), np.isinf(ref_grad))
+
+
+@pytest.mark.parametrize("spread", (HALF_MIN_ARG + 0.5, HALF_MIN_ARG - 0.5, HALF_MIN_ARG))
+@pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=dtype_id)
+def test_rows_at_the_edge_of_the_unmasked_exp(rng, kernel_path, dtype, spread):
+    """Rows whose logits span just under, exactly and just over 86.5 below their max: inside,
+    the sums and the gradient sweep drop exp's mask; the results agree with float64 either way
+    (a term at exp(-86.5) = 2.6e-38 must stay a positive bfloat16 gradient or flush to 0 as the
+    masked path does, never become garbage)."""
+    num_classes = 3 * 2048 + 11
+    logits = rng.uniform(spread, 0.0, (3, num_classes)).astype(dtype)
+    logits[:, 5] = 0.0
+    logits[:, -3] = spread  # the lowest logit, in the last (partial) block
+    labels = random_labels(rng, (3,), num_classes)
+    ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(logits, labels, reduction="none")
+    loss = fastxent.sparse_cross_entropy(logits, labels, reduction="none")
+    loss_g, grad = fastxent.sparse_cross_entropy_with_grad(logits.copy(), labels, reduction="none", inplace=True)
+    for got in (loss, loss_g):
+        assert_loss_close(got, ref_loss, dtype)
+    assert_grad_close(grad, ref_grad, dtype)
+    assert (grad.astype(np.float64)[:, -3] >= 0).all()

@@ -33,9 +33,13 @@ _PROBE = textwrap.dedent(
                       ("bfloat16", np.ones(4096, np.uint16)),
                       ("float16", np.ones(4096, np.int16))]:
         K.segment_max(row, None)
-        K.segment_sum_exp(row, np.float32(0.0), None)
-        K.logit_range_grad(row, np.empty_like(row), 0, row.size, 0.0, 1.0, 0.0, None, None)
-        K.logit_range_grad(row, True, 0, row.size, 0.0, 1.0, 0.0, None, None)
+        # in_range None and True: the masked exp, and half precision's unmasked one.
+        K.segment_sum_exp(row, np.float32(0.0), None, None)
+        K.segment_sum_exp(row, np.float32(0.0), None, True)
+        # lowest -inf and 0.0: the masked and the in-range gradient sweeps.
+        for lowest in (-np.inf, 0.0):
+            K.logit_range_grad(row, np.empty_like(row), 0, row.size, 0.0, 1.0, 0.0, None, None, lowest)
+            K.logit_range_grad(row, True, 0, row.size, 0.0, 1.0, 0.0, None, None, lowest)
     for function in (K.segment_max, K.segment_sum_exp, K.logit_range_grad):
         for signature, asm in function.inspect_asm().items():
             key = function.__name__ + str([str(t) for t in signature[:2]])

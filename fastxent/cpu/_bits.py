@@ -273,3 +273,16 @@ def max_int16(typingctx, first, second):
         return builder.select(larger, args[0], args[1])
 
     return types.int16(first, second), codegen
+
+
+@intrinsic
+def min_int16(typingctx, first, second):
+    """The smaller of two int16, as a select on i16 (vectorizes to vpminsw)."""
+    if first != types.int16 or second != types.int16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        smaller = builder.icmp_signed("<", args[0], args[1])
+        return builder.select(smaller, args[0], args[1])
+
+    return types.int16(first, second), codegen

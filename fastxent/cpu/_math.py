@@ -67,6 +67,7 @@ _H4 = np.float32(0.041515644639730453)
 _HALF_MAGIC = np.float32(12582912.0 + 127.0)
 # Below this 2**n would leave the normal range (n >= -125 here); the result is flushed to 0.
 _HALF_MIN_ARG = np.float32(-86.5)
+HALF_MIN_ARG = float(_HALF_MIN_ARG)
 
 
 @njit(fastmath=EXACT_FASTMATH, cache=True, error_model="numpy")
@@ -95,6 +96,16 @@ def exp_half(x):
     Exactly 1 at 0 (the max's term), exactly 0 below -86.5 (so -inf gives 0), NaN for NaN.
     About 11 vector instructions, against 14 for ``exp_f32``.
     """
+    result = exp_half_in_range(x)
+    # -inf, and anything below the range, gives garbage there (-inf + inf = NaN in r): masked.
+    return np.float32(0.0) if x < _HALF_MIN_ARG else result
+
+
+@njit(fastmath=EXACT_FASTMATH, cache=True, error_model="numpy")
+def exp_half_in_range(x):
+    """``exp_half`` for x in [-86.5, 0] or NaN, without the mask for arguments below: for
+    blocks whose smallest logit is known to lie within 86.5 of the max (two instructions of
+    about thirteen per vector)."""
     shifted = x * _LOG2E + _HALF_MAGIC
     whole = shifted - _HALF_MAGIC
     # One-constant reduction: ln 2's float32 rounding error (2e-9) times |n| <= 125 moves r by
@@ -102,9 +113,7 @@ def exp_half(x):
     r = x - whole * _LN2
     power = f32_from_bits(np.int32(bits_from_f32(shifted) << np.uint32(23)))
     # power * (1 + r q) as power + (power r) q: no constant 1 to keep in a register.
-    result = power + (power * r) * (_H1 + r * (_H2 + r * (_H3 + r * _H4)))
-    # -inf, and anything below the range, gives garbage above (-inf + inf = NaN in r): masked.
-    return np.float32(0.0) if x < _HALF_MIN_ARG else result
+    return power + (power * r) * (_H1 + r * (_H2 + r * (_H3 + r * _H4)))
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
@@ -144,6 +153,19 @@ def _exp_for_overload(x, like):
     if x == types.float32 and like in (types.int16, types.uint16):
         return lambda x, like: exp_half(x)
     return lambda x, like: exp_c(x)
+
+
+def exp_term(x, like, in_range):
+    """``exp_for``, or for half precision ``exp_half_in_range`` when ``in_range`` is True
+    rather than None (the choice is made by type, at compile time; Python stub for Numba)."""
+    return math.exp(x)
+
+
+@overload(exp_term, inline="always")
+def _exp_term_overload(x, like, in_range):
+    if isinstance(in_range, types.Boolean) and x == types.float32 and like in (types.int16, types.uint16):
+        return lambda x, like, in_range: exp_half_in_range(x)
+    return lambda x, like, in_range: exp_for(x, like)
 
 
 def tanh_c(x):
