@@ -3,7 +3,8 @@
 Each check compiles the kernels in a fresh process for a forced target (Numba honours
 NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) with an empty cache, and reads the assembly: packed
 single-precision FMAs on ymm registers for AVX2, and no zmm register at all (which would
-mean the AVX2 target was not honoured). Scalar code would use only ``vfmadd...ss``.
+mean the AVX2 target was not honoured). Scalar code would use only ``vfmadd...ss``. The max
+of half-precision logits is taken over 16-bit keys (``vpmaxsw``), 16 lanes per ymm register.
 """
 
 from __future__ import annotations
@@ -32,17 +33,23 @@ _PROBE = textwrap.dedent(
                       ("bfloat16", np.ones(4096, np.uint16)),
                       ("float16", np.ones(4096, np.int16))]:
         K.segment_max(row, None)
-        K.segment_sum_exp(row, np.float32(0.0), None)
-        K.logit_range_grad(row, np.empty_like(row), 0, row.size, 0.0, 1.0, 0.0, None, None)
-        K.logit_range_grad(row, True, 0, row.size, 0.0, 1.0, 0.0, None, None)
+        # in_range None and True: the masked exp, and half precision's unmasked one.
+        K.segment_sum_exp(row, np.float32(0.0), None, None)
+        K.segment_sum_exp(row, np.float32(0.0), None, True)
+        # lowest -inf and 0.0: the masked and the in-range gradient sweeps.
+        for lowest in (-np.inf, 0.0):
+            K.logit_range_grad(row, np.empty_like(row), 0, row.size, 0.0, 1.0, 0.0, None, None, lowest)
+            K.logit_range_grad(row, True, 0, row.size, 0.0, 1.0, 0.0, None, None, lowest)
     for function in (K.segment_max, K.segment_sum_exp, K.logit_range_grad):
         for signature, asm in function.inspect_asm().items():
             key = function.__name__ + str([str(t) for t in signature[:2]])
             report[key] = {
                 "packed_fma_ymm": len(re.findall(r"vfn?m(add|sub)\\d+ps\\s+[^\\n]*ymm", asm)),
                 "packed_fma_zmm": len(re.findall(r"vfn?m(add|sub)\\d+ps\\s+[^\\n]*zmm", asm)),
-                "packed_max_ymm": len(re.findall(r"vpmaxsd\\s+[^\\n]*ymm", asm)),
-                "packed_max_zmm": len(re.findall(r"vpmaxsd\\s+[^\\n]*zmm", asm)),
+                # 32-bit keys for float32; 16-bit keys of the stored bits for half precision.
+                "packed_max_ymm": len(re.findall(r"vpmaxs[dw]\\s+[^\\n]*ymm", asm)),
+                "packed_max_zmm": len(re.findall(r"vpmaxs[dw]\\s+[^\\n]*zmm", asm)),
+                "packed_max16": len(re.findall(r"vpmaxsw\\s+[^\\n]*[yz]mm", asm)),
                 "zmm": asm.count("zmm"),
             }
     print(json.dumps(report))
@@ -65,6 +72,8 @@ def test_hot_loops_vectorize_for_avx2(tmp_path):
         assert counts["zmm"] == 0, f"{key}: AVX-512 code in an AVX2 build"
         if key.startswith("segment_max"):
             assert counts["packed_max_ymm"] > 0, f"{key}: max is not vectorized: {counts}"
+            if "int16" in key:
+                assert counts["packed_max16"] > 0, f"{key}: half max is not over 16-bit keys: {counts}"
         else:
             assert counts["packed_fma_ymm"] > 0, f"{key}: exp loop is not vectorized: {counts}"
 
@@ -74,6 +83,8 @@ def test_hot_loops_vectorize_for_this_machine(tmp_path):
     for key, counts in report.items():
         if key.startswith("segment_max"):
             assert counts["packed_max_ymm"] + counts["packed_max_zmm"] > 0, f"{key}: {counts}"
+            if "int16" in key:
+                assert counts["packed_max16"] > 0, f"{key}: {counts}"
         else:
             assert counts["packed_fma_ymm"] + counts["packed_fma_zmm"] > 0, f"{key}: {counts}"
 

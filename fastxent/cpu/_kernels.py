@@ -37,9 +37,22 @@ from numba import njit, prange, types
 from numba.core.extending import overload
 
 from fastxent._range import IGNORED
-from fastxent.cpu._bits import as_compute, from_compute, from_order_key, order_key, to_compute
+from fastxent.cpu._bits import (
+    as_compute,
+    bits_from_f32,
+    f32_from_bits,
+    from_compute,
+    from_compute_finite,
+    from_order_key,
+    half_from_order_key,
+    half_order_key,
+    max_int16,
+    min_int16,
+    order_key,
+    to_compute,
+)
 from fastxent.cpu._constants import BLOCK, FASTMATH, PROB_EPS, PROB_ONE_MINUS_EPS, SUM_RUN
-from fastxent.cpu._math import exp_c, tanh_c
+from fastxent.cpu._math import HALF_MIN_ARG, exp_for, exp_term, tanh_c
 
 # Fast-math goes on the leaf loops only (segment_*, *_range_grad, prob_range_stats); the row
 # and class-range drivers are compiled without it (see ``_constants.py`` for why).
@@ -116,6 +129,33 @@ def _weight_at_overload(weights, j):
     return lambda weights, j: np.float64(weights[j])
 
 
+def stored_max(segment):
+    """Max of a non-empty segment of stored logits (no softcap), in the compute type (stub)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(stored_max, inline="always")
+def _stored_max_overload(segment):
+    if segment.dtype in (types.int16, types.uint16):
+        # Half precision: a max over the 16-bit order keys of the stored bits, widened once.
+        def max_of_bits(segment):
+            best = half_order_key(segment[0])
+            for j in range(segment.shape[0]):
+                best = max_int16(half_order_key(segment[j]), best)
+            return to_compute(half_from_order_key(best, segment[0]))
+
+        return max_of_bits
+
+    def max_of_floats(segment):
+        best = order_key(to_compute(segment[0]))
+        for j in range(segment.shape[0]):
+            key = order_key(to_compute(segment[j]))
+            best = key if key > best else best
+        return from_order_key(best)
+
+    return max_of_floats
+
+
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def segment_max(segment, softcap):
     """Max of the (softcapped) logits of a non-empty 1-D segment, via integer order keys.
@@ -123,6 +163,8 @@ def segment_max(segment, softcap):
     A positive NaN wins the max and a negative one loses it; either way the exp-sum turns
     the row into NaN, as the semantics require.
     """
+    if softcap is None:
+        return stored_max(segment)
     best = order_key(load_logit(segment[0], softcap))
     for j in range(segment.shape[0]):
         key = order_key(load_logit(segment[j], softcap))
@@ -130,15 +172,51 @@ def segment_max(segment, softcap):
     return from_order_key(best)
 
 
+def stored_min_max(segment):
+    """(min, max) of a non-empty segment of half-precision logits over their 16-bit keys; for
+    other types (-inf, max): the min only serves half precision's in-range exp (stub)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(stored_min_max, inline="always")
+def _stored_min_max_overload(segment):
+    if segment.dtype in (types.int16, types.uint16):
+        # One more instruction per 16 logits than the max alone (vpminsw).
+        def min_max_of_bits(segment):
+            low = half_order_key(segment[0])
+            high = low
+            for j in range(segment.shape[0]):
+                key = half_order_key(segment[j])
+                low = min_int16(key, low)
+                high = max_int16(key, high)
+            return (
+                to_compute(half_from_order_key(low, segment[0])),
+                to_compute(half_from_order_key(high, segment[0])),
+            )
+
+        return min_max_of_bits
+    return lambda segment: (as_compute(-np.inf, segment[0]), stored_max(segment))
+
+
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
-def segment_sum_exp(segment, reference, softcap):
+def segment_min_max(segment, softcap):
+    """(lowest, max) of the (softcapped) logits of a non-empty segment; lowest is -inf where
+    it is not tracked (softcap, float32, float64). A negative NaN is the lowest."""
+    if softcap is None:
+        return stored_min_max(segment)
+    return as_compute(-np.inf, segment[0]), segment_max(segment, softcap)
+
+
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+def segment_sum_exp(segment, reference, softcap, in_range):
     """sum_j exp(v_j - reference) over a segment; NaN anywhere gives NaN.
 
     Terms are summed in the compute type over runs of ``SUM_RUN`` elements and the runs in
     float64: a float32 sum over a whole block rounds the same way at every step when the terms
     are alike (one logit of 9 and 2046 zeros lost 3e-6 of the sum, 1.3e-5 of the loss; runs of
     256 keep it to 3e-7 at no measured cost, where float64 for every term costs the forward 70 %
-    and runs of 64 cost it 20 %).
+    and runs of 64 cost it 20 %). ``in_range`` True (not None): every v_j - reference is known
+    to be >= -86.5, so half precision may skip exp's mask (see ``exp_term``).
     """
     total = 0.0
     num = segment.shape[0]
@@ -147,11 +225,11 @@ def segment_sum_exp(segment, reference, softcap):
     for start in range(0, whole, SUM_RUN):
         run = as_compute(0.0, segment[0])
         for j in range(SUM_RUN):
-            run += exp_c(load_logit(segment[start + j], softcap) - reference)
+            run += exp_term(load_logit(segment[start + j], softcap) - reference, segment[0], in_range)
         total += np.float64(run)
     tail = as_compute(0.0, segment[0])
     for j in range(whole, num):
-        tail += exp_c(load_logit(segment[j], softcap) - reference)
+        tail += exp_term(load_logit(segment[j], softcap) - reference, segment[0], in_range)
     return total + np.float64(tail)
 
 
@@ -190,24 +268,33 @@ def merge_max_sum(max_a, sum_a, max_b, sum_b):
 
 @njit(cache=True, error_model="numpy")
 def logit_range_stats(row, lo, hi, softcap, class_weight, want_weighted_sum):
-    """Partial statistics of row[lo:hi] for logit inputs: (row_max, sum_exp, weighted_sum).
+    """Partial statistics of row[lo:hi] for logit inputs: (row_max, sum_exp, weighted_sum,
+    lowest), lowest being the smallest logit where tracked (half precision without softcap;
+    -inf otherwise, which only loses the gradient sweep's in-range exp).
 
     ``class_weight`` is None or one weight per element of ``row`` (same positions).
     """
     running_max = as_compute(-np.inf, row[0])
+    lowest = np.inf
     sum_exp = 0.0
     weighted_sum = 0.0
     for block_lo in range(lo, hi, BLOCK):
         block_hi = min(block_lo + BLOCK, hi)
         segment = row[block_lo:block_hi]
-        block_max = segment_max(segment, softcap)
+        block_min, block_max = segment_min_max(segment, softcap)
         new_max = block_max if block_max > running_max else running_max
         sum_exp *= rescale_factor(running_max, new_max)
         running_max = new_max
         # While the max is still -inf every value is -inf or NaN: summing relative to 0
         # keeps the partial at 0 (or NaN) instead of exp(-inf + inf) = NaN.
         reference = running_max if running_max > -np.inf else as_compute(0.0, row[0])
-        sum_exp += segment_sum_exp(segment, reference, softcap)
+        # False for -inf, NaN and the untracked -inf of float32/float64.
+        if block_min - reference >= as_compute(HALF_MIN_ARG, row[0]):
+            sum_exp += segment_sum_exp(segment, reference, softcap, True)
+        else:
+            sum_exp += segment_sum_exp(segment, reference, softcap, None)
+        if block_min < lowest:
+            lowest = np.float64(block_min)
         if want_weighted_sum:
             weights = class_weight_range(class_weight, block_lo, block_hi)
             weighted_sum += segment_weighted_sum(segment, weights, softcap)
@@ -216,7 +303,7 @@ def logit_range_stats(row, lo, hi, softcap, class_weight, want_weighted_sum):
     # (0 is an all -inf range; NaN passes through.)
     if 0.0 < sum_exp < 1.0:
         sum_exp = 1.0
-    return np.float64(running_max), sum_exp, weighted_sum
+    return np.float64(running_max), sum_exp, weighted_sum, lowest
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
@@ -278,7 +365,102 @@ def row_epilogue(
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
-def logit_range_grad(row_in, row_out, lo, hi, row_max, coef_p, coef_w, class_weight, softcap):
+def finite_grad(value, reference, prob_coef, weight_coef, softcap, like, in_range):
+    """coef_p exp(v - reference) - coef_w, times dv/dx, for a (softcapped) logit ``value``
+    (``in_range``: see ``segment_sum_exp``)."""
+    grad = prob_coef * exp_term(value - reference, like, in_range) - weight_coef
+    if softcap is not None:
+        cap = as_compute(softcap, like)
+        ratio = value / cap
+        grad *= as_compute(1.0, like) - ratio * ratio
+    return grad
+
+
+def finite_grad_sweep(source, dest, row_out, reference, prob_coef, weight_coef, softcap, in_range):
+    """The gradient sweep of a row known to give finite gradients (stub for Numba)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(finite_grad_sweep, inline="always")
+def _finite_grad_sweep_overload(source, dest, row_out, reference, prob_coef, weight_coef, softcap, in_range):
+    if source.dtype != types.uint16:
+
+        def sweep(source, dest, row_out, reference, prob_coef, weight_coef, softcap, in_range):
+            for j in range(source.shape[0]):
+                raw = source[j]
+                grad = finite_grad(
+                    soft_value(to_compute(raw), softcap), reference, prob_coef, weight_coef, softcap, raw, in_range
+                )
+                dest[j] = from_compute_finite(grad, dest[0])
+
+        return sweep
+
+    # bfloat16: two logits per 32-bit word. Widening is a shift (the even element) and a mask
+    # (the odd one), and the two rounded results merge back into one word with a shift and a
+    # mask, where 16-bit lanes need a zero-extending load per 8 elements and a pack plus a
+    # cross-lane permute per 16 to restore the order.
+    def sweep_pairs(source, dest, row_out, reference, prob_coef, weight_coef, softcap, in_range):
+        num = source.shape[0]
+        pairs = num // 2
+        words_in = source[: 2 * pairs].view(np.uint32)
+        words_out = word_dest(words_in, dest, row_out, pairs)
+        for k in range(pairs):
+            word = words_in[k]
+            even = soft_value(f32_from_bits(np.uint32(word << np.uint32(16))), softcap)
+            odd = soft_value(f32_from_bits(np.uint32(word & np.uint32(0xFFFF0000))), softcap)
+            even_bits = bfloat16_rounded_high(
+                finite_grad(even, reference, prob_coef, weight_coef, softcap, source[0], in_range)
+            )
+            odd_bits = bfloat16_rounded_high(
+                finite_grad(odd, reference, prob_coef, weight_coef, softcap, source[0], in_range)
+            )
+            words_out[k] = np.uint32(
+                np.uint32(even_bits >> np.uint32(16)) | np.uint32(odd_bits & np.uint32(0xFFFF0000))
+            )
+        for j in range(2 * pairs, num):
+            raw = source[j]
+            grad = finite_grad(
+                soft_value(to_compute(raw), softcap), reference, prob_coef, weight_coef, softcap, raw, in_range
+            )
+            dest[j] = from_compute_finite(grad, dest[0])
+
+    return sweep_pairs
+
+
+def word_dest(words_in, dest, row_out, pairs):
+    """Where the paired bfloat16 sweep writes: ``words_in`` itself in place (the same view, see
+    ``grad_dest``), else ``dest`` as 32-bit words (stub for Numba)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(word_dest, inline="always")
+def _word_dest_overload(words_in, dest, row_out, pairs):
+    if isinstance(row_out, types.Boolean):
+        return lambda words_in, dest, row_out, pairs: words_in
+    return lambda words_in, dest, row_out, pairs: dest[: 2 * pairs].view(np.uint32)
+
+
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+def soft_value(value, softcap):
+    """The optional softcap s * tanh(x / s) of a widened logit (``load_logit`` after the
+    widening; a compiled function of its own, where Numba prunes the None branch)."""
+    if softcap is not None:
+        cap = as_compute(softcap, value)
+        value = cap * tanh_c(value / cap)
+    return value
+
+
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
+def bfloat16_rounded_high(value):
+    """A finite float32's bits with the bfloat16 rounding (to nearest, ties to even) applied:
+    the high 16 bits are the bfloat16, the low 16 are left over."""
+    bits = np.uint32(bits_from_f32(np.float32(value)))
+    odd = np.uint32(np.uint32(bits >> np.uint32(16)) & np.uint32(1))
+    return np.uint32(bits + np.uint32(0x7FFF) + odd)
+
+
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+def logit_range_grad(row_in, row_out, lo, hi, row_max, coef_p, coef_w, class_weight, softcap, lowest):
     """Write (coef_p exp(v_j - row_max) - coef_w w_j) dv/dx over [lo, hi); the target is fixed after.
 
     ``row_out`` is the output row, or True to write over ``row_in`` (each element is read before
@@ -290,11 +472,21 @@ def logit_range_grad(row_in, row_out, lo, hi, row_max, coef_p, coef_w, class_wei
     reference = as_compute(row_max if row_max > -np.inf else 0.0, row_in[0])
     prob_coef = as_compute(coef_p, row_in[0])
     weight_coef = as_compute(coef_w, row_in[0])
+    # A finite max and finite coefficients mean the row holds no NaN and no +inf (either would
+    # have made the max or the sum NaN or infinite), so without class weights every gradient is
+    # finite and may be rounded without a NaN guard (cheaper for bfloat16).
+    if weights is None and abs(row_max) < np.inf and abs(coef_p) < np.inf and abs(coef_w) < np.inf:
+        # ``lowest`` (the range's smallest logit, or -inf) within 86.5 of the max: no exp mask.
+        if lowest - row_max >= HALF_MIN_ARG:
+            finite_grad_sweep(source, dest, row_out, reference, prob_coef, weight_coef, softcap, True)
+        else:
+            finite_grad_sweep(source, dest, row_out, reference, prob_coef, weight_coef, softcap, None)
+        return
     for j in range(source.shape[0]):
         raw = source[j]
         value = load_logit(raw, softcap)
         weight = as_compute(weight_at(weights, j), raw)
-        grad = prob_coef * exp_c(value - reference) - weight_coef * weight
+        grad = prob_coef * exp_for(value - reference, raw) - weight_coef * weight
         if softcap is not None:
             cap = as_compute(softcap, raw)
             ratio = value / cap
@@ -391,7 +583,9 @@ def logit_row(
     ``row_out`` None: loss only.
     """
     width = row_in.shape[0]
-    row_max, sum_exp, weighted_sum = logit_range_stats(row_in, 0, width, softcap, class_weight, smoothing != 0.0)
+    row_max, sum_exp, weighted_sum, lowest = logit_range_stats(
+        row_in, 0, width, softcap, class_weight, smoothing != 0.0
+    )
     # Read the target before the sweep below may overwrite it (in-place gradient).
     target_value = np.float64(load_logit(row_in[label], softcap))
     target_weight = weight_at(class_weight, label)
@@ -409,7 +603,7 @@ def logit_row(
         grad_scale,
     )
     if row_out is not None:
-        logit_range_grad(row_in, row_out, 0, width, row_max, coef_p, coef_w, class_weight, softcap)
+        logit_range_grad(row_in, row_out, 0, width, row_max, coef_p, coef_w, class_weight, softcap, lowest)
         target_grad = logit_target_grad(target_value, row_max, coef_p, coef_t, coef_w, target_weight, softcap)
         dest = grad_dest(row_in, row_out, 0, width)
         dest[label] = from_compute(as_compute(target_grad, dest[0]), dest[0])
@@ -630,7 +824,7 @@ def parts_stats(
             )
             part_min[i, part] = smallest
         else:
-            row_max, sum_exp, weighted_sum = logit_range_stats(
+            row_max, sum_exp, weighted_sum, _ = logit_range_stats(
                 rows[i], lo, hi, softcap, class_weight, want_weighted_sum
             )
         part_max[i, part] = row_max
@@ -659,7 +853,9 @@ def parts_grad(rows, grad_out, labels, part_bounds, from_probs, row_max, coef_p,
         elif from_probs:
             prob_range_grad(rows[i], dest_row, lo, hi, coef_p[i], coef_w[i], class_weight)
         else:
-            logit_range_grad(rows[i], dest_row, lo, hi, row_max[i], coef_p[i], coef_w[i], class_weight, softcap)
+            logit_range_grad(
+                rows[i], dest_row, lo, hi, row_max[i], coef_p[i], coef_w[i], class_weight, softcap, -np.inf
+            )
 
 
 @njit(cache=True, error_model="numpy")

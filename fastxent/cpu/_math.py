@@ -50,6 +50,24 @@ _Q2 = np.float32(0.13332460820674896)
 _Q3 = np.float32(-0.05384272709488869)
 _Q4 = np.float32(0.021039742976427078)
 _Q5 = np.float32(-0.006235641427338123)
+# exp for logits stored in half precision (float16, bfloat16). Their gradient is stored with 11
+# or 8 significant bits, so float32's last bits buy it nothing, and the sum of exps (the loss)
+# needs only a small, unbiased relative error: degree 4 instead of 5, and fewer constants, so
+# that an AVX2 loop holds them all in its 16 vector registers (the float32 loop spills some).
+# Degree-4 polynomial exp(r) = 1 + r * (H1 + r * (H2 + r * (H3 + r * H4))) on |r| <= ln2 / 2,
+# fitted for least maximum relative error: 3.1e-6 for the whole function in float32
+# (measured over [-86.5, 0]; mean 5e-7), below the tests' 1e-5 allowance for compute error.
+_LN2 = np.float32(0.6931471805599453)
+_H1 = np.float32(0.9999668002128601)
+_H2 = np.float32(0.500029981136322)
+_H3 = np.float32(0.1678759604692459)
+_H4 = np.float32(0.041515644639730453)
+# The rounding constant with the exponent bias already added: its low mantissa bits hold
+# round(x / ln 2) + 127, which shifted left by 23 is directly the bit pattern of 2**n.
+_HALF_MAGIC = np.float32(12582912.0 + 127.0)
+# Below this 2**n would leave the normal range (n >= -125 here); the result is flushed to 0.
+_HALF_MIN_ARG = np.float32(-86.5)
+HALF_MIN_ARG = float(_HALF_MIN_ARG)
 
 
 @njit(fastmath=EXACT_FASTMATH, cache=True, error_model="numpy")
@@ -69,6 +87,33 @@ def exp_f32(x):
     power = f32_from_bits(np.int32(np.int32(bits_from_f32(shifted) << np.uint32(23)) + _EXPONENT_BIAS))
     result = poly * power
     return np.float32(0.0) if x < _EXP_MIN_ARG else result
+
+
+@njit(fastmath=EXACT_FASTMATH, cache=True, error_model="numpy")
+def exp_half(x):
+    """exp(x) for float32 x <= 0 formed from half-precision logits; relative error 3.1e-6.
+
+    Exactly 1 at 0 (the max's term), exactly 0 below -86.5 (so -inf gives 0), NaN for NaN.
+    About 11 vector instructions, against 14 for ``exp_f32``.
+    """
+    result = exp_half_in_range(x)
+    # -inf, and anything below the range, gives garbage there (-inf + inf = NaN in r): masked.
+    return np.float32(0.0) if x < _HALF_MIN_ARG else result
+
+
+@njit(fastmath=EXACT_FASTMATH, cache=True, error_model="numpy")
+def exp_half_in_range(x):
+    """``exp_half`` for x in [-86.5, 0] or NaN, without the mask for arguments below: for
+    blocks whose smallest logit is known to lie within 86.5 of the max (two instructions of
+    about thirteen per vector)."""
+    shifted = x * _LOG2E + _HALF_MAGIC
+    whole = shifted - _HALF_MAGIC
+    # One-constant reduction: ln 2's float32 rounding error (2e-9) times |n| <= 125 moves r by
+    # at most 3e-7, a tenth of the polynomial's error.
+    r = x - whole * _LN2
+    power = f32_from_bits(np.int32(bits_from_f32(shifted) << np.uint32(23)))
+    # power * (1 + r q) as power + (power r) q: no constant 1 to keep in a register.
+    return power + (power * r) * (_H1 + r * (_H2 + r * (_H3 + r * _H4)))
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
@@ -95,6 +140,32 @@ def _exp_c_overload(x):
     if x == types.float64:
         return lambda x: math.exp(x)
     return None
+
+
+def exp_for(x, like):
+    """exp of a compute-type value formed from storage element ``like``: ``exp_half`` for
+    half-precision storage, ``exp_c`` otherwise (Python stub for Numba)."""
+    return math.exp(x)
+
+
+@overload(exp_for, inline="always")
+def _exp_for_overload(x, like):
+    if x == types.float32 and like in (types.int16, types.uint16):
+        return lambda x, like: exp_half(x)
+    return lambda x, like: exp_c(x)
+
+
+def exp_term(x, like, in_range):
+    """``exp_for``, or for half precision ``exp_half_in_range`` when ``in_range`` is True
+    rather than None (the choice is made by type, at compile time; Python stub for Numba)."""
+    return math.exp(x)
+
+
+@overload(exp_term, inline="always")
+def _exp_term_overload(x, like, in_range):
+    if isinstance(in_range, types.Boolean) and x == types.float32 and like in (types.int16, types.uint16):
+        return lambda x, like, in_range: exp_half_in_range(x)
+    return lambda x, like, in_range: exp_for(x, like)
 
 
 def tanh_c(x):
