@@ -5,7 +5,9 @@ losses in the logits' dtype); fastxent's options (reduction, ignore_index, label
 and sample weights, z-loss, softcap) are keyword arguments on top. A ``jax.custom_jvp`` computes
 the loss and its gradient in one fused call when differentiating (the loss alone otherwise):
 the loss's tangent is the kept gradient contracted with the logits' tangent, which JAX
-transposes for reverse mode. It works under ``jit``, ``grad``, ``jvp``, ``jacfwd``, ``jacrev``
+transposes for reverse mode (on the CPU into an in-place scaling of the kept gradient, skipped
+when the cotangent is 1: ``reduction="mean"`` under ``jax.grad`` costs no pass after the kernel;
+see ``fastxent._jax_tangent``). It works under ``jit``, ``grad``, ``jvp``, ``jacfwd``, ``jacrev``
 and ``vmap`` (one kernel call per mapped element). Second derivatives, and derivatives with
 respect to the class or sample weights, raise instead of returning a wrong number.
 
@@ -32,6 +34,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from fastxent import _api, _linear_api
 from fastxent._checks import REDUCTIONS, check_options, loss_dtype
+from fastxent._jax_tangent import contract
 from fastxent._xla_ffi import register_host_target
 
 __all__ = ["linear_cross_entropy", "sparse_cross_entropy"]
@@ -160,6 +163,10 @@ def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
         value, grad = loss_and_grad(logits, labels, weights)
         # The tangent is linear in the logits' tangent (the kept gradient contracted with it), so
         # reverse mode transposes it into grad * cotangent: one fused call serves both modes.
+        if grad.dtype == value.dtype == logits_tangent.dtype:
+            # The primitive's transpose scales the kept gradient in place (see _jax_tangent).
+            summed = (class_axis % grad.ndim,) if per_row else tuple(range(grad.ndim))
+            return value, contract(grad, logits_tangent, summed)
         product = grad.astype(value.dtype) * logits_tangent.astype(value.dtype)
         return value, (product.sum(axis=class_axis) if per_row else product.sum())
 
