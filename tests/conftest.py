@@ -249,6 +249,16 @@ def assert_at_least_naive_accuracy(got, ref, naive, dtype, kind, *, scale=0.0):
 _SESSION_SEED = int(os.environ.get("FASTXENT_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Start the selected long subprocess checks now (``start_in_background`` of their module,
+    e.g. test_cuda_compile.py): each runs on one core beside the rest of the suite."""
+    for item in items:
+        start = getattr(getattr(item, "module", None), "start_in_background", None)
+        if start is not None:
+            start(item.name)
+
+
 def pytest_report_header(config):
     return f"fastxent test seed: FASTXENT_TEST_SEED={_SESSION_SEED}"
 
