@@ -266,6 +266,23 @@ def test_backward_scales_the_kept_gradient_in_place(rng):
         np.testing.assert_allclose(first, theirs(cotangent)[0], rtol=2e-5, atol=2e-6, err_msg=name)
     assert np.isnan(np.asarray(first)[1]).all() and np.isfinite(np.asarray(first)[[0, 2]]).all()
 
+    # One program that uses the kept gradient three times (a jvp's contraction and two pullbacks,
+    # one of them by ones): XLA must copy before scaling in place, never scale what another reads.
+    tangent = jnp.asarray(rng.standard_normal(logits.shape), jnp.float32)
+
+    def three_uses(loss):
+        def run(x):
+            _, pullback = jax.vjp(lambda z: loss(z, labels), x)
+            _, along = jax.jvp(lambda z: loss(z, labels), (x,), (tangent,))
+            return along, pullback(jnp.full(6, 0.5, jnp.float32))[0], pullback(jnp.ones(6, jnp.float32))[0]
+
+        return jax.jit(run)(logits)
+
+    for mine, other in zip(
+        three_uses(fxj.sparse_cross_entropy), three_uses(optax.softmax_cross_entropy_with_integer_labels), strict=True
+    ):
+        np.testing.assert_allclose(mine, other, rtol=2e-5, atol=2e-6)
+
     # A reduced loss: one factor for every row, 1.0 under jax.grad, 2.5 through a product.
     def mean_theirs(x):
         return optax.softmax_cross_entropy_with_integer_labels(x, labels).mean()
