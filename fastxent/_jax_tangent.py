@@ -57,11 +57,16 @@ def _contract_shape(grad, tangent, *, axes):
     return jax.core.ShapedArray(kept, grad.dtype)
 
 
+def _broadcast_product(array, cotangent, axes):
+    """``array * cotangent`` with the cotangent broadcast over ``axes``, by XLA."""
+    return array * jnp.expand_dims(cotangent, axes)
+
+
 def _scale_by_cotangent(array, cotangent, axes):
-    """``array * cotangent`` with the cotangent broadcast over ``axes`` (the transpose)."""
+    """``_broadcast_product``, on the CPU in place by fastxent's row scaling where it can be."""
     trailing = axes == tuple(range(array.ndim - len(axes), array.ndim))
     if not trailing or np.dtype(array.dtype) not in SCALABLE_DTYPES or array.size == 0:
-        return array * jnp.expand_dims(cotangent, axes)
+        return _broadcast_product(array, cotangent, axes)
 
     def on_cpu(array, cotangent):
         call = jax.ffi.ffi_call(
@@ -72,10 +77,9 @@ def _scale_by_cotangent(array, cotangent, axes):
         )
         return call(array, cotangent)
 
-    def elsewhere(array, cotangent):
-        return array * jnp.expand_dims(cotangent, axes)
-
-    return jax.lax.platform_dependent(array, cotangent, cpu=on_cpu, default=elsewhere)
+    return jax.lax.platform_dependent(
+        array, cotangent, cpu=on_cpu, default=functools.partial(_broadcast_product, axes=axes)
+    )
 
 
 def _transpose_tangent(cotangent, grad, tangent, *, axes):
@@ -83,7 +87,7 @@ def _transpose_tangent(cotangent, grad, tangent, *, axes):
 
 
 def _transpose_grad(cotangent, grad, tangent, *, axes):
-    return tangent * jnp.expand_dims(cotangent, axes)
+    return _broadcast_product(tangent, cotangent, axes)
 
 
 def _batch(arguments, dimensions, *, axes):
@@ -110,11 +114,17 @@ def _scale_target() -> str:
     def compute(arguments, results):
         array, cotangent = arguments
         result = results[0]
-        if result.ctypes.data != array.ctypes.data:
-            # XLA did not alias (the kept gradient is still needed): scale a copy.
-            np.copyto(result, array)
         factors = cotangent.reshape(-1)
-        if np.all(factors == 1):
+        ones = bool(np.all(factors == 1))
+        if result.ctypes.data != array.ctypes.data:
+            # XLA did not alias (the kept gradient is still needed): one pass into the result.
+            if ones:
+                np.copyto(result, array)
+            else:
+                rows = factors.size
+                np.multiply(array.reshape(rows, -1), factors.reshape(rows, 1), out=result.reshape(rows, -1))
+            return
+        if ones:
             # A reduced loss differentiated on its own (jax.grad's cotangent 1.0): the kept
             # gradient already is the answer, and x * 1 == x exactly.
             return
