@@ -306,3 +306,32 @@ def test_many_alike_terms_keep_their_sum(monkeypatch, path, num_classes):
     np.testing.assert_allclose(loss.astype(np.float64), ref_loss, rtol=2e-6)
     assert_grad_close(grad, ref_grad, np.float32)
     assert np.abs(grad.astype(np.float64).sum(axis=1)).max() <= 1e-6
+
+
+@pytest.mark.parametrize("max_block", [0, 1, 4, 5])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_running_max_across_full_blocks(rng, kernel_path, dtype, max_block):
+    """Rows of five full blocks and a tail. In float32 and float64 each full block's exp-sum is
+    taken in the loop that finds the next full block's max, so the running max must move at
+    the right block: the max in a given block, maxima rising block by block, leading blocks
+    of -inf, and a NaN in a block that is only ever read ahead of its own sum."""
+    num_classes = 5 * BLOCK + 100
+    block_of = np.arange(num_classes) // BLOCK
+    logits = random_logits(rng, (5, num_classes), dtype)
+    labels = rng.integers(0, num_classes, 5)
+    logits[0, max_block * BLOCK + 7] = 30.0  # far above the rest, in one block, and the target
+    labels[0] = max_block * BLOCK + 7
+    logits[1] += (5 * block_of).astype(dtype)  # every block moves the running max
+    logits[2] -= (5 * block_of).astype(dtype)  # the first block holds the max
+    logits[3, : 2 * BLOCK] = -np.inf  # the first two full blocks sum relative to 0
+    labels[3] = rng.integers(2 * BLOCK, num_classes)
+    logits[4, max_block * BLOCK + 11] = np.nan
+
+    loss = fastxent.sparse_cross_entropy(logits, labels, reduction="none")
+    loss_g, grad = fastxent.sparse_cross_entropy_with_grad(logits.copy(), labels, reduction="none", inplace=True)
+    ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(logits, labels, reduction="none")
+    assert np.isnan(ref_loss[4])
+    for got in (loss, loss_g):
+        assert_loss_close(got, ref_loss, dtype)
+    assert_grad_close(grad[:4], ref_grad[:4], dtype)
+    assert not grad[3, : 2 * BLOCK].astype(np.float64).any()

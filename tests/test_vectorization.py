@@ -36,11 +36,14 @@ _PROBE = textwrap.dedent(
         # in_range None and True: the masked exp, and half precision's unmasked one.
         K.segment_sum_exp(row, np.float32(0.0), None, None)
         K.segment_sum_exp(row, np.float32(0.0), None, True)
+        # This block's exp-sum and the next block's max in one loop.
+        K.segment_sum_exp_ahead(row[:2048], np.float32(0.0), None, row[2048:])
+        K.segment_sum_exp_ahead(row[:2048], np.float32(0.0), True, row[2048:])
         # lowest -inf and 0.0: the masked and the in-range gradient sweeps.
         for lowest in (-np.inf, 0.0):
             K.logit_range_grad(row, np.empty_like(row), 0, row.size, 0.0, 1.0, 0.0, None, None, lowest)
             K.logit_range_grad(row, True, 0, row.size, 0.0, 1.0, 0.0, None, None, lowest)
-    for function in (K.segment_max, K.segment_sum_exp, K.logit_range_grad):
+    for function in (K.segment_max, K.segment_sum_exp, K.segment_sum_exp_ahead, K.logit_range_grad):
         for signature, asm in function.inspect_asm().items():
             key = function.__name__ + str([str(t) for t in signature[:2]])
             report[key] = {
@@ -74,6 +77,9 @@ def test_hot_loops_vectorize_for_avx2(tmp_path):
             assert counts["packed_max_ymm"] > 0, f"{key}: max is not vectorized: {counts}"
             if "int16" in key:
                 assert counts["packed_max16"] > 0, f"{key}: half max is not over 16-bit keys: {counts}"
+        elif key.startswith("segment_sum_exp_ahead"):
+            assert counts["packed_fma_ymm"] > 0, f"{key}: exp loop is not vectorized: {counts}"
+            assert counts["packed_max_ymm"] > 0, f"{key}: max is not vectorized: {counts}"
         else:
             assert counts["packed_fma_ymm"] > 0, f"{key}: exp loop is not vectorized: {counts}"
 
@@ -85,6 +91,9 @@ def test_hot_loops_vectorize_for_this_machine(tmp_path):
             assert counts["packed_max_ymm"] + counts["packed_max_zmm"] > 0, f"{key}: {counts}"
             if "int16" in key:
                 assert counts["packed_max16"] > 0, f"{key}: {counts}"
+        elif key.startswith("segment_sum_exp_ahead"):
+            assert counts["packed_fma_ymm"] + counts["packed_fma_zmm"] > 0, f"{key}: {counts}"
+            assert counts["packed_max_ymm"] + counts["packed_max_zmm"] > 0, f"{key}: {counts}"
         else:
             assert counts["packed_fma_ymm"] + counts["packed_fma_zmm"] > 0, f"{key}: {counts}"
 
