@@ -335,3 +335,48 @@ def test_running_max_across_full_blocks(rng, kernel_path, dtype, max_block):
         assert_loss_close(got, ref_loss, dtype)
     assert_grad_close(grad[:4], ref_grad[:4], dtype)
     assert not grad[3, : 2 * BLOCK].astype(np.float64).any()
+
+
+@pytest.mark.parametrize("destination", ["inplace", "out", "new"])
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.1, "class_weight": True, "z_loss": 1e-3}], ids=["plain", "smoothed"]
+)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_gradient_from_kept_exps(rng, kernel_path, dtype, options, destination):
+    """For float32 and float64 the statistics pass stores every exp where the gradient goes and
+    the gradient pass rescales them block by block. Checked where that can go wrong: block
+    factors that differ (a max rising block by block), blocks summed before any finite logit
+    beside a final max of -1000 (their factor must be 0, not 0 * exp(1000)), label smoothing
+    and class weights (their sum must be read before the logits are overwritten), every
+    destination of the gradient, and the input left alone unless in place."""
+    num_classes = 4 * BLOCK + 300
+    block_of = np.arange(num_classes) // BLOCK
+    logits = random_logits(rng, (4, num_classes), dtype)
+    labels = rng.integers(2 * BLOCK, num_classes, 4)
+    logits[1] += (4 * block_of).astype(dtype)
+    logits[2] -= np.asarray(1000.0, dtype)
+    logits[2, : 2 * BLOCK] = -np.inf
+    logits[3, BLOCK + 5] = np.inf  # loss and gradient NaN
+    kwargs = dict(options, reduction="none")
+    if kwargs.pop("class_weight", False):
+        kwargs["class_weight"] = rng.uniform(0.5, 2.0, num_classes)
+    pristine = logits.copy()
+
+    if destination == "inplace":
+        loss, grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, inplace=True, **kwargs)
+        assert grad is logits
+    elif destination == "out":
+        buffer = np.full_like(logits, 7.0)
+        loss, grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, out=buffer, **kwargs)
+        assert grad is buffer
+        np.testing.assert_array_equal(logits, pristine)
+    else:
+        loss, grad = fastxent.sparse_cross_entropy_with_grad(logits, labels, **kwargs)
+        np.testing.assert_array_equal(logits, pristine)
+    ref_loss, ref_grad = reference.sparse_cross_entropy_with_grad(pristine, labels, **kwargs)
+
+    assert np.isnan(loss[3])
+    assert_loss_close(loss, ref_loss, dtype)
+    assert_grad_close(grad[:3], ref_grad[:3], dtype)
+    assert not grad[2, : 2 * BLOCK].astype(np.float64).any() or "label_smoothing" in kwargs
+    assert np.isnan(grad[3].astype(np.float64)).all()

@@ -34,16 +34,26 @@ _PROBE = textwrap.dedent(
                       ("float16", np.ones(4096, np.int16))]:
         K.segment_max(row, None)
         # in_range None and True: the masked exp, and half precision's unmasked one.
-        K.segment_sum_exp(row, np.float32(0.0), None, None)
-        K.segment_sum_exp(row, np.float32(0.0), None, True)
+        K.segment_sum_exp(row, np.float32(0.0), None, None, None)
+        K.segment_sum_exp(row, np.float32(0.0), None, True, None)
         # This block's exp-sum and the next block's max in one loop.
-        K.segment_sum_exp_ahead(row[:2048], np.float32(0.0), None, row[2048:])
-        K.segment_sum_exp_ahead(row[:2048], np.float32(0.0), True, row[2048:])
+        K.segment_sum_exp_ahead(row[:2048], np.float32(0.0), None, row[2048:], None)
+        K.segment_sum_exp_ahead(row[:2048], np.float32(0.0), True, row[2048:], None)
+        if name == "float32":
+            # The same loops keeping each exp, in place and into an output row; the gradient
+            # pass that rescales the kept exps.
+            for keep in (True, np.empty(2048, np.float32)):
+                K.segment_sum_exp(row[:2048], np.float32(0.0), None, None, keep)
+                K.segment_sum_exp_ahead(row[:2048], np.float32(0.0), None, row[2048:], keep)
+            references = np.zeros(2)
+            K.kept_exp_range_grad(row, True, 0, row.size, references, 0.0, 1.0, 0.0, None)
+            K.kept_exp_range_grad(row, np.empty_like(row), 0, row.size, references, 0.0, 1.0, 0.0, None)
         # lowest -inf and 0.0: the masked and the in-range gradient sweeps.
         for lowest in (-np.inf, 0.0):
             K.logit_range_grad(row, np.empty_like(row), 0, row.size, 0.0, 1.0, 0.0, None, None, lowest)
             K.logit_range_grad(row, True, 0, row.size, 0.0, 1.0, 0.0, None, None, lowest)
-    for function in (K.segment_max, K.segment_sum_exp, K.segment_sum_exp_ahead, K.logit_range_grad):
+    functions = (K.segment_max, K.segment_sum_exp, K.segment_sum_exp_ahead, K.logit_range_grad, K.kept_exp_range_grad)
+    for function in functions:
         for signature, asm in function.inspect_asm().items():
             key = function.__name__ + str([str(t) for t in signature[:2]])
             report[key] = {

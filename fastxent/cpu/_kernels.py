@@ -207,8 +207,44 @@ def segment_min_max(segment, softcap):
     return as_compute(-np.inf, segment[0]), segment_max(segment, softcap)
 
 
+def keep_term(segment, keep, j, term):
+    """Store exp term ``term`` of element j where the gradient will be written: nowhere when
+    ``keep`` is None, over ``segment`` itself when it is True (in place: the very view that is
+    read, see ``grad_dest``), else into the array ``keep`` (stub for Numba)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(keep_term, inline="always")
+def _keep_term_overload(segment, keep, j, term):
+    if keep is None or keep == types.none:
+        return lambda segment, keep, j, term: None
+    if isinstance(keep, types.Boolean):
+
+        def over_segment(segment, keep, j, term):
+            segment[j] = term
+
+        return over_segment
+
+    def into_keep(segment, keep, j, term):
+        keep[j] = term
+
+    return into_keep
+
+
+def kept_part(keep, lo, hi):
+    """``keep[lo:hi]`` for an array, ``keep`` itself for None and True (stub for Numba)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(kept_part, inline="always")
+def _kept_part_overload(keep, lo, hi):
+    if isinstance(keep, types.Array):
+        return lambda keep, lo, hi: keep[lo:hi]
+    return lambda keep, lo, hi: keep
+
+
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
-def segment_sum_exp(segment, reference, softcap, in_range):
+def segment_sum_exp(segment, reference, softcap, in_range, keep):
     """sum_j exp(v_j - reference) over a segment; NaN anywhere gives NaN.
 
     Terms are summed in the compute type over runs of ``SUM_RUN`` elements and the runs in
@@ -216,7 +252,8 @@ def segment_sum_exp(segment, reference, softcap, in_range):
     are alike (one logit of 9 and 2046 zeros lost 3e-6 of the sum, 1.3e-5 of the loss; runs of
     256 keep it to 3e-7 at no measured cost, where float64 for every term costs the forward 70 %
     and runs of 64 cost it 20 %). ``in_range`` True (not None): every v_j - reference is known
-    to be >= -86.5, so half precision may skip exp's mask (see ``exp_term``).
+    to be >= -86.5, so half precision may skip exp's mask (see ``exp_term``). ``keep``: where
+    each term is also stored (see ``keep_term``; None: nowhere).
     """
     total = 0.0
     num = segment.shape[0]
@@ -225,22 +262,27 @@ def segment_sum_exp(segment, reference, softcap, in_range):
     for start in range(0, whole, SUM_RUN):
         run = as_compute(0.0, segment[0])
         for j in range(SUM_RUN):
-            run += exp_term(load_logit(segment[start + j], softcap) - reference, segment[0], in_range)
+            term = exp_term(load_logit(segment[start + j], softcap) - reference, segment[0], in_range)
+            keep_term(segment, keep, start + j, term)
+            run += term
         total += np.float64(run)
     tail = as_compute(0.0, segment[0])
     for j in range(whole, num):
-        tail += exp_term(load_logit(segment[j], softcap) - reference, segment[0], in_range)
+        term = exp_term(load_logit(segment[j], softcap) - reference, segment[0], in_range)
+        keep_term(segment, keep, j, term)
+        tail += term
     return total + np.float64(tail)
 
 
-def sum_exp_and_ahead_min_max(segment, reference, in_range, ahead):
+def sum_exp_and_ahead_min_max(segment, reference, in_range, ahead, keep):
     """(sum_j exp(segment_j - reference), lowest of ``ahead``, max of ``ahead``) for two blocks
-    of exactly ``BLOCK`` stored logits, no softcap; one loop for float32 and float64 (stub)."""
+    of exactly ``BLOCK`` stored logits, no softcap, each term also stored where ``keep`` says
+    (``keep_term``); one loop for float32 and float64 (stub)."""
     raise NotImplementedError("only callable from compiled code")
 
 
 @overload(sum_exp_and_ahead_min_max, inline="always")
-def _sum_exp_and_ahead_min_max_overload(segment, reference, in_range, ahead):
+def _sum_exp_and_ahead_min_max_overload(segment, reference, in_range, ahead, keep):
     # float32 and float64: the max of the next block is taken in the loop that sums this
     # block's exps. Alone, the max pass waits on memory and the exp pass on arithmetic, one after
     # the other; together the next block's loads are in flight while the exps are computed
@@ -250,21 +292,24 @@ def _sum_exp_and_ahead_min_max_overload(segment, reference, in_range, ahead):
     # the overlap saved (bfloat16 forward 49 ms either way).
     if segment.dtype in (types.int16, types.uint16):
 
-        def two_loops(segment, reference, in_range, ahead):
+        def two_loops(segment, reference, in_range, ahead, keep):
             lowest, highest = stored_min_max(ahead)
-            return segment_sum_exp(segment, reference, None, in_range), lowest, highest
+            return segment_sum_exp(segment, reference, None, in_range, keep), lowest, highest
 
         return two_loops
 
-    def fused_floats(segment, reference, in_range, ahead):
+    def fused_floats(segment, reference, in_range, ahead, keep):
         high = order_key(to_compute(ahead[0]))
         total = 0.0
         for start in range(0, BLOCK, SUM_RUN):
             part = segment[start : start + SUM_RUN]
             part_ahead = ahead[start : start + SUM_RUN]
+            part_keep = kept_part(keep, start, start + SUM_RUN)
             run = as_compute(0.0, segment[0])
             for j in range(SUM_RUN):
-                run += exp_term(to_compute(part[j]) - reference, segment[0], in_range)
+                term = exp_term(to_compute(part[j]) - reference, segment[0], in_range)
+                keep_term(part, part_keep, j, term)
+                run += term
                 key = order_key(to_compute(part_ahead[j]))
                 high = key if key > high else high
             total += np.float64(run)
@@ -274,10 +319,10 @@ def _sum_exp_and_ahead_min_max_overload(segment, reference, in_range, ahead):
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
-def segment_sum_exp_ahead(segment, reference, in_range, ahead):
+def segment_sum_exp_ahead(segment, reference, in_range, ahead, keep):
     """``segment_sum_exp`` of a full block (no softcap) and ``segment_min_max`` of the next full
     block ``ahead``: (sum, ahead's lowest, ahead's max); see ``sum_exp_and_ahead_min_max``."""
-    return sum_exp_and_ahead_min_max(segment, reference, in_range, ahead)
+    return sum_exp_and_ahead_min_max(segment, reference, in_range, ahead, keep)
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
@@ -314,12 +359,16 @@ def merge_max_sum(max_a, sum_a, max_b, sum_b):
 
 
 @njit(cache=True, error_model="numpy")
-def logit_range_stats(row, lo, hi, softcap, class_weight, want_weighted_sum):
+def logit_range_stats(row, lo, hi, softcap, class_weight, want_weighted_sum, keep, references):
     """Partial statistics of row[lo:hi] for logit inputs: (row_max, sum_exp, weighted_sum,
     lowest), lowest being the smallest logit where tracked (half precision without softcap;
     -inf otherwise, which only loses the gradient sweep's in-range exp).
 
     ``class_weight`` is None or one weight per element of ``row`` (same positions).
+    ``keep``: None, or where every term exp(v_j - m_b) is stored as well: True for over ``row``
+    itself, or an output row (same positions as ``row``); m_b is the running max after block b,
+    which goes into ``references[b]`` (blocks counted from ``lo``; -inf: the block's terms were
+    taken relative to 0 and are 0 or NaN). See ``kept_exp_range_grad``.
     """
     running_max = as_compute(-np.inf, row[0])
     lowest = np.inf
@@ -331,9 +380,12 @@ def logit_range_stats(row, lo, hi, softcap, class_weight, want_weighted_sum):
     for block_lo in range(lo, hi, BLOCK):
         block_hi = min(block_lo + BLOCK, hi)
         segment = row[block_lo:block_hi]
+        block_keep = kept_part(keep, block_lo, block_hi)
         new_max = block_max if block_max > running_max else running_max
         sum_exp *= rescale_factor(running_max, new_max)
         running_max = new_max
+        if references is not None:
+            references[(block_lo - lo) // BLOCK] = running_max
         # While the max is still -inf every value is -inf or NaN: summing relative to 0
         # keeps the partial at 0 (or NaN) instead of exp(-inf + inf) = NaN.
         reference = running_max if running_max > -np.inf else as_compute(0.0, row[0])
@@ -341,25 +393,26 @@ def logit_range_stats(row, lo, hi, softcap, class_weight, want_weighted_sum):
         in_range = block_min - reference >= as_compute(HALF_MIN_ARG, row[0])
         if block_min < lowest:
             lowest = np.float64(block_min)
+        # Before the sum: a kept term may overwrite the logit.
+        if want_weighted_sum:
+            weights = class_weight_range(class_weight, block_lo, block_hi)
+            weighted_sum += segment_weighted_sum(segment, weights, softcap)
         ahead_hi = min(block_hi + BLOCK, hi)
         if softcap is None and block_hi - block_lo == BLOCK and ahead_hi - block_hi == BLOCK:
             # The next block's (lowest, max) come from the same loop as this block's sum.
             ahead = row[block_hi:ahead_hi]
             if in_range:
-                block_sum, block_min, block_max = segment_sum_exp_ahead(segment, reference, True, ahead)
+                block_sum, block_min, block_max = segment_sum_exp_ahead(segment, reference, True, ahead, block_keep)
             else:
-                block_sum, block_min, block_max = segment_sum_exp_ahead(segment, reference, None, ahead)
+                block_sum, block_min, block_max = segment_sum_exp_ahead(segment, reference, None, ahead, block_keep)
         else:
             if in_range:
-                block_sum = segment_sum_exp(segment, reference, softcap, True)
+                block_sum = segment_sum_exp(segment, reference, softcap, True, block_keep)
             else:
-                block_sum = segment_sum_exp(segment, reference, softcap, None)
+                block_sum = segment_sum_exp(segment, reference, softcap, None, block_keep)
             if ahead_hi > block_hi:
                 block_min, block_max = segment_min_max(row[block_hi:ahead_hi], softcap)
         sum_exp += block_sum
-        if want_weighted_sum:
-            weights = class_weight_range(class_weight, block_lo, block_hi)
-            weighted_sum += segment_weighted_sum(segment, weights, softcap)
     # A finite max's own term is exp(0) = 1, so sum_exp >= 1; but a softcapped logit is recomputed
     # in the sum pass and can round an ulp below the max, which gave a one-class row the loss -6e-8.
     # (0 is an all -inf range; NaN passes through.)
@@ -571,6 +624,30 @@ def logit_target_grad(value, row_max, coef_p, coef_t, coef_w, target_weight_w, s
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+def kept_exp_range_grad(row_in, row_out, lo, hi, references, row_max, coef_p, coef_w, class_weight):
+    """Write coef_p exp(v_j - row_max) - coef_w w_j over [lo, hi) (float32 or float64, no
+    softcap) from the terms exp(v_j - m_b) that ``logit_range_stats`` kept there, m_b being
+    ``references[b]``: one multiply-add per element, where ``logit_range_grad`` computes an exp.
+    The target is fixed after.
+
+    A block kept while the running max was -inf holds 0 or NaN, and its factor is 0, so that
+    0 * exp(0 - row_max) cannot overflow. Non-finite coefficients (a row with NaN, +inf, or
+    only -inf) make every element NaN, as in ``logit_range_grad``.
+    """
+    reference = row_max if row_max > -np.inf else 0.0
+    weight_coef = as_compute(coef_w, row_in[0])
+    for block_lo in range(lo, hi, BLOCK):
+        block_hi = min(block_lo + BLOCK, hi)
+        block_max = references[(block_lo - lo) // BLOCK]
+        shift = rescale_factor(block_max, reference) if block_max > -np.inf else 0.0
+        factor = as_compute(coef_p * shift, row_in[0])
+        terms = grad_dest(row_in[block_lo:block_hi], row_out, block_lo, block_hi)
+        weights = class_weight_range(class_weight, block_lo, block_hi)
+        for j in range(terms.shape[0]):
+            terms[j] = factor * terms[j] - weight_coef * as_compute(weight_at(weights, j), terms[0])
+
+
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def prob_range_grad(row_in, row_out, lo, hi, coef_p, coef_w, class_weight):
     """Write inside_j (coef_p - coef_w w_j / clip(p_j)) over [lo, hi); the target is fixed after.
 
@@ -626,7 +703,6 @@ def _out_row_overload(grad_out, i):
     return lambda grad_out, i: grad_out[i]
 
 
-@njit(cache=True, error_model="numpy")
 def logit_row(
     row_in,
     row_out,
@@ -642,34 +718,95 @@ def logit_row(
 ):
     """Loss of one row of logits; writes its gradient into ``row_out`` (True: over ``row_in``).
 
-    ``row_out`` None: loss only.
+    ``row_out`` None: loss only. Two schedules, chosen by type (``row_driver``): in general a
+    statistics pass, then a gradient sweep that computes every exp again; for a float32 or
+    float64 gradient without softcap, the statistics pass stores each exp where the gradient
+    goes and the gradient pass only rescales them (``kept_exp_range_grad``) (stub for Numba).
     """
-    width = row_in.shape[0]
-    row_max, sum_exp, weighted_sum, lowest = logit_range_stats(
-        row_in, 0, width, softcap, class_weight, smoothing != 0.0
-    )
-    # Read the target before the sweep below may overwrite it (in-place gradient).
-    target_value = np.float64(load_logit(row_in[label], softcap))
-    target_weight = weight_at(class_weight, label)
-    loss, coef_p, coef_t, coef_w = row_epilogue(
-        row_max,
-        sum_exp,
-        target_value,
-        weighted_sum,
+    raise NotImplementedError("only callable from compiled code")
+
+
+def row_driver(keeps_exps):
+    """``logit_row``'s implementation for one schedule (``keeps_exps`` is a compile-time
+    constant of the closure: Numba prunes the other schedule's branches before typing)."""
+
+    def row(
+        row_in,
+        row_out,
+        label,
         sample_weight,
-        target_weight,
+        class_weight,
         class_weight_total,
         num_classes,
         smoothing,
         z_loss,
+        softcap,
         grad_scale,
-    )
-    if row_out is not None:
-        logit_range_grad(row_in, row_out, 0, width, row_max, coef_p, coef_w, class_weight, softcap, lowest)
-        target_grad = logit_target_grad(target_value, row_max, coef_p, coef_t, coef_w, target_weight, softcap)
-        dest = grad_dest(row_in, row_out, 0, width)
-        dest[label] = from_compute(as_compute(target_grad, dest[0]), dest[0])
-    return loss
+    ):
+        width = row_in.shape[0]
+        # Read the target first: the statistics pass may overwrite it with kept exps, and the
+        # sweep with the gradient (in place).
+        target_value = np.float64(load_logit(row_in[label], softcap))
+        target_weight = weight_at(class_weight, label)
+        if keeps_exps:
+            references = np.empty((width + BLOCK - 1) // BLOCK)
+            row_max, sum_exp, weighted_sum, lowest = logit_range_stats(
+                row_in, 0, width, softcap, class_weight, smoothing != 0.0, row_out, references
+            )
+        else:
+            row_max, sum_exp, weighted_sum, lowest = logit_range_stats(
+                row_in, 0, width, softcap, class_weight, smoothing != 0.0, None, None
+            )
+        loss, coef_p, coef_t, coef_w = row_epilogue(
+            row_max,
+            sum_exp,
+            target_value,
+            weighted_sum,
+            sample_weight,
+            target_weight,
+            class_weight_total,
+            num_classes,
+            smoothing,
+            z_loss,
+            grad_scale,
+        )
+        if row_out is not None:
+            if keeps_exps:
+                kept_exp_range_grad(row_in, row_out, 0, width, references, row_max, coef_p, coef_w, class_weight)
+            else:
+                logit_range_grad(row_in, row_out, 0, width, row_max, coef_p, coef_w, class_weight, softcap, lowest)
+            target_grad = logit_target_grad(target_value, row_max, coef_p, coef_t, coef_w, target_weight, softcap)
+            dest = grad_dest(row_in, row_out, 0, width)
+            dest[label] = from_compute(as_compute(target_grad, dest[0]), dest[0])
+        return loss
+
+    return row
+
+
+_ROW_WITH_SWEEP = row_driver(False)
+_ROW_WITH_KEPT_EXPS = row_driver(True)
+
+
+@overload(logit_row)
+def _logit_row_overload(
+    row_in,
+    row_out,
+    label,
+    sample_weight,
+    class_weight,
+    class_weight_total,
+    num_classes,
+    smoothing,
+    z_loss,
+    softcap,
+    grad_scale,
+):
+    # Not inlined at the IR level: the row drivers are compiled without fast-math.
+    gradient = not (row_out is None or row_out == types.none)
+    no_softcap = softcap is None or softcap == types.none
+    if gradient and no_softcap and row_in.dtype in (types.float32, types.float64):
+        return _ROW_WITH_KEPT_EXPS
+    return _ROW_WITH_SWEEP
 
 
 @njit(cache=True, error_model="numpy")
@@ -887,7 +1024,7 @@ def parts_stats(
             part_min[i, part] = smallest
         else:
             row_max, sum_exp, weighted_sum, _ = logit_range_stats(
-                rows[i], lo, hi, softcap, class_weight, want_weighted_sum
+                rows[i], lo, hi, softcap, class_weight, want_weighted_sum, None, None
             )
         part_max[i, part] = row_max
         part_sum[i, part] = sum_exp
