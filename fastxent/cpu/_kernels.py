@@ -277,20 +277,21 @@ def segment_sum_exp(segment, reference, softcap, in_range, keep):
 def sum_exp_and_ahead_min_max(segment, reference, in_range, ahead, keep):
     """(sum_j exp(segment_j - reference), lowest of ``ahead``, max of ``ahead``) for two blocks
     of exactly ``BLOCK`` stored logits, no softcap, each term also stored where ``keep`` says
-    (``keep_term``); one loop for float32 and float64 (stub)."""
+    (``keep_term``); one loop for float32 (stub)."""
     raise NotImplementedError("only callable from compiled code")
 
 
 @overload(sum_exp_and_ahead_min_max, inline="always")
 def _sum_exp_and_ahead_min_max_overload(segment, reference, in_range, ahead, keep):
-    # float32 and float64: the max of the next block is taken in the loop that sums this
-    # block's exps. Alone, the max pass waits on memory and the exp pass on arithmetic, one after
-    # the other; together the next block's loads are in flight while the exps are computed
-    # (float32 forward at 2048 x 128256, 2-core AVX2 machine: 83 -> 70 ms).
-    # Half precision keeps two loops: beside float32's exp (8 lanes) its 16-bit keys would
-    # take 8 lanes too instead of 16, and in L1 the fused loop took 15 % longer, which cost what
-    # the overlap saved (bfloat16 forward 49 ms either way).
-    if segment.dtype in (types.int16, types.uint16):
+    # float32: the max of the next block is taken in the loop that sums this block's exps.
+    # Alone, the max pass waits on memory and the exp pass on arithmetic, one after the other;
+    # together the next block's loads are in flight while the exps are computed (forward at
+    # 2048 x 128256, 2-core AVX2 machine: 83 -> 70 ms).
+    # The others keep two loops. Half precision: beside float32's exp (8 lanes) its 16-bit keys
+    # would take 8 lanes too instead of 16, and in L1 the fused loop took 15 % longer, which
+    # cost what the overlap saved (bfloat16 forward 49 ms either way). float64: its exp is a
+    # scalar libm call, which would make the max scalar too (forward 196 -> 217 ms at 512 rows).
+    if segment.dtype != types.float32:
 
         def two_loops(segment, reference, in_range, ahead, keep):
             lowest, highest = stored_min_max(ahead)
@@ -298,7 +299,7 @@ def _sum_exp_and_ahead_min_max_overload(segment, reference, in_range, ahead, kee
 
         return two_loops
 
-    def fused_floats(segment, reference, in_range, ahead, keep):
+    def fused_float32(segment, reference, in_range, ahead, keep):
         high = order_key(to_compute(ahead[0]))
         total = 0.0
         for start in range(0, BLOCK, SUM_RUN):
@@ -315,7 +316,7 @@ def _sum_exp_and_ahead_min_max_overload(segment, reference, in_range, ahead, kee
             total += np.float64(run)
         return total, as_compute(-np.inf, segment[0]), from_order_key(high)
 
-    return fused_floats
+    return fused_float32
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
