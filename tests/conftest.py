@@ -247,6 +247,9 @@ def assert_at_least_naive_accuracy(got, ref, naive, dtype, kind, *, scale=0.0):
 # ----------------------------------------------------------------------------------------
 
 _SESSION_SEED = int(os.environ.get("FASTXENT_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+# pytest-xdist workers inherit the environment of the process that starts them: every worker of
+# a run then draws from the seed the report header prints.
+os.environ.setdefault("FASTXENT_TEST_SEED", str(_SESSION_SEED))
 
 
 @pytest.hookimpl(trylast=True)

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -29,8 +30,12 @@ sys.path.remove(EMULATOR_DIR)
 
 # Each check is a subprocess of a minute or more on one core. ``start_in_background`` (called by
 # conftest.py once the tests are collected) starts the selected ones at once, so that they run
-# beside the rest of the suite; each test then waits for its own result.
+# beside the rest of the suite; each test then waits for its own result. Under pytest-xdist every
+# worker collects every test, so only the first worker starts them, writing into a folder that
+# all workers of the run share, and the test waits for that result in whichever worker runs it.
 _STARTED = {}
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
 
 
 def _emulator_env():
@@ -47,25 +52,40 @@ CHECKS = {
     "test_gpu_suite_on_the_host_emulator": (
         emulated_kernels.available,
         lambda: (
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+            # -n 0: the inner run never spreads over workers of its own.
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0"]
             + [os.path.join("tests", name) for name in ("test_gpu.py", "test_gpu_linear.py")],
             _emulator_env(),
         ),
     ),
 }
 
+# The wrapper a check runs in: its output into files, then its exit status, written last and
+# renamed into place so that a reader never sees a partial status.
+_WRAPPER = 'out=$1; shift; "$@" >"$out/stdout" 2>"$out/stderr"; echo $? >"$out/rc.tmp"; mv "$out/rc.tmp" "$out/rc"'
 
-def start_in_background(test_name: str) -> None:
-    """Start the subprocess of ``test_name`` now if it is one of ``CHECKS`` and can run here."""
+
+def _check_dir(test_name: str, run_id: str | None) -> str:
+    base = run_id if run_id is not None else f"pid{os.getpid()}"
+    return os.path.join(tempfile.gettempdir(), f"fastxent-checks-{base}", test_name)
+
+
+def start_in_background(test_name: str, *, here: bool = False) -> None:
+    """Start the subprocess of ``test_name`` now if it is one of ``CHECKS`` and can run here
+    (under pytest-xdist, in the first worker only, unless ``here``)."""
     if test_name not in CHECKS or test_name in _STARTED:
+        return
+    if _WORKER not in (None, "gw0") and not here:
         return
     can_run, command_and_env = CHECKS[test_name]
     if not can_run():
         return
     command, env = command_and_env()
-    out, err = tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
-    _STARTED[test_name] = (command, process, out, err)
+    folder = _check_dir(test_name, _RUN_ID)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    process = subprocess.Popen(["/bin/sh", "-c", _WRAPPER, "sh", folder, *command], cwd=ROOT, env=env)
+    _STARTED[test_name] = process
     atexit.register(_stop, process)
 
 
@@ -75,17 +95,29 @@ def _stop(process) -> None:
 
 
 def _result(test_name: str, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """The finished run of ``test_name``'s check: the background one, or one run now."""
-    if test_name not in _STARTED:
-        start_in_background(test_name)
-    command, process, out, err = _STARTED.pop(test_name)
-    try:
-        process.wait(timeout=timeout)
-    finally:
-        _stop(process)
-    out.seek(0)
-    err.seek(0)
-    return subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
+    """The finished run of ``test_name``'s check: the background one (started by this process
+    or by the first xdist worker), or one started now."""
+    folder = _check_dir(test_name, _RUN_ID)
+    started_by_first_worker = _WORKER not in (None, "gw0") and os.path.isdir(folder)
+    if test_name not in _STARTED and not started_by_first_worker:
+        start_in_background(test_name, here=True)
+    process = _STARTED.pop(test_name, None)
+    rc_file = os.path.join(folder, "rc")
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(rc_file):
+        if time.monotonic() > deadline:
+            if process is not None:
+                _stop(process)
+            raise TimeoutError(f"{test_name}: no result after {timeout} s")
+        time.sleep(0.5)
+
+    def read(name):
+        with open(os.path.join(folder, name)) as f:
+            return f.read()
+
+    return subprocess.CompletedProcess(
+        CHECKS[test_name][1]()[0], int(read("rc").strip()), read("stdout"), read("stderr")
+    )
 
 
 def _run(command, env=None, timeout=1800):
