@@ -39,11 +39,37 @@ def cupy_module():
     return load_backend()[0]
 
 
+class _SameStreamExport:
+    """A CUDA tensor as CuPy's ``from_dlpack`` sees it: its DLPack export with no stream
+    hand-over, whatever stream CuPy names as the consumer.
+
+    CuPy names its current stream, which in its per-thread default stream mode
+    (``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1``) is the value 2, and PyTorch refuses to export to
+    that stream (``BufferError``). No hand-over is needed: fastxent launches CuPy's work on
+    PyTorch's current stream of the tensor's device (``on_stream``), the stream the tensor's
+    producer ordered its writes on, so ``stream=-1`` (no synchronisation) is exact.
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        self._tensor = tensor
+
+    def __dlpack_device__(self):
+        return self._tensor.__dlpack_device__()
+
+    def __dlpack__(self, *, stream: Any = None, **kwargs: Any):
+        return self._tensor.__dlpack__(stream=-1, **kwargs)
+
+
+def cupy_view(tensor: torch.Tensor):
+    """CuPy's zero-copy view of a CUDA tensor, in every CuPy stream mode (see ``_SameStreamExport``)."""
+    return cupy_module().from_dlpack(_SameStreamExport(tensor))
+
+
 def _cupy_bfloat16_view(tensor: torch.Tensor):
     """CuPy's own zero-copy view of a bfloat16 tensor, or None where CuPy has no bfloat16 (its
     DLPack import refuses the dtype)."""
     try:
-        return cupy_module().from_dlpack(tensor)
+        return cupy_view(tensor)
     except (BufferError, RuntimeError, TypeError, ValueError):
         return None
 
@@ -77,9 +103,9 @@ def to_cupy_storage(tensor: torch.Tensor) -> Tuple[Any, Optional[str]]:
     if tensor.dtype == torch.bfloat16:
         view = _cupy_bfloat16_view(tensor)
         if view is None:
-            return cupy.from_dlpack(tensor.view(torch.int16)).view(cupy.uint16), "bfloat16"
+            return cupy_view(tensor.view(torch.int16)).view(cupy.uint16), "bfloat16"
         return view, None
-    return cupy.from_dlpack(tensor), None
+    return cupy_view(tensor), None
 
 
 def to_array(tensor: torch.Tensor):
@@ -90,8 +116,8 @@ def to_array(tensor: torch.Tensor):
     if tensor.device.type == "cuda":
         if tensor.dtype == torch.bfloat16:
             view = _cupy_bfloat16_view(tensor)
-            return cupy_module().from_dlpack(tensor.float()) if view is None else view
-        return cupy_module().from_dlpack(tensor)
+            return cupy_view(tensor.float()) if view is None else view
+        return cupy_view(tensor)
     if tensor.dtype == torch.bfloat16:
         # NumPy has no bfloat16 in DLPack: view the bits as int16, then as ml_dtypes' bfloat16.
         return np.from_dlpack(tensor.view(torch.int16)).view(_numpy_bfloat16())

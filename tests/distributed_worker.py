@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
@@ -136,9 +137,40 @@ def run_rank(rank: int, group, widths, seed: int, out: str, with_torch: bool, de
         lambda: distributed.linear_cross_entropy(hidden, short, labels, vocab_start=lo, group=group)
     )
 
+    # Rank 1's own work fails and it stays alive (as a training loop that caught the error would):
+    # every rank must raise promptly, the others naming rank 1, and the group must stay usable.
+    if len(widths) > 1:
+        from fastxent.cpu.linear import NumpyLinearOps
+        from fastxent.cpu.xent import NumpyKernel
+
+        labels = np.random.default_rng(seed + 2).integers(0, num_classes, size=NUM_ROWS)
+        calls = (
+            ("failure_stats", NumpyKernel, "stats", lambda: distributed.sparse_cross_entropy(
+                local, labels, vocab_start=lo, group=group)),
+            ("failure_gemm", NumpyLinearOps, "hidden_grad", lambda: distributed.linear_cross_entropy_with_grad(
+                hidden, weight[lo:hi], labels, vocab_start=lo, group=group, block_rows=5)),
+        )  # fmt: skip
+        for key, owner, name, call in calls:
+            original = getattr(owner, name)
+            if rank == 1:
+                setattr(owner, name, _raising(name))
+            began = time.monotonic()
+            messages[key] = _error_of(call)
+            arrays[f"{key}/seconds"] = np.array(time.monotonic() - began)
+            setattr(owner, name, original)
+        arrays["after_failures/loss"] = distributed.sparse_cross_entropy(local, labels, vocab_start=lo, group=group)
+        arrays["after_failures/expected"] = fastxent.sparse_cross_entropy(logits, labels)
+
     np.savez(os.path.join(out, f"rank{rank}.npz"), **arrays)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
         json.dump(messages, handle)
+
+
+def _raising(name: str):
+    def fail(*args, **kwargs):
+        raise MemoryError(f"{name} ran out of memory on rank 1")
+
+    return fail
 
 
 def _mpi_main(args) -> None:

@@ -322,7 +322,7 @@ def test_two_collectives_and_bytes_per_row(rng, kwargs, per_row, per_call):
     for first, steady in run_ranks(2, work):
         assert first[0] == 3  # the layout's one-time all-gather
         assert steady[0] == 2
-        assert steady[1] == per_row * 64 + 4 * _sharded.TAIL + per_call
+        assert steady[1] == per_row * 64 + 4 * (_sharded.TAIL + _sharded.SUM_TAIL) + per_call
 
 
 # ----------------------------------------------------------------------------------------
@@ -521,6 +521,18 @@ def _check_processes(widths, arrays, messages, variants):
         if len(widths) > 1:
             expected = "weight_shard shape" if rank == 0 else "rank 0 rejected its arguments"
             assert expected in rank_messages["linear_one_rank_wrong"]
+    # Rank 1 failed (out of memory) in the statistics pass and in a chunk's GEMM, and stayed
+    # alive: every rank raised within seconds, the others naming rank 1; the group still works.
+    if len(widths) > 1:
+        for rank, (rank_arrays, rank_messages) in enumerate(zip(arrays, messages, strict=True)):
+            for key in ("failure_stats", "failure_gemm"):
+                if rank == 1:
+                    assert rank_messages[key].startswith("MemoryError: "), rank_messages[key]
+                else:
+                    assert rank_messages[key].startswith("RuntimeError: "), rank_messages[key]
+                    assert "rank 1 failed" in rank_messages[key] or "1 other rank(s) failed" in rank_messages[key]
+                assert float(rank_arrays[f"{key}/seconds"]) < 10.0, (key, rank_arrays[f"{key}/seconds"])
+            assert_sharded_loss(rank_arrays["after_failures/loss"], rank_arrays["after_failures/expected"])
     # Then a correct call: the right loss, with two collectives.
     for rank_arrays in arrays:
         assert_sharded_loss(rank_arrays["after_errors/loss"], rank_arrays["after_errors/expected"])
@@ -529,7 +541,7 @@ def _check_processes(widths, arrays, messages, variants):
         regathered = len(widths) == 1 and collectives == 3
         assert collectives == 2 or regathered
         # 12 rows, 12 bytes per row, the per-call flags (and the all-gather's two int64).
-        assert sent == 12 * 12 + 4 * _sharded.TAIL + 16 * regathered
+        assert sent == 12 * 12 + 4 * (_sharded.TAIL + _sharded.SUM_TAIL) + 16 * regathered
 
 
 def test_mpi_processes(mpi_run):

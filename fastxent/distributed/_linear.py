@@ -18,6 +18,12 @@ Every rank must take part in the same collectives, so the chunk size is agreed f
 all-reduction (MAX) of two numbers that also carries any argument error a rank found alone, so
 every rank raises together. Data errors (a bad label, ranks passing different labels) are
 decided inside ``sharded_forward`` as for materialised logits.
+
+A failure of this rank's own work (a GEMM, the gradient, out of memory) must not leave the
+others waiting in a collective: it is caught, the rank stops computing but goes on joining the
+collectives, and the next one carries the failure (the next chunk's statistics, or the hidden
+gradient's all-reduction, or a last status all-reduction when no hidden gradient is wanted), after
+which every rank raises.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from fastxent import _checks as checks
 from fastxent import _linear
 from fastxent._range import IGNORED
 from fastxent.distributed._comm import Communicator
-from fastxent.distributed._sharded import Settings, Shard, sharded_forward
+from fastxent.distributed._sharded import Settings, Shard, error_status, raise_agreed_error, sharded_forward
 
 # Slots of the agreement all-reduction (MAX).
 _NEG_ROWS = 0  # minus this rank's chunk rows: the MAX gives minus the smallest
@@ -63,13 +69,18 @@ def _agree_on_chunks(comm: Communicator, rows: int, error: Optional[Exception]) 
     """The smallest chunk any rank asked for; raises on every rank if any rank found an error."""
     buffer = np.zeros(2)
     buffer[_NEG_ROWS] = -float(rows)
-    buffer[_ERROR_RANK] = 0.0 if error is None else comm.rank + 1.0
+    buffer[_ERROR_RANK] = error_status(comm, error)
     comm.allreduce_max(buffer)
-    if buffer[_ERROR_RANK] > 0:
-        if error is not None:
-            raise error
-        raise ValueError(f"rank {int(buffer[_ERROR_RANK]) - 1} rejected its arguments (see the error raised there)")
+    raise_agreed_error(comm, float(buffer[_ERROR_RANK]), error, "before the first chunk")
     return max(1, int(-buffer[_NEG_ROWS]))
+
+
+def _agree_on_status(comm: Communicator, failure: Optional[BaseException]) -> None:
+    """One all-reduction of a status only: every rank raises if any rank failed since its last
+    collective."""
+    buffer = np.array([error_status(comm, failure)])
+    comm.allreduce_max(buffer)
+    raise_agreed_error(comm, float(buffer[0]), failure, "after the last chunk's statistics")
 
 
 def _backend(on_gpu: bool, compute: np.dtype):
@@ -145,7 +156,14 @@ def sharded_linear(
         flat_labels = labels.reshape(-1)
         row_weight = checks.row_weights(sample_weight, lead_shape)
         chunk_settings = settings._replace(reduction="sum")
-        grad_hidden = xp.empty((num_rows, features), dtype=compute) if want_hidden else None
+        grad_hidden = None
+        if want_hidden:
+            # On the host, one more value after dX: the failure count its all-reduction carries.
+            host_hidden = np.empty(num_rows * features + 1, dtype=compute) if not on_gpu else None
+            if on_gpu:
+                grad_hidden = xp.empty((num_rows, features), dtype=compute)
+            else:
+                grad_hidden = host_hidden[:-1].reshape(num_rows, features)
         grad_weight = xp.zeros(weight_c.shape, dtype=compute) if want_weight else None
         grad_bias = xp.zeros(width, dtype=np.float64) if want_bias else None
         want_any = want_hidden or want_weight or want_bias
@@ -153,27 +171,37 @@ def sharded_linear(
         per_row = np.zeros(num_rows)
         weight_sum = counted = 0.0
         buffer = ops.empty((min(step, max(num_rows, 1)), width))
+        # A failure of this rank's own work since its last collective: the next one carries it.
+        failure: Optional[BaseException] = None
         for lo in range(0, num_rows, step):
             hi = min(lo + step, num_rows)
             chunk_hidden = flat_hidden[lo:hi]
             # 1. This rank's logits of the chunk (one GEMM).
-            chunk = ops.logits(chunk_hidden, weight_c, bias_c, buffer[: hi - lo])
-            # 2. The global statistics (two all-reductions), losses and this slice's gradient.
-            shard = Shard(chunk, vocab_start, width, dtype, class_weight)
+            chunk = None
+            try:
+                chunk = ops.logits(chunk_hidden, weight_c, bias_c, buffer[: hi - lo])
+            except Exception as error:
+                failure = error
+            # 2. The global statistics (two all-reductions), losses and this slice's gradient;
+            #    every rank raises here if any rank failed since its last collective.
+            shard = Shard(chunk, vocab_start, width, dtype, class_weight, error=failure)
             forward = sharded_forward(comm, kernel, shard, flat_labels[lo:hi], chunk_settings, row_weight[lo:hi])
             per_row[lo:hi] = forward.per_row_loss
             weight_sum += float(np.sum(row_weight[lo:hi] * forward.target_weight))
             counted += float(np.count_nonzero(forward.labels != IGNORED))
             if not want_any:
                 continue
-            grad = forward.grad(inplace=True)
-            # 3. This slice's share of the hidden gradient, and its own weight and bias gradients.
-            if want_hidden:
-                ops.hidden_grad(grad, weight_c, grad_hidden[lo:hi])
-            if want_weight:
-                ops.accumulate_weight_grad(grad, chunk_hidden, grad_weight)
-            if want_bias:
-                ops.accumulate_bias_grad(grad, grad_bias)
+            try:
+                grad = forward.grad(inplace=True)
+                # 3. This slice's share of the hidden gradient, and its own weight and bias gradients.
+                if want_hidden:
+                    ops.hidden_grad(grad, weight_c, grad_hidden[lo:hi])
+                if want_weight:
+                    ops.accumulate_weight_grad(grad, chunk_hidden, grad_weight)
+                if want_bias:
+                    ops.accumulate_bias_grad(grad, grad_bias)
+            except Exception as error:
+                failure = error
 
         if settings.reduction == "mean":
             denominator = weight_sum
@@ -182,12 +210,31 @@ def sharded_linear(
         else:
             denominator = 1.0
         scale = checks.grad_scale_for(denominator)
-        loss = checks.reduce_loss(per_row, settings.reduction, denominator, lead_shape, checks.loss_dtype(dtype), np)
         if want_hidden:
-            # dX = sum over ranks of G_r W_r: each rank holds its own term.
-            host = grad_hidden.get() if on_gpu else grad_hidden
+            # dX = sum over ranks of G_r W_r: each rank holds its own term. One more value says
+            # how many ranks failed after their last chunk's statistics.
+            if on_gpu:
+                host_hidden = np.empty(num_rows * features + 1, dtype=compute)
+                if failure is None:
+                    host_hidden[:-1] = grad_hidden.get().reshape(-1)
+            host = host_hidden
+            values = host[:-1].reshape(num_rows, features)
+            if failure is not None:
+                values[...] = 0.0
+            host[-1] = 0.0 if failure is None else 1.0
             comm.allreduce_sum(host)
-            grad_hidden = xp.asarray(host) if on_gpu else host
+            if host[-1] > 0:
+                if failure is not None:
+                    raise failure
+                raise RuntimeError(
+                    f"{int(host[-1])} other rank(s) failed after the last chunk's statistics (see the error raised there)"
+                )
+            grad_hidden = xp.asarray(values) if on_gpu else values
+        elif want_any:
+            _agree_on_status(comm, failure)
+        elif failure is not None:
+            raise failure
+        loss = checks.reduce_loss(per_row, settings.reduction, denominator, lead_shape, checks.loss_dtype(dtype), np)
         grads = []
         for grad, shape in ((grad_hidden, tuple(hidden.shape)), (grad_weight, None), (grad_bias, None)):
             if grad is None:

@@ -30,6 +30,14 @@ join that all-gather together, so a layout that changes on some ranks only canno
 Errors that depend on data (a bad label, a negative probability, a broken tiling, an argument
 that only one rank gets wrong, ranks passing different labels) are decided from the results of
 a collective, so every rank raises and none is left waiting.
+
+So are failures: an exception on one rank between two collectives (out of memory, a kernel that
+fails to compile, a BLAS error) is caught there, the rank still joins the next collective with a
+status that says it failed, and every rank raises after it (the failing rank its own exception,
+the others a ``RuntimeError`` naming it). Collective 1 carries that status in its error slot, and
+collective 2 in one more value (``SUM_TAIL``), the number of ranks that failed since collective 1.
+A caller that has collectives of its own after these (the linear + cross-entropy's chunks) hands
+a failure of its own work to the next call as ``Shard.error``.
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ from fastxent.distributed._comm import Communicator
 
 # Layout of the per-call tail of the MAX buffer (float32 holds integers exactly below 2**24, so
 # wider integers travel as 24-bit chunks).
-_ERROR_RANK = 0  # 1 + the highest rank whose arguments were rejected, 0 if none
+_ERROR_RANK = 0  # 1 + the highest rank whose arguments were rejected, 0 if none; size + 1 + rank if it failed
 _UNVERIFIED = 1  # 1 if this rank's shard layout has not been checked yet
 _TOTAL = slice(2, 4)  # believed total class count (two 24-bit chunks), -1 if unknown
 _NEG_TOTAL = slice(4, 6)
@@ -57,6 +65,30 @@ _PRINT = slice(6, 8)  # fingerprint of labels, sample weights and options (two 1
 _NEG_PRINT = slice(8, 10)
 _BAD_LABEL = 10  # 1 if this rank found a label outside [0, V)
 TAIL = 11
+# The per-call tail of the SUM buffer: how many ranks failed since collective 1.
+SUM_TAIL = 1
+
+
+def error_status(comm: Communicator, error: Optional[BaseException]) -> float:
+    """This rank's value of an error slot reduced by MAX: 0 without an error, 1 + rank for an
+    argument error (``ValueError``/``TypeError``), size + 1 + rank for any other failure."""
+    if error is None:
+        return 0.0
+    if isinstance(error, (ValueError, TypeError)):
+        return comm.rank + 1.0
+    return comm.size + comm.rank + 1.0
+
+
+def raise_agreed_error(comm: Communicator, status: float, error: Optional[BaseException], stage: str) -> None:
+    """Raise on every rank once a MAX-reduced error slot (``error_status``) is non-zero: this
+    rank's own error where it has one, else one that names the rank that reported."""
+    if status <= 0:
+        return
+    if error is not None:
+        raise error
+    if status > comm.size:
+        raise RuntimeError(f"rank {int(status) - comm.size - 1} failed {stage} (see the error raised there)")
+    raise ValueError(f"rank {int(status) - 1} rejected its arguments (see the error raised there)")
 
 
 @dataclass(frozen=True)
@@ -183,7 +215,8 @@ class Shard:
         width: its number of classes.
         logits_dtype: the logits' dtype (float64 communicates in float64, anything else float32).
         class_weight: None or this shard's (width,) class weights.
-        error: an error this rank found in its own arguments; every rank raises.
+        error: an error this rank found in its own arguments, or a failure of its own work since
+            its last collective; every rank raises (the rows are not read).
     """
 
     rows: Any
@@ -310,7 +343,14 @@ def _local_part(comm, kernel, shard: Shard, labels, settings: Settings, sample_w
         grad_scale=1.0,
     )
     num_rows = global_labels.shape[0]
-    stats = _range.neutral_stats(num_rows) if error is not None else kernel.stats(shard.rows, local, options)
+    stats = None
+    if error is None:
+        try:
+            stats = kernel.stats(shard.rows, local, options)
+        except Exception as failure:  # shared by collective 1: no rank is left waiting in it
+            error = failure
+    if stats is None:
+        stats = _range.neutral_stats(num_rows)
     return _LocalPart(
         lead_shape,
         _comm_dtype(shard.logits_dtype),
@@ -334,7 +374,7 @@ def _gather_flags_and_maxima(comm, part: _LocalPart, shard: Shard, labels, setti
     first = np.empty(num_rows + TAIL, dtype=part.comm_dtype)
     first[:num_rows] = part.stats.row_max if settings.from_logits else -part.stats.row_min
     tail = first[num_rows:]
-    tail[_ERROR_RANK] = 0.0 if part.error is None else comm.rank + 1.0
+    tail[_ERROR_RANK] = error_status(comm, part.error)
     tail[_UNVERIFIED] = 1.0 if part.layout is None else 0.0
     total = [-1.0, -1.0] if part.layout is None else _chunks(part.layout.num_classes, 2, 24)
     tail[_TOTAL], tail[_NEG_TOTAL] = total, [-t for t in total]
@@ -350,10 +390,7 @@ def _gather_flags_and_maxima(comm, part: _LocalPart, shard: Shard, labels, setti
 def _decide_errors(comm, part: _LocalPart, shard: Shard, tail, labels, settings, global_max) -> ShardLayout:
     """Raise on every rank, from the MAX's results, or return the verified layout."""
     layout, bad = part.layout, part.bad
-    if tail[_ERROR_RANK] > 0:
-        if part.error is not None:
-            raise part.error
-        raise ValueError(f"rank {int(tail[_ERROR_RANK]) - 1} rejected its arguments (see the error raised there)")
+    raise_agreed_error(comm, float(tail[_ERROR_RANK]), part.error, "before the statistics' first all-reduction")
     if not _all_equal(tail, _PRINT, _NEG_PRINT):
         raise ValueError(
             "ranks passed different labels, sample weights or options: they must be identical "
@@ -391,13 +428,47 @@ def _reduce_sums(comm, part: _LocalPart, width: int, layout: ShardLayout, settin
     clipped sum), the target term, [class weights] the target's weight; per call [class weights
     and smoothing] the shard's sum of class weights."""
     num_rows = part.global_labels.shape[0]
+    weights = part.weights
+    smoothing = settings.label_smoothing != 0.0
+    fields = 2 + int(weights is not None)
+    extra = int(weights is not None and smoothing)
+    second = np.zeros(fields * num_rows + extra + SUM_TAIL, dtype=part.comm_dtype)
+    failure = None
+    try:
+        _fill_sums(second, part, width, layout, settings, global_max)
+    except Exception as error:  # shared by collective 2: no rank is left waiting in it
+        failure = error
+    second[-1] = 0.0 if failure is None else 1.0
+    comm.allreduce_sum(second)
+    if second[-1] > 0:
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"{int(second[-1])} other rank(s) failed before the statistics' second all-reduction")
+
+    weight_total = float(layout.num_classes)
+    counted = part.global_labels != _range.IGNORED
+    if weights is not None:
+        target_weight = np.where(counted, second[2 * num_rows : 3 * num_rows].astype(np.float64), 0.0)
+        if smoothing:
+            weight_total = float(second[3 * num_rows])
+    else:
+        target_weight = np.where(counted, 1.0, 0.0)
+    return _Sums(
+        second[:num_rows].astype(np.float64),
+        second[num_rows : 2 * num_rows].astype(np.float64),
+        target_weight,
+        weight_total,
+    )
+
+
+def _fill_sums(second: np.ndarray, part: _LocalPart, width: int, layout: ShardLayout, settings, global_max) -> None:
+    """This rank's contribution to collective 2, written into ``second`` (see ``_reduce_sums``)."""
+    num_rows = part.global_labels.shape[0]
     stats, weights, local = part.stats, part.weights, part.local
     smoothing = settings.label_smoothing != 0.0
     eps, num_classes = settings.label_smoothing, layout.num_classes
     row_max = global_max.astype(np.float64) if settings.from_logits else np.zeros(num_rows)
     local_weight_total = float(width) if weights is None else float(weights.sum())
-    fields = 2 + int(weights is not None)
-    second = np.zeros(fields * num_rows + int(weights is not None and smoothing), dtype=part.comm_dtype)
     sum_part, target_part = second[:num_rows], second[num_rows : 2 * num_rows]
     counted = part.global_labels != _range.IGNORED
     owned = np.flatnonzero(local >= 0)
@@ -425,21 +496,6 @@ def _reduce_sums(comm, part: _LocalPart, width: int, layout: ShardLayout, settin
         second[2 * num_rows : 3 * num_rows] = local_target_weight
         if smoothing:
             second[3 * num_rows] = local_weight_total
-    comm.allreduce_sum(second)
-
-    weight_total = float(num_classes)
-    if weights is not None:
-        target_weight = np.where(counted, second[2 * num_rows : 3 * num_rows].astype(np.float64), 0.0)
-        if smoothing:
-            weight_total = float(second[3 * num_rows])
-    else:
-        target_weight = np.where(counted, 1.0, 0.0)
-    return _Sums(
-        second[:num_rows].astype(np.float64),
-        second[num_rows : 2 * num_rows].astype(np.float64),
-        target_weight,
-        weight_total,
-    )
 
 
 def _finish(part: _LocalPart, sums: _Sums, layout, settings: Settings, global_max, shard: Shard, kernel):
