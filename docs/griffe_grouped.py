@@ -5,7 +5,8 @@ on one entry (``ignore_index, label_smoothing, z_loss: as in ...``), the groupin
 documents for parameters. Google style has no such form, so before a docstring is parsed each
 such entry becomes one entry per name with the shared description; a name may carry a type in
 parentheses (``class_weight ((V,) values)``), and the list of names may run onto the next
-line. Anything else is left to the parser, whose warnings fail the strict build.
+line. Anything else is left to the parser, whose warnings fail the strict build (a warning
+about a line after such an entry may name a line a few lines off: the entry grew).
 """
 
 from __future__ import annotations

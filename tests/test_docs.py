@@ -210,3 +210,27 @@ def test_gpu_examples(tmp_path):
         encoding="utf-8",
     )
     _run([sys.executable, str(script)], LAUNCH_TIMEOUT_S, tmp_path)
+
+
+# The README's two set-up commands: a fresh machine must run them as they are written.
+SETUP_COMMANDS = (
+    'python3 -m venv .venv && .venv/bin/pip install -q -e ".[bench]" && .venv/bin/fastxent bench',
+    'python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" && .venv/bin/python -m pytest -q',
+)
+
+
+def test_setup_commands_are_in_the_readme_and_ci():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    for command in SETUP_COMMANDS:
+        assert command in readme, command
+    assert SETUP_COMMANDS[1] in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert SETUP_COMMANDS[1] in (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8").splitlines()
+
+
+def test_readme_links_point_at_files():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [t for t in targets if "://" not in t]
+    assert local, "the README links into the documentation"
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, f"README links to missing files: {missing}"
