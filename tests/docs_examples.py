@@ -1,4 +1,4 @@
-"""The examples of the documentation (``docs/**/*.md``), found and run.
+"""The examples of the documentation (``docs/**/*.md`` and the README), found and run.
 
 Every fenced ``python`` block is an example. The blocks of one page run in order in one
 namespace, as a reader would paste them into one session; each page starts afresh. A block
@@ -45,8 +45,8 @@ class Example:
 
 
 def pages() -> list[Path]:
-    """The documentation's Markdown pages, in a fixed order."""
-    return sorted(DOCS.rglob("*.md"))
+    """The documentation's Markdown pages and the README, in a fixed order."""
+    return sorted(DOCS.rglob("*.md")) + [ROOT / "README.md"]
 
 
 def examples(page: Path) -> list[Example]:
