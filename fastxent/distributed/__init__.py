@@ -164,9 +164,9 @@ def sparse_cross_entropy(
         The loss, as ``fastxent.sparse_cross_entropy`` returns it; identical on every rank.
 
     Raises:
-        ValueError on every rank (never on some only) for a label outside [0, V_total), a
-        negative probability, shards that do not tile the vocabulary, or arguments one rank
-        gets wrong.
+        ValueError: on every rank (never on some only), for a label outside [0, V_total), a
+            negative probability, shards that do not tile the vocabulary, or arguments one rank
+            gets wrong.
     """
     forward, _, _, xp = _forward(
         local_logits,
@@ -347,9 +347,9 @@ def linear_cross_entropy(
         The loss, identical on every rank (an array of hidden's kind).
 
     Raises:
-        On every rank together: an argument one rank gets wrong (a weight shard of the wrong
-        width, say), a label outside [0, V_total), shards that do not tile the vocabulary,
-        ranks passing different labels or sample weights.
+        ValueError: on every rank together, for an argument one rank gets wrong (a weight shard
+            of the wrong width, say), a label outside [0, V_total), shards that do not tile the
+            vocabulary, or ranks passing different labels or sample weights.
     """
     loss, *_ = _linear_call(
         hidden,
