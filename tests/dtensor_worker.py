@@ -115,6 +115,7 @@ def cross_entropy_cases(mesh, rec: Recorder, seed: int):
         ("batch/one-row", (1, c), Shard(0), Shard(0), {"weight": True}, {}),
         ("batch/all-ignored", (n, c), Shard(0), Shard(0), {}, {"ignore": n}),
         ("batch/float32", (n, c), Shard(0), Shard(0), {"dtype": torch.float32}, {"ignore": 1}),
+        ("batch/bfloat16", (n, c), Shard(0), Shard(0), {"dtype": torch.bfloat16, "weight": True}, {"ignore": 1}),
         ("vocab/plain", (n, c), Shard(1), Replicate(), {}, {}),
         ("vocab/minus-one", (n, c), Shard(-1), Replicate(), {"label_smoothing": 0.1}, {"ignore": 2}),
         ("vocab/plain-target", (n, c), Shard(1), None, {"weight": True}, {}),
@@ -131,6 +132,7 @@ def cross_entropy_cases(mesh, rec: Recorder, seed: int):
         ("vocab/unbatched", (c,), Shard(0), Replicate(), {}, {}),
         ("vocab/all-ignored", (n, c), Shard(1), Replicate(), {}, {"ignore": n}),
         ("vocab/float32", (n, c), Shard(1), Replicate(), {"dtype": torch.float32}, {"ignore": 1}),
+        ("vocab/bfloat16", (n, c), Shard(1), Replicate(), {"dtype": torch.bfloat16, "weight": True}, {"ignore": 1}),
         ("replicated", (n, c), Replicate(), Replicate(), {"weight": True}, {"ignore": 2}),
     ]
     for name, shape, placement, target_placement, options, input_kwargs in cases:
@@ -162,11 +164,11 @@ def cross_entropy_cases(mesh, rec: Recorder, seed: int):
             rec.put(f"{key}/local_grad_shape", np.array(local.grad.to_local().shape))
             rec.put(f"{key}/local_input_shape", np.array(local.to_local().shape))
             # PyTorch in float64 on the full tensors: the reference.
-            full = logits64.clone().requires_grad_()
+            # (The inputs as the sharded call got them: rounded to its dtype.)
+            full = logits.detach().to(torch.float64).clone().requires_grad_()
             ref_target = target.to(torch.float64) if target.is_floating_point() else target
-            ref = F.cross_entropy(
-                full, ref_target, None if weight is None else weight64, reduction=reduction, **options
-            )
+            ref_weight = None if weight is None else weight.to(torch.float64)
+            ref = F.cross_entropy(full, ref_target, ref_weight, reduction=reduction, **options)
             ref.backward(upstream.to(torch.float64))
             rec.put(f"{key}/ref_loss", _numpy(ref))
             rec.put(f"{key}/ref_grad", _numpy(full.grad))

@@ -445,7 +445,8 @@ class _NothingCounted(torch.autograd.Function):
     def forward(ctx, rows: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(counted)
         ctx.shape = rows.shape
-        return torch.full((), float("nan"), dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32)
+        dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        return torch.full((), float("nan"), dtype=dtype, device=rows.device)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -631,16 +632,17 @@ class _LinearNothingCounted(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, counted):
         ctx.save_for_backward(counted)
         ctx.shapes = (hidden.shape, weight.shape, None if bias is None else bias.shape)
-        return torch.full((), float("nan"), dtype=hidden.dtype)
+        return torch.full((), float("nan"), dtype=hidden.dtype, device=hidden.device)
 
     @staticmethod
     def backward(ctx, grad):
         (counted,) = ctx.saved_tensors
         hidden_shape, weight_shape, bias_shape = ctx.shapes
         fill = float("nan") if bool(counted.any()) else 0.0
-        grad_hidden = torch.zeros(hidden_shape, dtype=grad.dtype).masked_fill(
+        like = dict(dtype=grad.dtype, device=grad.device)
+        grad_hidden = torch.zeros(hidden_shape, **like).masked_fill(
             counted.unsqueeze(-1).expand(hidden_shape), float("nan")
         )
-        grad_weight = torch.full(weight_shape, fill, dtype=grad.dtype)
-        grad_bias = None if bias_shape is None else torch.full(bias_shape, fill, dtype=grad.dtype)
+        grad_weight = torch.full(weight_shape, fill, **like)
+        grad_bias = None if bias_shape is None else torch.full(bias_shape, fill, **like)
         return grad_hidden, grad_weight, grad_bias, None
