@@ -72,6 +72,23 @@ def _agree_on_chunks(comm: Communicator, rows: int, error: Optional[Exception]) 
     return max(1, int(-buffer[_NEG_ROWS]))
 
 
+def _raise_with_position(error: ValueError, comm: Communicator, labels: np.ndarray, settings: Settings):
+    """Re-raise ``error``; a bad label found in a chunk gets its position in the whole labels
+    (the chunk's own message counts from the chunk's first row). Every rank raises this
+    together: the labels are the same on every rank, and so is the first bad one."""
+    layout = getattr(comm, "verified_layout", None)
+    if "outside the valid range" not in str(error) or layout is None:
+        raise error
+    valid = None if settings.ignore_index is None else labels != settings.ignore_index
+    bad = checks.find_bad_label(labels, valid, layout.num_classes, np)
+    if bad is None:
+        raise error
+    message = checks.bad_label_message(
+        *bad, layout.num_classes, settings.ignore_index, of=" of the whole (sharded) vocabulary"
+    )
+    raise ValueError(message) from None
+
+
 def _backend(on_gpu: bool, compute: np.dtype):
     """(LinearOps, RangeKernel) of the layer's array type."""
     if on_gpu:
@@ -160,7 +177,10 @@ def sharded_linear(
             chunk = ops.logits(chunk_hidden, weight_c, bias_c, buffer[: hi - lo])
             # 2. The global statistics (two all-reductions), losses and this slice's gradient.
             shard = Shard(chunk, vocab_start, width, dtype, class_weight)
-            forward = sharded_forward(comm, kernel, shard, flat_labels[lo:hi], chunk_settings, row_weight[lo:hi])
+            try:
+                forward = sharded_forward(comm, kernel, shard, flat_labels[lo:hi], chunk_settings, row_weight[lo:hi])
+            except ValueError as error:
+                _raise_with_position(error, comm, labels, settings)
             per_row[lo:hi] = forward.per_row_loss
             weight_sum += float(np.sum(row_weight[lo:hi] * forward.target_weight))
             counted += float(np.count_nonzero(forward.labels != IGNORED))
