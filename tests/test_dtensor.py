@@ -231,3 +231,16 @@ def check_fsdp(arrays, messages):
 def test_fsdp2_transformers(ranks):
     arrays, messages = ranks
     check_fsdp(arrays, messages)
+
+
+def test_kernels_never_read_a_wrapper_tensor_as_plain():
+    """In process, no group needed: a tensor whose storage is not its data (here a jagged nested
+    tensor, a wrapper subclass like DTensor) is refused before any kernel reads its memory."""
+    import torch
+
+    from fastxent import _torch_interop as interop
+
+    nested = torch.nested.nested_tensor([torch.randn(2, 5), torch.randn(3, 5)], layout=torch.jagged)
+    for convert in (interop.to_array, interop.to_numpy, interop.host):
+        with pytest.raises(TypeError, match="NestedTensor"):
+            convert(nested)
