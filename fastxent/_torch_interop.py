@@ -21,6 +21,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEVICE_TYPES = ("cpu", "cuda")
@@ -74,14 +75,28 @@ def _cupy_bfloat16_view(tensor: torch.Tensor):
         return None
 
 
+def check_plain(tensor: torch.Tensor) -> None:
+    """TypeError for a tensor whose own storage is not its data: a DTensor (its storage is empty
+    or unrelated; its data is per-rank local tensors), a nested tensor, any wrapper subclass.
+    Reading such a storage would give the kernels the wrong memory."""
+    if is_traceable_wrapper_subclass(tensor):
+        raise TypeError(
+            f"fastxent's kernels read plain tensors; got a {type(tensor).__name__} (a wrapper around other "
+            "tensors): fastxent.torch.cross_entropy and linear_cross_entropy take DTensors themselves, "
+            "other code must pass the local tensors (dtensor.to_local())"
+        )
+
+
 def check_tensor(tensor: torch.Tensor) -> None:
     """TypeError unless fastxent's kernels take the tensor's device and dtype (see the module docstring)."""
+    check_plain(tensor)
     if tensor.device.type not in DEVICE_TYPES:
         raise TypeError(f"fastxent takes CPU or CUDA tensors; got a tensor on {tensor.device}")
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """Zero-copy NumPy view of a CPU tensor (bfloat16 through its bits, as ml_dtypes' bfloat16)."""
+    check_plain(tensor)
     tensor = tensor.detach()
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(_numpy_bfloat16())
@@ -98,6 +113,7 @@ def from_numpy(array: np.ndarray) -> torch.Tensor:
 def to_cupy_storage(tensor: torch.Tensor) -> Tuple[Any, Optional[str]]:
     """(zero-copy CuPy view, storage name) of a tensor for the GPU launchers: bfloat16 as its
     uint16 bits with ``storage="bfloat16"`` where CuPy has no bfloat16 dtype, else (view, None)."""
+    check_plain(tensor)
     cupy = cupy_module()
     tensor = tensor.detach()
     if tensor.dtype == torch.bfloat16:
@@ -148,6 +164,7 @@ def host(value: Any, dtype: Any = None) -> Optional[np.ndarray]:
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
+        check_plain(value)
         value = value.detach().cpu()
         value = to_numpy(value) if value.dtype == torch.bfloat16 else value.numpy()
     return np.asarray(value) if dtype is None else np.asarray(value, dtype=dtype)

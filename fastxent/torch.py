@@ -50,6 +50,8 @@ from fastxent._dense_api import (
     categorical_cross_entropy_with_grad,
 )
 from fastxent._linear_api import linear_cross_entropy_with_grad
+from fastxent._torch_errors import InvalidInputError, TargetOutOfBoundsError
+from fastxent.distributed import _dtensor as dtensor
 from fastxent.distributed._torch import vocab_parallel_cross_entropy  # noqa: F401  (re-export)
 from fastxent.host_buffers import host_output_like
 
@@ -62,19 +64,6 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("none", "mean", "sum")
-
-
-class TargetOutOfBoundsError(ValueError, IndexError):
-    """A class index outside [0, C) that is not ``ignore_index``.
-
-    fastxent reports it as a ``ValueError``; it is also an ``IndexError``, the type PyTorch raises,
-    so code written for ``torch.nn.functional.cross_entropy`` keeps catching it.
-    """
-
-
-class InvalidInputError(ValueError, RuntimeError):
-    """A shape, dtype or option that PyTorch rejects: fastxent's ``ValueError``, also the
-    ``RuntimeError`` PyTorch raises for it, so code written for PyTorch keeps catching it."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -350,6 +339,11 @@ def cross_entropy(
         raise InvalidInputError(
             "cross_entropy is not differentiable with respect to argument 'weight'. "
             "This input cannot have requires_grad True."
+        )
+    if dtensor.any_dtensor(input, target, weight):
+        # Sharded tensors: each rank's local part, never a DTensor's storage read as a plain tensor.
+        return dtensor.cross_entropy(
+            cross_entropy, input, target, weight, int(ignore_index), reduction, label_smoothing
         )
     if float(label_smoothing) == 1.0:
         # Allowed by PyTorch (every row's target is uniform), outside the kernel's [0, 1): PyTorch's own.
@@ -687,6 +681,20 @@ def linear_cross_entropy(
     _check_linear_inputs(input, linear_weight, target, linear_bias, weight)
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise InvalidInputError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if dtensor.any_dtensor(input, linear_weight, target, linear_bias, weight):
+        # A tensor-parallel head: vocabulary-parallel over the mesh, gradients keep the placements.
+        return dtensor.linear_cross_entropy(
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=weight,
+            reduction=reduction,
+            ignore_index=-100 if ignore_index is None else int(ignore_index),
+            label_smoothing=float(label_smoothing),
+            softcap=None if softcap is None else float(softcap),
+            z_loss=float(z_loss),
+        )
     logits_shape = (*input.shape[:-1], linear_weight.shape[0], *linear_weight.shape[1:-1])
     probabilities = tuple(target.shape) == logits_shape
     if probabilities and ignore_index is not None:

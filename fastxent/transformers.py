@@ -234,22 +234,27 @@ def _head_linears(head: nn.Module) -> Optional[List[nn.Linear]]:
 
 
 class _HeadStandIn:
-    """While active, each of the head's nn.Linear layers records its input instead of computing
-    logits, and returns an empty (..., 0) tensor in their place.
+    """While active, each of the head's nn.Linear layers computes the fused loss of its input
+    (``loss_of(linear, input)``) instead of logits, records it, and returns an empty (..., 0)
+    tensor in their place.
 
-    The empty tensor costs nothing through whatever the stock forward does to the logits next
-    (a softcap, a ``.float()``), and no loss is computed on it because the stock forward runs
-    with ``labels=None``. Hooks on the layers still run, so a pre-hook that moves the input to
-    another device is honoured.
+    The loss is computed inside the head's own forward because that is where its weight is the
+    whole weight: FSDP2 (``fully_shard`` on the head) gathers it in the module's pre-forward hook
+    and shards it again after the forward. The empty tensor costs nothing through whatever the
+    stock forward does to the logits next (a softcap, a ``.float()``), and no stock loss is
+    computed on it because the stock forward runs with ``labels=None``. Hooks on the layers still
+    run, so a pre-hook that moves the input to another device is honoured.
     """
 
-    def __init__(self, linears: List[nn.Linear]):
+    def __init__(self, linears: List[nn.Linear], loss_of: Callable[[nn.Linear, torch.Tensor], torch.Tensor]):
         self.linears = linears
+        self.loss_of = loss_of
         self.calls: List[Tuple[nn.Linear, torch.Tensor]] = []
 
     def _recorder(self, linear: nn.Linear):
         def forward(input: torch.Tensor) -> torch.Tensor:
-            self.calls.append((linear, input))
+            # A second call means the stock forward runs for real instead: no loss for it.
+            self.calls.append((linear, None if self.calls else self.loss_of(linear, input)))
             return input.new_empty((*input.shape[:-1], 0))
 
         return forward
@@ -318,7 +323,19 @@ def _make_forward(stock: Callable[..., Any]) -> Callable[..., Any]:
             if parameter.kind is inspect.Parameter.VAR_KEYWORD:
                 extra = bound.arguments.get(name, {})
         bound.arguments["labels"] = None
-        stand_in = _HeadStandIn(linears)
+
+        def loss_of(linear: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+            return _causal_lm_linear_loss(
+                hidden,
+                linear,
+                labels,
+                shift_labels=extra.get("shift_labels"),
+                num_items_in_batch=extra.get("num_items_in_batch"),
+                ignore_index=extra.get("ignore_index", -100),
+                softcap=getattr(self.config, "final_logit_softcapping", None),
+            )
+
+        stand_in = _HeadStandIn(linears, loss_of)
         with stand_in:
             # Everything the stock forward passes to the decoder (including **kwargs such as
             # num_items_in_batch, which it forwards there too) is passed unchanged.
@@ -336,16 +353,7 @@ def _make_forward(stock: Callable[..., Any]) -> Callable[..., Any]:
                 return (loss,) + tuple(output)
             output["loss"] = loss
             return output
-        linear, hidden = stand_in.calls[0]
-        loss = _causal_lm_linear_loss(
-            hidden,
-            linear,
-            labels,
-            shift_labels=extra.get("shift_labels"),
-            num_items_in_batch=extra.get("num_items_in_batch"),
-            ignore_index=extra.get("ignore_index", -100),
-            softcap=getattr(self.config, "final_logit_softcapping", None),
-        )
+        _, loss = stand_in.calls[0]
         return _without_logits(output, loss)
 
     setattr(forward, _STOCK, stock)

@@ -168,9 +168,14 @@ def assert_every_rank_raises(runs, *fragments):
 
 def test_bad_label_raises_on_every_rank(rng):
     hidden, weight, bias, labels, _ = make_layer(rng, "plain")
-    labels[9] = NUM_CLASSES  # in the last chunk
+    labels[9] = NUM_CLASSES  # in the last chunk: its position counts from the first row, not the chunk's
     runs = on_ranks((400, 350, 250), hidden, weight, bias, labels, **CHUNK)
-    assert_every_rank_raises(runs, f"label {NUM_CLASSES} at position (1,)")
+    for run in runs:
+        assert f"label {NUM_CLASSES} at position (9,)" in str(run), run
+    labels = labels.reshape(1, NUM_ROWS)  # a lead shape of two dimensions: the position has two too
+    runs = on_ranks((600, 400), hidden.reshape(1, NUM_ROWS, FEATURES), weight, bias, labels, **CHUNK)
+    for run in runs:
+        assert f"label {NUM_CLASSES} at position (0, 9)" in str(run), run
 
 
 def test_argument_error_on_one_rank_raises_on_every_rank(rng):

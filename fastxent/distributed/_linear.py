@@ -83,6 +83,23 @@ def _agree_on_status(comm: Communicator, failure: Optional[BaseException]) -> No
     raise_agreed_error(comm, float(buffer[0]), failure, "after the last chunk's statistics")
 
 
+def _raise_with_position(error: ValueError, comm: Communicator, labels: np.ndarray, settings: Settings):
+    """Re-raise ``error``; a bad label found in a chunk gets its position in the whole labels
+    (the chunk's own message counts from the chunk's first row). Every rank raises this
+    together: the labels are the same on every rank, and so is the first bad one."""
+    layout = getattr(comm, "verified_layout", None)
+    if "outside the valid range" not in str(error) or layout is None:
+        raise error
+    valid = None if settings.ignore_index is None else labels != settings.ignore_index
+    bad = checks.find_bad_label(labels, valid, layout.num_classes, np)
+    if bad is None:
+        raise error
+    message = checks.bad_label_message(
+        *bad, layout.num_classes, settings.ignore_index, of=" of the whole (sharded) vocabulary"
+    )
+    raise ValueError(message) from None
+
+
 def _backend(on_gpu: bool, compute: np.dtype):
     """(LinearOps, RangeKernel) of the layer's array type."""
     if on_gpu:
@@ -185,7 +202,10 @@ def sharded_linear(
             # 2. The global statistics (two all-reductions), losses and this slice's gradient;
             #    every rank raises here if any rank failed since its last collective.
             shard = Shard(chunk, vocab_start, width, dtype, class_weight, error=failure)
-            forward = sharded_forward(comm, kernel, shard, flat_labels[lo:hi], chunk_settings, row_weight[lo:hi])
+            try:
+                forward = sharded_forward(comm, kernel, shard, flat_labels[lo:hi], chunk_settings, row_weight[lo:hi])
+            except ValueError as error:
+                _raise_with_position(error, comm, labels, settings)
             per_row[lo:hi] = forward.per_row_loss
             weight_sum += float(np.sum(row_weight[lo:hi] * forward.target_weight))
             counted += float(np.count_nonzero(forward.labels != IGNORED))
