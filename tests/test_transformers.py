@@ -10,6 +10,7 @@ Trainer with gradient accumulation, generate, and remove."""
 from __future__ import annotations
 
 import copy
+import os
 import time
 import warnings
 
@@ -334,6 +335,79 @@ def test_not_a_causal_lm_is_refused():
         fxtf.apply(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="ForCausalLM"):
         fxtf.apply(transformers.LlamaModel)
+
+
+# ----------------------------------------------------------------------------------------
+# What the forward does to the logits: traced, fused where reproducible, else stock with a warning
+# ----------------------------------------------------------------------------------------
+
+# Forward hooks on the head: each returns what the forward then works with (a hook's output
+# replaces the head's), traced like the model's own code. (hook, fused?)
+HEAD_HOOKS = {
+    "scale": (lambda module, args, out: 3.0 * out, True),
+    "divide by a 0-d tensor": (lambda module, args, out: out / torch.tensor(0.25), True),
+    "in place": (lambda module, args, out: out.mul_(0.5), True),
+    "softcap, scale, upcast": (
+        lambda module, args, out: (torch.tanh(out.float() * 20.0) / 20.0).contiguous() * 2.0,
+        True,
+    ),
+    "add": (lambda module, args, out: out + 1.0, False),
+    "tanh twice": (lambda module, args, out: torch.tanh(torch.tanh(out)), False),
+    "per-class scale": (lambda module, args, out: out * torch.linspace(0.5, 1.5, VOCAB), False),
+    "learnable scale": (lambda module, args, out: out * module.learnable, False),
+    "downcast": (lambda module, args, out: out.to(torch.bfloat16), False),
+    "log-softmax": (lambda module, args, out: out - torch.logsumexp(out, -1, keepdim=True), False),
+}
+
+
+@pytest.mark.parametrize("hook", HEAD_HOOKS)
+def test_logit_transforms_traced(hook):
+    """A reproducible transform of the logits is fused; anything else runs stock with a
+    FallbackWarning naming it. Either way: stock's loss and gradients."""
+    function, fused = HEAD_HOOKS[hook]
+    stock, patched = _pair("llama")
+    for model in (stock, patched):
+        model.lm_head.learnable = torch.nn.Parameter(torch.tensor(1.5))
+        model.lm_head.register_forward_hook(function)
+    input_ids, labels = _batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        expected, expected_grads = _loss_and_grads(stock, input_ids=input_ids, labels=labels)
+        got, grads = _loss_and_grads(patched, input_ids=input_ids, labels=labels)
+    fallbacks = [str(w.message) for w in caught if issubclass(w.category, fxtf.FallbackWarning)]
+    assert (got.logits is None) == fused and len(fallbacks) == (0 if fused else 1), fallbacks
+    torch.testing.assert_close(got.loss, expected.loss, rtol=RTOL, atol=ATOL)
+    _assert_same_grads(grads, expected_grads)
+    if not fused:
+        assert "LlamaForCausalLM.forward" in fallbacks[0] and "stock forward" in fallbacks[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", fxtf.FallbackWarning)
+            with pytest.raises(fxtf.FallbackWarning):
+                patched(input_ids=input_ids, labels=labels)
+
+
+def test_router_aux_loss_reaches_the_router():
+    """Mixtral with output_router_logits: the stock code adds router_aux_loss_coef * aux_loss to
+    the fused loss, so the router's gate gets the auxiliary loss's gradient as in stock."""
+    stock, why = _build_tiny("MixtralForCausalLM")
+    assert stock is not None, why
+    assert stock.config.output_router_logits and stock.config.router_aux_loss_coef == 0.5
+    expected, got, fallbacks = _stock_and_patched(stock)
+    assert fallbacks == [] and got[0].logits is None
+    _assert_same_step(expected, got)
+    torch.testing.assert_close(got[0].aux_loss, expected[0].aux_loss)
+    gates = [name for name in got[1] if name.endswith("gate.weight")]
+    assert gates and all(got[1][name].abs().sum() > 0 for name in gates)
+
+
+def test_own_cross_entropy_falls_back_with_a_warning():
+    """BartForCausalLM computes its own unshifted CrossEntropyLoss on logits.view(-1, V): stock
+    with a FallbackWarning, stock's numbers."""
+    stock, why = _build_tiny("BartForCausalLM")
+    assert stock is not None, why
+    expected, got, fallbacks = _stock_and_patched(stock)
+    assert got[0].logits is not None and len(fallbacks) == 1 and "Tensor.view" in fallbacks[0]
+    _assert_same_step(expected, got)
 
 
 # ----------------------------------------------------------------------------------------
@@ -697,6 +771,11 @@ def test_documented_family_fused_and_equal(name):
         assert abs(plain_loss - expected[0].loss.item()) > 1e-3, f"{switched_on} did not change the loss"
 
 
+@pytest.mark.exhaustive
+@pytest.mark.skipif(
+    os.environ.get("FASTXENT_EXHAUSTIVE") != "1",
+    reason="minutes of CPU time; FASTXENT_EXHAUSTIVE=1 runs it (the documented families always run)",
+)
 def test_every_causal_lm_class():
     """Every *ForCausalLM class of the installed transformers that builds tiny on the CPU: the
     patched training step gives stock's loss and gradients, either fused (no logits) or through
@@ -706,6 +785,7 @@ def test_every_causal_lm_class():
     outcomes, failures = {}, []
     started = time.perf_counter()
     for name in names:
+        began = time.perf_counter()
         stock, why = _build_tiny(name)
         if stock is None:
             outcomes[name] = f"skipped: {why}"
@@ -727,11 +807,12 @@ def test_every_causal_lm_class():
             outcomes[name] = f"stock: head is {type(head).__name__}"
             if fxtf._head_linears(head) is not None:
                 failures.append(f"{name}: ran stock without a warning")
+        outcomes[name] = f"{time.perf_counter() - began:4.1f} s  {outcomes[name]}"
     print(f"\n{len(names)} *ForCausalLM classes in {time.perf_counter() - started:.0f} s:")
     for name, outcome in outcomes.items():
         print(f"  {name:36s} {outcome}")
     assert not failures, "\n".join(failures)
-    fused = [name for name, outcome in outcomes.items() if outcome == "fused"]
+    fused = [name for name, outcome in outcomes.items() if outcome.endswith("s  fused")]
     assert set(FUSED_CLASSES) & set(names) <= set(fused)
     # The sweep really exercises the fused path (guards against a change that skips everything).
     assert len(fused) >= len(names) // 2, outcomes
