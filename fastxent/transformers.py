@@ -378,6 +378,17 @@ def _cast_dtype(placeholder: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[s
     return dtype
 
 
+def _placeholders_in(value: Any) -> List["_Logits"]:
+    """The :class:`_Logits` placeholders in value (nested in tuples, lists and dicts)."""
+    if isinstance(value, _Logits):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [p for item in value for p in _placeholders_in(item)]
+    if isinstance(value, dict):
+        return [p for item in value.values() for p in _placeholders_in(item)]
+    return []
+
+
 class _Logits(torch.Tensor):
     """The stand-in for the head's output: the logits' shape, dtype and device over a single
     element of storage (an expanded 0-d tensor), and the transform the forward applied to the
@@ -419,20 +430,15 @@ class _Logits(torch.Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         placeholders = [arg for arg in args if isinstance(arg, _Logits)]
-        placeholder = placeholders[0] if placeholders else None
         try:
-            if placeholder is None or len(placeholders) > 1 or any(isinstance(v, _Logits) for v in kwargs.values()):
+            if len(placeholders) != 1 or any(isinstance(v, _Logits) for v in kwargs.values()):
                 raise _Unreproducible(f"applies {_op_name(func)} to the logits")
-            return cls._apply(func, placeholder, args, kwargs)
+            return cls._apply(func, placeholders[0], args, kwargs)
         except _Unreproducible as error:
             # Recorded as well as raised, in case code between here and the patched forward
             # catches it.
-            placeholder = (
-                placeholder
-                if placeholder is not None
-                else next(v for v in (*args, *kwargs.values()) if isinstance(v, _Logits))
-            )
-            placeholder._stand_in.unreproducible.append(str(error))
+            for placeholder in _placeholders_in((args, kwargs)):
+                placeholder._stand_in.unreproducible.append(str(error))
             raise
 
     @staticmethod
@@ -654,8 +660,8 @@ def _make_forward(stock: Callable[..., Any]) -> Callable[..., Any]:
                 # Every argument, labels included, goes to the stock forward as given: it runs
                 # its decoder, its logit transforms and its loss additions itself.
                 output = stock(self, *args, **kwargs)
-        except _Unreproducible:
-            output = None
+        except _Unreproducible as error:
+            stand_in.unreproducible.append(str(error))
         reason = stand_in.why_not_fused()
         if reason is None:
             return _without_logits(output)

@@ -353,6 +353,7 @@ HEAD_HOOKS = {
     ),
     "add": (lambda module, args, out: out + 1.0, False),
     "tanh twice": (lambda module, args, out: torch.tanh(torch.tanh(out)), False),
+    "stack": (lambda module, args, out: torch.stack([out, out]).sum(0), False),
     "per-class scale": (lambda module, args, out: out * torch.linspace(0.5, 1.5, VOCAB), False),
     "learnable scale": (lambda module, args, out: out * module.learnable, False),
     "downcast": (lambda module, args, out: out.to(torch.bfloat16), False),
