@@ -639,6 +639,8 @@ TINY = dict(
     qk_rope_head_dim=8,
     qk_nope_head_dim=8,
     v_head_dim=8,
+    qk_head_dim=16,
+    rotary_dim=4,
     mamba_chunk_size=8,
     chunk_size=8,
     mamba_d_ssm=32,
@@ -683,6 +685,9 @@ def _tiny_config(cls, features=True, **overrides):
         for key, value in TINY.items()
         if isinstance(defaults.get(key), int) and not isinstance(defaults.get(key), bool)
     }
+    if defaults.get("num_key_value_heads") == defaults.get("num_attention_heads") and "num_key_value_heads" in options:
+        # Multi-head (not grouped) attention by default, which some classes require.
+        options["num_key_value_heads"] = options["num_attention_heads"]
     for key, value in zip(("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id"), (0, 1, 2, 2), strict=True):
         if isinstance(defaults.get(key), int):
             options[key] = value
@@ -784,7 +789,7 @@ def test_every_causal_lm_class():
     nn.Linear). The table of outcomes, skips with their reasons, is printed (pytest -s)."""
     names = sorted(n for n in dir(transformers) if n.endswith("ForCausalLM") and n != "AutoModelForCausalLM")
     outcomes, failures = {}, []
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for name in names:
         began = time.perf_counter()
         stock, why = _build_tiny(name)
@@ -809,7 +814,8 @@ def test_every_causal_lm_class():
             if fxtf._head_linears(head) is not None:
                 failures.append(f"{name}: ran stock without a warning")
         outcomes[name] = f"{time.perf_counter() - began:4.1f} s  {outcomes[name]}"
-    print(f"\n{len(names)} *ForCausalLM classes in {time.perf_counter() - started:.0f} s:")
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    print(f"\n{len(names)} *ForCausalLM classes in {wall:.0f} s ({cpu:.0f} s of CPU time):")
     for name, outcome in outcomes.items():
         print(f"  {name:36s} {outcome}")
     assert not failures, "\n".join(failures)
