@@ -14,7 +14,7 @@ as given, while two things stand in:
   ``logits_to_keep``) and returns a placeholder of the logits' shape that holds no data and
   records what the forward does to it: multiplying or dividing by a scalar (Granite's
   ``logits_scaling``, Cohere's ``logit_scale``, FalconH1's ``lm_head_multiplier``), a
-  ``tanh`` softcap under whatever config key (Gemma 2/3, RecurrentGemma, xLSTM), keeping the
+  ``tanh`` softcap under whatever config key (Gemma 2/3, RecurrentGemma), keeping the
   first ``U`` classes (a padded vocabulary), upcasts and device moves;
 - ``model.loss_function`` (transformers' ``ForCausalLMLoss``) receives that placeholder and
   computes the same loss with ``fastxent.torch.linear_cross_entropy`` from the recorded hidden

@@ -351,6 +351,7 @@ HEAD_HOOKS = {
         lambda module, args, out: (torch.tanh(out.float() * 20.0) / 20.0).contiguous() * 2.0,
         True,
     ),
+    "negative cap": (lambda module, args, out: torch.tanh(out * 30.0) * -0.5, True),
     "add": (lambda module, args, out: out + 1.0, False),
     "tanh twice": (lambda module, args, out: torch.tanh(torch.tanh(out)), False),
     "stack": (lambda module, args, out: torch.stack([out, out]).sum(0), False),
