@@ -401,6 +401,15 @@ def test_router_aux_loss_reaches_the_router():
     gates = [name for name in got[1] if name.endswith("gate.weight")]
     assert gates and all(got[1][name].abs().sum() > 0 for name in gates)
 
+    # Switched on by the call's argument instead of the config: the same, traced per call.
+    plain, why = _build_tiny("MixtralForCausalLM", features=False)
+    patched = fxtf.apply(copy.deepcopy(plain))
+    inputs = dict(_sweep_batch(), output_router_logits=True)
+    expected = _loss_and_grads(plain, **inputs)
+    got = _loss_and_grads(patched, **inputs)
+    assert got[0].logits is None and got[0].aux_loss is not None
+    _assert_same_step(expected, got)
+
 
 def test_own_cross_entropy_falls_back_with_a_warning():
     """BartForCausalLM computes its own unshifted CrossEntropyLoss on logits.view(-1, V): stock
