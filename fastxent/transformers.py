@@ -655,6 +655,9 @@ def _make_forward(stock: Callable[..., Any]) -> Callable[..., Any]:
         if applies is None:
             return stock(self, *args, **kwargs)
         stand_in = _HeadStandIn(self, *applies)
+        # A fallback reruns the forward from the same random state: the same dropout masks as
+        # one stock call.
+        rng_state = torch.get_rng_state()
         try:
             with stand_in:
                 # Every argument, labels included, goes to the stock forward as given: it runs
@@ -671,6 +674,7 @@ def _make_forward(stock: Callable[..., Any]) -> Callable[..., Any]:
             FallbackWarning,
             stacklevel=2,
         )
+        torch.set_rng_state(rng_state)
         return stock(self, *args, **kwargs)
 
     setattr(forward, _STOCK, stock)

@@ -388,6 +388,23 @@ def test_logit_transforms_traced(hook):
                 patched(input_ids=input_ids, labels=labels)
 
 
+def test_fallback_keeps_the_dropout_masks():
+    """A fallback reruns the forward from the random state of the call: with dropout, the same
+    loss as one stock call from that state."""
+    stock, patched = _pair("llama", attention_dropout=0.5)
+    for model in (stock, patched):
+        model.lm_head.register_forward_hook(lambda module, args, out: out + 1.0)
+    inputs = _inputs()
+    torch.manual_seed(11)
+    expected = stock(**inputs).loss
+    torch.manual_seed(11)
+    with pytest.warns(fxtf.FallbackWarning):
+        got = patched(**inputs).loss
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    torch.manual_seed(12)
+    assert abs(stock(**inputs).loss.item() - expected.item()) > 1e-4  # the dropout is effective
+
+
 def test_router_aux_loss_reaches_the_router():
     """Mixtral with output_router_logits: the stock code adds router_aux_loss_coef * aux_loss to
     the fused loss, so the router's gate gets the auxiliary loss's gradient as in stock."""
