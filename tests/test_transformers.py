@@ -10,7 +10,6 @@ Trainer with gradient accumulation, generate, and remove."""
 from __future__ import annotations
 
 import copy
-import os
 import time
 import warnings
 
@@ -804,19 +803,8 @@ def test_documented_family_fused_and_equal(name):
         assert abs(plain_loss - expected[0].loss.item()) > 1e-3, f"{switched_on} did not change the loss"
 
 
-@pytest.mark.exhaustive
-@pytest.mark.skipif(
-    os.environ.get("FASTXENT_EXHAUSTIVE") != "1",
-    reason="minutes of CPU time; FASTXENT_EXHAUSTIVE=1 runs it (the documented families always run)",
-)
-def test_every_causal_lm_class():
-    """Every *ForCausalLM class of the installed transformers that builds tiny on the CPU: the
-    patched training step gives stock's loss and gradients, either fused (no logits) or through
-    the stock forward with a FallbackWarning (or the apply-time warning for a head that is not an
-    nn.Linear). The table of outcomes, skips with their reasons, is printed (pytest -s)."""
-    names = sorted(n for n in dir(transformers) if n.endswith("ForCausalLM") and n != "AutoModelForCausalLM")
-    outcomes, failures = {}, []
-    started, cpu_started = time.perf_counter(), time.process_time()
+def _sweep(names, outcomes, failures):
+    """Fills outcomes (class name: what happened) and failures (stock and patched differ)."""
     for name in names:
         began = time.perf_counter()
         stock, why = _build_tiny(name)
@@ -841,6 +829,24 @@ def test_every_causal_lm_class():
             if fxtf._head_linears(head) is not None:
                 failures.append(f"{name}: ran stock without a warning")
         outcomes[name] = f"{time.perf_counter() - began:4.1f} s  {outcomes[name]}"
+
+
+@pytest.mark.exhaustive
+def test_every_causal_lm_class():
+    """Every *ForCausalLM class of the installed transformers that builds tiny on the CPU: the
+    patched training step gives stock's loss and gradients, either fused (no logits) or through
+    the stock forward with a FallbackWarning (or the apply-time warning for a head that is not an
+    nn.Linear). The table of outcomes, skips with their reasons, is printed (pytest -s)."""
+    names = sorted(n for n in dir(transformers) if n.endswith("ForCausalLM") and n != "AutoModelForCausalLM")
+    outcomes, failures = {}, []
+    started, cpu_started = time.perf_counter(), time.process_time()
+    # One thread: the models are tiny, and threads only contend on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _sweep(names, outcomes, failures)
+    finally:
+        torch.set_num_threads(threads)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     print(f"\n{len(names)} *ForCausalLM classes in {wall:.0f} s ({cpu:.0f} s of CPU time):")
     for name, outcome in outcomes.items():
