@@ -7,31 +7,38 @@ Three lines::
     trainer.train()                         # or your own loop: loss = model(**batch).loss
 
 While the model is in training mode and gets ``labels``, the patched ``forward`` never builds
-the (batch, sequence, vocab) logits: the head's input (the last hidden states, after
-``logits_to_keep``) goes with the head's weight and the shifted labels into
-``fastxent.torch.linear_cross_entropy``, whose backward returns the hidden states' and the
-head's gradients without them either. Everything else is the stock ``forward``'s own code: the
-decoder runs exactly as before (the patch calls the stock ``forward`` with ``labels=None`` and
-only stands in for the head's ``nn.Linear`` during that call), so every argument, ``**kwargs``,
-caches, attention options and hooks keep working.
+the (batch, sequence, vocab) logits. It runs the stock ``forward`` itself, with every argument
+as given, while two things stand in:
 
-Kept from transformers' ``ForCausalLMLoss``:
-- the labels padded with ``ignore_index`` on the right and shifted by one, or ``shift_labels``
-  taken as they are;
-- ``ignore_index`` (default -100, or the ``ignore_index`` keyword);
-- ``num_items_in_batch`` (gradient accumulation): the sum over tokens divided by it, a tensor
-  moved to the loss's device first; without it the mean over counted tokens;
-- the config's ``final_logit_softcapping`` (Gemma 2/3): ``cap * tanh(logits / cap)``, fused;
-- ``logits_to_keep``: the loss is over the kept positions, as stock;
-- a head tied to the input embeddings: the head's weight is the embedding's parameter, so
-  autograd adds both gradients to it;
-- a frozen head or a PEFT ``ModulesToSaveWrapper`` around it: the active copy's weight is used,
-  and a weight that does not require grad gets no dW work.
+- the head's ``nn.Linear`` records its input (the last hidden states, after
+  ``logits_to_keep``) and returns a placeholder of the logits' shape that holds no data and
+  records what the forward does to it: multiplying or dividing by a scalar (Granite's
+  ``logits_scaling``, Cohere's ``logit_scale``, FalconH1's ``lm_head_multiplier``), a
+  ``tanh`` softcap under whatever config key (Gemma 2/3, RecurrentGemma), keeping the
+  first ``U`` classes (a padded vocabulary), upcasts and device moves;
+- ``model.loss_function`` (transformers' ``ForCausalLMLoss``) receives that placeholder and
+  computes the same loss with ``fastxent.torch.linear_cross_entropy`` from the recorded hidden
+  states, the head's weight and bias, the scale, the cap and the kept classes: no logits, in
+  the forward or in the backward.
 
-The stock ``forward`` runs unchanged (real logits, ``ForCausalLMLoss`` when labels are given)
-when: no labels, eval mode (so ``generate`` and evaluation see logits), a head on a non-CPU
-device or of a dtype other than float32/bfloat16, a head that is not a plain ``nn.Linear`` (LoRA
-on the head, quantised layers), or a user-set ``model.loss_function`` other than
+Whatever the stock forward then adds to the loss (the MoE router's auxiliary loss,
+``router_aux_loss_coef * aux_loss`` with its gradient into the router) is added by the stock
+code itself, so the loss and every gradient are stock's. Anything else done to the placeholder
+(an op the fused loss cannot reproduce, a loss computed without ``loss_function``, a second
+call of the head) stops the fused attempt: that call runs the stock forward again, for real,
+and a :class:`FallbackWarning` names what was found.
+
+Kept from transformers' ``ForCausalLMLoss``: the labels padded with ``ignore_index`` on the
+right and shifted by one, or ``shift_labels`` as given; ``ignore_index``;
+``num_items_in_batch`` (the summed loss divided by it, a tensor moved to the loss's device
+first); ``logits_to_keep``; a head tied to the input embeddings (autograd adds both gradients
+to the shared parameter); a frozen head or a PEFT ``ModulesToSaveWrapper`` around it (the
+active copy's weight; a weight that does not require grad gets no dW work).
+
+The stock ``forward`` runs unchanged (real logits, transformers' loss) when: no labels, eval
+mode (so ``generate`` and evaluation see logits), a head on a non-CPU device or of a dtype
+other than float32/bfloat16, a head that is not a plain ``nn.Linear`` (LoRA on the head,
+quantised layers), or a ``model.loss_function`` other than ``ForCausalLMLoss`` or
 :func:`causal_lm_loss`. In the fused path the output's ``logits`` is None (a tuple output keeps
 None in its place).
 
@@ -41,11 +48,13 @@ cross-entropy kernel: ``model.loss_function = fastxent.transformers.causal_lm_lo
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import inspect
 import types
 import warnings
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,28 +62,43 @@ from torch import nn
 
 import fastxent.torch as _fastxent_torch
 
-__all__ = ["FAMILIES", "apply", "apply_to_families", "causal_lm_loss", "is_applied", "remove"]
+__all__ = ["FAMILIES", "FallbackWarning", "apply", "apply_to_families", "causal_lm_loss", "is_applied", "remove"]
 
-# The causal-LM classes covered by name and by test. Any other *ForCausalLM whose head is an
-# nn.Linear goes through the same generic path, unless its config names a logit transform this
-# module does not reproduce (_UNSUPPORTED_CONFIG_KEYS).
+# The causal-LM classes named in the documentation and tested one by one against stock (every
+# other *ForCausalLM whose head is an nn.Linear goes through the same path; the tests sweep all
+# of them). apply_to_families() patches these.
 FAMILIES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
+    "MixtralForCausalLM",
     "Qwen2ForCausalLM",
+    "Qwen2MoeForCausalLM",
     "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
     "Phi3ForCausalLM",
+    "Olmo2ForCausalLM",
+    "GraniteForCausalLM",
+    "CohereForCausalLM",
+    "Starcoder2ForCausalLM",
+    "StableLmForCausalLM",
 )
-
-# Config entries that change the logits after the head in some model's forward (Cohere's
-# logit_scale multiplies, Granite's logits_scaling divides). The fused loss would silently
-# differ from stock on those models, so apply() refuses them.
-_UNSUPPORTED_CONFIG_KEYS = ("logit_scale", "logits_scaling")
 
 # Attribute on a patched forward function holding the forward it replaced.
 _STOCK = "__fastxent_stock_forward__"
+
+
+class FallbackWarning(UserWarning):
+    """A training call of a patched model ran the stock forward (real logits, transformers' loss)
+    because the forward does something to the logits that the fused loss does not reproduce.
+    The numbers are stock's; only the memory saving is lost. Make it an error with
+    ``warnings.simplefilter("error", fastxent.transformers.FallbackWarning)``."""
+
+
+class _Unreproducible(Exception):
+    """Raised inside the stock forward when it does something to the logits placeholder that the
+    fused loss cannot reproduce; the patched forward then runs the stock forward for real."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -110,6 +134,45 @@ def _divide_by_items(loss: torch.Tensor, num_items_in_batch: Any) -> torch.Tenso
     return loss / num_items_in_batch
 
 
+@dataclasses.dataclass(frozen=True)
+class _LogitTransform:
+    """What the stock forward did to the head's output z (V classes) before its loss, in the
+    form the fused loss takes: the loss is on the first ``classes`` columns of
+
+        post * tanh(pre * z)    (capped)          or          pre * z    (not capped)
+
+    with pre = pre_num / pre_den and post = post_num / post_den (numerators and denominators
+    kept apart so that Gemma's ``z / cap`` then ``* cap`` folds to exactly 1).
+    """
+
+    classes: int
+    pre_num: float = 1.0
+    pre_den: float = 1.0
+    capped: bool = False
+    post_num: float = 1.0
+    post_den: float = 1.0
+
+    def scaled(self, factor: float, divide: bool) -> "_LogitTransform":
+        """This transform followed by multiplying (or dividing) by ``factor``."""
+        if divide and factor == 0:
+            raise _Unreproducible("divides the logits by zero")
+        if self.capped:
+            field = "post_den" if divide else "post_num"
+        else:
+            field = "pre_den" if divide else "pre_num"
+        return dataclasses.replace(self, **{field: getattr(self, field) * factor})
+
+    def fused(self) -> Tuple[float, Optional[float]]:
+        """(scale, softcap): the loss is on softcap * tanh(scale * z / softcap) (or scale * z
+        without a cap). post * tanh(pre * z) = c * tanh(pre * post * z / c) with c = |post|."""
+        if not self.capped:
+            return self.pre_num / self.pre_den, None
+        cap = abs(self.post_num / self.post_den)
+        if not 0 < cap < float("inf"):
+            raise _Unreproducible(f"caps the logits at {cap!r}")
+        return (self.pre_num * self.post_num) / (self.pre_den * self.post_den), cap
+
+
 def _causal_lm_linear_loss(
     hidden: torch.Tensor,
     head: nn.Linear,
@@ -118,9 +181,9 @@ def _causal_lm_linear_loss(
     shift_labels: Optional[torch.Tensor],
     num_items_in_batch: Any,
     ignore_index: int,
-    softcap: Optional[float],
+    transform: Optional[_LogitTransform] = None,
 ) -> torch.Tensor:
-    """ForCausalLMLoss(head(hidden) [softcapped], labels) without the logits.
+    """ForCausalLMLoss(transform(head(hidden)), labels) without the logits.
 
     Args:
         hidden: (..., H) float32/bfloat16, the head's input (rows in the order the stock forward
@@ -131,7 +194,7 @@ def _causal_lm_linear_loss(
         num_items_in_batch: None (mean over counted tokens) or an int/float/tensor divisor of
             the summed loss.
         ignore_index: targets equal to it count for nothing.
-        softcap: the logits' cap (logits = cap * tanh(z / cap)), or None.
+        transform: what the forward did to the logits (scale, softcap, kept classes), or None.
 
     Returns:
         The 0-d float32 loss, differentiable w.r.t. hidden, head.weight and head.bias.
@@ -145,12 +208,26 @@ def _causal_lm_linear_loss(
         raise ValueError(
             f"Expected input batch_size ({rows.shape[0]}) to match target batch_size ({targets.shape[0]})."
         )
+    weight, bias = head.weight, head.bias
+    scale, softcap = 1.0, None
+    if transform is not None:
+        scale, softcap = transform.fused()
+        if transform.classes < weight.shape[0]:
+            # A padded vocabulary: the loss is over the first classes only (views, so autograd
+            # puts their gradients into the head's rows and leaves the others at zero, as stock).
+            weight = weight[: transform.classes]
+            bias = None if bias is None else bias[: transform.classes]
+    if scale != 1.0:
+        # scale * (x W^T + b) = (scale x) W^T + scale b: the (N, H) rows are scaled, not the
+        # (V, H) weight; autograd takes the gradients through the scaling.
+        rows = rows * scale
+        bias = None if bias is None else bias * scale
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = _fused_linear_cross_entropy()(
         rows,
-        head.weight,
+        weight,
         targets,
-        linear_bias=head.bias,
+        linear_bias=bias,
         reduction=reduction,
         ignore_index=ignore_index,
         softcap=softcap,
@@ -202,8 +279,210 @@ def causal_lm_loss(
     return loss
 
 
+def _is_causal_lm_loss(function: Any) -> bool:
+    """Whether ``function`` is transformers' ``ForCausalLMLoss`` or :func:`causal_lm_loss` (the
+    losses the fused path computes)."""
+    if function is causal_lm_loss:
+        return True
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:  # pragma: no cover - transformers without the loss module
+        return False
+    return function is ForCausalLMLoss
+
+
 # ----------------------------------------------------------------------------------------
-# Standing in for the head during the stock forward
+# The logits placeholder
+# ----------------------------------------------------------------------------------------
+
+# Tensor methods and properties that only read metadata: the placeholder answers them as the
+# real logits would (same shape, dtype, device).
+_METADATA = frozenset(
+    [
+        torch.Tensor.size,
+        torch.Tensor.dim,
+        torch.Tensor.numel,
+        torch.Tensor.nelement,
+        torch.Tensor.__len__,
+        torch.Tensor.is_floating_point,
+        torch.Tensor.is_complex,
+        torch.Tensor.get_device,
+        torch.Tensor.element_size,
+    ]
+    + [
+        getattr(torch.Tensor, name).__get__
+        for name in ("shape", "dtype", "device", "ndim", "is_cuda", "is_cpu", "layout", "requires_grad", "is_sparse")
+    ]
+)
+_MULTIPLY = frozenset([torch.Tensor.mul, torch.mul, torch.multiply, torch.Tensor.multiply, torch.Tensor.__mul__])
+_MULTIPLY_REFLECTED = frozenset([torch.Tensor.__rmul__])
+_DIVIDE = frozenset([torch.Tensor.div, torch.div, torch.true_divide, torch.divide, torch.Tensor.__truediv__])
+_IN_PLACE = {torch.Tensor.mul_: torch.Tensor.mul, torch.Tensor.div_: torch.Tensor.div, torch.Tensor.tanh_: torch.tanh}
+_TANH = frozenset([torch.tanh, torch.Tensor.tanh, F.tanh])
+_SAME_VALUES = frozenset([torch.Tensor.contiguous, torch.Tensor.clone])
+
+
+def _op_name(func: Any) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    return name.replace("TensorBase.", "Tensor.")
+
+
+def _scalar(value: Any, placeholder: torch.Tensor) -> float:
+    """A Python number or a one-element tensor that does not require grad, as a float; anything
+    else (a per-class tensor, a learnable scale) cannot be folded into the fused loss."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if torch.is_tensor(value) and not isinstance(value, _Logits) and value.numel() == 1:
+        if value.dim() > placeholder.dim():
+            raise _Unreproducible(f"broadcasts the logits to {value.dim()} dimensions")
+        if value.requires_grad:
+            raise _Unreproducible("scales the logits by a tensor that requires grad")
+        return float(value.item())
+    what = f"a tensor of shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
+    raise _Unreproducible(f"combines the logits with {what}")
+
+
+def _kept_classes(placeholder: torch.Tensor, index: Any) -> int:
+    """The class count after ``placeholder[index]``, which must keep everything but a prefix of
+    the class (last) axis: ``logits[..., :U]`` or ``logits[:, :, :U]``."""
+    items = index if isinstance(index, tuple) else (index,)
+    full = slice(None)
+    ellipses = sum(item is Ellipsis for item in items)
+    lead, last = items[:-1], items[-1] if items else None
+    if not (
+        items
+        and ellipses <= 1
+        and (ellipses == 1 or len(items) == placeholder.dim())
+        and all(item is Ellipsis or item == full for item in lead)
+        and isinstance(last, slice)
+        and last.start in (None, 0)
+        and last.step in (None, 1)
+        and (last.stop is None or (isinstance(last.stop, int) and last.stop > 0))
+    ):
+        raise _Unreproducible(f"indexes the logits with {index!r}")
+    classes = placeholder.shape[-1]
+    return classes if last.stop is None else min(classes, last.stop)
+
+
+def _cast_dtype(placeholder: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> torch.dtype:
+    """The dtype of ``placeholder.to(*args, **kwargs)``; only device moves and casts that lose
+    nothing (an upcast) are reproduced: the fused loss computes in float32 or better."""
+    dtype = placeholder.dtype
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.dtype):
+            dtype = value
+        elif torch.is_tensor(value):
+            raise _Unreproducible("converts the logits to another tensor's type")
+    old, new = torch.finfo(placeholder.dtype), torch.finfo(dtype) if dtype.is_floating_point else None
+    if new is None or new.eps > old.eps or new.max < old.max:
+        raise _Unreproducible(f"casts the logits to {dtype}")
+    return dtype
+
+
+def _placeholders_in(value: Any) -> List["_Logits"]:
+    """The :class:`_Logits` placeholders in value (nested in tuples, lists and dicts)."""
+    if isinstance(value, _Logits):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [p for item in value for p in _placeholders_in(item)]
+    if isinstance(value, dict):
+        return [p for item in value.values() for p in _placeholders_in(item)]
+    return []
+
+
+class _Logits(torch.Tensor):
+    """The stand-in for the head's output: the logits' shape, dtype and device over a single
+    element of storage (an expanded 0-d tensor), and the transform the forward applied to the
+    head's output so far. Every torch function applied to it is answered here: metadata reads
+    as for the real logits, a reproducible transform returns a new placeholder (or updates this
+    one in place), anything else raises :class:`_Unreproducible`."""
+
+    _source: int  # index of the head call in _HeadStandIn.calls
+    _transform: _LogitTransform
+    _stand_in: "_HeadStandIn"
+
+    @staticmethod
+    def make(
+        stand_in: "_HeadStandIn",
+        source: int,
+        transform: _LogitTransform,
+        shape: Tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        requires_grad: bool,
+    ) -> "_Logits":
+        base = torch.empty((), dtype=dtype, device=device).requires_grad_(requires_grad)
+        placeholder = base.expand(shape).as_subclass(_Logits)
+        placeholder._stand_in, placeholder._source, placeholder._transform = stand_in, source, transform
+        return placeholder
+
+    def _derived(self, transform: _LogitTransform, dtype: Optional[torch.dtype] = None) -> "_Logits":
+        shape = (*self.shape[:-1], transform.classes)
+        with torch._C.DisableTorchFunctionSubclass():
+            requires_grad = self.requires_grad
+        return _Logits.make(
+            self._stand_in, self._source, transform, shape, dtype or self.dtype, self.device, requires_grad
+        )
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        placeholders = [arg for arg in args if isinstance(arg, _Logits)]
+        try:
+            if len(placeholders) != 1 or any(isinstance(v, _Logits) for v in kwargs.values()):
+                raise _Unreproducible(f"applies {_op_name(func)} to the logits")
+            return cls._apply(func, placeholders[0], args, kwargs)
+        except _Unreproducible as error:
+            # Recorded as well as raised, in case code between here and the patched forward
+            # catches it.
+            for placeholder in _placeholders_in((args, kwargs)):
+                placeholder._stand_in.unreproducible.append(str(error))
+            raise
+
+    @staticmethod
+    def _apply(func: Any, placeholder: "_Logits", args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        transform = placeholder._transform
+        in_place = func in _IN_PLACE
+        op = _IN_PLACE.get(func, func)
+        if op in _MULTIPLY or op in _MULTIPLY_REFLECTED or op in _DIVIDE:
+            if len(args) != 2 or kwargs:
+                raise _Unreproducible(f"applies {_op_name(func)} with {sorted(kwargs) or len(args)} arguments")
+            divide = op in _DIVIDE
+            if divide and args[0] is not placeholder:
+                raise _Unreproducible("divides by the logits")
+            other = args[1] if args[0] is placeholder else args[0]
+            result = transform.scaled(_scalar(other, placeholder), divide)
+        elif op in _TANH:
+            if len(args) != 1 or kwargs:
+                raise _Unreproducible(f"applies {_op_name(func)} with more arguments")
+            if transform.capped:
+                raise _Unreproducible("applies tanh to the logits twice")
+            result = dataclasses.replace(transform, capped=True)
+        elif func is torch.Tensor.__getitem__:
+            result = dataclasses.replace(transform, classes=_kept_classes(placeholder, args[1]))
+        elif func in (torch.Tensor.float, torch.Tensor.double, torch.Tensor.to):
+            if func is torch.Tensor.float:
+                target = (torch.float32,)
+            elif func is torch.Tensor.double:
+                target = (torch.float64,)
+            else:
+                target = args[1:]
+            return placeholder._derived(transform, _cast_dtype(placeholder, target, kwargs))
+        elif func in _SAME_VALUES and len(args) == 1:
+            result = transform
+        else:
+            raise _Unreproducible(f"applies {_op_name(func)} to the logits")
+        if in_place:
+            placeholder._transform = result
+            return placeholder
+        return placeholder._derived(result)
+
+
+# ----------------------------------------------------------------------------------------
+# Standing in for the head and the loss during the stock forward
 # ----------------------------------------------------------------------------------------
 
 
@@ -233,41 +512,141 @@ def _head_linears(head: nn.Module) -> Optional[List[nn.Linear]]:
     return None
 
 
-class _HeadStandIn:
-    """While active, each of the head's nn.Linear layers computes the fused loss of its input
-    (``loss_of(linear, input)``) instead of logits, records it, and returns an empty (..., 0)
-    tensor in their place.
+def _is_dtensor(tensor: Any) -> bool:
+    return any(
+        cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed") for cls in type(tensor).__mro__
+    )
 
-    The loss is computed inside the head's own forward because that is where its weight is the
-    whole weight: FSDP2 (``fully_shard`` on the head) gathers it in the module's pre-forward hook
-    and shards it again after the forward. The empty tensor costs nothing through whatever the
-    stock forward does to the logits next (a softcap, a ``.float()``), and no stock loss is
-    computed on it because the stock forward runs with ``labels=None``. Hooks on the layers still
-    run, so a pre-hook that moves the input to another device is honoured.
+
+@contextlib.contextmanager
+def _whole_weight(model: nn.Module, linear: nn.Linear):
+    """The head's whole weight while the fused loss reads it.
+
+    With the head as its own FSDP2 unit (``fully_shard(model.lm_head)``), FSDP2 gathers the weight
+    for the head's forward and shards it again right after, before ``loss_function`` runs; the
+    weight is then a sharded DTensor. The innermost FSDP2 module holding the head gathers it again
+    (``unshard``) for the fused call, which computes the weight's gradient in its forward, and
+    shards it after (``reshard``); FSDP2 reduce-scatters that gradient in the backward as for any
+    use of the gathered weight. Any other sharded weight is refused (the stock path runs).
+    """
+    if not _is_dtensor(linear.weight):
+        yield
+        return
+    owner = None
+    for module in model.modules():
+        if hasattr(module, "unshard") and hasattr(module, "reshard") and any(m is linear for m in module.modules()):
+            owner = module  # modules() lists parents before children: the last one is the innermost
+    if owner is None:
+        raise _Unreproducible("gives the head a sharded weight that no FSDP2 module gathers")
+    owner.unshard()
+    try:
+        if _is_dtensor(linear.weight):
+            raise _Unreproducible("keeps the head's weight sharded after FSDP2's unshard")
+        yield
+    finally:
+        owner.reshard()
+
+
+class _HeadStandIn:
+    """While active: each of the head's nn.Linear layers records its input and returns a
+    :class:`_Logits` placeholder instead of computing logits, and the model's ``loss_function``
+    computes the fused loss when it is given a placeholder.
+
+    Hooks on the layers still run (a pre-hook that moves the input to another device is
+    honoured; what a forward hook does to the output is traced like the rest of the forward).
     """
 
-    def __init__(self, linears: List[nn.Linear], loss_of: Callable[[nn.Linear, torch.Tensor], torch.Tensor]):
+    def __init__(self, model: nn.Module, linears: List[nn.Linear], stock_loss: Callable[..., torch.Tensor]):
+        self.model = model
         self.linears = linears
-        self.loss_of = loss_of
+        self.stock_loss = stock_loss
         self.calls: List[Tuple[nn.Linear, torch.Tensor]] = []
+        self.fused_losses = 0
+        self.unreproducible: List[str] = []
+        self._saved_loss: Dict[str, Any] = {}
 
     def _recorder(self, linear: nn.Linear):
         def forward(input: torch.Tensor) -> torch.Tensor:
-            # A second call means the stock forward runs for real instead: no loss for it.
-            self.calls.append((linear, None if self.calls else self.loss_of(linear, input)))
-            return input.new_empty((*input.shape[:-1], 0))
+            self.calls.append((linear, input))
+            transform = _LogitTransform(classes=linear.out_features)
+            dtype = linear.weight.dtype
+            if torch.is_autocast_enabled(input.device.type):
+                # F.linear under autocast returns the autocast dtype: so does the placeholder.
+                dtype = torch.get_autocast_dtype(input.device.type)
+            requires_grad = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (input, linear.weight, linear.bias)
+            )
+            shape = (*input.shape[:-1], linear.out_features)
+            return _Logits.make(self, len(self.calls) - 1, transform, shape, dtype, input.device, requires_grad)
 
         return forward
+
+    def loss_function(
+        self,
+        logits: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        vocab_size: int,
+        num_items_in_batch: Any = None,
+        ignore_index: int = -100,
+        shift_labels: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """``ForCausalLMLoss``'s signature: the fused loss for a placeholder, the stock loss for
+        real logits (a forward that used the head's weight without calling the module)."""
+        if not isinstance(logits, _Logits):
+            return self.stock_loss(
+                logits,
+                labels,
+                vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                ignore_index=ignore_index,
+                shift_labels=shift_labels,
+                **kwargs,
+            )
+        if vocab_size != logits.shape[-1]:
+            raise _Unreproducible(f"computes the loss on rows of {vocab_size} classes, not {logits.shape[-1]}")
+        linear, hidden = self.calls[logits._source]
+        with _whole_weight(self.model, linear):
+            loss = _causal_lm_linear_loss(
+                hidden,
+                linear,
+                labels,
+                shift_labels=shift_labels,
+                num_items_in_batch=num_items_in_batch,
+                ignore_index=ignore_index,
+                transform=logits._transform,
+            )
+        self.fused_losses += 1
+        # A tensor of its own: the forward may add to it in place (loss += aux_loss).
+        return loss.clone() if num_items_in_batch is None else loss
 
     def __enter__(self) -> "_HeadStandIn":
         for linear in self.linears:
             # An instance attribute shadows the class's forward; nn.Module.__call__ looks it up.
             linear.forward = self._recorder(linear)
+        if "_loss_function" in self.model.__dict__:
+            self._saved_loss["_loss_function"] = self.model.__dict__["_loss_function"]
+        # transformers' loss_function property returns this instance attribute when it is set.
+        self.model._loss_function = self.loss_function
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for linear in self.linears:
             del linear.forward
+        del self.model._loss_function
+        if self._saved_loss:
+            self.model._loss_function = self._saved_loss["_loss_function"]
+
+    def why_not_fused(self) -> Optional[str]:
+        """After the stock forward returned: None if its loss is the fused one (or stock's own on
+        real logits), else what stopped it."""
+        if self.unreproducible:
+            return self.unreproducible[0]
+        if len(self.calls) > 1:
+            return f"calls its head {len(self.calls)} times"
+        if self.calls and not self.fused_losses:
+            return "does not give the head's output to loss_function"
+        return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -275,13 +654,10 @@ class _HeadStandIn:
 # ----------------------------------------------------------------------------------------
 
 
-def _fused_path_applies(model: nn.Module, labels: Any) -> Optional[List[nn.Linear]]:
-    """The head's nn.Linear layers when this call can take the fused path, else None."""
+def _fused_path_applies(model: nn.Module, labels: Any) -> Optional[Tuple[List[nn.Linear], Callable[..., Any]]]:
+    """(the head's nn.Linear layers, the stock loss function) when this call can take the fused
+    path, else None."""
     if labels is None or not model.training:
-        return None
-    config = getattr(model, "config", None)
-    if any(getattr(config, key, None) not in (None, 1) for key in _UNSUPPORTED_CONFIG_KEYS):
-        # A class-level patch reaches models apply() would have refused.
         return None
     head = model.get_output_embeddings()
     linears = _head_linears(head) if head is not None else None
@@ -290,20 +666,19 @@ def _fused_path_applies(model: nn.Module, labels: Any) -> Optional[List[nn.Linea
     for linear in linears:
         if linear.weight.device.type != "cpu" or linear.weight.dtype not in (torch.float32, torch.bfloat16):
             return None
-    custom_loss = model.__dict__.get("_loss_function")
-    if custom_loss is not None and custom_loss is not causal_lm_loss:
-        # The user's own loss needs the logits.
+    stock_loss = getattr(model, "loss_function", None)
+    if not _is_causal_lm_loss(stock_loss):
+        # A loss of the user's own (or another loss type) needs the logits.
         return None
-    return linears
+    return linears, stock_loss
 
 
-def _without_logits(output: Any, loss: torch.Tensor) -> Any:
-    """The stock forward's output (run with labels=None) with the fused loss and no logits."""
+def _without_logits(output: Any) -> Any:
+    """The stock forward's output with None in place of the logits placeholder(s)."""
     if isinstance(output, tuple):
-        # to_tuple() drops None fields: (logits, *rest) without labels, (loss, logits, *rest) with.
-        return (loss, None) + tuple(output[1:])
-    fields = {key: value for key, value in output.items() if key not in ("loss", "logits")}
-    return type(output)(loss=loss, logits=None, **fields)
+        return tuple(None if isinstance(value, _Logits) else value for value in output)
+    fields = {key: None if isinstance(value, _Logits) else value for key, value in output.items()}
+    return type(output)(**fields)
 
 
 def _make_forward(stock: Callable[..., Any]) -> Callable[..., Any]:
@@ -312,49 +687,32 @@ def _make_forward(stock: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(stock)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(self, *args, **kwargs)
-        labels = bound.arguments.get("labels")
-        linears = _fused_path_applies(self, labels)
-        if linears is None:
+        labels = signature.bind(self, *args, **kwargs).arguments.get("labels")
+        applies = _fused_path_applies(self, labels)
+        if applies is None:
             return stock(self, *args, **kwargs)
-
-        extra = {}
-        for name, parameter in signature.parameters.items():
-            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-                extra = bound.arguments.get(name, {})
-        bound.arguments["labels"] = None
-
-        def loss_of(linear: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-            return _causal_lm_linear_loss(
-                hidden,
-                linear,
-                labels,
-                shift_labels=extra.get("shift_labels"),
-                num_items_in_batch=extra.get("num_items_in_batch"),
-                ignore_index=extra.get("ignore_index", -100),
-                softcap=getattr(self.config, "final_logit_softcapping", None),
-            )
-
-        stand_in = _HeadStandIn(linears, loss_of)
-        with stand_in:
-            # Everything the stock forward passes to the decoder (including **kwargs such as
-            # num_items_in_batch, which it forwards there too) is passed unchanged.
-            output = stock(*bound.args, **bound.kwargs)
-        if len(stand_in.calls) > 1:
-            # The head ran more than once (e.g. a subclass's own use of it): the placeholders
-            # went into the model's output, so run the stock forward for real instead.
-            return stock(self, *args, **kwargs)
-        if not stand_in.calls:
-            # The forward used the head's weight without calling the module: it built the real
-            # logits, so the stock loss is computed on them.
-            logits = output[0] if isinstance(output, tuple) else output.logits
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **extra)
-            if isinstance(output, tuple):
-                return (loss,) + tuple(output)
-            output["loss"] = loss
-            return output
-        _, loss = stand_in.calls[0]
-        return _without_logits(output, loss)
+        stand_in = _HeadStandIn(self, *applies)
+        # A fallback reruns the forward from the same random state: the same dropout masks as
+        # one stock call.
+        rng_state = torch.get_rng_state()
+        try:
+            with stand_in:
+                # Every argument, labels included, goes to the stock forward as given: it runs
+                # its decoder, its logit transforms and its loss additions itself.
+                output = stock(self, *args, **kwargs)
+        except _Unreproducible as error:
+            stand_in.unreproducible.append(str(error))
+        reason = stand_in.why_not_fused()
+        if reason is None:
+            return _without_logits(output)
+        warnings.warn(
+            f"{type(self).__name__}.forward {reason}, which the fused loss does not reproduce: this call ran the "
+            "stock forward (real logits, transformers' loss)",
+            FallbackWarning,
+            stacklevel=2,
+        )
+        torch.set_rng_state(rng_state)
+        return stock(self, *args, **kwargs)
 
     setattr(forward, _STOCK, stock)
     return forward
@@ -365,17 +723,9 @@ def _make_forward(stock: Callable[..., Any]) -> Callable[..., Any]:
 # ----------------------------------------------------------------------------------------
 
 
-def _check_patchable(cls: type, config: Any = None) -> None:
+def _check_patchable(cls: type) -> None:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__name__.endswith("ForCausalLM")):
         raise TypeError(f"fastxent.transformers patches *ForCausalLM models and classes; got {cls!r}")
-    if config is not None:
-        for key in _UNSUPPORTED_CONFIG_KEYS:
-            value = getattr(config, key, None)
-            if value is not None and value != 1:
-                raise ValueError(
-                    f"{cls.__name__}'s config sets {key}={value!r}, a logit transform the fused loss does not "
-                    "reproduce; use model.loss_function = fastxent.transformers.causal_lm_loss instead"
-                )
 
 
 def _unwrap(model: Any) -> Any:
@@ -406,9 +756,13 @@ def apply(target: Any) -> Any:
     Returns:
         ``target``, for chaining. Applying twice does nothing more.
 
+    A training call whose forward does something to the logits that the fused loss does not
+    reproduce runs the stock forward instead and warns (:class:`FallbackWarning`): what the
+    forward does can depend on the call's arguments, so it is checked in each call, on what the
+    forward actually did.
+
     Raises:
         TypeError: not a ``*ForCausalLM`` model or class.
-        ValueError: the model's config scales the logits after the head (Cohere, Granite).
     """
     if isinstance(target, type):
         _check_patchable(target)
@@ -416,10 +770,11 @@ def apply(target: Any) -> Any:
             target.forward = _make_forward(target.forward)
         return target
     model = _unwrap(target)
-    _check_patchable(type(model), getattr(model, "config", None))
+    _check_patchable(type(model))
     if model.get_output_embeddings() is None or _head_linears(model.get_output_embeddings()) is None:
         warnings.warn(
             f"{type(model).__name__}'s head is not an nn.Linear; the patched forward will run the stock loss",
+            FallbackWarning,
             stacklevel=2,
         )
     if not is_applied(model):

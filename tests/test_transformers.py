@@ -1,12 +1,17 @@
-"""Hugging Face transformers integration (fastxent.transformers): tiny random causal LMs of each
-covered family, built in code, patched against stock: the same loss and the same gradient for
-every parameter, the transformers semantics the fused forward keeps (shifted labels,
-shift_labels, -100 padding, num_items_in_batch, logits_to_keep, softcap, tied and frozen heads,
-PEFT), Trainer with gradient accumulation, generate, and remove."""
+"""Hugging Face transformers integration (fastxent.transformers): tiny random causal LMs, built in
+code, patched against stock: the same loss and the same gradient for every parameter. Every
+*ForCausalLM class the installed transformers builds tiny on the CPU (fused, or run stock with a
+FallbackWarning; never a different number); the documented families fused, with the logit
+transforms and loss terms they use (scales, softcaps, padded vocabularies, the MoE router's
+auxiliary loss); the transformers semantics the fused forward keeps (shifted labels,
+shift_labels, -100 padding, num_items_in_batch, logits_to_keep, tied and frozen heads, PEFT),
+Trainer with gradient accumulation, generate, and remove."""
 
 from __future__ import annotations
 
 import copy
+import time
+import warnings
 
 import pytest
 
@@ -124,17 +129,25 @@ def _assert_same_training_step(stock, patched, **inputs):
     assert expected.logits is not None
     torch.testing.assert_close(got.loss, expected.loss, rtol=RTOL, atol=ATOL)
     assert got.loss.dtype == expected.loss.dtype == torch.float32
+    _assert_same_grads(grads, expected_grads)
+    return got, expected
+
+
+def _assert_same_grads(grads, expected_grads):
+    """Every parameter's gradient to 1e-4 relative, with an absolute floor of 1e-5 of its own
+    scale (or of 1e-8 of the largest gradient, for gradients that are zero in exact arithmetic
+    and rounding noise in float32, such as an attention key's bias)."""
     assert expected_grads.keys() == grads.keys()
+    largest = max((g.abs().max().item() for g in expected_grads.values() if g is not None), default=0.0)
     for name, expected_grad in expected_grads.items():
         if expected_grad is None:
             assert grads[name] is None, name
             continue
         assert grads[name] is not None, name
-        scale = expected_grad.abs().max().item()
+        scale = max(expected_grad.abs().max().item(), 1e-3 * largest)
         torch.testing.assert_close(
-            grads[name], expected_grad, rtol=1e-4, atol=1e-5 * scale + 1e-9, msg=lambda m, name=name: f"{name}: {m}"
+            grads[name], expected_grad, rtol=1e-4, atol=1e-5 * scale + 1e-12, msg=lambda m, name=name: f"{name}: {m}"
         )
-    return got, expected
 
 
 # ----------------------------------------------------------------------------------------
@@ -316,12 +329,112 @@ def test_custom_loss_function_runs_stock():
     assert seen == [(BATCH, SEQ, VOCAB)] and output.logits is not None
 
 
-def test_unsupported_logit_scale_is_refused():
-    config = transformers.CohereConfig(**dict(COMMON, logit_scale=0.5))
-    with pytest.raises(ValueError, match="logit_scale"):
-        fxtf.apply(transformers.CohereForCausalLM(config))
-    with pytest.raises(TypeError):
+def test_not_a_causal_lm_is_refused():
+    with pytest.raises(TypeError, match="ForCausalLM"):
         fxtf.apply(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="ForCausalLM"):
+        fxtf.apply(transformers.LlamaModel)
+
+
+# ----------------------------------------------------------------------------------------
+# What the forward does to the logits: traced, fused where reproducible, else stock with a warning
+# ----------------------------------------------------------------------------------------
+
+# Forward hooks on the head: each returns what the forward then works with (a hook's output
+# replaces the head's), traced like the model's own code. (hook, fused?)
+HEAD_HOOKS = {
+    "scale": (lambda module, args, out: 3.0 * out, True),
+    "divide by a 0-d tensor": (lambda module, args, out: out / torch.tensor(0.25), True),
+    "in place": (lambda module, args, out: out.mul_(0.5), True),
+    "softcap, scale, upcast": (
+        lambda module, args, out: (torch.tanh(out.float() * 20.0) / 20.0).contiguous() * 2.0,
+        True,
+    ),
+    "negative cap": (lambda module, args, out: torch.tanh(out * 30.0) * -0.5, True),
+    "add": (lambda module, args, out: out + 1.0, False),
+    "tanh twice": (lambda module, args, out: torch.tanh(torch.tanh(out)), False),
+    "stack": (lambda module, args, out: torch.stack([out, out]).sum(0), False),
+    "per-class scale": (lambda module, args, out: out * torch.linspace(0.5, 1.5, VOCAB), False),
+    "learnable scale": (lambda module, args, out: out * module.learnable, False),
+    "downcast": (lambda module, args, out: out.to(torch.bfloat16), False),
+    "log-softmax": (lambda module, args, out: out - torch.logsumexp(out, -1, keepdim=True), False),
+}
+
+
+@pytest.mark.parametrize("hook", HEAD_HOOKS)
+def test_logit_transforms_traced(hook):
+    """A reproducible transform of the logits is fused; anything else runs stock with a
+    FallbackWarning naming it. Either way: stock's loss and gradients."""
+    function, fused = HEAD_HOOKS[hook]
+    stock, patched = _pair("llama")
+    for model in (stock, patched):
+        model.lm_head.learnable = torch.nn.Parameter(torch.tensor(1.5))
+        model.lm_head.register_forward_hook(function)
+    input_ids, labels = _batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        expected, expected_grads = _loss_and_grads(stock, input_ids=input_ids, labels=labels)
+        got, grads = _loss_and_grads(patched, input_ids=input_ids, labels=labels)
+    fallbacks = [str(w.message) for w in caught if issubclass(w.category, fxtf.FallbackWarning)]
+    assert (got.logits is None) == fused and len(fallbacks) == (0 if fused else 1), fallbacks
+    torch.testing.assert_close(got.loss, expected.loss, rtol=RTOL, atol=ATOL)
+    _assert_same_grads(grads, expected_grads)
+    if not fused:
+        assert "LlamaForCausalLM.forward" in fallbacks[0] and "stock forward" in fallbacks[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", fxtf.FallbackWarning)
+            with pytest.raises(fxtf.FallbackWarning):
+                patched(input_ids=input_ids, labels=labels)
+
+
+def test_fallback_keeps_the_dropout_masks():
+    """A fallback reruns the forward from the random state of the call: with dropout, the same
+    loss as one stock call from that state."""
+    stock, patched = _pair("llama", attention_dropout=0.5)
+    for model in (stock, patched):
+        model.lm_head.register_forward_hook(lambda module, args, out: out + 1.0)
+    inputs = _inputs()
+    torch.manual_seed(11)
+    expected = stock(**inputs).loss
+    torch.manual_seed(11)
+    with pytest.warns(fxtf.FallbackWarning):
+        got = patched(**inputs).loss
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    torch.manual_seed(12)
+    assert abs(stock(**inputs).loss.item() - expected.item()) > 1e-4  # the dropout is effective
+
+
+def test_router_aux_loss_reaches_the_router():
+    """Mixtral with output_router_logits: the stock code adds router_aux_loss_coef * aux_loss to
+    the fused loss, so the router's gate gets the auxiliary loss's gradient as in stock."""
+    stock, why = _build_tiny("MixtralForCausalLM")
+    assert stock is not None, why
+    assert stock.config.output_router_logits and stock.config.router_aux_loss_coef == 0.5
+    expected, got, fallbacks = _stock_and_patched(stock)
+    assert fallbacks == [] and got[0].logits is None
+    _assert_same_step(expected, got)
+    torch.testing.assert_close(got[0].aux_loss, expected[0].aux_loss)
+    gates = [name for name in got[1] if name.endswith("gate.weight")]
+    assert gates and all(got[1][name].abs().sum() > 0 for name in gates)
+
+    # Switched on by the call's argument instead of the config: the same, traced per call.
+    plain, why = _build_tiny("MixtralForCausalLM", features=False)
+    patched = fxtf.apply(copy.deepcopy(plain))
+    inputs = dict(_sweep_batch(), output_router_logits=True)
+    expected = _loss_and_grads(plain, **inputs)
+    got = _loss_and_grads(patched, **inputs)
+    assert got[0].logits is None and got[0].aux_loss is not None
+    _assert_same_step(expected, got)
+
+
+def test_own_cross_entropy_falls_back_with_a_warning():
+    """BartForCausalLM computes its own unshifted CrossEntropyLoss on logits.view(-1, V): stock
+    with a FallbackWarning, stock's numbers."""
+    stock, why = _build_tiny("BartForCausalLM")
+    assert stock is not None, why
+    expected, got, fallbacks = _stock_and_patched(stock)
+    assert got[0].logits is not None and len(fallbacks) == 1 and "Tensor.view" in fallbacks[0]
+    _assert_same_step(expected, got)
 
 
 # ----------------------------------------------------------------------------------------
@@ -510,3 +623,236 @@ def test_apply_to_families():
         for name in fxtf.FAMILIES:
             fxtf.remove(getattr(transformers, name))
     assert all(getattr(transformers, name).forward is stock_forwards[name] for name in fxtf.FAMILIES)
+
+
+# ----------------------------------------------------------------------------------------
+# Every causal LM class: fused and equal to stock, or stock with a warning
+# ----------------------------------------------------------------------------------------
+
+# Small sizes for whichever of these keys a class's config has (its defaults are a real model's).
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    d_model=32,
+    n_embd=32,
+    embedding_size=32,
+    intermediate_size=64,
+    ffn_dim=64,
+    decoder_ffn_dim=64,
+    encoder_ffn_dim=64,
+    n_inner=64,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    num_hidden_layers=2,
+    n_layer=2,
+    num_layers=2,
+    decoder_layers=2,
+    encoder_layers=2,
+    num_attention_heads=4,
+    n_head=4,
+    num_heads=4,
+    decoder_attention_heads=4,
+    encoder_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    moe_num_experts=4,
+    num_experts_per_tok=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+    qk_head_dim=16,
+    rotary_dim=4,
+    mamba_chunk_size=8,
+    chunk_size=8,
+    mamba_d_ssm=32,
+    mamba_n_heads=4,
+    mamba_d_head=8,
+    mamba_d_state=8,
+    state_size=8,
+    ssm_state_size=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+)
+# Per-layer type lists keep one layer of each distinct type, in order (a hybrid keeps both kinds).
+LAYER_LISTS = ("layer_types", "block_types", "layers_block_type")
+# The logit transforms and loss terms the fused path must reproduce, switched on (at values that
+# change the tiny models' loss) wherever a config has them.
+FEATURES = dict(
+    output_router_logits=True,
+    router_aux_loss_coef=0.5,
+    logits_scaling=4.0,
+    logit_scale=0.5,
+    lm_head_multiplier=0.25,
+    final_logit_softcapping=0.05,
+    logits_soft_cap=0.05,
+    output_logit_soft_cap=0.05,
+    unpadded_vocab_size=80,
+)
+SWEEP_TOKENS = 80  # input ids and labels below every tiny vocabulary, unpadded_vocab_size included
+MAX_PARAMETERS = 4_000_000  # counted on the meta device first: some defaults stay huge
+
+# The documented families and the models the fused transforms came from: always fused.
+FUSED_CLASSES = fxtf.FAMILIES + ("FalconH1ForCausalLM", "RecurrentGemmaForCausalLM", "InklingForCausalLM")
+
+
+def _tiny_config(cls, features=True, **overrides):
+    """cls's config from its defaults with small sizes, no dropout, special token ids inside the
+    vocabulary, and (with features) the FEATURES it has switched on."""
+    defaults = cls.config_class().to_dict()
+    options = {
+        key: value
+        for key, value in TINY.items()
+        if isinstance(defaults.get(key), int) and not isinstance(defaults.get(key), bool)
+    }
+    if defaults.get("num_key_value_heads") == defaults.get("num_attention_heads") and "num_key_value_heads" in options:
+        # Multi-head (not grouped) attention by default, which some classes require.
+        options["num_key_value_heads"] = options["num_attention_heads"]
+    for key, value in zip(("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id"), (0, 1, 2, 2), strict=True):
+        if isinstance(defaults.get(key), int):
+            options[key] = value
+    for key in LAYER_LISTS:
+        if isinstance(defaults.get(key), list) and defaults[key]:
+            options[key] = list(dict.fromkeys(defaults[key]))
+            for layers in ("num_hidden_layers", "num_layers"):
+                if layers in defaults:
+                    options[layers] = len(options[key])
+    layers = options.get("num_hidden_layers", 2)
+    if isinstance(defaults.get("mlp_layer_types"), list):
+        options["mlp_layer_types"] = (defaults["mlp_layer_types"] * layers)[:layers]
+    for key, value in defaults.items():
+        # Dropout (and router jitter) off: stock and patched then compute the same function.
+        if isinstance(value, float) and value > 0 and any(word in key for word in ("dropout", "pdrop", "jitter")):
+            options[key] = 0.0
+    if features:
+        options.update({key: value for key, value in FEATURES.items() if key in defaults})
+    options.update(overrides)
+    return cls.config_class(**options)
+
+
+def _build_tiny(name, features=True, **overrides):
+    """(model in training mode, None), or (None, why it cannot be built tiny on the CPU)."""
+    cls = getattr(transformers, name)
+    try:
+        config = _tiny_config(cls, features, **overrides)
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in cls(config).parameters())
+        if parameters > MAX_PARAMETERS:
+            return None, f"{parameters} parameters at the smallest sizes tried"
+        torch.manual_seed(0)
+        return cls(config).train(), None
+    except Exception as error:  # noqa: BLE001 - any failure to build is reported as a skip
+        return None, f"not buildable tiny: {type(error).__name__}: {str(error).splitlines()[0][:100]}"
+
+
+def _sweep_batch():
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, SWEEP_TOKENS, (2, 6), generator=generator)
+    labels = input_ids.clone()
+    labels[0, :2] = -100
+    return dict(input_ids=input_ids, labels=labels)
+
+
+def _stock_and_patched(stock):
+    """Stock's and the patched copy's training step on one batch: (stock (output, grads) or the
+    error stock raises, patched (output, grads), the FallbackWarnings of the patched step)."""
+    inputs = _sweep_batch()
+    # Copied first: some models keep non-leaf tensors after a step, which deepcopy refuses.
+    patched = copy.deepcopy(stock)
+    try:
+        expected = _loss_and_grads(stock, **inputs)
+    except Exception as error:  # noqa: BLE001 - a model that cannot train tiny is reported
+        return f"stock step fails tiny: {type(error).__name__}: {str(error).splitlines()[0][:100]}", None, None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxtf.apply(patched)
+        got = _loss_and_grads(patched, **inputs)
+    fallbacks = [str(w.message) for w in caught if issubclass(w.category, fxtf.FallbackWarning)]
+    return expected, got, fallbacks
+
+
+def _assert_same_step(expected, got):
+    (expected_output, expected_grads), (output, grads) = expected, got
+    torch.testing.assert_close(output.loss, expected_output.loss, rtol=1e-5, atol=0)
+    _assert_same_grads(grads, expected_grads)
+
+
+@pytest.mark.parametrize("name", FUSED_CLASSES)
+def test_documented_family_fused_and_equal(name):
+    """Each documented family (and the models with a logit scale, softcap, padded vocabulary or
+    router auxiliary loss) trains through the fused path with stock's loss and gradients, its
+    transform or loss term switched on at a value that changes the loss."""
+    if not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    stock, why = _build_tiny(name)
+    assert stock is not None, why
+    expected, got, fallbacks = _stock_and_patched(stock)
+    assert got is not None, expected
+    assert fallbacks == [] and got[0].logits is None, fallbacks
+    _assert_same_step(expected, got)
+    switched_on = [key for key in FEATURES if key in stock.config.to_dict()]
+    if switched_on:
+        plain, why = _build_tiny(name, features=False)
+        plain_loss = plain(**_sweep_batch()).loss.item()
+        assert abs(plain_loss - expected[0].loss.item()) > 1e-3, f"{switched_on} did not change the loss"
+
+
+def _sweep(names, outcomes, failures):
+    """Fills outcomes (class name: what happened) and failures (stock and patched differ)."""
+    for name in names:
+        began = time.perf_counter()
+        stock, why = _build_tiny(name)
+        if stock is None:
+            outcomes[name] = f"skipped: {why}"
+            continue
+        expected, got, fallbacks = _stock_and_patched(stock)
+        if got is None:
+            outcomes[name] = f"skipped: {expected}"
+            continue
+        try:
+            _assert_same_step(expected, got)
+        except AssertionError as error:
+            failures.append(f"{name}: {str(error).splitlines()[0]}")
+        if got[0].logits is None:
+            outcomes[name] = "fused"
+        elif fallbacks:
+            outcomes[name] = f"stock, warned: {fallbacks[0][:110]}"
+        else:
+            head = stock.get_output_embeddings()
+            outcomes[name] = f"stock: head is {type(head).__name__}"
+            if fxtf._head_linears(head) is not None:
+                failures.append(f"{name}: ran stock without a warning")
+        outcomes[name] = f"{time.perf_counter() - began:4.1f} s  {outcomes[name]}"
+
+
+@pytest.mark.exhaustive
+def test_every_causal_lm_class():
+    """Every *ForCausalLM class of the installed transformers that builds tiny on the CPU: the
+    patched training step gives stock's loss and gradients, either fused (no logits) or through
+    the stock forward with a FallbackWarning (or the apply-time warning for a head that is not an
+    nn.Linear). The table of outcomes, skips with their reasons, is printed (pytest -s)."""
+    names = sorted(n for n in dir(transformers) if n.endswith("ForCausalLM") and n != "AutoModelForCausalLM")
+    outcomes, failures = {}, []
+    started, cpu_started = time.perf_counter(), time.process_time()
+    # One thread: the models are tiny, and threads only contend on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _sweep(names, outcomes, failures)
+    finally:
+        torch.set_num_threads(threads)
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    print(f"\n{len(names)} *ForCausalLM classes in {wall:.0f} s ({cpu:.0f} s of CPU time):")
+    for name, outcome in outcomes.items():
+        print(f"  {name:36s} {outcome}")
+    assert not failures, "\n".join(failures)
+    fused = [name for name, outcome in outcomes.items() if outcome.endswith("s  fused")]
+    assert set(FUSED_CLASSES) & set(names) <= set(fused)
+    # The sweep really exercises the fused path (guards against a change that skips everything).
+    assert len(fused) >= len(names) // 2, outcomes
