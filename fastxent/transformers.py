@@ -48,7 +48,6 @@ cross-entropy kernel: ``model.loss_function = fastxent.transformers.causal_lm_lo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -427,7 +426,8 @@ class _Logits(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _METADATA:
+        if func in _METADATA or func is torch.Tensor.register_hook:
+            # A hook changes no value: FSDP2 registers its pre-backward hook on a unit's outputs.
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         placeholders = [arg for arg in args if isinstance(arg, _Logits)]
@@ -518,33 +518,16 @@ def _is_dtensor(tensor: Any) -> bool:
     )
 
 
-@contextlib.contextmanager
-def _whole_weight(model: nn.Module, linear: nn.Linear):
-    """The head's whole weight while the fused loss reads it.
+def _check_whole_weight(linear: nn.Linear) -> None:
+    """Refuse a head whose weight is sharded when the loss reads it.
 
     With the head as its own FSDP2 unit (``fully_shard(model.lm_head)``), FSDP2 gathers the weight
-    for the head's forward and shards it again right after, before ``loss_function`` runs; the
-    weight is then a sharded DTensor. The innermost FSDP2 module holding the head gathers it again
-    (``unshard``) for the fused call, which computes the weight's gradient in its forward, and
-    shards it after (``reshard``); FSDP2 reduce-scatters that gradient in the backward as for any
-    use of the gathered weight. Any other sharded weight is refused (the stock path runs).
+    for the head's forward and shards it again right after, before ``loss_function`` runs: the
+    weight is then a sharded DTensor, which the fused loss must not read as the whole weight.
+    That call runs the stock forward instead (with a ``FallbackWarning``).
     """
-    if not _is_dtensor(linear.weight):
-        yield
-        return
-    owner = None
-    for module in model.modules():
-        if hasattr(module, "unshard") and hasattr(module, "reshard") and any(m is linear for m in module.modules()):
-            owner = module  # modules() lists parents before children: the last one is the innermost
-    if owner is None:
-        raise _Unreproducible("gives the head a sharded weight that no FSDP2 module gathers")
-    owner.unshard()
-    try:
-        if _is_dtensor(linear.weight):
-            raise _Unreproducible("keeps the head's weight sharded after FSDP2's unshard")
-        yield
-    finally:
-        owner.reshard()
+    if _is_dtensor(linear.weight):
+        raise _Unreproducible("reads the head's output after FSDP2 sharded the head's weight again")
 
 
 class _HeadStandIn:
@@ -606,16 +589,16 @@ class _HeadStandIn:
         if vocab_size != logits.shape[-1]:
             raise _Unreproducible(f"computes the loss on rows of {vocab_size} classes, not {logits.shape[-1]}")
         linear, hidden = self.calls[logits._source]
-        with _whole_weight(self.model, linear):
-            loss = _causal_lm_linear_loss(
-                hidden,
-                linear,
-                labels,
-                shift_labels=shift_labels,
-                num_items_in_batch=num_items_in_batch,
-                ignore_index=ignore_index,
-                transform=logits._transform,
-            )
+        _check_whole_weight(linear)
+        loss = _causal_lm_linear_loss(
+            hidden,
+            linear,
+            labels,
+            shift_labels=shift_labels,
+            num_items_in_batch=num_items_in_batch,
+            ignore_index=ignore_index,
+            transform=logits._transform,
+        )
         self.fused_losses += 1
         # A tensor of its own: the forward may add to it in place (loss += aux_loss).
         return loss.clone() if num_items_in_batch is None else loss

@@ -209,15 +209,19 @@ FSDP_VARIANTS = ("stock-fsdp", "apply-before", "apply-after", "head-unit-before"
 
 def check_fsdp(arrays, messages):
     """One training step: the loss and every gathered gradient (the head's included) equal the
-    stock model's, with the fused loss taking the head (no logits) in every patched variant."""
+    stock model's, with the fused loss taking the head (no logits) where the head is not its own
+    FSDP2 unit, and the stock forward where it is."""
     for rank, (got, notes) in enumerate(zip(arrays, messages, strict=True)):
         names = sorted(k for k in got if k.startswith("fsdp/ref/grad/"))
         assert "fsdp/ref/grad/lm_head.weight" in names
         for variant in FSDP_VARIANTS:
             assert notes[f"fsdp/{variant}/error"] is None, (variant, notes[f"fsdp/{variant}/error"])
             fused = int(got[f"fsdp/{variant}/fused_calls"])
-            assert fused == (0 if variant == "stock-fsdp" else 1), (variant, fused)
-            assert bool(got[f"fsdp/{variant}/logits_none"]) == (variant != "stock-fsdp"), variant
+            # The head as its own unit: FSDP2 shards its weight again before the loss reads it, so
+            # that call runs the stock forward (FallbackWarning), with stock's numbers.
+            stock = variant == "stock-fsdp" or variant.startswith("head-unit")
+            assert fused == (0 if stock else 1), (variant, fused)
+            assert bool(got[f"fsdp/{variant}/logits_none"]) == (not stock), variant
             np.testing.assert_allclose(got[f"fsdp/{variant}/loss"], got["fsdp/ref/loss"], rtol=1e-5, err_msg=variant)
             for name in names:
                 ref = got[name]
