@@ -312,3 +312,32 @@ def test_compiled_patched_causal_lm():
     expected = step(model)
     got = step(torch.compile(model, backend="aot_eager", fullgraph=True))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to PyTorch")
+def test_cuda_operators_opcheck_and_compile():
+    """The CUDA registrations: opcheck on CUDA tensors (float32 and bfloat16), and a compiled
+    loss on a side stream equal to eager's (the kernels launch on PyTorch's current stream)."""
+    pytest.importorskip("cupy")
+    torch.manual_seed(0)
+    op = torch.ops.fastxent.cross_entropy.default
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(16, 1000, device="cuda", dtype=dtype, requires_grad=True)
+        t = torch.randint(0, 1000, (16,), device="cuda")
+        t[3] = -100
+        torch.library.opcheck(op, (x, t, None, -100, "mean", 0.1, True))
+    w = torch.randn(300, 32, device="cuda", requires_grad=True)
+    h = torch.randn(16, 32, device="cuda", requires_grad=True)
+    t = torch.randint(0, 300, (16,), device="cuda")
+    linear = torch.ops.fastxent.linear_cross_entropy.default
+    torch.library.opcheck(linear, (h, w, None, t, None, None, "mean", -100, 0.0, None, 0.0, True, True, False))
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        x = torch.randn(64, 5000, device="cuda", requires_grad=True)
+        t = torch.randint(0, 5000, (64,), device="cuda")
+        compiled = torch.compile(fxt.cross_entropy, fullgraph=True)
+        got = _loss_and_grad(compiled, x, t)
+        expected = _loss_and_grad(fxt.cross_entropy, x, t)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
