@@ -24,6 +24,13 @@ Errors are PyTorch's types too: a label out of range is a ``TargetOutOfBoundsErr
 ``linear_cross_entropy`` is ``torch.nn.functional.linear_cross_entropy`` (PyTorch 2.13) on
 fastxent's fused linear + cross-entropy; see its docstring.
 
+The kernels are PyTorch custom operators, ``torch.ops.fastxent.cross_entropy`` and
+``torch.ops.fastxent.linear_cross_entropy`` (``fastxent._torch_ops``), with fake implementations and
+registered autograd: ``torch.compile(..., fullgraph=True)`` and ``torch.export`` take both public
+functions without a graph break, and compiled code raises eager code's errors. Tensors under
+``torch.func`` transforms or forward-mode AD go through autograd.Functions calling the same
+operators (an operator's registered autograd does not reach them).
+
 Tensors are exchanged without copies through DLPack: CPU tensors with NumPy, CUDA tensors with
 CuPy (fastxent's GPU backend, on PyTorch's current stream); see ``fastxent._torch_interop``
 (bfloat16 CUDA tensors are accepted, through a float32 copy where CuPy has no bfloat16 dtype).
