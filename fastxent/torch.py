@@ -22,7 +22,14 @@ Errors are PyTorch's types too: a label out of range is a ``TargetOutOfBoundsErr
 (``ValueError`` and ``RuntimeError``).
 
 ``linear_cross_entropy`` is ``torch.nn.functional.linear_cross_entropy`` (PyTorch 2.13) on
-fastxent's fused linear + cross-entropy (CPU tensors so far); see its docstring.
+fastxent's fused linear + cross-entropy; see its docstring.
+
+The kernels are PyTorch custom operators, ``torch.ops.fastxent.cross_entropy`` and
+``torch.ops.fastxent.linear_cross_entropy`` (``fastxent._torch_ops``), with fake implementations and
+registered autograd: ``torch.compile(..., fullgraph=True)`` and ``torch.export`` take both public
+functions without a graph break, and compiled code raises eager code's errors. Tensors under
+``torch.func`` transforms or forward-mode AD go through autograd.Functions calling the same
+operators (an operator's registered autograd does not reach them).
 
 Tensors are exchanged without copies through DLPack: CPU tensors with NumPy, CUDA tensors with
 CuPy (fastxent's GPU backend, on PyTorch's current stream); see ``fastxent._torch_interop``
@@ -35,25 +42,16 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._C import _functorch
 from torch.autograd import forward_ad
 
-from fastxent import _checks as checks
 from fastxent import _torch_interop as interop
-from fastxent._api import sparse_cross_entropy, sparse_cross_entropy_with_grad
-from fastxent._dense_api import (
-    categorical_cross_entropy,
-    categorical_cross_entropy_with_grad,
-)
-from fastxent._linear_api import linear_cross_entropy_with_grad
+from fastxent import _torch_ops as ops
 from fastxent._torch_errors import InvalidInputError, TargetOutOfBoundsError
 from fastxent.distributed import _dtensor as dtensor
 from fastxent.distributed._torch import vocab_parallel_cross_entropy  # noqa: F401  (re-export)
-from fastxent.host_buffers import host_output_like
 
 __all__ = [
     "CrossEntropyLoss",
@@ -63,172 +61,33 @@ __all__ = [
     "linear_cross_entropy",
 ]
 
-_REDUCTIONS = ("none", "mean", "sum")
-
-
 # ----------------------------------------------------------------------------------------
-# The autograd function
+# The torch.func path
 # ----------------------------------------------------------------------------------------
+# The kernels are the custom operators of fastxent._torch_ops, whose registered autograd serves
+# plain tensors, torch.compile and torch.export. An operator's autograd does not reach torch.func
+# transforms or forward-mode AD, so tensors under those go through autograd.Functions that call
+# the same operators and share their autograd formulas, adding jvp and vmap rules.
 
 
-def _class_axis(input: torch.Tensor) -> int:
-    """PyTorch's class dimension: 1 for (N, C, d1, ...), 0 for an unbatched (C,) input."""
-    return 0 if input.dim() == 1 else 1
-
-
-def _nothing_counted(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int) -> bool:
-    """Whether PyTorch's "mean" divides by zero: no counted row, or counted rows of weight 0."""
-    counted = target != ignore_index
-    if weight is None:
-        return not bool(counted.any())
-    safe = torch.where(counted, target, torch.zeros_like(target)).long()
-    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
-    return float(torch.where(counted, weight[safe], zero).sum()) == 0.0
-
-
-def _fused_loss_and_grad(input, target, weight, ignore_index, reduction, label_smoothing, want_grad):
-    """fastxent's kernel on the tensors' memory: the loss, and d loss / d input when ``want_grad``
-    (else an empty placeholder). PyTorch's conventions: "mean" over probability targets divides
-    by the number of rows; a "mean" over nothing is NaN."""
-    class_axis = _class_axis(input)
-    probabilities = target.is_floating_point()
-    logits = interop.to_array(input)
-    class_weight = None if weight is None else interop.to_array(weight)
-    try:
-        with interop.on_stream(input):
-            if probabilities:
-                core_reduction = "sum_over_batch_size" if reduction == "mean" else reduction
-                run = categorical_cross_entropy_with_grad if want_grad else categorical_cross_entropy
-                result = run(
-                    logits,
-                    interop.to_array(target),
-                    reduction=core_reduction,
-                    label_smoothing=label_smoothing,
-                    class_weight=class_weight,
-                    axis=class_axis,
-                )
-            else:
-                options = dict(
-                    reduction=reduction,
-                    ignore_index=ignore_index,
-                    label_smoothing=label_smoothing,
-                    class_weight=class_weight,
-                    axis=class_axis,
-                )
-                if want_grad:
-                    # A pooled host buffer: already faulted in when a released gradient is reused.
-                    out = host_output_like(logits)
-                    result = sparse_cross_entropy_with_grad(logits, interop.to_array(target), out=out, **options)
-                else:
-                    result = sparse_cross_entropy(logits, interop.to_array(target), **options)
-    except ValueError as error:
-        if "outside the valid range" in str(error):
-            raise TargetOutOfBoundsError(str(error)) from None
-        raise InvalidInputError(str(error)) from None
-    loss_array, grad_array = result if want_grad else (result, None)
-    out_dtype = torch.promote_types(input.dtype, target.dtype) if probabilities else input.dtype
-    loss = interop.to_tensor(loss_array).to(out_dtype)
-    grad = input.new_empty(0) if grad_array is None else interop.to_tensor(grad_array).to(input.dtype)
-
-    # fastxent's "mean" is 0.0 when there is nothing to divide by; PyTorch's is NaN (0 / 0),
-    # and its gradient is NaN on every counted row.
-    num_rows = target.numel() if not probabilities else input.numel() // max(input.shape[class_axis], 1)
-    if (
-        reduction == "mean"
-        and float(loss) == 0.0
-        and (num_rows == 0 or (not probabilities and _nothing_counted(target, weight, ignore_index)))
-    ):
-        loss = torch.full_like(loss, float("nan"))
-        if grad_array is not None and not probabilities:
-            counted = (target != ignore_index).unsqueeze(class_axis).expand_as(grad)
-            grad = grad.masked_fill(counted, float("nan"))
-    return loss, grad
-
-
-def _torch_loss(options, input, target, weight):
-    """PyTorch's own cross-entropy with the same options: the exact path for derivatives the
-    fused kernel does not provide (second order, probability targets, tangents of the target)."""
-    ignore_index, reduction, label_smoothing = options
-    return F.cross_entropy(
-        input, target, weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
-    )
-
-
-def _was_kept(grad: torch.Tensor, input: torch.Tensor) -> bool:
-    """Whether the forward kept the gradient (else ``grad`` is the empty placeholder)."""
-    return grad.numel() == input.numel()
-
-
-def _is_wrapped(tensor: torch.Tensor) -> bool:
-    """Whether a torch.func transform (or gradcheck's older vmap) wraps the tensor."""
-    return _functorch.is_functorch_wrapped_tensor(tensor) or _functorch.is_legacy_batchedtensor(tensor)
-
-
-def _is_plain_cpu_one(grad_output: torch.Tensor) -> bool:
-    """Whether the incoming gradient is the 1.0 of ``loss.backward()``, read without a device
-    sync: only a plain CPU scalar is looked at (never a CUDA tensor, never under a transform)."""
-    return (
-        grad_output.device.type == "cpu"
-        and grad_output.numel() == 1
-        and not _is_wrapped(grad_output)
-        and grad_output.item() == 1.0
-    )
+def _under_transform(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether any tensor is wrapped by a torch.func transform or carries a forward-mode tangent
+    (never while torch.compile or torch.export traces: their graphs take the operators)."""
+    if torch.compiler.is_compiling():
+        return False
+    present = [t for t in tensors if t is not None]
+    return any(ops.is_wrapped(t) or forward_ad.unpack_dual(t).tangent is not None for t in present)
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
-    """The loss and, when needed, its gradient in one fused call; the backward scales the kept
+    """``fastxent::cross_entropy`` with its autograd formula, plus forward-mode AD and vmap:
+    the loss and, when needed, its gradient in one fused call; the backward scales the kept
     gradient. Derivatives the kept gradient cannot give exactly (second order, probability
     targets that require grad) come from PyTorch's own cross-entropy on the saved inputs."""
 
-    @staticmethod
-    def forward(input, target, weight, ignore_index, reduction, label_smoothing, want_grad):
-        return _fused_loss_and_grad(input, target, weight, ignore_index, reduction, label_smoothing, want_grad)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, target, weight, ignore_index, reduction, label_smoothing, _ = inputs
-        _, grad = output
-        ctx.mark_non_differentiable(grad)
-        # The kept gradient is an output nobody differentiates: without this, autograd would
-        # fill an N x C tensor of zeros as its incoming gradient on every backward.
-        ctx.set_materialize_grads(False)
-        # Version-checked references, not copies: an in-place change to any of them before the
-        # backward raises instead of giving a stale gradient.
-        ctx.save_for_backward(input, target, weight, grad)
-        ctx.save_for_forward(input, target, weight, grad)
-        ctx.options = (ignore_index, reduction, label_smoothing)
-        ctx.class_axis = _class_axis(input)
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_of_kept_gradient):
-        input, target, weight, grad = ctx.saved_tensors
-        need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if grad_loss is None:  # the loss itself received no gradient
-            return None, None, None, None, None, None, None
-        if torch.is_grad_enabled() or need_target or (need_input and not _was_kept(grad, input)):
-            # A graph is being built through this backward (double backward, torch.func), or the
-            # target needs a gradient: differentiate PyTorch's own loss, exactly.
-            probabilities = target.is_floating_point()
-            primals = (input, target) if probabilities else (input,)
-
-            def loss_of(*args):
-                return _torch_loss(ctx.options, args[0], args[1] if probabilities else target, weight)
-
-            _, vjp = torch.func.vjp(loss_of, *primals)
-            grads = vjp(grad_loss)
-            grad_input = grads[0] if need_input else None
-            grad_target = grads[1] if probabilities and need_target else None
-            return grad_input, grad_target, None, None, None, None, None
-        if not need_input:
-            return None, None, None, None, None, None, None
-        if ctx.options[1] == "none":
-            grad_input = grad * grad_loss.unsqueeze(ctx.class_axis).to(grad.dtype)
-        elif _is_plain_cpu_one(grad_loss):
-            # The usual case, loss.backward(): the kept gradient is the answer, no N x C multiply.
-            grad_input = grad
-        else:
-            grad_input = grad * grad_loss.to(grad.dtype)
-        return grad_input, None, None, None, None, None, None
+    forward = staticmethod(ops.cross_entropy)
+    setup_context = staticmethod(ops.setup_cross_entropy)
+    backward = staticmethod(ops.cross_entropy_backward)
 
     @staticmethod
     def jvp(ctx, input_tangent, target_tangent, *_):
@@ -240,10 +99,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
         per_row = reduction == "none"
         tangent = None
         if input_tangent is not None:
-            if not _was_kept(grad, input):
+            if not ctx.kept:
                 # No gradient was kept (a tangent the forward could not see): PyTorch's own.
                 # Each row's loss depends on its own row only, so one vjp gives every row's gradient.
-                loss, vjp = torch.func.vjp(lambda x: _torch_loss(ctx.options, x, target, weight), input)
+                loss, vjp = torch.func.vjp(lambda x: ops.torch_loss(ctx.options, x, target, weight), input)
                 (grad,) = vjp(torch.ones_like(loss))
             # The loss's derivative in the input is ``grad``: contract it with the tangent.
             product = grad.to(wide) * input_tangent.to(wide)
@@ -290,11 +149,9 @@ def _wants_input_grad(input: torch.Tensor) -> bool:
     """Whether anything can ask for d loss / d input: autograd recording with an input that
     requires grad, a torch.func transform, or a forward-mode dual tensor. When none can, the
     forward-only kernel runs."""
-    if _is_wrapped(input):
-        return True
     if torch.is_grad_enabled() and input.requires_grad:
         return True
-    return forward_ad.unpack_dual(input).tangent is not None
+    return _under_transform(input)
 
 
 # ----------------------------------------------------------------------------------------
@@ -329,11 +186,11 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = nn._reduction.legacy_get_string(size_average, reduce)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("cross_entropy takes tensors for input and target")
-    _check_target(input, target, ignore_index)
+    if _checks_now():
+        ops.check_reduction(reduction)
+        ops.check_target(input, target, ignore_index)
     if weight is not None and weight.requires_grad:
         # PyTorch's own loss is not differentiable in the class weights either.
         raise InvalidInputError(
@@ -350,27 +207,20 @@ def cross_entropy(
         return F.cross_entropy(
             input, target, weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=1.0
         )
-    loss, _ = _FusedCrossEntropy.apply(
-        input, target, weight, int(ignore_index), reduction, float(label_smoothing), _wants_input_grad(input)
-    )
+    _check_device(input, target, weight)
+    args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), _wants_input_grad(input))
+    if _under_transform(input, target):
+        loss, _ = _FusedCrossEntropy.apply(*args)
+    else:
+        loss, _ = ops.cross_entropy(*args)
     return loss
 
 
-def _check_target(input: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
-    """The target checks PyTorch makes before choosing between index and probability targets."""
-    if target.is_floating_point():
-        if target.shape != input.shape:
-            raise InvalidInputError(
-                f"expected target dtype to be Long or Byte, but got {target.dtype} "
-                f"(a floating target holds class probabilities and must have the "
-                f"input's shape {tuple(input.shape)}; got {tuple(target.shape)})"
-            )
-        if ignore_index >= 0:
-            raise InvalidInputError("ignore_index is not supported for floating point target")
-    elif target.shape == input.shape and input.dim() > 0:
-        raise InvalidInputError(f"Expected floating point type for target with class probabilities, got {target.dtype}")
-    elif target.dtype == torch.bool or target.is_complex():
-        raise InvalidInputError(f"expected target dtype to be Long or Byte, but got {target.dtype}")
+def _check_device(*tensors: Optional[torch.Tensor]) -> None:
+    """TypeError unless every tensor is on a device the kernels serve (CPU or CUDA)."""
+    for tensor in tensors:
+        if tensor is not None:
+            interop.check_tensor(tensor)
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
@@ -392,194 +242,29 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 # Linear layer + cross-entropy
 # ----------------------------------------------------------------------------------------
 
-# Devices whose tensors the fused linear path takes: CPU tensors as NumPy views, CUDA tensors as
-# CuPy views (``interop.to_array``) with the launches on PyTorch's stream (``interop.on_stream``).
-_LINEAR_DEVICE_TYPES = ("cpu", "cuda")
-
-
-def _linear_arrays(*tensors):
-    """The fused linear path's arrays for tensors on one device (None stays None): NumPy views
-    of CPU tensors. The one place that decides which devices the fused path serves."""
-    device = tensors[0].device
-    if device.type not in _LINEAR_DEVICE_TYPES:
-        raise NotImplementedError(
-            f"fastxent.torch.linear_cross_entropy takes CPU and CUDA tensors; got tensors on {device}"
-        )
-    return [None if tensor is None else interop.to_array(tensor) for tensor in tensors]
-
-
-class _LinearConfig:
-    """The static options of one call (hashable, kept on the autograd context)."""
-
-    __slots__ = ("reduction", "ignore_index", "label_smoothing", "softcap", "z_loss")
-
-    def __init__(self, reduction, ignore_index, label_smoothing, softcap, z_loss):
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.softcap = softcap
-        self.z_loss = z_loss
-
-
-def _mean_over_nothing_counted(target, weight, ignore_index) -> bool:
-    """Whether PyTorch's "mean" divides 0 by 0 (no counted row, or counted rows of weight 0)."""
-    return target.numel() == 0 or _nothing_counted(target, weight, ignore_index)
-
-
-def _linear_loss_and_grads(input, linear_weight, linear_bias, target, weight, config, wants, *, row_scale=None):
-    """fastxent's fused linear + cross-entropy on the tensors' memory.
-
-    Returns (loss in the input's dtype, grad input, grad linear_weight, grad linear_bias), each
-    gradient a tensor sharing the kernel's output or None where ``wants`` (three bools) says no.
-    ``row_scale``: a per-row factor folded into the kernel as sample weights, with the sum over
-    rows as reduction: the gradients of ``sum_i row_scale_i * loss_i`` (reduction "none"'s
-    backward), exact for any factors.
-    """
-    hidden, w, b, labels = _linear_arrays(input, linear_weight, linear_bias, target)
-    reduction = config.reduction
-    sample_weight = None
-    if row_scale is not None:
-        sample_weight = interop.host(row_scale, np.float64).reshape(target.shape)
-        reduction = "sum"
-    want_hidden, want_weight, want_bias = wants
-    try:
-        with interop.on_stream(input):
-            loss, *grads = linear_cross_entropy_with_grad(
-                hidden,
-                w,
-                labels,
-                bias=b,
-                ignore_index=config.ignore_index,
-                label_smoothing=config.label_smoothing,
-                class_weight=interop.host(weight, np.float64),
-                sample_weight=sample_weight,
-                z_loss=config.z_loss,
-                softcap=config.softcap,
-                reduction=reduction,
-                hidden_grad=want_hidden,
-                weight_grad=want_weight,
-                bias_grad=want_bias,
-            )
-    except ValueError as error:
-        if "outside the valid range" in str(error):
-            raise TargetOutOfBoundsError(str(error)) from None
-        raise InvalidInputError(str(error)) from None
-    loss = interop.to_tensor(loss if checks.is_cupy_array(loss) else np.asarray(loss)).to(input.dtype)
-    # A bfloat16 CUDA tensor reaches the GPU path as a float32 copy where CuPy has no bfloat16:
-    # its gradients come back in float32 and go to the tensors' own dtypes here.
-    grads = [
-        None if g is None else interop.to_tensor(g).to(t.dtype)
-        for g, t in zip(grads, (input, linear_weight, linear_bias), strict=True)
-    ]
-    if reduction == "mean" and _mean_over_nothing_counted(target, weight, config.ignore_index):
-        # fastxent's "mean" over nothing is 0 with zero gradients; PyTorch's is 0 / 0: NaN, and
-        # NaN gradients wherever a counted row (of class weight 0) reaches them.
-        loss = torch.full_like(loss, float("nan"))
-        counted = target != config.ignore_index
-        if bool(counted.any()):
-            grad_input, grad_weight, grad_bias = grads
-            if grad_input is not None:
-                grads[0] = grad_input.masked_fill(counted.unsqueeze(-1).expand_as(grad_input), float("nan"))
-            grads[1] = None if grad_weight is None else torch.full_like(grad_weight, float("nan"))
-            grads[2] = None if grad_bias is None else torch.full_like(grad_bias, float("nan"))
-    return (loss, *grads)
-
-
-def _composed_linear_loss(input, linear_weight, linear_bias, target, weight, config):
-    """The same loss from PyTorch's own differentiable ops (materialising the logits): the exact
-    path for second derivatives, and for ``label_smoothing=1.0`` (outside the kernel's [0, 1))."""
-    logits = F.linear(input, linear_weight, linear_bias)
-    if config.softcap is not None:
-        logits = config.softcap * torch.tanh(logits / config.softcap)
-    options = dict(weight=weight, ignore_index=config.ignore_index, label_smoothing=config.label_smoothing)
-    if not config.z_loss:
-        return F.cross_entropy(logits, target, reduction=config.reduction, **options)
-    rows = F.cross_entropy(logits, target, reduction="none", **options)
-    counted = target != config.ignore_index
-    safe = torch.where(counted, target, torch.zeros_like(target)).long()
-    class_weight = torch.ones_like(rows) if weight is None else weight.to(rows.dtype)[safe]
-    target_weight = torch.where(counted, class_weight, torch.zeros_like(class_weight))
-    # z-loss: z * w_y * logsumexp(logits)^2 per counted row (fastxent's definition).
-    rows = rows + config.z_loss * target_weight * torch.logsumexp(logits, dim=-1) ** 2
-    if config.reduction == "none":
-        return rows
-    if config.reduction == "sum":
-        return rows.sum()
-    return rows.sum() / target_weight.sum()
-
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Loss and, for "mean" and "sum", the wanted gradients in one fused call; the backward
-    scales the kept gradients by the incoming scalar. For "none" the incoming gradient is one
-    factor per row, which cannot be applied to a kept weight gradient (dW = G^T X sums over the
-    rows): the forward computes the loss alone and the backward computes the gradients with the
-    factors folded in as row weights (exact, one fused call each way)."""
+    """``fastxent::linear_cross_entropy`` with its autograd formula, as an autograd.Function: the
+    path for tensors under a torch.func transform (the operator's own autograd serves plain
+    tensors and compiled graphs). Loss and, for "mean" and "sum", the wanted gradients in one
+    fused call; the backward scales the kept gradients by the incoming scalar. For "none" the
+    incoming gradient is one factor per row, which cannot be applied to a kept weight gradient
+    (dW = G^T X sums over the rows): the forward computes the loss alone and the backward computes
+    the gradients with the factors folded in as row weights (exact, one fused call each way)."""
 
-    @staticmethod
-    def forward(input, linear_weight, linear_bias, target, weight, config, wants):
-        if config.reduction == "none":
-            wants = (False, False, False)
-        loss, *grads = _linear_loss_and_grads(input, linear_weight, linear_bias, target, weight, config, wants)
-        # Autograd outputs are tensors: an empty one stands for a gradient not computed.
-        return (loss, *(input.new_empty(0) if g is None else g for g in grads))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, linear_weight, linear_bias, target, weight, config, _ = inputs
-        _, grad_input, grad_weight, grad_bias = output
-        ctx.mark_non_differentiable(grad_input, grad_weight, grad_bias)
-        # The kept gradients are outputs nobody differentiates: no zero-filled incoming gradient.
-        ctx.set_materialize_grads(False)
-        # Version-checked references: an in-place change before the backward raises.
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, grad_input, grad_weight, grad_bias)
-        ctx.config = config
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_kept):
-        input, linear_weight, linear_bias, target, weight, *kept = ctx.saved_tensors
-        config = ctx.config
-        needs = tuple(ctx.needs_input_grad[:3])
-        nothing = (None,) * 7
-        if grad_loss is None or not any(needs):
-            return nothing
-        if torch.is_grad_enabled():
-            # A graph is being built through this backward (double backward, gradient penalties,
-            # torch.func): differentiate PyTorch's own composition, exactly but unfused.
-            saved = (input, linear_weight, linear_bias)
-            primals = [t for t, need in zip(saved, needs, strict=True) if need]
-
-            def loss_of(*args):
-                given = iter(args)
-                x, w, b = (next(given) if need else t for t, need in zip(saved, needs, strict=True))
-                return _composed_linear_loss(x, w, b, target, weight, config)
-
-            _, vjp = torch.func.vjp(loss_of, *primals)
-            found = iter(vjp(grad_loss))
-            grads = tuple(next(found) if need else None for need in needs)
-            return (*grads, None, None, None, None)
-        if config.reduction == "none":
-            _, *grads = _linear_loss_and_grads(
-                input, linear_weight, linear_bias, target, weight, config, needs, row_scale=grad_loss
-            )
-            return (*grads, None, None, None, None)
-        if any(need and g.numel() == 0 for need, g in zip(needs, kept, strict=True)):
-            # A gradient the forward did not compute (nothing required it then): compute them now.
-            _, *kept = _linear_loss_and_grads(input, linear_weight, linear_bias, target, weight, config, needs)
-        if _is_plain_cpu_one(grad_loss):
-            # loss.backward(): the kept gradients are the answer, no multiply.
-            grads = [g if need else None for g, need in zip(kept, needs, strict=True)]
-        else:
-            grads = [g * grad_loss.to(g.dtype) if need else None for g, need in zip(kept, needs, strict=True)]
-        return (*grads, None, None, None, None)
+    forward = staticmethod(ops.linear_cross_entropy)
+    setup_context = staticmethod(ops.setup_linear)
+    backward = staticmethod(ops.linear_backward)
 
 
 def _records_grad(tensor: Optional[torch.Tensor]) -> bool:
     """Whether autograd records a gradient for ``tensor`` in this call."""
-    return tensor is not None and torch.is_grad_enabled() and (tensor.requires_grad or _is_wrapped(tensor))
+    return tensor is not None and torch.is_grad_enabled() and (tensor.requires_grad or _under_transform(tensor))
 
 
-def _check_linear_inputs(input, linear_weight, target, linear_bias, weight) -> None:
-    """PyTorch's checks of F.linear_cross_entropy's arguments, raised as its exception types."""
+def _check_linear_arguments(input, linear_weight, target, linear_bias, weight) -> None:
+    """The argument types, and that the class weights do not require grad (PyTorch's checks and
+    exception types); the shapes, devices and dtypes are ``ops.check_linear_inputs``'s."""
     tensors = {"input": input, "linear_weight": linear_weight, "target": target}
     for name, value in tensors.items():
         if not isinstance(value, torch.Tensor):
@@ -587,43 +272,20 @@ def _check_linear_inputs(input, linear_weight, target, linear_bias, weight) -> N
     for name, value in (("linear_bias", linear_bias), ("weight", weight)):
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(f"linear_cross_entropy(): argument '{name}' must be a Tensor or None")
-    if input.dim() < 1 or input.dim() > 2:
-        raise InvalidInputError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
-    if linear_weight.dim() < 2:
-        raise InvalidInputError(f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
-    if input.shape[-1] != linear_weight.shape[-1]:
+    if _checks_now():
+        ops.check_linear_inputs(input, linear_weight, target, linear_bias, weight)
+    if weight is not None and weight.requires_grad:
         raise InvalidInputError(
-            "expected equal input and linear_weight last dimensions (in_features), "
-            f"got {input.shape[-1]} and {linear_weight.shape[-1]}, respectively"
+            "linear_cross_entropy is not differentiable with respect to argument 'weight'. "
+            "This input cannot have requires_grad True."
         )
-    out_shape = (linear_weight.shape[0], *linear_weight.shape[1:-1])
-    if linear_bias is not None and tuple(linear_bias.shape) != out_shape:
-        raise InvalidInputError(f"expected linear_bias shape {out_shape}, got {tuple(linear_bias.shape)}")
-    present = [t for t in (input, linear_weight, linear_bias, target, weight) if t is not None]
-    devices = {t.device for t in present}
-    if len(devices) > 1:
-        raise InvalidInputError(
-            f"expected all tensors to be on the same device, got {', '.join(sorted(map(str, devices)))}"
-        )
-    floats = [t for t in (input, linear_weight, linear_bias) if t is not None]
-    if not input.is_floating_point() or input.dtype not in interop.FLOAT_DTYPES:
-        raise InvalidInputError(f"expected a float16, bfloat16, float32 or float64 input, got {input.dtype}")
-    if any(t.dtype != input.dtype for t in floats):
-        raise InvalidInputError(
-            "expected input, linear_weight and linear_bias to have the same dtype, got "
-            + ", ".join(str(t.dtype) for t in floats)
-        )
-    if weight is not None:
-        if tuple(weight.shape) != (linear_weight.shape[0],):
-            raise InvalidInputError(
-                f"weight tensor should be defined either for all {linear_weight.shape[0]} classes or no classes "
-                f"but got weight tensor of shape: {list(weight.shape)}"
-            )
-        if weight.requires_grad:
-            raise InvalidInputError(
-                "linear_cross_entropy is not differentiable with respect to argument 'weight'. "
-                "This input cannot have requires_grad True."
-            )
+
+
+def _checks_now() -> bool:
+    """Whether the shape, dtype and option checks run here (eager code), or at run time inside
+    the operators (code that torch.compile traces: an exception raised while tracing would reach
+    the caller as Dynamo's own error, not as the one eager code gets)."""
+    return not torch.compiler.is_compiling()
 
 
 def linear_cross_entropy(
@@ -673,14 +335,14 @@ def linear_cross_entropy(
     fused; ``softcap``/``z_loss`` raise ``NotImplementedError`` there), and so is
     ``label_smoothing=1.0`` (through PyTorch's ops). Second derivatives come from PyTorch's own
     ops on the saved inputs (exact, not fused); ``torch.func.vmap`` and forward-mode AD raise.
-    CUDA tensors raise ``NotImplementedError`` for now. Errors are PyTorch's types:
+    Tensors on other devices than CPU and CUDA raise ``NotImplementedError``. Errors are PyTorch's types:
     ``TargetOutOfBoundsError`` (``IndexError``), ``InvalidInputError`` (``RuntimeError``).
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
-    _check_linear_inputs(input, linear_weight, target, linear_bias, weight)
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise InvalidInputError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if _checks_now():
+        ops.check_reduction(reduction)
+    _check_linear_arguments(input, linear_weight, target, linear_bias, weight)
+    if _checks_now():
+        ops.check_label_smoothing(label_smoothing)
     if dtensor.any_dtensor(input, linear_weight, target, linear_bias, weight):
         # A tensor-parallel head: vocabulary-parallel over the mesh, gradients keep the placements.
         return dtensor.linear_cross_entropy(
@@ -717,14 +379,9 @@ def linear_cross_entropy(
             label_smoothing=label_smoothing,
             options=options,
         )
-    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
-        raise InvalidInputError(f"expected target dtype to be Long or Byte, but got {target.dtype}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise InvalidInputError(
-            f"Expected input batch_size ({input.shape[0] if input.dim() == 2 else 1}) to match target shape "
-            f"{tuple(target.shape)}: target must be the input's shape without in_features"
-        )
-    config = _LinearConfig(
+    if _checks_now():
+        ops.check_linear_target(input, target)
+    config = ops.LinearConfig(
         reduction,
         -100 if ignore_index is None else int(ignore_index),
         float(label_smoothing),
@@ -733,7 +390,16 @@ def linear_cross_entropy(
     )
     if config.label_smoothing == 1.0:
         # Allowed by PyTorch (every row's target is uniform), outside the kernel's [0, 1).
-        return _composed_linear_loss(input, linear_weight, linear_bias, target, weight, config)
-    wants = (_records_grad(input), _records_grad(linear_weight), _records_grad(linear_bias))
-    loss, *_ = _FusedLinearCrossEntropy.apply(input, linear_weight, linear_bias, target, weight, config, wants)
+        return ops.composed_linear_loss(input, linear_weight, linear_bias, target, weight, config)
+    if input.device.type not in ops.DEVICE_TYPES:
+        raise NotImplementedError(
+            f"fastxent.torch.linear_cross_entropy takes CPU and CUDA tensors; got tensors on {input.device}"
+        )
+    # Reduction "none": the forward computes the loss alone (see _FusedLinearCrossEntropy).
+    wants = (False,) * 3 if reduction == "none" else tuple(map(_records_grad, (input, linear_weight, linear_bias)))
+    args = (input, linear_weight, linear_bias, target, weight, None, *config.as_args(), *wants)
+    if _under_transform(input, linear_weight, linear_bias, target):
+        loss, *_ = _FusedLinearCrossEntropy.apply(*args)
+    else:
+        loss, *_ = ops.linear_cross_entropy(*args)
     return loss

@@ -144,3 +144,15 @@ def test_linear_op_writes_its_table(tmp_path, capsys):
         assert any("GEMM |" in line and "| 1.000 |" in line for line in rows), rows
         (ours,) = [line for line in rows if "| fastxent |" in line]
         assert "MiB" in ours
+
+
+def test_every_implementation_has_its_own_colour_and_compiled_torch_is_a_peer():
+    """The plot's colours: one per implementation, none shared. ``--peers torch.compile`` brings
+    torch.compile(F.cross_entropy) and, as its adapter row, the compiled fastxent.torch."""
+    from fastxent.bench import peers, report
+
+    assert set(peers.IMPLEMENTATIONS) <= set(report.COLORS)
+    assert len(set(report.COLORS.values())) == len(report.COLORS)
+    chosen = [impl.name for impl in peers.implementations(["torch.compile"])]
+    assert chosen[-2:] == ["torch.compile", "fastxent.torch.compile"]
+    assert [impl.is_peer for impl in peers.implementations(["torch.compile"])][-2:] == [True, False]

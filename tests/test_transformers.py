@@ -253,8 +253,10 @@ def _spy_weight_grad(monkeypatch):
         calls.append(kwargs.get("weight_grad", True))
         return original(*args, **kwargs)
 
+    from fastxent import _torch_ops
+
     monkeypatch.setattr(fastxent._linear_api, "linear_cross_entropy_with_grad", spy)
-    for module in (fastxent, fastxent.torch):
+    for module in (fastxent, fastxent.torch, _torch_ops):
         if hasattr(module, "linear_cross_entropy_with_grad"):
             monkeypatch.setattr(module, "linear_cross_entropy_with_grad", spy)
     return calls

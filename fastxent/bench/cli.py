@@ -115,7 +115,7 @@ def _peers(text: str) -> List[str]:
     names = [name.strip().lower() for name in text.split(",") if name.strip()]
     if names == ["none"]:
         return []
-    aliases = {"tf": "tensorflow", "pytorch": "torch", "np": "numpy"}
+    aliases = {"tf": "tensorflow", "pytorch": "torch", "np": "numpy", "torch-compile": "torch.compile"}
     names = [aliases.get(name, name) for name in names]
     unknown = [name for name in names if name not in PEER_NAMES]
     if unknown:

@@ -15,11 +15,14 @@ Peers compute what a user of that framework would write:
 - TensorFlow: ``tf.nn.sparse_softmax_cross_entropy_with_logits`` then ``reduce_mean`` in a
   ``tf.function``; the gradient through ``GradientTape`` (the fused op's own backprop, scaled).
 - PyTorch: ``F.cross_entropy``; forward under ``no_grad``, the gradient with autograd.
+- torch.compile: ``torch.compile(F.cross_entropy)`` (Inductor, static shapes, fullgraph),
+  compiled in ``prepare`` (untimed) for each case and mode, then timed like PyTorch's.
 - JAX: ``logsumexp`` minus the target logit, ``jit`` and ``value_and_grad``; half precision is
   widened to float32 inside the jitted function.
 
 Each framework's peer is followed by fastxent's adapter for it (``fastxent.torch``,
-``fastxent.tf``, ``fastxent.jax``) doing the same work in the same harness, so a table shows the
+``fastxent.tf``, ``fastxent.jax``; ``torch.compile`` is followed by the compiled
+``fastxent.torch.cross_entropy``) doing the same work in the same harness, so a table shows the
 adapter beside the framework's own loss and beside the core (its "x core" column).
 """
 
@@ -33,7 +36,7 @@ import numpy as np
 
 from fastxent.bench.cases import FORWARD, FORWARD_BACKWARD, MODES
 
-PEER_NAMES = ("numpy", "tensorflow", "torch", "jax")
+PEER_NAMES = ("numpy", "tensorflow", "torch", "torch.compile", "jax")
 
 
 class Implementation:
@@ -206,6 +209,7 @@ class TorchPeer(Implementation):
         import torch
 
         self.torch = torch
+        self.cross_entropy = torch.nn.functional.cross_entropy
         if self.device == "gpu":
             if not torch.cuda.is_available():
                 return "no CUDA build or no GPU visible to PyTorch"
@@ -233,7 +237,7 @@ class TorchPeer(Implementation):
 
     def run(self, state, mode):
         torch = self.torch
-        cross_entropy = torch.nn.functional.cross_entropy
+        cross_entropy = state.get("compiled", self.cross_entropy)
         if mode == FORWARD:
             with torch.no_grad():
                 return cross_entropy(state["logits"], state["labels"]), None
@@ -256,6 +260,31 @@ class TorchPeer(Implementation):
             else:
                 grad = grad.detach().cpu().numpy()
         return float(loss.float().item()), dtype, grad
+
+
+def _compile_for_case(impl, state, modes):
+    """``torch.compile`` of ``impl.cross_entropy`` for this case's shapes (Inductor, fullgraph,
+    static shapes), compiled here by one untimed call per mode (forward under no_grad and
+    forward+backward are two graphs)."""
+    torch = impl.torch
+    # One graph per case and mode: more than Dynamo's default limit of recompilations per
+    # function over a whole grid. fullgraph makes a hit limit an error, never a silent fallback.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
+    state["compiled"] = torch.compile(impl.cross_entropy, fullgraph=True, dynamic=False)
+    for mode in modes:
+        impl.run(state, mode)
+    return state
+
+
+class TorchCompiledPeer(TorchPeer):
+    """``torch.compile(F.cross_entropy)``: PyTorch's loss as a compiled training step has it."""
+
+    name = "torch.compile"
+    label = "torch.compile(F.cross_entropy)"
+
+    def prepare(self, logits, labels, modes=MODES):
+        return _compile_for_case(self, super().prepare(logits, labels, modes), modes)
 
 
 class TensorflowPeer(Implementation):
@@ -400,17 +429,19 @@ class FastxentTorch(TorchPeer):
         if reason is None:
             import fastxent.torch
 
-            self.adapter = fastxent.torch
+            self.cross_entropy = fastxent.torch.cross_entropy
         return reason
 
-    def run(self, state, mode):
-        torch = self.torch
-        if mode == FORWARD:
-            with torch.no_grad():
-                return self.adapter.cross_entropy(state["logits"], state["labels"]), None
-        loss = self.adapter.cross_entropy(state["leaf"], state["labels"])
-        (grad,) = torch.autograd.grad(loss, state["leaf"])
-        return loss, grad
+
+class FastxentTorchCompiled(FastxentTorch):
+    """``torch.compile(fastxent.torch.cross_entropy)``: fastxent's custom operator inside a
+    compiled graph, beside ``torch.compile(F.cross_entropy)``."""
+
+    name = "fastxent.torch.compile"
+    label = "torch.compile(fastxent.torch)"
+
+    def prepare(self, logits, labels, modes=MODES):
+        return _compile_for_case(self, super().prepare(logits, labels, modes), modes)
 
 
 class FastxentTensorflow(TensorflowPeer):
@@ -446,8 +477,19 @@ class FastxentJax(JaxPeer):
         return mean_loss
 
 
-PEERS = {"numpy": NumpyPeer, "tensorflow": TensorflowPeer, "torch": TorchPeer, "jax": JaxPeer}
-ADAPTERS = {"tensorflow": FastxentTensorflow, "torch": FastxentTorch, "jax": FastxentJax}
+PEERS = {
+    "numpy": NumpyPeer,
+    "tensorflow": TensorflowPeer,
+    "torch": TorchPeer,
+    "torch.compile": TorchCompiledPeer,
+    "jax": JaxPeer,
+}
+ADAPTERS = {
+    "tensorflow": FastxentTensorflow,
+    "torch": FastxentTorch,
+    "torch.compile": FastxentTorchCompiled,
+    "jax": FastxentJax,
+}
 IMPLEMENTATIONS = {
     "fastxent": Fastxent,
     "fastxent-inplace": FastxentInplace,

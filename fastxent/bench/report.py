@@ -24,15 +24,20 @@ COLUMNS = (
     "status",
 )
 
-# One colour per implementation in every panel.
+# One colour per implementation in every panel: no two share one, so a legend entry names one line.
 COLORS = {
     "fastxent": "tab:blue",
     "fastxent-inplace": "tab:cyan",
     "fastxent-out": "tab:purple",
     "numpy": "tab:green",
     "tensorflow": "tab:orange",
+    "fastxent.tf": "gold",
     "torch": "tab:red",
+    "fastxent.torch": "tab:pink",
+    "torch.compile": "tab:brown",
+    "fastxent.torch.compile": "magenta",
     "jax": "tab:olive",
+    "fastxent.jax": "tab:gray",
 }
 
 TIMING_METHOD = (
