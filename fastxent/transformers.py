@@ -672,7 +672,10 @@ def _make_forward(stock: Callable[..., Any]) -> Callable[..., Any]:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         labels = signature.bind(self, *args, **kwargs).arguments.get("labels")
         applies = _fused_path_applies(self, labels)
-        if applies is None:
+        if applies is None or torch.compiler.is_compiling():
+            # Under torch.compile the stand-in (an instance attribute set and removed on the
+            # head, a placeholder tensor subclass, the random state kept for a fallback) is not
+            # traceable: the compiled model runs the stock forward, with stock's numbers.
             return stock(self, *args, **kwargs)
         stand_in = _HeadStandIn(self, *applies)
         # A fallback reruns the forward from the same random state: the same dropout masks as
