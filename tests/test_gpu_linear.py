@@ -184,9 +184,9 @@ def test_planner_sizes_chunks_from_free_memory(monkeypatch):
     from fastxent.gpu import linear as gpu_linear
 
     monkeypatch.delenv(gpu_linear.BUDGET_ENV, raising=False)
-    free, _ = cupy.cuda.runtime.memGetInfo()
-    budget = min(gpu_linear.DEFAULT_BUDGET, int(free * gpu_linear.FREE_FRACTION))
-    assert budget >= 1 << 30  # several GB on the emulated device, not the CPU's 256 MiB
+    free = 6 << 30  # a device with 6 GiB free: half of it
+    monkeypatch.setattr(cupy.cuda.runtime, "memGetInfo", lambda: (free, 80 << 30))
+    budget = 3 << 30
     vocab = 128256
     blocks = gpu_linear.plan(10**6, vocab, np.float32)
     assert blocks.grad_rows == blocks.rows == budget // (vocab * 4) // 16 * 16 and blocks.classes == vocab
@@ -194,6 +194,9 @@ def test_planner_sizes_chunks_from_free_memory(monkeypatch):
     assert gpu_linear.plan(10**6, vocab, np.float16).grad_rows == budget // (vocab * 6) // 16 * 16
     assert gpu_linear.plan(10**6, vocab, np.float16, want_grads=False).grad_rows == blocks.grad_rows
     assert gpu_linear.plan(100, vocab, np.float32).grad_rows == 100
+    free = 60 << 30  # plenty free: the default cap, several GB rather than the CPU's 256 MiB
+    assert gpu_linear.plan(10**6, vocab, np.float32).grad_rows == gpu_linear.DEFAULT_BUDGET // (vocab * 4) // 16 * 16
+    assert gpu_linear.DEFAULT_BUDGET >= 4 << 30
     assert gpu_linear.plan(8192, vocab, np.float32, memory_budget=vocab * 4 * 40).grad_rows == 32
     assert gpu_linear.plan(8192, vocab, np.float32, block_rows=5).grad_rows == 5
     monkeypatch.setenv(gpu_linear.BUDGET_ENV, str(vocab * 4 * 64))
@@ -201,6 +204,13 @@ def test_planner_sizes_chunks_from_free_memory(monkeypatch):
     monkeypatch.setenv(gpu_linear.BUDGET_ENV, "lots")
     with pytest.raises(ValueError, match=gpu_linear.BUDGET_ENV):
         gpu_linear.plan(8192, vocab, np.float32)
+    if hasattr(cupy, "gemm_calls"):  # the public call plans with the budget: 64 rows in 16-row chunks
+        monkeypatch.delenv(gpu_linear.BUDGET_ENV)
+        hidden = cupy.zeros((64, FEATURES), dtype=np.float32)
+        weight = cupy.zeros((NUM_CLASSES, FEATURES), dtype=np.float32)
+        before = len(cupy.gemm_calls())
+        fastxent.linear_cross_entropy(hidden, weight, np.zeros(64, np.int64), memory_budget=NUM_CLASSES * 4 * 16)
+        assert len(cupy.gemm_calls()) - before == 4
 
 
 def test_skipped_gradients_and_no_bias(rng):
