@@ -150,6 +150,10 @@ class LinearOps(Protocol):
     def empty(self, shape: Tuple[int, ...]) -> Any:
         """An uninitialised buffer in the compute dtype."""
 
+    def row_losses(self, num_rows: int) -> Any:
+        """Zeroed float64 (num_rows,) per-row losses in the backend's array type (a GPU keeps
+        them on the device, so a call reads nothing back per block)."""
+
     def logits(self, hidden: Any, weight: Any, bias: Optional[Any], out: Any) -> Any:
         """out (n, v) = hidden (n, H) @ weight (v, H)^T [+ bias (v,)]; returns out."""
 
@@ -240,8 +244,9 @@ def loss_rows(
     sample_weight: np.ndarray,
     options: KernelOptions,
     blocks: LinearBlocks,
-) -> np.ndarray:
-    """Per-row losses float64 (N,) from class-block statistics (schedule 1 of the module docstring).
+) -> Any:
+    """Per-row losses float64 (N,) (``ops.row_losses``) from class-block statistics (schedule 1
+    of the module docstring).
 
     hidden (N, H), weight (V, H), bias (V,) or None in the compute dtype; labels int64 (N,)
     over the whole vocabulary, -1 for ignored rows; sample_weight float64 (N,).
@@ -251,7 +256,7 @@ def loss_rows(
     workers' statistics are merged at the end (the merge is exact in any order).
     """
     num_rows, num_classes = hidden.shape[0], weight.shape[0]
-    loss = np.zeros(num_rows)
+    loss = ops.row_losses(num_rows)
     if num_rows == 0:
         return loss
     class_weight = options.class_weight
@@ -306,12 +311,16 @@ def loss_and_grads(
     options: KernelOptions,
     blocks: LinearBlocks,
     grads: Grads,
-) -> np.ndarray:
-    """Per-row losses float64 (N,), filling ``grads`` (schedule 2 of the module docstring).
+) -> Any:
+    """Per-row losses float64 (N,) (``ops.row_losses``), filling ``grads`` (schedule 2 of the
+    module docstring).
 
     ``fused_rows`` is the backend's fused launcher (``fused_xent``: rows, labels, sample
-    weights, options; ``want_grad``, ``inplace``) applied to whole rows of a chunk.
-    ``grads.weight`` and ``grads.bias`` must start at zero; ``grads.hidden`` is written.
+    weights, options; ``want_grad``, ``inplace``) applied to whole rows of a chunk; labels and
+    sample weights are sliced by rows only, so they may be the backend's arrays.
+    ``grads.weight`` and ``grads.bias`` must start at zero; ``grads.hidden`` is written. With
+    no gradient wanted the row kernel computes the loss alone (a GPU's loss-only schedule:
+    chunks of whole rows, no statistics to merge).
 
     With T workers, each chunk goes through three phases separated by barriers. Worker t owns
     the t-th part of the classes for the GEMMs and the t-th part of the chunk's rows for the
@@ -327,11 +336,12 @@ def loss_and_grads(
     (or the end) adds them into worker 0's, which was written into dX directly.
     """
     num_rows, num_classes = hidden.shape[0], weight.shape[0]
-    loss = np.zeros(num_rows)
+    loss = ops.row_losses(num_rows)
     if num_rows == 0:
         return loss
     count = blocks.workers
     step = blocks.grad_rows
+    want_grad = any(g is not None for g in grads)
     buffer = ops.empty((step, num_classes))
     partials = [ops.empty((step, hidden.shape[1])) for _ in range(count - 1)] if grads.hidden is not None else []
 
@@ -366,8 +376,8 @@ def loss_and_grads(
                     labels[lo + r_lo : lo + r_hi],
                     sample_weight[lo + r_lo : lo + r_hi],
                     options,
-                    want_grad=True,
-                    inplace=True,
+                    want_grad=want_grad,
+                    inplace=want_grad,
                 )
                 loss[lo + r_lo : lo + r_hi] = rows_loss
             barrier.wait()

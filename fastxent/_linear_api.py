@@ -129,17 +129,29 @@ def _run(
     else:
         from fastxent.cpu import linear as launcher
 
-    blocks = plan_linear_blocks(
-        num_rows,
-        num_classes,
-        hidden.dtype,
-        memory_budget=memory_budget,
-        block_rows=block_rows,
-        block_classes=block_classes,
-        features=features,
-        max_workers=1 if on_gpu else launcher.max_workers(),
-        threads=threads,
-    )
+    if on_gpu:
+        # Chunks of whole rows sized by the device's free memory (block_classes has no use there).
+        blocks = launcher.plan(
+            num_rows,
+            num_classes,
+            hidden.dtype,
+            memory_budget=memory_budget,
+            block_rows=block_rows,
+            want_grads=want_hidden or want_weight or want_bias,
+            device_id=int(hidden.device.id),
+        )
+    else:
+        blocks = plan_linear_blocks(
+            num_rows,
+            num_classes,
+            hidden.dtype,
+            memory_budget=memory_budget,
+            block_rows=block_rows,
+            block_classes=block_classes,
+            features=features,
+            max_workers=launcher.max_workers(),
+            threads=threads,
+        )
 
     per_row, hidden_grad, weight_grad, bias_grad = launcher.linear_xent(
         hidden.reshape(num_rows, features),
@@ -226,7 +238,8 @@ def linear_cross_entropy(
         ignore_index, label_smoothing, class_weight, sample_weight, z_loss, softcap, reduction:
             exactly as in ``fastxent.sparse_cross_entropy`` on the logits (class_weight (V,)).
         memory_budget: bytes of logits held at once (default: the smaller of 256 MiB and an
-            eighth of the N x V logits, in the compute type).
+            eighth of the N x V logits, in the compute type; on a GPU the smaller of 4 GiB and
+            half the device's free memory, or ``FASTXENT_GPU_LINEAR_BUDGET`` bytes).
         block_rows, block_classes: override the block shapes (rows per block or chunk; classes
             per block of the loss-only pass).
         threads: worker threads that share the blocks, each running its GEMMs single-threaded
@@ -294,7 +307,8 @@ def linear_cross_entropy_with_grad(
         ignore_index, label_smoothing, class_weight, sample_weight, z_loss, softcap, reduction:
             exactly as in ``fastxent.sparse_cross_entropy`` on the logits (class_weight (V,)).
         memory_budget: bytes of logits held at once (default: the smaller of 256 MiB and an
-            eighth of the N x V logits, in the compute type).
+            eighth of the N x V logits, in the compute type; on a GPU the smaller of 4 GiB and
+            half the device's free memory, or ``FASTXENT_GPU_LINEAR_BUDGET`` bytes).
         block_rows, block_classes: override the block shapes (rows per block or chunk; classes
             per block of the loss-only pass).
         threads: worker threads that share the blocks, each running its GEMMs single-threaded

@@ -13,6 +13,8 @@
 #   gpu.md        the benchmark table (copy it to benchmarks/results/gpu.md)
 #   linear.log, linear-gpu.md   the fused linear + cross-entropy against cuBLAS and PyTorch
 #                 (copy the table to benchmarks/results/linear-gpu.md)
+#   linear-vs-torch.md   linear + cross-entropy forward+backward time and peak memory against
+#                 PyTorch eager at N 512 and 8192, H 4096, V 128256, bfloat16 and float32
 # Each stage has its own time limit (TEST_SECONDS, BENCH_SECONDS) so one slow stage cannot
 # take the other's time. Exit status: 0 when both stages passed, else the first failure's.
 set -uo pipefail
@@ -63,5 +65,12 @@ linear_status=$?
 tail -n 30 "$out/linear.log"
 [ "$status" -eq 0 ] && [ "$linear_status" -ne 0 ] && status=$linear_status
 
-echo "== tests exit $test_status, benchmark exit $bench_status, linear benchmark exit $linear_status"
+echo "== GPU linear + cross-entropy against PyTorch, N 512 and 8192, bf16 and f32 (limit ${VS_TORCH_SECONDS:-240} s)"
+timeout "${VS_TORCH_SECONDS:-240}" "$python" benchmarks/bench_linear_gpu.py --repeats 3 \
+    --out "$out/linear-vs-torch.md" >"$out/linear-vs-torch.log" 2>&1
+vs_torch_status=$?
+tail -n 20 "$out/linear-vs-torch.log"
+[ "$status" -eq 0 ] && [ "$vs_torch_status" -ne 0 ] && status=$vs_torch_status
+
+echo "== tests exit $test_status, benchmark exit $bench_status, linear benchmark exit $linear_status, vs PyTorch exit $vs_torch_status"
 exit "$status"

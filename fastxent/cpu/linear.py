@@ -56,6 +56,9 @@ class NumpyLinearOps:
     def empty(self, shape: Tuple[int, ...]) -> np.ndarray:
         return np.empty(shape, dtype=self.dtype)
 
+    def row_losses(self, num_rows: int) -> np.ndarray:
+        return np.zeros(num_rows)
+
     def logits(self, hidden: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], out: np.ndarray) -> np.ndarray:
         np.matmul(hidden, weight.T, out=out)
         if bias is not None:

@@ -11,6 +11,7 @@ Never installed: tests only.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import sys
@@ -289,8 +290,93 @@ def _cublas_gemm(transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
 
 cublas = types.SimpleNamespace(gemm=_cublas_gemm)
 
+# GEMMs so far, as (entry, A dtype, B dtype, C dtype) names, so the tests can check which
+# operands reach them (emulator only: CuPy has no such log).
+_gemm_calls = []
+
+
+def gemm_calls():
+    """The GEMMs so far: (entry, A dtype, B dtype, output dtype) for each matmul, cupy.cublas.gemm
+    and cublasGemmEx call."""
+    return list(_gemm_calls)
+
+
+def matmul(a, b, out=None, **kwargs):
+    _gemm_calls.append(
+        ("matmul", numpy.dtype(a.dtype).name, numpy.dtype(b.dtype).name, None if out is None else out.dtype.name)
+    )
+    return _wrap(numpy.matmul(a, b, out=out, **kwargs))
+
+
+_original_cublas_gemm = _cublas_gemm
+
+
+def _logged_cublas_gemm(transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
+    if a.dtype != b.dtype or (out is not None and out.dtype != a.dtype) or a.dtype.char not in "fd":
+        raise TypeError("cupy.cublas.gemm: invalid dtype")  # sgemm/dgemm only, as CuPy's
+    _gemm_calls.append(("cublas.gemm", a.dtype.name, b.dtype.name, None if out is None else out.dtype.name))
+    return _original_cublas_gemm(transa, transb, a, b, out=out, alpha=alpha, beta=beta)
+
+
+cublas.gemm = _logged_cublas_gemm
+
+
+def _bfloat16():
+    import ml_dtypes
+
+    return numpy.dtype(ml_dtypes.bfloat16)
+
+
+# cudaDataType codes of cublasGemmEx and the compute types it accepts for them.
+_CUDA_DATA_TYPES = {0: lambda: numpy.dtype(numpy.float32), 2: lambda: numpy.dtype(numpy.float16), 14: _bfloat16}
+_CUBLAS_COMPUTE_32F = 68
+
+
+def _column_major(ptr, dtype, rows, cols, lead):
+    """The column-major (rows, cols) matrix at device address ``ptr`` with leading dimension
+    ``lead``, as a NumPy view of the emulated device memory."""
+    if lead < max(1, rows):
+        raise ValueError(f"CUBLAS_STATUS_INVALID_VALUE: leading dimension {lead} < {rows} rows")
+    if rows == 0 or cols == 0:
+        return numpy.zeros((rows, cols), dtype=dtype)
+    count = (cols - 1) * lead + rows
+    buffer = (ctypes.c_char * (count * dtype.itemsize)).from_address(ptr)
+    flat = numpy.frombuffer(buffer, dtype=dtype, count=count)
+    return numpy.lib.stride_tricks.as_strided(flat, shape=(rows, cols), strides=(dtype.itemsize, lead * dtype.itemsize))
+
+
+def _gemm_ex(
+    handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, computeType, algo
+):
+    """cublasGemmEx (column-major, alpha/beta host float32 pointers): C = alpha op(A) op(B) +
+    beta C, computed in float32 from the operands as stored, as tensor cores do (float32
+    products of the half-precision values, float32 sums)."""
+    if Atype != Btype or Atype not in (0, 2, 14) or Ctype != 0 or computeType != _CUBLAS_COMPUTE_32F:
+        raise RuntimeError(f"CUBLAS_STATUS_NOT_SUPPORTED: types A {Atype}, B {Btype}, C {Ctype}, compute {computeType}")
+    a_type, b_type, c_type = (_CUDA_DATA_TYPES[code]() for code in (Atype, Btype, Ctype))
+    a = _column_major(A, a_type, *((m, k) if transa == 0 else (k, m)), lda)
+    b = _column_major(B, b_type, *((k, n) if transb == 0 else (n, k)), ldb)
+    c = _column_major(C, c_type, m, n, ldc)
+    op_a = a if transa == 0 else a.T
+    op_b = b if transb == 0 else b.T
+    alpha_value = float(numpy.frombuffer((ctypes.c_char * 4).from_address(alpha), dtype=numpy.float32)[0])
+    beta_value = float(numpy.frombuffer((ctypes.c_char * 4).from_address(beta), dtype=numpy.float32)[0])
+    product = numpy.matmul(op_a.astype(numpy.float32), op_b.astype(numpy.float32))
+    if c.size:
+        c[...] = alpha_value * product + (beta_value * c if beta_value != 0.0 else 0.0)
+    _gemm_calls.append(("gemmEx", a_type.name, b_type.name, c_type.name))
+
+
+cuda_cublas = types.SimpleNamespace(gemmEx=_gemm_ex)
+
+# Device memory the emulated GPU reports (bytes): free, total.
+_MEMORY = (int(os.environ.get("FASTXENT_EMULATED_FREE_MEMORY", str(64 << 30))), 80 << 30)
+
 cuda = types.SimpleNamespace(
+    cublas=cuda_cublas,
+    device=types.SimpleNamespace(get_cublas_handle=lambda: _current_device() + 1),
     runtime=types.SimpleNamespace(
+        memGetInfo=lambda: _MEMORY,
         getDeviceCount=lambda: _DEVICE_COUNT,
         getDevice=_current_device,
         setDevice=_set_device,
