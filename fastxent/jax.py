@@ -188,6 +188,35 @@ def _flatten_class_axes(logits, where, axis):
     return logits, where, len(batch_axes)
 
 
+def _ignore_rows(labels, keep, ignore_index: Optional[int], num_classes: int):
+    """Labels with the rows where ``keep`` is False ignored, and the ``ignore_index`` that says so.
+
+    The marker of a left-out row must never be a class: ``ignore_index`` where the labels' dtype
+    holds it, else the dtype's minimum (signed: negative) or maximum (unsigned: above every class
+    when there are fewer classes than it; otherwise the labels widen to a signed type first). A
+    kept row holding the marker itself is out of range: it becomes a neighbouring out-of-range
+    value, so that the call still reports a bad label instead of ignoring the row.
+    """
+    info = jnp.iinfo(labels.dtype)
+    if ignore_index is not None and info.min <= ignore_index <= info.max:
+        return jnp.where(keep, labels, jnp.asarray(ignore_index, labels.dtype)), ignore_index
+    # No label equals an ignore_index the dtype cannot hold: the marker replaces it.
+    if info.min == 0 and num_classes >= info.max:
+        wider = {1: jnp.int16, 2: jnp.int32, 4: jnp.int64}.get(labels.dtype.itemsize)
+        if wider is None or jnp.dtype(wider) != jax.dtypes.canonicalize_dtype(wider):
+            raise ValueError(
+                f"where= needs a label value that is no class, but {labels.dtype} labels with "
+                f"{num_classes} classes leave none; pass labels of a wider type (enable jax_enable_x64 for int64)"
+            )
+        labels = labels.astype(wider)
+        info = jnp.iinfo(labels.dtype)
+    marker = int(info.min) if info.min < 0 else int(info.max)
+    neighbour = marker + 1 if info.min < 0 else marker - 1
+    marker_value = jnp.asarray(marker, labels.dtype)
+    labels = jnp.where(labels == marker_value, jnp.asarray(neighbour, labels.dtype), labels)
+    return jnp.where(keep, labels, marker_value), marker
+
+
 def sparse_cross_entropy(
     logits: Any,
     labels: Any,
@@ -243,9 +272,7 @@ def sparse_cross_entropy(
             logits = jnp.where(where, logits, -jnp.inf)
             where = jnp.any(where, axis=class_axis)
         # Rows left out become ignored rows.
-        if ignore_index is None:
-            ignore_index = int(jnp.iinfo(labels.dtype).min)
-        labels = jnp.where(where, labels, jnp.asarray(ignore_index, labels.dtype))
+        labels, ignore_index = _ignore_rows(labels, where, ignore_index, logits.shape[class_axis])
 
     options = (
         ("reduction", reduction),

@@ -99,6 +99,53 @@ def test_optax_axis_and_where(rng):
     )
 
 
+@pytest.mark.parametrize("num_classes", (5, 256), ids=("5-classes", "256-classes"))
+def test_where_rows_with_every_integer_label_dtype(rng, num_classes):
+    """Rows left out by ``where`` are ignored whatever the labels' dtype: class 0 is a class for
+    unsigned labels too (and a dtype's whole range can be classes: uint8 with 256)."""
+    logits = jnp.asarray(rng.standard_normal((6, num_classes)) * 2, jnp.float32)
+    values = np.array([0, 3, 1, 0, num_classes - 1, 2])
+    keep = jnp.asarray([True, True, False, True, True, False])
+    optax_loss = optax.softmax_cross_entropy_with_integer_labels
+
+    @jax.jit
+    def both(labels):
+        # optax has no ignore_index: its rows with label 3 are left out through where.
+        kept = keep & (labels != 3)
+        return (
+            (fxj.sparse_cross_entropy(logits, labels, where=keep), optax_loss(logits, labels, where=keep)),
+            (
+                fxj.sparse_cross_entropy(logits, labels, where=keep, ignore_index=-100),
+                optax_loss(logits, labels, where=keep),
+            ),
+            (
+                fxj.sparse_cross_entropy(logits, labels, where=keep, ignore_index=3),
+                optax_loss(logits, labels, where=kept),
+            ),
+        )
+
+    kinds = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64")
+    for name in kinds if num_classes < 128 else ("uint8", "int16"):
+        with enable_x64(name.endswith("64")):
+            labels = jnp.asarray(values.astype(name))
+            assert labels.dtype == np.dtype(name)
+            for ours, theirs in both(labels):
+                np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-6, err_msg=name)
+                assert float(ours[0]) > 0.0 and float(ours[2]) == 0.0
+            # A kept label equal to the value that marks left-out rows is still out of range.
+            info = np.iinfo(name)
+            if num_classes < info.max:
+                marker = info.min if info.min < 0 else info.max
+                bad = jnp.asarray(values.astype(name)).at[1].set(marker)
+                with pytest.raises(Exception, match=r"label -?\d+ at position \(1,\) is outside"):
+                    jax.block_until_ready(fxj.sparse_cross_entropy(logits, bad, where=keep))
+    # The gradient of unsigned labels' kept rows, class 0 included.
+    labels = jnp.asarray(values.astype(np.uint8))
+    ours = value_and_grad(fxj.sparse_cross_entropy, logits, labels, 1.0, True, where=keep)
+    theirs = value_and_grad(optax_loss, logits, labels, 1.0, True, where=keep)
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=2e-5, atol=2e-6)
+
+
 def test_vmap(rng):
     logits = jnp.asarray(rng.standard_normal((3, 5, NUM_CLASSES)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES, (3, 5)))
