@@ -23,7 +23,7 @@ back. Requires the ``jax`` extra; import it explicitly: ``import fastxent.jax``.
 from __future__ import annotations
 
 import functools
-import itertools
+import hashlib
 import operator
 from typing import Any, Optional, Tuple, Union
 
@@ -75,12 +75,22 @@ def _cpu_target(
             loss = _api.sparse_cross_entropy(logits, labels, **common)
         results[0][...] = loss
 
-    name = f"fastxent_sparse_xent_{next(_TARGET_NUMBERS)}"
-    return register_host_target(name, compute)
+    return register_host_target(_target_name("sparse_xent", options, class_axis, want_grad, present), compute)
 
 
-# One custom-call target per configuration (the cache above): numbered in order of creation.
-_TARGET_NUMBERS = itertools.count()
+def _target_name(kind: str, *configuration) -> str:
+    """The custom-call target's name for one configuration, the same in every process.
+
+    A program exported with ``jax.export`` names the targets it calls: the name is a digest of
+    everything the target's handler is built from, so that it means the same computation in the
+    process that runs the program, or is not registered there (an error, not another loss).
+    """
+    digest = hashlib.sha256(repr((_TARGET_VERSION, configuration)).encode()).hexdigest()[:20]
+    return f"fastxent_{kind}_{digest}"
+
+
+# Changes whenever a handler reads its arguments or writes its results differently.
+_TARGET_VERSION = 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -326,7 +336,7 @@ def _linear_cpu_target(options: Tuple[Tuple[str, Any], ...], wants: Tuple[bool, 
         for result, output in zip(results, outputs, strict=True):
             result[...] = output
 
-    return register_host_target(f"fastxent_linear_xent_{next(_TARGET_NUMBERS)}", compute)
+    return register_host_target(_target_name("linear_xent", options, wants, present), compute)
 
 
 def _linear_call(options, wants, hidden, weight, labels, bias, class_weight, sample_weight):

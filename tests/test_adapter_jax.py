@@ -367,3 +367,83 @@ def test_kept_gradient_contraction_primitive(rng):
     )
     with pytest.raises(TypeError, match="contract"):
         contract(grad, tangent[:, :3], (1,))
+
+
+EXPORT_PROBE = r"""
+import re
+import sys
+import jax, jax.numpy as jnp, numpy as np, optax
+import fastxent.jax as fxj
+
+mode, path = sys.argv[1], sys.argv[2]
+rng = np.random.default_rng(5)
+logits = jnp.asarray(rng.standard_normal((6, 9)), jnp.float32)
+labels = jnp.asarray(rng.integers(0, 9, 6))
+hidden = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
+weight = jnp.asarray(rng.standard_normal((9, 4)), jnp.float32)
+
+def sparse(x, reduction):
+    return fxj.sparse_cross_entropy(x, labels, reduction=reduction)
+
+programs = {
+    "mean_grad": jax.value_and_grad(lambda x: sparse(x, "mean")),
+    "none": lambda x: sparse(x, "none"),
+    "linear_sum_grad": jax.value_and_grad(lambda w: fxj.linear_cross_entropy(hidden, w, labels, reduction="sum")),
+}
+inputs = {"mean_grad": logits, "none": logits, "linear_sum_grad": weight}
+if mode == "export":
+    from jax import export
+    names = set()
+    for name, program in programs.items():
+        text = jax.jit(program).lower(inputs[name]).as_text()
+        names |= set(re.findall(r"custom_call @(fastxent_\w+)", text))
+    checks = [export.DisabledSafetyCheck.custom_call(n) for n in sorted(names)]
+    blobs = {n: export.export(jax.jit(p), disabled_checks=checks)(inputs[n]).serialize() for n, p in programs.items()}
+    np.savez(path, **{n: np.frombuffer(b, np.uint8) for n, b in blobs.items()})
+    print(len(names))
+else:
+    from jax import export
+    saved = np.load(path)
+    # A configuration this process has not created is an error, never another computation.
+    try:
+        export.deserialize(bytearray(saved["none"].tobytes())).call(logits)
+        raise AssertionError("an unregistered target ran")
+    except Exception as error:
+        assert "fastxent_sparse_xent_" in str(error), error
+    # Other configurations first, then the programs' own in reverse: targets come into being in
+    # another order than in the exporting process.
+    for reduction in ("sum", "sum_over_batch_size", "none", "mean"):
+        jax.block_until_ready(jax.value_and_grad(lambda x: sparse(x, reduction).sum())(logits))
+    jax.block_until_ready(fxj.linear_cross_entropy(hidden, weight, labels, reduction="mean"))
+    for name in reversed(programs):
+        jax.block_until_ready(programs[name](inputs[name]))
+    results = {n: export.deserialize(bytearray(saved[n].tobytes())).call(inputs[n]) for n in programs}
+    optax_loss = optax.softmax_cross_entropy_with_integer_labels
+    expected = {
+        "mean_grad": jax.value_and_grad(lambda x: optax_loss(x, labels).mean())(logits),
+        "none": optax_loss(logits, labels),
+        "linear_sum_grad": jax.value_and_grad(lambda w: optax_loss(hidden @ w.T, labels).sum())(weight),
+    }
+    for name in programs:
+        for ours, theirs in zip(jax.tree.leaves(results[name]), jax.tree.leaves(expected[name]), strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-6, err_msg=name)
+    print("equal")
+"""
+
+
+def test_exported_program_calls_the_configuration_it_was_built_with(tmp_path):
+    """Custom-call targets are named after their configuration: a program exported in one process
+    and run in another, which created its targets in another order, computes the same numbers."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fxj.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    path = str(tmp_path / "programs.npz")
+    for mode in ("export", "run"):
+        done = subprocess.run(
+            [sys.executable, "-c", EXPORT_PROBE, mode, path], capture_output=True, text=True, timeout=300, env=env
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "equal"
