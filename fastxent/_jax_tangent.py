@@ -20,15 +20,19 @@ import functools
 from typing import Tuple
 
 import jax
+import jax.custom_batching
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fastxent._xla_ffi import register_host_target
 from fastxent.cpu.rowscale import SCALABLE_DTYPES, scale_rows_
 
-__all__ = ["contract"]
+__all__ = ["batched_as", "common_varying", "contract", "mark_varying"]
 
 
 def contract(grad, tangent, axes: Tuple[int, ...]):
@@ -54,7 +58,13 @@ def _contract_shape(grad, tangent, *, axes):
     if grad.shape != tangent.shape or grad.dtype != tangent.dtype:
         raise TypeError(f"contract: {grad.shape} {grad.dtype} against {tangent.shape} {tangent.dtype}")
     kept = tuple(size for axis, size in enumerate(grad.shape) if axis not in axes)
-    return jax.core.ShapedArray(kept, grad.dtype)
+    sharding = getattr(grad, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return jax.core.ShapedArray(kept, grad.dtype)
+    # The gradient's type less the summed axes: inside shard_map it varies over the same axes.
+    spec = tuple(sharding.spec) + (None,) * (grad.ndim - len(sharding.spec))
+    kept_spec = P(*(entry for axis, entry in enumerate(spec) if axis not in axes))
+    return grad.update(shape=kept, sharding=sharding.update(spec=kept_spec))
 
 
 def _broadcast_product(array, cotangent, axes):
@@ -68,6 +78,8 @@ def _scale_by_cotangent(array, cotangent, axes):
     if not trailing or np.dtype(array.dtype) not in SCALABLE_DTYPES or array.size == 0:
         return _broadcast_product(array, cotangent, axes)
 
+    (array, cotangent), varying = common_varying([array, cotangent])
+
     def on_cpu(array, cotangent):
         call = jax.ffi.ffi_call(
             _scale_target(),
@@ -75,11 +87,96 @@ def _scale_by_cotangent(array, cotangent, axes):
             input_output_aliases={0: 0},
             vmap_method="broadcast_all",
         )
-        return call(array, cotangent)
+        return mark_varying(call(array, cotangent), varying)
 
-    return jax.lax.platform_dependent(
-        array, cotangent, cpu=on_cpu, default=functools.partial(_broadcast_product, axes=axes)
+    def local(array, cotangent):
+        return jax.lax.platform_dependent(
+            array, cotangent, cpu=on_cpu, default=functools.partial(_broadcast_product, axes=axes)
+        )
+
+    if varying:  # inside shard_map: the arrays are this device's blocks already
+        return local(array, cotangent)
+    return batched_as(_elementwise(local, array.ndim, len(axes)), local)(array, cotangent)
+
+
+def batched_as(function, local):
+    """``function`` (a ``custom_partitioning`` operation, which JAX cannot batch) mapped by
+    ``jax.vmap`` as ``local`` is: one device's operation is the same under vmap."""
+
+    @jax.custom_batching.custom_vmap
+    def mapped(*arguments):
+        return function(*arguments)
+
+    @mapped.def_vmap
+    def rule(axis_size, in_batched, *arguments):
+        result = jax.vmap(local, in_axes=tuple(0 if batched else None for batched in in_batched))(*arguments)
+        return result, jax.tree.map(lambda _: True, result)
+
+    return mapped
+
+
+def _elementwise(local, ndim: int, trailing: int):
+    """``local(array, cotangent)`` as an operation that XLA partitions like ``array``: each
+    device scales its own block by its rows' factors (a custom call XLA cannot see into would
+    otherwise be given the whole array)."""
+    kept = ndim - trailing
+    dims = [f"d{d}" for d in range(ndim)]
+    rule = f"{' '.join(dims)}, {' '.join(dims[:kept])} -> {' '.join(dims)}"
+
+    @custom_partitioning
+    def scaled(array, cotangent):
+        return local(array, cotangent)
+
+    def shardings(mesh, arg_shapes):
+        sharding = arg_shapes[0].sharding
+        spec = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
+        spec = spec + (None,) * (ndim - len(spec))
+        array = NamedSharding(mesh, P(*spec))
+        return array, (array, NamedSharding(mesh, P(*spec[:kept])))
+
+    def partition(mesh, arg_shapes, result_shape):
+        result, args = shardings(mesh, arg_shapes)
+        return mesh, local, result, args
+
+    scaled.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=lambda mesh, arg_shapes, result_shape: shardings(mesh, arg_shapes)[0],
+        sharding_rule=rule,
     )
+    return scaled
+
+
+def _varying_axes(array) -> frozenset:
+    """The manual mesh axes (inside ``shard_map``) over which ``array`` varies."""
+    aval = jax.typeof(array)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def common_varying(arrays):
+    """``arrays`` made to vary over every manual mesh axis (inside ``shard_map``) any of them
+    varies over, and those axes (() outside ``shard_map``): a custom call's arguments must
+    agree, and its results are marked with ``mark_varying`` (JAX cannot tell how they vary)."""
+    varying = frozenset()
+    for array in arrays:
+        varying |= _varying_axes(array)
+    out = []
+    for array in arrays:
+        missing = tuple(sorted(varying - _varying_axes(array)))
+        out.append(jax.lax.pcast(array, missing, to="varying") if missing else array)
+    return out, tuple(sorted(varying))
+
+
+def mark_varying(results, axes: Tuple[str, ...]):
+    """A custom call's results (an array or a sequence) typed as varying over ``axes``."""
+    if not axes:
+        return results
+
+    def mark(array):
+        missing = tuple(a for a in axes if a not in _varying_axes(array))
+        return jax.lax.pcast(array, missing, to="varying") if missing else array
+
+    return mark(results) if not isinstance(results, (list, tuple)) else type(results)(map(mark, results))
 
 
 def _transpose_tangent(cotangent, grad, tangent, *, axes):

@@ -34,7 +34,8 @@ from jax.custom_derivatives import SymbolicZero
 
 from fastxent import _api, _linear_api
 from fastxent._checks import REDUCTIONS, check_options, loss_dtype
-from fastxent._jax_tangent import contract
+from fastxent._jax_sharded import block_loss, partitioned
+from fastxent._jax_tangent import batched_as, common_varying, contract, mark_varying
 from fastxent._xla_ffi import register_host_target
 
 __all__ = ["linear_cross_entropy", "sparse_cross_entropy"]
@@ -94,8 +95,11 @@ _TARGET_VERSION = 1
 
 
 @functools.lru_cache(maxsize=None)
-def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
-    """The custom-JVP loss for one set of static options (cached: one trace per configuration)."""
+def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int, axis_names: Tuple[str, ...] = ()):
+    """The custom-JVP loss for one set of static options (cached: one trace per configuration).
+
+    ``axis_names``: the mesh axes (inside ``shard_map``) splitting the class axis, or ().
+    """
     static = dict(options)
     per_row = static["reduction"] == "none"
 
@@ -117,23 +121,49 @@ def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
 
     def call(want_grad, logits, labels, weights):
         present = tuple(w is not None for w in weights)
-        result_shapes = shapes(logits, labels, want_grad)
+        # Inside shard_map: arguments varying over the same mesh axes, and results that do too.
+        arguments, varying = common_varying([logits, labels, *(w for w in weights if w is not None)])
         target = _cpu_target(options, class_axis, want_grad, present)
 
+        # The shapes are those of the arguments given: a device's block when partitioned.
         def on_cpu(*arguments):
-            return jax.ffi.ffi_call(target, result_shapes, vmap_method="sequential")(*arguments)
+            result_shapes = shapes(arguments[0], arguments[1], want_grad)
+            results = jax.ffi.ffi_call(target, result_shapes, vmap_method="sequential")(*arguments)
+            return mark_varying(results, varying)
 
         def elsewhere(*arguments):
             # Accelerators: a host callback (the arrays are copied to the host and back).
-            return jax.pure_callback(
+            results = jax.pure_callback(
                 functools.partial(host_call, want_grad, present),
-                result_shapes,
+                shapes(arguments[0], arguments[1], want_grad),
                 *arguments,
                 vmap_method="sequential",
             )
+            return mark_varying(results, varying)
 
-        arguments = (logits, labels, *(w for w in weights if w is not None))
-        return jax.lax.platform_dependent(*arguments, cpu=on_cpu, default=elsewhere)
+        def local_call(*arguments):
+            return jax.lax.platform_dependent(*arguments, cpu=on_cpu, default=elsewhere)
+
+        if axis_names:
+            # Inside shard_map, this device's class range: O(N) collectives over the axes.
+            result = block_loss(
+                static,
+                jnp.moveaxis(logits, class_axis, -1),
+                labels,
+                *weights,
+                class_axes=axis_names,
+                row_axes=(),
+                want_grad=want_grad,
+                # A bad label raises on every device the arguments vary over together.
+                error_axes=varying,
+            )
+            return (result[0], jnp.moveaxis(result[1], -1, class_axis)) if want_grad else result
+        if varying:
+            # Inside shard_map: the arrays are this device's blocks already.
+            return local_call(*arguments)
+        # Under jit with sharded inputs, XLA partitions the call by the rule of _jax_sharded.
+        spmd = partitioned(static, class_axis, present, want_grad, local_call, logits.ndim)
+        return batched_as(spmd, local_call)(*arguments)
 
     def host_call(want_grad, present, logits, labels, *given):
         weights = iter(given)
@@ -176,9 +206,12 @@ def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
         if grad.dtype == value.dtype == logits_tangent.dtype:
             # The primitive's transpose scales the kept gradient in place (see _jax_tangent).
             summed = (class_axis % grad.ndim,) if per_row else tuple(range(grad.ndim))
-            return value, contract(grad, logits_tangent, summed)
-        product = grad.astype(value.dtype) * logits_tangent.astype(value.dtype)
-        return value, (product.sum(axis=class_axis) if per_row else product.sum())
+            tangent = contract(grad, logits_tangent, summed)
+        else:
+            product = grad.astype(value.dtype) * logits_tangent.astype(value.dtype)
+            tangent = product.sum(axis=class_axis) if per_row else product.sum()
+        # Each device holds its class range's share of the tangent.
+        return value, (jax.lax.psum(tangent, axis_names) if axis_names else tangent)
 
     loss.defjvp(loss_jvp, symbolic_zeros=True)
     return loss
@@ -240,6 +273,7 @@ def sparse_cross_entropy(
     sample_weight: Any = None,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
+    axis_name: Union[None, str, Tuple[str, ...]] = None,
 ):
     """``optax.softmax_cross_entropy_with_integer_labels``, computed by fastxent's fused kernel.
 
@@ -255,9 +289,18 @@ def sparse_cross_entropy(
             "sum_over_batch_size", as in ``fastxent.sparse_cross_entropy``.
         ignore_index, label_smoothing, class_weight, sample_weight, z_loss, softcap: as in
             ``fastxent.sparse_cross_entropy``.
+        axis_name: inside ``jax.shard_map``, the mesh axis (or axes, major first) over which the
+            class axis is split: ``logits`` is this device's slice of the classes (in mesh
+            order), ``labels`` are global class indices, ``class_weight`` is this slice's weights,
+            and the result is the loss over the whole vocabulary of this device's rows (a
+            reduction covers them only, as optax's would). O(N) numbers are exchanged.
 
     Returns:
         The loss in the logits' dtype: the labels' shape for "none", a scalar otherwise.
+
+    Under ``jax.jit`` with sharded inputs (``NamedSharding``), the call is partitioned: rows
+    sharded, each device computes its rows; classes sharded, each device its class range, the
+    row statistics merged by O(N) collectives. The gradient keeps the logits' sharding.
     """
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
@@ -292,7 +335,8 @@ def sparse_cross_entropy(
         ("softcap", None if softcap is None else float(softcap)),
     )
     weights = tuple(None if w is None else jnp.asarray(w) for w in (class_weight, sample_weight))
-    loss = _fused(options, class_axis)(logits, labels, weights)
+    axis_names = () if axis_name is None else ((axis_name,) if isinstance(axis_name, str) else tuple(axis_name))
+    loss = _fused(options, class_axis, axis_names)(logits, labels, weights)
     return loss.astype(logits.dtype)
 
 
