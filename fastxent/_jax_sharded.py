@@ -23,6 +23,7 @@ shardings name both.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -41,7 +42,7 @@ from fastxent._xla_ffi import register_host_target
 from fastxent.cpu import partial
 from fastxent.cpu.xent import part_bounds_for, use_split_rows
 
-__all__ = ["block_loss", "partitioned"]
+__all__ = ["block_loss", "label_error", "merge_errors", "partitioned", "partitioned_linear", "raise_together"]
 
 # Rows of the statistics exchanged per row (the host call of step 1 returns them stacked).
 _MAX, _SUM, _TARGET, _SMOOTH, _TARGET_WEIGHT = range(5)
@@ -214,15 +215,46 @@ def _stats_call(static, num_classes, rows, labels, offsets, class_weight):
     return _host_call("stats", key, compute, host, shapes, arguments)
 
 
-def _check_call(static, num_classes, loss, error):
-    def host(loss, error):
-        return [host_check(static, num_classes, loss, error)]
+def raise_together(ignore_index: Optional[int], num_classes: int, array, error, after=()):
+    """``array``, passed through a host call that raises the bad-label error ``error`` (see
+    ``merge_errors``): operations that use the result run after it, so when every device raises
+    there, none is left waiting in a later collective; ``after``: arrays (the results of earlier
+    collectives) that the check waits for."""
+    static = {"ignore_index": ignore_index}
+
+    def host(array, error, *_):
+        return [host_check(static, num_classes, array, error)]
 
     def compute(arguments, results):
         results[0][...] = host(*arguments)[0]
 
-    shape = jax.ShapeDtypeStruct(loss.shape, loss.dtype)
-    return _host_call("check", (_key(static), num_classes), compute, host, [shape], [loss, error])[0]
+    shape = jax.ShapeDtypeStruct(array.shape, array.dtype)
+    key = (ignore_index, num_classes, len(after))
+    return _host_call("check", key, compute, host, [shape], [array, error, *after])[0]
+
+
+def label_error(labels, ignore_index: Optional[int], num_classes: int, row_start):
+    """int32 (2,): the flattened position (from ``row_start``) of the first label outside
+    [0, C) that is not ignored (``_NO_ERROR`` if none), and that label."""
+    flat = labels.reshape(-1)
+    bad = (flat < 0) | (flat >= num_classes)
+    if ignore_index is not None:
+        bad &= flat != ignore_index
+    index = jnp.argmax(bad)
+    found = bad[index] if flat.size else jnp.bool_(False)
+    position = jnp.where(found, row_start + index, _NO_ERROR).astype(jnp.int32)
+    value = flat[index] if flat.size else jnp.zeros((), flat.dtype)
+    value = jnp.clip(value, -(2**31), 2**31 - 1).astype(jnp.int32)
+    return jnp.stack([position, value])
+
+
+def merge_errors(error, axes: Tuple[str, ...]):
+    """The first bad label over the devices of ``axes`` (two scalar collectives)."""
+    if not axes:
+        return error
+    position = jax.lax.pmin(error[0], axes)
+    value = jax.lax.pmax(jnp.where(error[0] == position, error[1], jnp.iinfo(jnp.int32).min), axes)
+    return jnp.stack([position, value])
 
 
 def _rows_call(static, num_classes, labels, merged, row_max, scalars, sample_weight, has_cw):
@@ -376,10 +408,7 @@ def block_loss(
     # device raising alone would leave the others waiting in a collective for ever).
     everyone = tuple(class_axes) + tuple(row_axes)
     everyone += tuple(a for a in error_axes if a not in everyone)
-    position = jax.lax.pmin(error[0], everyone) if everyone else error[0]
-    value = jnp.where(error[0] == position, error[1], jnp.iinfo(jnp.int32).min)
-    value = jax.lax.pmax(value, everyone) if everyone else value
-    loss = _check_call(static, num_classes, loss, jnp.stack([position, value]))
+    loss = raise_together(static["ignore_index"], num_classes, loss, merge_errors(error, everyone))
     if not want_grad:
         return loss
     grad = _grad_call(
@@ -485,4 +514,101 @@ def partitioned(
         propagate_user_sharding=None,
         sharding_rule=rule,
     )
+    return call
+
+
+def partitioned_linear(
+    static: dict, wants: Tuple[bool, bool, bool], present: Tuple[bool, bool, bool], ndim: int, local_for
+):
+    """The fused linear call ``local_for(None)(hidden, weight, labels, *optional)`` (returning the
+    loss and the wanted gradients of hidden, weight, bias) with an SPMD partitioning rule.
+
+    Hidden states sharded over rows (data parallel): each device runs the fused kernel on its
+    rows (the reduction "sum" where the result is a mean), the loss and the mean's denominator
+    are scalar all-reductions, the hidden-state gradient keeps the rows' sharding, and the weight
+    and bias gradients are all-reduced over the rows' axes (the one large collective, as in the
+    unfused program). A weight sharded over the vocabulary is gathered first: a device needs
+    every class of its rows. ``present``: bias, class_weight, sample_weight given.
+    """
+    reduction = static["reduction"]
+    ignore_index = static["ignore_index"]
+    per_row = reduction == "none"
+    rows = " ".join(f"r{d}" for d in range(ndim - 1))
+    operands = [f"{rows} h", "v h", rows] + [dims for here, dims in zip(present, ("v", "v", rows), strict=True) if here]
+    results = [rows if per_row else ""] + [
+        dims for want, dims in zip(wants, (f"{rows} h", "v h", "v"), strict=True) if want
+    ]
+    rule = ", ".join(operands) + " -> " + ", ".join(results)
+    local = local_for(None)
+
+    @custom_partitioning
+    def call(hidden, weight, labels, *optional):
+        return local(hidden, weight, labels, *optional)
+
+    def shardings(mesh, arg_shapes):
+        hidden_sharding = arg_shapes[0].sharding
+        entries, _ = _plan(mesh, hidden_sharding, arg_shapes[0].shape, ndim - 1)
+        row_spec = P(*entries)
+        named = functools.partial(NamedSharding, mesh)
+        args = [named(P(*entries, None)), named(P(None, None)), named(row_spec)]
+        args += [named(spec) for here, spec in zip(present, (P(None), P(None), row_spec), strict=True) if here]
+        outs = [named(row_spec if per_row else P())]
+        outs += [
+            named(spec) for want, spec in zip(wants, (P(*entries, None), P(None, None), P(None)), strict=True) if want
+        ]
+        row_axes = tuple(a for entry in entries for a in _spec_axes(entry))
+        return tuple(args), outs, row_axes
+
+    def infer(mesh, arg_shapes, result_shape):
+        return shardings(mesh, arg_shapes)[1]
+
+    def partition(mesh, arg_shapes, result_shape):
+        args, outs, row_axes = shardings(mesh, arg_shapes)
+        if not row_axes:
+            return mesh, local, outs, args
+        summed = local_for("sum" if reduction in ("mean", "sum_over_batch_size") else None)
+
+        def lower(hidden, weight, labels, *optional):
+            found = iter(optional)
+            bias, class_weight, sample_weight = (next(found) if here else None for here in present)
+            num_classes = weight.shape[0]
+            flat = labels.reshape(-1)
+            counted = jnp.ones(flat.shape, bool) if ignore_index is None else flat != ignore_index
+            # 1. the reduction's denominator over every row, and the first bad label
+            if reduction == "mean":
+                weights = jnp.ones(flat.shape, jnp.float32)
+                if class_weight is not None:
+                    weights = class_weight.astype(jnp.float32)[jnp.clip(flat, 0, num_classes - 1)]
+                if sample_weight is not None:
+                    weights = weights * sample_weight.reshape(-1).astype(jnp.float32)
+                denominator = jax.lax.psum(jnp.sum(jnp.where(counted, weights, 0.0)), row_axes)
+            else:
+                denominator = jax.lax.psum(jnp.sum(counted).astype(jnp.float32), row_axes)
+            row_start = _linear_index(row_axes) * flat.shape[0]
+            error = merge_errors(label_error(flat, ignore_index, num_classes, row_start), row_axes)
+            # 2. every device raises together before the kernel, after the collectives above
+            labels = raise_together(ignore_index, num_classes, labels, error, after=(denominator,))
+            loss, *grads = summed(hidden, weight, labels, *optional)
+            # 3. the reductions
+            if reduction in ("mean", "sum_over_batch_size"):
+                scale = jnp.where(denominator == 0, 0.0, 1.0 / jnp.where(denominator == 0, 1.0, denominator))
+            else:
+                scale = None
+            if not per_row:
+                loss = jax.lax.psum(loss, row_axes)
+                loss = loss if scale is None else (loss * scale).astype(loss.dtype)
+            found = iter(grads)
+            out = [loss]
+            for index, want in enumerate(wants):
+                if not want:
+                    continue
+                grad = next(found)
+                if index > 0:  # the weight and bias gradients: sums over every device's rows
+                    grad = jax.lax.psum(grad, row_axes)
+                out.append(grad if scale is None else (grad * scale).astype(grad.dtype))
+            return out
+
+        return mesh, lower, outs, args
+
+    call.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule)
     return call

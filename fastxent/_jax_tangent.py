@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from fastxent._xla_ffi import register_host_target
 from fastxent.cpu.rowscale import SCALABLE_DTYPES, scale_rows_
 
-__all__ = ["batched_as", "common_varying", "contract", "mark_varying"]
+__all__ = ["batched_as", "common_varying", "contract", "mark_varying", "traced_or_spread"]
 
 
 def contract(grad, tangent, axes: Tuple[int, ...]):
@@ -77,26 +77,54 @@ def _scale_by_cotangent(array, cotangent, axes):
     trailing = axes == tuple(range(array.ndim - len(axes), array.ndim))
     if not trailing or np.dtype(array.dtype) not in SCALABLE_DTYPES or array.size == 0:
         return _broadcast_product(array, cotangent, axes)
+    if not (traced_or_spread(array) or traced_or_spread(cotangent)) or common_varying([array])[1]:
+        # Eager on one device there is nothing to partition; inside shard_map the arrays are
+        # this device's blocks already.
+        return _local_scale(array, cotangent, axes)
+    return _partitioned_scale(array.ndim, axes)(array, cotangent)
 
+
+def _local_scale(array, cotangent, axes):
+    """One device's ``_scale_by_cotangent``: the CPU's in-place custom call, XLA elsewhere."""
     (array, cotangent), varying = common_varying([array, cotangent])
+    return jax.lax.platform_dependent(
+        array,
+        cotangent,
+        cpu=lambda a, c: mark_varying(_scale_in_place(a, c), varying),
+        default=functools.partial(_broadcast_product, axes=axes),
+    )
 
-    def on_cpu(array, cotangent):
-        call = jax.ffi.ffi_call(
-            _scale_target(),
-            jax.ShapeDtypeStruct(array.shape, array.dtype),
-            input_output_aliases={0: 0},
-            vmap_method="broadcast_all",
-        )
-        return mark_varying(call(array, cotangent), varying)
 
-    def local(array, cotangent):
-        return jax.lax.platform_dependent(
-            array, cotangent, cpu=on_cpu, default=functools.partial(_broadcast_product, axes=axes)
-        )
+@functools.lru_cache(maxsize=None)
+def _partitioned_scale(ndim: int, axes: Tuple[int, ...]):
+    """``_local_scale`` for one rank and axes, partitioned like the array (cached: the same
+    operation each time, so that JAX's caches hit)."""
+    local = functools.partial(_local_scale, axes=axes)
+    return batched_as(_elementwise(local, ndim, len(axes)), local)
 
-    if varying:  # inside shard_map: the arrays are this device's blocks already
-        return local(array, cotangent)
-    return batched_as(_elementwise(local, array.ndim, len(axes)), local)(array, cotangent)
+
+def traced_or_spread(array) -> bool:
+    """Whether ``array`` is traced by jit (its placement is decided later) or spread over
+    several devices: whether an operation on it may need partitioning."""
+    if isinstance(array, jax.core.Tracer):
+        # Eager differentiation traces around a concrete array; jit's tracers hold none.
+        concrete = getattr(array, "to_concrete_value", lambda: None)()
+        if concrete is None:
+            return True
+        array = concrete
+    sharding = getattr(array, "sharding", None)
+    return sharding is not None and len(sharding.device_set) > 1
+
+
+def _scale_in_place(array, cotangent):
+    """The CPU custom call ``array * cotangent``, its result aliased to ``array``."""
+    call = jax.ffi.ffi_call(
+        _scale_target(),
+        jax.ShapeDtypeStruct(array.shape, array.dtype),
+        input_output_aliases={0: 0},
+        vmap_method="broadcast_all",
+    )
+    return call(array, cotangent)
 
 
 def batched_as(function, local):

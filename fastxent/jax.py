@@ -34,8 +34,8 @@ from jax.custom_derivatives import SymbolicZero
 
 from fastxent import _api, _linear_api
 from fastxent._checks import REDUCTIONS, check_options, loss_dtype
-from fastxent._jax_sharded import block_loss, partitioned
-from fastxent._jax_tangent import batched_as, common_varying, contract, mark_varying
+from fastxent._jax_sharded import block_loss, partitioned, partitioned_linear
+from fastxent._jax_tangent import batched_as, common_varying, contract, mark_varying, traced_or_spread
 from fastxent._xla_ffi import register_host_target
 
 __all__ = ["linear_cross_entropy", "sparse_cross_entropy"]
@@ -161,9 +161,18 @@ def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int, axis_names: Tu
         if varying:
             # Inside shard_map: the arrays are this device's blocks already.
             return local_call(*arguments)
-        # Under jit with sharded inputs, XLA partitions the call by the rule of _jax_sharded.
-        spmd = partitioned(static, class_axis, present, want_grad, local_call, logits.ndim)
-        return batched_as(spmd, local_call)(*arguments)
+        if not any(traced_or_spread(a) for a in arguments):
+            # Eager on one device: nothing to partition.
+            return local_call(*arguments)
+        # Under jit (or sharded arrays), XLA partitions the call by the rule of _jax_sharded.
+        key = (want_grad, present, logits.ndim)
+        if key not in spmd_calls:
+            spmd = partitioned(static, class_axis, present, want_grad, local_call, logits.ndim)
+            spmd_calls[key] = batched_as(spmd, local_call)
+        return spmd_calls[key](*arguments)
+
+    # One partitioned operation per argument layout: the same objects, so JAX's caches hit.
+    spmd_calls = {}
 
     def host_call(want_grad, present, logits, labels, *given):
         weights = iter(given)
@@ -384,20 +393,45 @@ def _linear_cpu_target(options: Tuple[Tuple[str, Any], ...], wants: Tuple[bool, 
 
 
 def _linear_call(options, wants, hidden, weight, labels, bias, class_weight, sample_weight):
-    """The loss and the wanted gradients, computed by one host call (XLA FFI on the CPU)."""
-    static = dict(options)
+    """The loss and the wanted gradients, computed by one host call (XLA FFI on the CPU);
+    partitioned by XLA when the hidden states are sharded over rows (see _jax_sharded)."""
     optional = (bias, class_weight, sample_weight)
     present = tuple(a is not None for a in optional)
+    arguments = (hidden, weight, labels, *(a for a in optional if a is not None))
+    local = functools.partial(_linear_local, options, wants, present)
+    if not any(traced_or_spread(a) for a in arguments):
+        return list(local(*arguments))
+    return list(_linear_spmd(options, wants, present, hidden.ndim)(*arguments))
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_spmd(options, wants, present, ndim: int):
+    """The partitioned linear call of one configuration (cached: JAX's caches then hit)."""
+
+    def local_for(reduction):
+        """One device's call with another reduction (None: the configuration's own)."""
+        changed = tuple((k, reduction if k == "reduction" and reduction else v) for k, v in options)
+        return functools.partial(_linear_local, changed, wants, present)
+
+    return batched_as(partitioned_linear(dict(options), wants, present, ndim, local_for), local_for(None))
+
+
+def _linear_local(options, wants, present, hidden, weight, labels, *given):
+    """One device's call: the loss and the wanted gradients of its arrays."""
+    static = dict(options)
     loss_shape = labels.shape if static["reduction"] == "none" else ()
     shapes = [jax.ShapeDtypeStruct(loss_shape, loss_dtype(hidden.dtype))]
+    found = iter(given)
+    bias = next(found) if present[0] else None
     for want, array in zip(wants, (hidden, weight, bias), strict=True):
         if want:
             shapes.append(jax.ShapeDtypeStruct(array.shape, array.dtype))
-    arguments = (hidden, weight, labels, *(a for a in optional if a is not None))
+    # Inside shard_map: arguments varying over the same mesh axes, and results that do too.
+    arguments, varying = common_varying([hidden, weight, labels, *given])
 
     def on_cpu(*args):
         target = _linear_cpu_target(options, wants, present)
-        return jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(*args)
+        return mark_varying(jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(*args), varying)
 
     def elsewhere(*args):
         # Accelerators: a host callback (the arrays are copied to the host and back).
@@ -406,9 +440,9 @@ def _linear_call(options, wants, hidden, weight, labels, bias, class_weight, sam
             bias, class_weight, sample_weight = (next(found) if here else None for here in present)
             return _linear_host(static, wants, hidden, weight, labels, bias, class_weight, sample_weight)
 
-        return jax.pure_callback(host, shapes, *args, vmap_method="sequential")
+        return mark_varying(jax.pure_callback(host, shapes, *args, vmap_method="sequential"), varying)
 
-    return list(jax.lax.platform_dependent(*arguments, cpu=on_cpu, default=elsewhere))
+    return jax.lax.platform_dependent(*arguments, cpu=on_cpu, default=elsewhere)
 
 
 @functools.lru_cache(maxsize=None)

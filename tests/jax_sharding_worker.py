@@ -236,4 +236,55 @@ def _():
     assert_close(result, expected["plain/none"], "shard_map rows")
 
 
+HIDDEN = 8
+hidden = jnp.asarray(rng.standard_normal((ROWS, HIDDEN)), jnp.float32)
+weight = jnp.asarray(rng.standard_normal((CLASSES, HIDDEN)) * 0.5, jnp.float32)
+bias = jnp.asarray(rng.standard_normal(CLASSES) * 0.5, jnp.float32)
+
+
+def linear_losses(h, w, b):
+    """linear_cross_entropy under every reduction, plain and with every option."""
+    out = {}
+    for name in ("plain", "everything"):
+        y, options = CASES[name]
+        for reduction in REDUCTIONS:
+
+            def total(h, w, b, y=y, options=options, reduction=reduction):
+                loss = fxj.linear_cross_entropy(h, w, y, bias=b, reduction=reduction, **options)
+                return jnp.sum(loss * upstream) if reduction == "none" else loss
+
+            out[f"{name}/{reduction}"] = jax.value_and_grad(total, argnums=(0, 1, 2))(h, w, b)
+    return out
+
+
+@check("jit/linear-rows")
+def _():
+    expected_linear = jax.jit(linear_losses)(hidden, weight, bias)
+    optax_total = jax.value_and_grad(
+        lambda h, w, b: optax.softmax_cross_entropy_with_integer_labels(h @ w.T + b, clean_labels).mean(),
+        argnums=(0, 1, 2),
+    )(hidden, weight, bias)
+    assert_close(expected_linear["plain/mean"], optax_total, "one device against optax")
+    row_mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+    sharded = jax.device_put(hidden, NamedSharding(row_mesh, P("d", None)))
+    program = jax.jit(linear_losses)
+    results = program(sharded, weight, bias)
+    for key, (value, grads) in results.items():
+        assert_close((value, grads), expected_linear[key], f"linear {key}")
+        assert grads[0].sharding.is_equivalent_to(sharded.sharding, 2), f"{key}: d_hidden {grads[0].sharding.spec}"
+    found = collectives(program.lower(sharded, weight, bias).compile().as_text())
+    # Scalars, and the weight and bias gradients' reduction over the rows (the unfused
+    # program's one large collective); the hidden states are not gathered.
+    assert {kind for kind, _ in found} == {"all-reduce"}, found
+    assert all(size <= 4 * ROWS or size in (CLASSES, CLASSES * HIDDEN) for _, size in found), found
+    # A bad label on one device's rows raises on every device, none left in a collective.
+    bad = clean_labels.at[11].set(CLASSES)
+    try:
+        jax.block_until_ready(jax.jit(lambda h: fxj.linear_cross_entropy(h, weight, bad))(sharded))
+    except Exception as error:
+        assert f"label {CLASSES} at position (11,)" in str(error), error
+        return
+    raise AssertionError("no error for a label out of range")
+
+
 print(json.dumps(RESULTS))

@@ -29,6 +29,7 @@ CHECKS = (
     "jit/classes-4",
     "jit/optax-gathers-nothing-either",
     "jit/bad-label-raises",
+    "jit/linear-rows",
     "shard_map/rows+classes",
     "shard_map/classes-4",
     "shard_map/unreduced-output-raises-like-optax",
