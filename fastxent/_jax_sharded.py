@@ -548,22 +548,66 @@ def partitioned_linear(
     def shardings(mesh, arg_shapes):
         hidden_sharding = arg_shapes[0].sharding
         entries, _ = _plan(mesh, hidden_sharding, arg_shapes[0].shape, ndim - 1)
+        row_axes = tuple(a for entry in entries for a in _spec_axes(entry))
+        _, vocab_axes = _plan(mesh, arg_shapes[1].sharding, arg_shapes[1].shape, 0)
+        if set(vocab_axes) & set(row_axes):  # one mesh axis cannot split both: gather the head
+            vocab_axes = ()
+        vocab = (vocab_axes if len(vocab_axes) > 1 else vocab_axes[0]) if vocab_axes else None
         row_spec = P(*entries)
         named = functools.partial(NamedSharding, mesh)
-        args = [named(P(*entries, None)), named(P(None, None)), named(row_spec)]
-        args += [named(spec) for here, spec in zip(present, (P(None), P(None), row_spec), strict=True) if here]
+        args = [named(P(*entries, None)), named(P(vocab, None)), named(row_spec)]
+        args += [named(spec) for here, spec in zip(present, (P(vocab), P(vocab), row_spec), strict=True) if here]
         outs = [named(row_spec if per_row else P())]
         outs += [
-            named(spec) for want, spec in zip(wants, (P(*entries, None), P(None, None), P(None)), strict=True) if want
+            named(spec) for want, spec in zip(wants, (P(*entries, None), P(vocab, None), P(vocab)), strict=True) if want
         ]
-        row_axes = tuple(a for entry in entries for a in _spec_axes(entry))
-        return tuple(args), outs, row_axes
+        return tuple(args), outs, row_axes, vocab_axes
 
     def infer(mesh, arg_shapes, result_shape):
         return shardings(mesh, arg_shapes)[1]
 
+    def vocabulary_parallel(row_axes, vocab_axes):
+        """One device's rows and vocabulary range: its block of logits by one GEMM, the loss by
+        ``block_loss``, and the gradients from the block's gradient (not fused: the block of
+        logits exists, as in the unfused program)."""
+
+        def lower(hidden, weight, labels, *optional):
+            found = iter(optional)
+            bias, class_weight, sample_weight = (next(found) if here else None for here in present)
+            logits = jnp.einsum("...h,vh->...v", hidden, weight)
+            if bias is not None:
+                logits = logits + bias
+            result = block_loss(
+                static,
+                logits,
+                labels,
+                class_weight,
+                sample_weight,
+                class_axes=vocab_axes,
+                row_axes=row_axes,
+                want_grad=any(wants),
+            )
+            if not any(wants):
+                return [result]
+            loss, grad = result
+            out = [loss]
+            if wants[0]:  # every vocabulary range's share of the hidden states' gradient
+                share = jnp.einsum("...v,vh->...h", grad, weight)
+                out.append(jax.lax.psum(share, vocab_axes).astype(hidden.dtype))
+            if wants[1]:  # this range's rows of the weight, summed over every device's rows
+                rows = grad.reshape(-1, grad.shape[-1])
+                mine = jnp.einsum("nv,nh->vh", rows, hidden.reshape(-1, hidden.shape[-1]))
+                out.append(_psum(mine, row_axes).astype(weight.dtype))
+            if wants[2]:
+                out.append(_psum(grad.reshape(-1, grad.shape[-1]).sum(axis=0), row_axes).astype(bias.dtype))
+            return out
+
+        return lower
+
     def partition(mesh, arg_shapes, result_shape):
-        args, outs, row_axes = shardings(mesh, arg_shapes)
+        args, outs, row_axes, vocab_axes = shardings(mesh, arg_shapes)
+        if vocab_axes:
+            return mesh, vocabulary_parallel(row_axes, vocab_axes), outs, args
         if not row_axes:
             return mesh, local, outs, args
         summed = local_for("sum" if reduction in ("mean", "sum_over_batch_size") else None)

@@ -287,4 +287,26 @@ def _():
     raise AssertionError("no error for a label out of range")
 
 
+@check("jit/linear-vocabulary")
+def _():
+    # A tensor-parallel head: the weight (and bias, class weights) split over "v".
+    expected_linear = jax.jit(linear_losses)(hidden, weight, bias)
+    program = jax.jit(linear_losses)
+    head = jax.device_put(weight, NamedSharding(mesh, P("v", None)))
+    head_bias = jax.device_put(bias, NamedSharding(mesh, P("v")))
+    for spec in (P(None, None), P("b", None)):
+        sharded = jax.device_put(hidden, NamedSharding(mesh, spec))
+        results = program(sharded, head, head_bias)
+        for key, (value, grads) in results.items():
+            assert_close((value, grads), expected_linear[key], f"linear {spec} {key}")
+            assert grads[0].sharding.is_equivalent_to(sharded.sharding, 2), f"{key}: d_hidden {grads[0].sharding}"
+            assert grads[1].sharding.is_equivalent_to(head.sharding, 2), f"{key}: d_weight {grads[1].sharding}"
+        found = collectives(program.lower(sharded, head, head_bias).compile().as_text())
+        # O(N) statistics, the hidden states' gradient over the vocabulary ranges (N x H), and
+        # the weight gradient over the rows; neither logits nor the weight are gathered.
+        assert {kind for kind, _ in found} == {"all-reduce"}, found
+        limit = max(4 * ROWS, ROWS * HIDDEN, CLASSES // 2 * HIDDEN)
+        assert all(size <= limit for _, size in found), found
+
+
 print(json.dumps(RESULTS))

@@ -30,6 +30,7 @@ CHECKS = (
     "jit/optax-gathers-nothing-either",
     "jit/bad-label-raises",
     "jit/linear-rows",
+    "jit/linear-vocabulary",
     "shard_map/rows+classes",
     "shard_map/classes-4",
     "shard_map/unreduced-output-raises-like-optax",
