@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -42,15 +42,19 @@ from fastxent._xla_ffi import register_host_target
 from fastxent.cpu import partial
 from fastxent.cpu.xent import part_bounds_for, use_split_rows
 
-__all__ = ["block_loss", "label_error", "merge_errors", "partitioned", "partitioned_linear", "raise_together"]
+__all__ = [
+    "block_loss",
+    "label_error",
+    "merge_errors",
+    "partitioned",
+    "partitioned_linear",
+    "raise_together",
+    "vocabulary_parallel",
+]
 
 # Rows of the statistics exchanged per row (the host call of step 1 returns them stacked).
 _MAX, _SUM, _TARGET, _SMOOTH, _TARGET_WEIGHT = range(5)
 _NUM_STATS = 5
-
-
-def _axes(names: Sequence[str]) -> Tuple[str, ...]:
-    return tuple(names)
 
 
 def _comm_dtype(dtype) -> np.dtype:
@@ -566,48 +570,10 @@ def partitioned_linear(
     def infer(mesh, arg_shapes, result_shape):
         return shardings(mesh, arg_shapes)[1]
 
-    def vocabulary_parallel(row_axes, vocab_axes):
-        """One device's rows and vocabulary range: its block of logits by one GEMM, the loss by
-        ``block_loss``, and the gradients from the block's gradient (not fused: the block of
-        logits exists, as in the unfused program)."""
-
-        def lower(hidden, weight, labels, *optional):
-            found = iter(optional)
-            bias, class_weight, sample_weight = (next(found) if here else None for here in present)
-            logits = jnp.einsum("...h,vh->...v", hidden, weight)
-            if bias is not None:
-                logits = logits + bias
-            result = block_loss(
-                static,
-                logits,
-                labels,
-                class_weight,
-                sample_weight,
-                class_axes=vocab_axes,
-                row_axes=row_axes,
-                want_grad=any(wants),
-            )
-            if not any(wants):
-                return [result]
-            loss, grad = result
-            out = [loss]
-            if wants[0]:  # every vocabulary range's share of the hidden states' gradient
-                share = jnp.einsum("...v,vh->...h", grad, weight)
-                out.append(jax.lax.psum(share, vocab_axes).astype(hidden.dtype))
-            if wants[1]:  # this range's rows of the weight, summed over every device's rows
-                rows = grad.reshape(-1, grad.shape[-1])
-                mine = jnp.einsum("nv,nh->vh", rows, hidden.reshape(-1, hidden.shape[-1]))
-                out.append(_psum(mine, row_axes).astype(weight.dtype))
-            if wants[2]:
-                out.append(_psum(grad.reshape(-1, grad.shape[-1]).sum(axis=0), row_axes).astype(bias.dtype))
-            return out
-
-        return lower
-
     def partition(mesh, arg_shapes, result_shape):
         args, outs, row_axes, vocab_axes = shardings(mesh, arg_shapes)
         if vocab_axes:
-            return mesh, vocabulary_parallel(row_axes, vocab_axes), outs, args
+            return mesh, vocabulary_parallel(static, wants, present, row_axes, vocab_axes), outs, args
         if not row_axes:
             return mesh, local, outs, args
         summed = local_for("sum" if reduction in ("mean", "sum_over_batch_size") else None)
@@ -656,3 +622,47 @@ def partitioned_linear(
 
     call.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule)
     return call
+
+
+def vocabulary_parallel(
+    static: dict, wants, present, row_axes: Tuple[str, ...], vocab_axes: Tuple[str, ...], error_axes=()
+):
+    """The fused linear call on one device's rows and vocabulary range (inside shard_map, or
+    the partitioning rule's per-device program), ``(hidden, weight, labels, *optional) -> [loss,
+    *wanted gradients]``: its block of logits by one GEMM, the loss by
+    ``block_loss``, and the gradients from the block's gradient (not fused: the block of
+    logits exists, as in the unfused program)."""
+
+    def lower(hidden, weight, labels, *optional):
+        found = iter(optional)
+        bias, class_weight, sample_weight = (next(found) if here else None for here in present)
+        logits = jnp.einsum("...h,vh->...v", hidden, weight)
+        if bias is not None:
+            logits = logits + bias
+        result = block_loss(
+            static,
+            logits,
+            labels,
+            class_weight,
+            sample_weight,
+            class_axes=vocab_axes,
+            row_axes=row_axes,
+            want_grad=any(wants),
+            error_axes=error_axes,
+        )
+        if not any(wants):
+            return [result]
+        loss, grad = result
+        out = [loss]
+        if wants[0]:  # every vocabulary range's share of the hidden states' gradient
+            share = jnp.einsum("...v,vh->...h", grad, weight)
+            out.append(jax.lax.psum(share, vocab_axes).astype(hidden.dtype))
+        if wants[1]:  # this range's rows of the weight, summed over every device's rows
+            rows = grad.reshape(-1, grad.shape[-1])
+            mine = jnp.einsum("nv,nh->vh", rows, hidden.reshape(-1, hidden.shape[-1]))
+            out.append(_psum(mine, row_axes).astype(weight.dtype))
+        if wants[2]:
+            out.append(_psum(grad.reshape(-1, grad.shape[-1]).sum(axis=0), row_axes).astype(bias.dtype))
+        return out
+
+    return lower

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from fastxent._xla_ffi import register_host_target
 from fastxent.cpu.rowscale import SCALABLE_DTYPES, scale_rows_
 
-__all__ = ["batched_as", "common_varying", "contract", "mark_varying", "traced_or_spread"]
+__all__ = ["batched_as", "common_varying", "contract", "mark_varying", "summed_to_type_of", "traced_or_spread"]
 
 
 def contract(grad, tangent, axes: Tuple[int, ...]):
@@ -193,6 +193,13 @@ def common_varying(arrays):
         missing = tuple(sorted(varying - _varying_axes(array)))
         out.append(jax.lax.pcast(array, missing, to="varying") if missing else array)
     return out, tuple(sorted(varying))
+
+
+def summed_to_type_of(grad, primal):
+    """``grad`` summed over the manual mesh axes it varies over and ``primal`` does not: the
+    cotangent of an argument replicated over them (the transpose of making it vary)."""
+    extra = tuple(sorted(_varying_axes(grad) - _varying_axes(primal)))
+    return jax.lax.psum(grad, extra) if extra else grad
 
 
 def mark_varying(results, axes: Tuple[str, ...]):

@@ -34,8 +34,15 @@ from jax.custom_derivatives import SymbolicZero
 
 from fastxent import _api, _linear_api
 from fastxent._checks import REDUCTIONS, check_options, loss_dtype
-from fastxent._jax_sharded import block_loss, partitioned, partitioned_linear
-from fastxent._jax_tangent import batched_as, common_varying, contract, mark_varying, traced_or_spread
+from fastxent._jax_sharded import block_loss, partitioned, partitioned_linear, vocabulary_parallel
+from fastxent._jax_tangent import (
+    batched_as,
+    common_varying,
+    contract,
+    mark_varying,
+    summed_to_type_of,
+    traced_or_spread,
+)
 from fastxent._xla_ffi import register_host_target
 
 __all__ = ["linear_cross_entropy", "sparse_cross_entropy"]
@@ -392,12 +399,17 @@ def _linear_cpu_target(options: Tuple[Tuple[str, Any], ...], wants: Tuple[bool, 
     return register_host_target(_target_name("linear_xent", options, wants, present), compute)
 
 
-def _linear_call(options, wants, hidden, weight, labels, bias, class_weight, sample_weight):
+def _linear_call(options, wants, hidden, weight, labels, bias, class_weight, sample_weight, axis_names=()):
     """The loss and the wanted gradients, computed by one host call (XLA FFI on the CPU);
-    partitioned by XLA when the hidden states are sharded over rows (see _jax_sharded)."""
+    partitioned by XLA when the arrays are sharded (see _jax_sharded). ``axis_names``: inside
+    shard_map, the mesh axes splitting the weight's vocabulary."""
     optional = (bias, class_weight, sample_weight)
     present = tuple(a is not None for a in optional)
     arguments = (hidden, weight, labels, *(a for a in optional if a is not None))
+    if axis_names:
+        varying = common_varying(list(arguments))[1]
+        per_device = vocabulary_parallel(dict(options), wants, present, (), axis_names, error_axes=varying)
+        return list(per_device(*arguments))
     local = functools.partial(_linear_local, options, wants, present)
     if not any(traced_or_spread(a) for a in arguments):
         return list(local(*arguments))
@@ -446,7 +458,7 @@ def _linear_local(options, wants, present, hidden, weight, labels, *given):
 
 
 @functools.lru_cache(maxsize=None)
-def _linear_fused(options: Tuple[Tuple[str, Any], ...]):
+def _linear_fused(options: Tuple[Tuple[str, Any], ...], axis_names: Tuple[str, ...] = ()):
     """The custom-VJP loss for one set of static options (cached: one trace per configuration).
 
     "mean"/"sum": the forward computes the loss and the gradients of the perturbed arguments in
@@ -461,7 +473,7 @@ def _linear_fused(options: Tuple[Tuple[str, Any], ...]):
 
     @jax.custom_vjp
     def loss(hidden, weight, bias, labels, class_weight, sample_weight):
-        return _linear_call(options, nothing, hidden, weight, labels, bias, class_weight, sample_weight)[0]
+        return _linear_call(options, nothing, hidden, weight, labels, bias, class_weight, sample_weight, axis_names)[0]
 
     def forward(hidden, weight, bias, labels, class_weight, sample_weight):
         for name, primal in (("class_weight", class_weight), ("sample_weight", sample_weight)):
@@ -476,9 +488,9 @@ def _linear_fused(options: Tuple[Tuple[str, Any], ...]):
         )
         x, w, b, y, cw, sw = values
         if per_row:
-            (value,) = _linear_call(options, nothing, x, w, y, b, cw, sw)
+            (value,) = _linear_call(options, nothing, x, w, y, b, cw, sw, axis_names)
             return value, (wants, values, None)
-        value, *grads = _linear_call(options, wants, x, w, y, b, cw, sw)
+        value, *grads = _linear_call(options, wants, x, w, y, b, cw, sw, axis_names)
         return value, (wants, values, grads)
 
     def backward(residuals, cotangent):
@@ -487,11 +499,15 @@ def _linear_fused(options: Tuple[Tuple[str, Any], ...]):
             return None, None, None, None, None, None
         if per_row:
             row_weight = cotangent if sw is None else cotangent * sw
-            _, *grads = _linear_call(weighted, wants, x, w, y, b, cw, row_weight)
+            _, *grads = _linear_call(weighted, wants, x, w, y, b, cw, row_weight, axis_names)
         else:
             grads = [(g.astype(cotangent.dtype) * cotangent).astype(g.dtype) for g in grads]
         found = iter(grads)
         grad_x, grad_w, grad_b = (next(found) if want else None for want in wants)
+        # Inside shard_map: a gradient varying over axes its argument does not is summed over them.
+        grad_x, grad_w, grad_b = (
+            None if g is None else summed_to_type_of(g, p) for g, p in ((grad_x, x), (grad_w, w), (grad_b, b))
+        )
         return grad_x, grad_w, grad_b, None, None, None
 
     loss.defvjp(forward, backward, symbolic_zeros=True)
@@ -511,6 +527,7 @@ def linear_cross_entropy(
     sample_weight: Any = None,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
+    axis_name: Union[None, str, Tuple[str, ...]] = None,
 ):
     """Cross-entropy of the logits ``hidden @ weight.T + bias`` without materialising them.
 
@@ -535,6 +552,11 @@ def linear_cross_entropy(
             "sum_over_batch_size" or "none", as in ``fastxent.sparse_cross_entropy``.
         ignore_index, label_smoothing, class_weight (V,), sample_weight (labels' shape), z_loss,
             softcap: as in ``fastxent.sparse_cross_entropy`` (the weights are not differentiable).
+        axis_name: inside ``jax.shard_map``, the mesh axis (or axes, major first) over which the
+            weight's vocabulary is split: ``weight``, ``bias`` and ``class_weight`` are this
+            device's rows of the vocabulary, ``labels`` global class indices; the loss is over
+            the whole vocabulary for this device's rows (the device's block of logits is
+            computed by one GEMM, not in chunks).
 
     Returns:
         The loss in the hidden's dtype: a scalar, or the labels' shape for "none".
@@ -570,5 +592,6 @@ def linear_cross_entropy(
     check_options(True, reduction, label_smoothing, ignore_index=ignore_index, z_loss=z_loss, softcap=softcap)
     class_weight = None if class_weight is None else jnp.asarray(class_weight)
     sample_weight = None if sample_weight is None else jnp.broadcast_to(jnp.asarray(sample_weight), labels.shape)
-    loss = _linear_fused(options)(hidden, weight, bias, labels, class_weight, sample_weight)
+    axis_names = () if axis_name is None else ((axis_name,) if isinstance(axis_name, str) else tuple(axis_name))
+    loss = _linear_fused(options, axis_names)(hidden, weight, bias, labels, class_weight, sample_weight)
     return loss.astype(hidden.dtype)

@@ -309,4 +309,34 @@ def _():
         assert all(size <= limit for _, size in found), found
 
 
+@check("shard_map/linear-axis-name")
+def _():
+    # The head's vocabulary split over "v" inside shard_map, rows over "b".
+    expected_linear = jax.jit(linear_losses)(hidden, weight, bias)
+    for name in ("plain", "everything"):
+        y, options = CASES[name]
+        weights = {k: v for k, v in options.items() if k in ("class_weight", "sample_weight")}
+        rest = {k: v for k, v in options.items() if k not in weights}
+        specs = {k: P("v") if k == "class_weight" else P("b") for k in weights}
+        for reduction in ("none", "sum"):
+
+            def body(h, w, b, y, weights, reduction=reduction, rest=rest):
+                loss = fxj.linear_cross_entropy(h, w, y, bias=b, reduction=reduction, axis_name="v", **rest, **weights)
+                return loss if reduction == "none" else jax.lax.psum(loss, "b")
+
+            mapped = jax.shard_map(
+                body,
+                mesh=mesh,
+                in_specs=(P("b"), P("v"), P("v"), P("b"), specs),
+                out_specs=P("b") if reduction == "none" else P(),
+            )
+
+            def total(h, w, b, mapped=mapped, y=y, weights=weights, reduction=reduction):
+                loss = mapped(h, w, b, y, weights)
+                return jnp.sum(loss * upstream) if reduction == "none" else loss
+
+            result = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))(hidden, weight, bias)
+            assert_close(result, expected_linear[f"{name}/{reduction}"], f"linear axis_name {name} {reduction}")
+
+
 print(json.dumps(RESULTS))

@@ -35,6 +35,7 @@ CHECKS = (
     "shard_map/classes-4",
     "shard_map/unreduced-output-raises-like-optax",
     "shard_map/rows-gradient-check-vma",
+    "shard_map/linear-axis-name",
 )
 
 
