@@ -176,7 +176,10 @@ def _elementwise(local, ndim: int, trailing: int):
 
 def _varying_axes(array) -> frozenset:
     """The manual mesh axes (inside ``shard_map``) over which ``array`` varies."""
-    aval = jax.typeof(array)
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:  # older JAX: no varying-axes types
+        return frozenset()
+    aval = typeof(array)
     manual = getattr(aval, "manual_axis_type", None)
     return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
 
