@@ -23,7 +23,7 @@ back. Requires the ``jax`` extra; import it explicitly: ``import fastxent.jax``.
 from __future__ import annotations
 
 import functools
-import itertools
+import hashlib
 import operator
 from typing import Any, Optional, Tuple, Union
 
@@ -34,7 +34,15 @@ from jax.custom_derivatives import SymbolicZero
 
 from fastxent import _api, _linear_api
 from fastxent._checks import REDUCTIONS, check_options, loss_dtype
-from fastxent._jax_tangent import contract
+from fastxent._jax_sharded import block_loss, partitioned, partitioned_linear, vocabulary_parallel
+from fastxent._jax_tangent import (
+    batched_as,
+    common_varying,
+    contract,
+    mark_varying,
+    summed_to_type_of,
+    traced_or_spread,
+)
 from fastxent._xla_ffi import register_host_target
 
 __all__ = ["linear_cross_entropy", "sparse_cross_entropy"]
@@ -75,17 +83,30 @@ def _cpu_target(
             loss = _api.sparse_cross_entropy(logits, labels, **common)
         results[0][...] = loss
 
-    name = f"fastxent_sparse_xent_{next(_TARGET_NUMBERS)}"
-    return register_host_target(name, compute)
+    return register_host_target(_target_name("sparse_xent", options, class_axis, want_grad, present), compute)
 
 
-# One custom-call target per configuration (the cache above): numbered in order of creation.
-_TARGET_NUMBERS = itertools.count()
+def _target_name(kind: str, *configuration) -> str:
+    """The custom-call target's name for one configuration, the same in every process.
+
+    A program exported with ``jax.export`` names the targets it calls: the name is a digest of
+    everything the target's handler is built from, so that it means the same computation in the
+    process that runs the program, or is not registered there (an error, not another loss).
+    """
+    digest = hashlib.sha256(repr((_TARGET_VERSION, configuration)).encode()).hexdigest()[:20]
+    return f"fastxent_{kind}_{digest}"
+
+
+# Changes whenever a handler reads its arguments or writes its results differently.
+_TARGET_VERSION = 1
 
 
 @functools.lru_cache(maxsize=None)
-def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
-    """The custom-JVP loss for one set of static options (cached: one trace per configuration)."""
+def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int, axis_names: Tuple[str, ...] = ()):
+    """The custom-JVP loss for one set of static options (cached: one trace per configuration).
+
+    ``axis_names``: the mesh axes (inside ``shard_map``) splitting the class axis, or ().
+    """
     static = dict(options)
     per_row = static["reduction"] == "none"
 
@@ -107,23 +128,58 @@ def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
 
     def call(want_grad, logits, labels, weights):
         present = tuple(w is not None for w in weights)
-        result_shapes = shapes(logits, labels, want_grad)
+        # Inside shard_map: arguments varying over the same mesh axes, and results that do too.
+        arguments, varying = common_varying([logits, labels, *(w for w in weights if w is not None)])
         target = _cpu_target(options, class_axis, want_grad, present)
 
+        # The shapes are those of the arguments given: a device's block when partitioned.
         def on_cpu(*arguments):
-            return jax.ffi.ffi_call(target, result_shapes, vmap_method="sequential")(*arguments)
+            result_shapes = shapes(arguments[0], arguments[1], want_grad)
+            results = jax.ffi.ffi_call(target, result_shapes, vmap_method="sequential")(*arguments)
+            return mark_varying(results, varying)
 
         def elsewhere(*arguments):
             # Accelerators: a host callback (the arrays are copied to the host and back).
-            return jax.pure_callback(
+            results = jax.pure_callback(
                 functools.partial(host_call, want_grad, present),
-                result_shapes,
+                shapes(arguments[0], arguments[1], want_grad),
                 *arguments,
                 vmap_method="sequential",
             )
+            return mark_varying(results, varying)
 
-        arguments = (logits, labels, *(w for w in weights if w is not None))
-        return jax.lax.platform_dependent(*arguments, cpu=on_cpu, default=elsewhere)
+        def local_call(*arguments):
+            return jax.lax.platform_dependent(*arguments, cpu=on_cpu, default=elsewhere)
+
+        if axis_names:
+            # Inside shard_map, this device's class range: O(N) collectives over the axes.
+            result = block_loss(
+                static,
+                jnp.moveaxis(logits, class_axis, -1),
+                labels,
+                *weights,
+                class_axes=axis_names,
+                row_axes=(),
+                want_grad=want_grad,
+                # A bad label raises on every device the arguments vary over together.
+                error_axes=varying,
+            )
+            return (result[0], jnp.moveaxis(result[1], -1, class_axis)) if want_grad else result
+        if varying:
+            # Inside shard_map: the arrays are this device's blocks already.
+            return local_call(*arguments)
+        if not any(traced_or_spread(a) for a in arguments):
+            # Eager on one device: nothing to partition.
+            return local_call(*arguments)
+        # Under jit (or sharded arrays), XLA partitions the call by the rule of _jax_sharded.
+        key = (want_grad, present, logits.ndim)
+        if key not in spmd_calls:
+            spmd = partitioned(static, class_axis, present, want_grad, local_call, logits.ndim)
+            spmd_calls[key] = batched_as(spmd, local_call)
+        return spmd_calls[key](*arguments)
+
+    # One partitioned operation per argument layout: the same objects, so JAX's caches hit.
+    spmd_calls = {}
 
     def host_call(want_grad, present, logits, labels, *given):
         weights = iter(given)
@@ -166,9 +222,12 @@ def _fused(options: Tuple[Tuple[str, Any], ...], class_axis: int):
         if grad.dtype == value.dtype == logits_tangent.dtype:
             # The primitive's transpose scales the kept gradient in place (see _jax_tangent).
             summed = (class_axis % grad.ndim,) if per_row else tuple(range(grad.ndim))
-            return value, contract(grad, logits_tangent, summed)
-        product = grad.astype(value.dtype) * logits_tangent.astype(value.dtype)
-        return value, (product.sum(axis=class_axis) if per_row else product.sum())
+            tangent = contract(grad, logits_tangent, summed)
+        else:
+            product = grad.astype(value.dtype) * logits_tangent.astype(value.dtype)
+            tangent = product.sum(axis=class_axis) if per_row else product.sum()
+        # Each device holds its class range's share of the tangent.
+        return value, (jax.lax.psum(tangent, axis_names) if axis_names else tangent)
 
     loss.defjvp(loss_jvp, symbolic_zeros=True)
     return loss
@@ -188,6 +247,35 @@ def _flatten_class_axes(logits, where, axis):
     return logits, where, len(batch_axes)
 
 
+def _ignore_rows(labels, keep, ignore_index: Optional[int], num_classes: int):
+    """Labels with the rows where ``keep`` is False ignored, and the ``ignore_index`` that says so.
+
+    The marker of a left-out row must never be a class: ``ignore_index`` where the labels' dtype
+    holds it, else the dtype's minimum (signed: negative) or maximum (unsigned: above every class
+    when there are fewer classes than it; otherwise the labels widen to a signed type first). A
+    kept row holding the marker itself is out of range: it becomes a neighbouring out-of-range
+    value, so that the call still reports a bad label instead of ignoring the row.
+    """
+    info = jnp.iinfo(labels.dtype)
+    if ignore_index is not None and info.min <= ignore_index <= info.max:
+        return jnp.where(keep, labels, jnp.asarray(ignore_index, labels.dtype)), ignore_index
+    # No label equals an ignore_index the dtype cannot hold: the marker replaces it.
+    if info.min == 0 and num_classes >= info.max:
+        wider = {1: jnp.int16, 2: jnp.int32, 4: jnp.int64}.get(labels.dtype.itemsize)
+        if wider is None or jnp.dtype(wider) != jax.dtypes.canonicalize_dtype(wider):
+            raise ValueError(
+                f"where= needs a label value that is no class, but {labels.dtype} labels with "
+                f"{num_classes} classes leave none; pass labels of a wider type (enable jax_enable_x64 for int64)"
+            )
+        labels = labels.astype(wider)
+        info = jnp.iinfo(labels.dtype)
+    marker = int(info.min) if info.min < 0 else int(info.max)
+    neighbour = marker + 1 if info.min < 0 else marker - 1
+    marker_value = jnp.asarray(marker, labels.dtype)
+    labels = jnp.where(labels == marker_value, jnp.asarray(neighbour, labels.dtype), labels)
+    return jnp.where(keep, labels, marker_value), marker
+
+
 def sparse_cross_entropy(
     logits: Any,
     labels: Any,
@@ -201,6 +289,7 @@ def sparse_cross_entropy(
     sample_weight: Any = None,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
+    axis_name: Union[None, str, Tuple[str, ...]] = None,
 ):
     """``optax.softmax_cross_entropy_with_integer_labels``, computed by fastxent's fused kernel.
 
@@ -216,9 +305,18 @@ def sparse_cross_entropy(
             "sum_over_batch_size", as in ``fastxent.sparse_cross_entropy``.
         ignore_index, label_smoothing, class_weight, sample_weight, z_loss, softcap: as in
             ``fastxent.sparse_cross_entropy``.
+        axis_name: inside ``jax.shard_map``, the mesh axis (or axes, major first) over which the
+            class axis is split: ``logits`` is this device's slice of the classes (in mesh
+            order), ``labels`` are global class indices, ``class_weight`` is this slice's weights,
+            and the result is the loss over the whole vocabulary of this device's rows (a
+            reduction covers them only, as optax's would). O(N) numbers are exchanged.
 
     Returns:
         The loss in the logits' dtype: the labels' shape for "none", a scalar otherwise.
+
+    Under ``jax.jit`` with sharded inputs (``NamedSharding``), the call is partitioned: rows
+    sharded, each device computes its rows; classes sharded, each device its class range, the
+    row statistics merged by O(N) collectives. The gradient keeps the logits' sharding.
     """
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
@@ -243,9 +341,7 @@ def sparse_cross_entropy(
             logits = jnp.where(where, logits, -jnp.inf)
             where = jnp.any(where, axis=class_axis)
         # Rows left out become ignored rows.
-        if ignore_index is None:
-            ignore_index = int(jnp.iinfo(labels.dtype).min)
-        labels = jnp.where(where, labels, jnp.asarray(ignore_index, labels.dtype))
+        labels, ignore_index = _ignore_rows(labels, where, ignore_index, logits.shape[class_axis])
 
     options = (
         ("reduction", reduction),
@@ -255,7 +351,8 @@ def sparse_cross_entropy(
         ("softcap", None if softcap is None else float(softcap)),
     )
     weights = tuple(None if w is None else jnp.asarray(w) for w in (class_weight, sample_weight))
-    loss = _fused(options, class_axis)(logits, labels, weights)
+    axis_names = () if axis_name is None else ((axis_name,) if isinstance(axis_name, str) else tuple(axis_name))
+    loss = _fused(options, class_axis, axis_names)(logits, labels, weights)
     return loss.astype(logits.dtype)
 
 
@@ -299,24 +396,54 @@ def _linear_cpu_target(options: Tuple[Tuple[str, Any], ...], wants: Tuple[bool, 
         for result, output in zip(results, outputs, strict=True):
             result[...] = output
 
-    return register_host_target(f"fastxent_linear_xent_{next(_TARGET_NUMBERS)}", compute)
+    return register_host_target(_target_name("linear_xent", options, wants, present), compute)
 
 
-def _linear_call(options, wants, hidden, weight, labels, bias, class_weight, sample_weight):
-    """The loss and the wanted gradients, computed by one host call (XLA FFI on the CPU)."""
-    static = dict(options)
+def _linear_call(options, wants, hidden, weight, labels, bias, class_weight, sample_weight, axis_names=()):
+    """The loss and the wanted gradients, computed by one host call (XLA FFI on the CPU);
+    partitioned by XLA when the arrays are sharded (see _jax_sharded). ``axis_names``: inside
+    shard_map, the mesh axes splitting the weight's vocabulary."""
     optional = (bias, class_weight, sample_weight)
     present = tuple(a is not None for a in optional)
+    arguments = (hidden, weight, labels, *(a for a in optional if a is not None))
+    if axis_names:
+        varying = common_varying(list(arguments))[1]
+        per_device = vocabulary_parallel(dict(options), wants, present, (), axis_names, error_axes=varying)
+        return list(per_device(*arguments))
+    local = functools.partial(_linear_local, options, wants, present)
+    if not any(traced_or_spread(a) for a in arguments):
+        return list(local(*arguments))
+    return list(_linear_spmd(options, wants, present, hidden.ndim)(*arguments))
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_spmd(options, wants, present, ndim: int):
+    """The partitioned linear call of one configuration (cached: JAX's caches then hit)."""
+
+    def local_for(reduction):
+        """One device's call with another reduction (None: the configuration's own)."""
+        changed = tuple((k, reduction if k == "reduction" and reduction else v) for k, v in options)
+        return functools.partial(_linear_local, changed, wants, present)
+
+    return batched_as(partitioned_linear(dict(options), wants, present, ndim, local_for), local_for(None))
+
+
+def _linear_local(options, wants, present, hidden, weight, labels, *given):
+    """One device's call: the loss and the wanted gradients of its arrays."""
+    static = dict(options)
     loss_shape = labels.shape if static["reduction"] == "none" else ()
     shapes = [jax.ShapeDtypeStruct(loss_shape, loss_dtype(hidden.dtype))]
+    found = iter(given)
+    bias = next(found) if present[0] else None
     for want, array in zip(wants, (hidden, weight, bias), strict=True):
         if want:
             shapes.append(jax.ShapeDtypeStruct(array.shape, array.dtype))
-    arguments = (hidden, weight, labels, *(a for a in optional if a is not None))
+    # Inside shard_map: arguments varying over the same mesh axes, and results that do too.
+    arguments, varying = common_varying([hidden, weight, labels, *given])
 
     def on_cpu(*args):
         target = _linear_cpu_target(options, wants, present)
-        return jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(*args)
+        return mark_varying(jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(*args), varying)
 
     def elsewhere(*args):
         # Accelerators: a host callback (the arrays are copied to the host and back).
@@ -325,13 +452,13 @@ def _linear_call(options, wants, hidden, weight, labels, bias, class_weight, sam
             bias, class_weight, sample_weight = (next(found) if here else None for here in present)
             return _linear_host(static, wants, hidden, weight, labels, bias, class_weight, sample_weight)
 
-        return jax.pure_callback(host, shapes, *args, vmap_method="sequential")
+        return mark_varying(jax.pure_callback(host, shapes, *args, vmap_method="sequential"), varying)
 
-    return list(jax.lax.platform_dependent(*arguments, cpu=on_cpu, default=elsewhere))
+    return jax.lax.platform_dependent(*arguments, cpu=on_cpu, default=elsewhere)
 
 
 @functools.lru_cache(maxsize=None)
-def _linear_fused(options: Tuple[Tuple[str, Any], ...]):
+def _linear_fused(options: Tuple[Tuple[str, Any], ...], axis_names: Tuple[str, ...] = ()):
     """The custom-VJP loss for one set of static options (cached: one trace per configuration).
 
     "mean"/"sum": the forward computes the loss and the gradients of the perturbed arguments in
@@ -346,7 +473,7 @@ def _linear_fused(options: Tuple[Tuple[str, Any], ...]):
 
     @jax.custom_vjp
     def loss(hidden, weight, bias, labels, class_weight, sample_weight):
-        return _linear_call(options, nothing, hidden, weight, labels, bias, class_weight, sample_weight)[0]
+        return _linear_call(options, nothing, hidden, weight, labels, bias, class_weight, sample_weight, axis_names)[0]
 
     def forward(hidden, weight, bias, labels, class_weight, sample_weight):
         for name, primal in (("class_weight", class_weight), ("sample_weight", sample_weight)):
@@ -361,9 +488,9 @@ def _linear_fused(options: Tuple[Tuple[str, Any], ...]):
         )
         x, w, b, y, cw, sw = values
         if per_row:
-            (value,) = _linear_call(options, nothing, x, w, y, b, cw, sw)
+            (value,) = _linear_call(options, nothing, x, w, y, b, cw, sw, axis_names)
             return value, (wants, values, None)
-        value, *grads = _linear_call(options, wants, x, w, y, b, cw, sw)
+        value, *grads = _linear_call(options, wants, x, w, y, b, cw, sw, axis_names)
         return value, (wants, values, grads)
 
     def backward(residuals, cotangent):
@@ -372,11 +499,15 @@ def _linear_fused(options: Tuple[Tuple[str, Any], ...]):
             return None, None, None, None, None, None
         if per_row:
             row_weight = cotangent if sw is None else cotangent * sw
-            _, *grads = _linear_call(weighted, wants, x, w, y, b, cw, row_weight)
+            _, *grads = _linear_call(weighted, wants, x, w, y, b, cw, row_weight, axis_names)
         else:
             grads = [(g.astype(cotangent.dtype) * cotangent).astype(g.dtype) for g in grads]
         found = iter(grads)
         grad_x, grad_w, grad_b = (next(found) if want else None for want in wants)
+        # Inside shard_map: a gradient varying over axes its argument does not is summed over them.
+        grad_x, grad_w, grad_b = (
+            None if g is None else summed_to_type_of(g, p) for g, p in ((grad_x, x), (grad_w, w), (grad_b, b))
+        )
         return grad_x, grad_w, grad_b, None, None, None
 
     loss.defvjp(forward, backward, symbolic_zeros=True)
@@ -396,6 +527,7 @@ def linear_cross_entropy(
     sample_weight: Any = None,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
+    axis_name: Union[None, str, Tuple[str, ...]] = None,
 ):
     """Cross-entropy of the logits ``hidden @ weight.T + bias`` without materialising them.
 
@@ -420,6 +552,11 @@ def linear_cross_entropy(
             "sum_over_batch_size" or "none", as in ``fastxent.sparse_cross_entropy``.
         ignore_index, label_smoothing, class_weight (V,), sample_weight (labels' shape), z_loss,
             softcap: as in ``fastxent.sparse_cross_entropy`` (the weights are not differentiable).
+        axis_name: inside ``jax.shard_map``, the mesh axis (or axes, major first) over which the
+            weight's vocabulary is split: ``weight``, ``bias`` and ``class_weight`` are this
+            device's rows of the vocabulary, ``labels`` global class indices; the loss is over
+            the whole vocabulary for this device's rows (the device's block of logits is
+            computed by one GEMM, not in chunks).
 
     Returns:
         The loss in the hidden's dtype: a scalar, or the labels' shape for "none".
@@ -455,5 +592,6 @@ def linear_cross_entropy(
     check_options(True, reduction, label_smoothing, ignore_index=ignore_index, z_loss=z_loss, softcap=softcap)
     class_weight = None if class_weight is None else jnp.asarray(class_weight)
     sample_weight = None if sample_weight is None else jnp.broadcast_to(jnp.asarray(sample_weight), labels.shape)
-    loss = _linear_fused(options)(hidden, weight, bias, labels, class_weight, sample_weight)
+    axis_names = () if axis_name is None else ((axis_name,) if isinstance(axis_name, str) else tuple(axis_name))
+    loss = _linear_fused(options, axis_names)(hidden, weight, bias, labels, class_weight, sample_weight)
     return loss.astype(hidden.dtype)

@@ -22,6 +22,7 @@ AutoGraph is told not to convert them.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -186,32 +187,44 @@ def _tape_watches(*tensors) -> bool:
 
 
 class _KeptGradient:
-    """The gradient a forward call computed, with the host array under it (eager mode only)."""
+    """The gradient a forward call computed, with the host array under it (eager mode only).
+
+    A persistent tape may run the backward several times, from several threads at once: the
+    kept gradient is handed out under a lock, so that exactly one backward scales it in place,
+    and never one whose tensor another backward is still reading.
+    """
 
     def __init__(self):
         self.tensor = None
         self.array: Optional[np.ndarray] = None
+        self._lock = threading.Lock()
 
     def scaled_in_place(self, logits_in, upstream, class_axis: int):
-        """The kept gradient scaled in place by the incoming per-row gradient, handed out (a
-        later backward computes its own); None when that is not safe: a tape recording the
-        backward (second derivatives), a graph, a device array, a dtype, a class axis or a
-        buffer that cannot be scaled in place, or a gradient already handed out."""
-        array = self.array
-        if (
-            not isinstance(array, np.ndarray)
-            or not tf.executing_eagerly()
-            or array.dtype not in SCALABLE_DTYPES
-            or class_axis != array.ndim - 1
-            or not np.shares_memory(array, _to_array(self.tensor))
-            or _tape_watches(logits_in, upstream)
-        ):
-            return None
+        """(scaled, tensor): the kept gradient scaled in place by the incoming per-row gradient
+        and handed out (a later backward computes its own), or None and the kept tensor (None
+        once handed out) when scaling in place is not safe: a tape recording the backward
+        (second derivatives), a graph, a device array, a dtype, a class axis or a buffer that
+        cannot be scaled in place, or a gradient already handed out. A tensor returned for
+        reading is never scaled in place afterwards."""
+        with self._lock:
+            array, tensor = self.array, self.tensor
+            if (
+                not isinstance(array, np.ndarray)
+                or not tf.executing_eagerly()
+                or array.dtype not in SCALABLE_DTYPES
+                or class_axis != array.ndim - 1
+                or not np.shares_memory(array, _to_array(tensor))
+                or _tape_watches(logits_in, upstream)
+            ):
+                # The reader keeps the tensor: no later backward may scale it under it.
+                self.array = None
+                return None, tensor
+            # Handed over: any other backward, now or later, finds nothing kept.
+            self.tensor, self.array = None, None
         factors = _to_array(upstream).reshape(-1)
         if not np.all(factors == 1):
             scale_rows_(array.reshape(-1, array.shape[-1]), factors)
-        result, self.tensor, self.array = self.tensor, None, None
-        return result
+        return tensor, None
 
 
 @tf.autograph.experimental.do_not_convert
@@ -312,10 +325,10 @@ def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Op
             (loss,) = host_call(_raise_label_errors(loss_only), [logits_in, labels], [loss_dtype], [labels.shape])
 
         def backward(upstream):
-            scaled = kept.scaled_in_place(logits_in, upstream, class_axis)
+            scaled, tensor = kept.scaled_in_place(logits_in, upstream, class_axis)
             if scaled is not None:
                 return scaled
-            if kept.tensor is None:
+            if tensor is None:
                 return weighted_gradient(logits_in, upstream)
             # A tape records this backward (second derivatives): the kept gradient times the
             # incoming one, each differentiable.
@@ -323,7 +336,7 @@ def sparse_per_row(logits, labels, *, from_logits: bool = True, ignore_index: Op
                 hessian = functools.partial(hessian_product, logits_in=logits_in)
             else:
                 hessian = _no_second_derivatives
-            held = _kept_gradient(logits_in, kept.tensor, hessian)
+            held = _kept_gradient(logits_in, tensor, hessian)
             return held * tf.expand_dims(tf.cast(upstream, held.dtype), class_axis)
 
         return loss, backward

@@ -99,6 +99,53 @@ def test_optax_axis_and_where(rng):
     )
 
 
+@pytest.mark.parametrize("num_classes", (5, 256), ids=("5-classes", "256-classes"))
+def test_where_rows_with_every_integer_label_dtype(rng, num_classes):
+    """Rows left out by ``where`` are ignored whatever the labels' dtype: class 0 is a class for
+    unsigned labels too (and a dtype's whole range can be classes: uint8 with 256)."""
+    logits = jnp.asarray(rng.standard_normal((6, num_classes)) * 2, jnp.float32)
+    values = np.array([0, 3, 1, 0, num_classes - 1, 2])
+    keep = jnp.asarray([True, True, False, True, True, False])
+    optax_loss = optax.softmax_cross_entropy_with_integer_labels
+
+    @jax.jit
+    def both(labels):
+        # optax has no ignore_index: its rows with label 3 are left out through where.
+        kept = keep & (labels != 3)
+        return (
+            (fxj.sparse_cross_entropy(logits, labels, where=keep), optax_loss(logits, labels, where=keep)),
+            (
+                fxj.sparse_cross_entropy(logits, labels, where=keep, ignore_index=-100),
+                optax_loss(logits, labels, where=keep),
+            ),
+            (
+                fxj.sparse_cross_entropy(logits, labels, where=keep, ignore_index=3),
+                optax_loss(logits, labels, where=kept),
+            ),
+        )
+
+    kinds = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64")
+    for name in kinds if num_classes < 128 else ("uint8", "int16"):
+        with enable_x64(name.endswith("64")):
+            labels = jnp.asarray(values.astype(name))
+            assert labels.dtype == np.dtype(name)
+            for ours, theirs in both(labels):
+                np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-6, err_msg=name)
+                assert float(ours[0]) > 0.0 and float(ours[2]) == 0.0
+            # A kept label equal to the value that marks left-out rows is still out of range.
+            info = np.iinfo(name)
+            if num_classes < info.max:
+                marker = info.min if info.min < 0 else info.max
+                bad = jnp.asarray(values.astype(name)).at[1].set(marker)
+                with pytest.raises(Exception, match=r"label -?\d+ at position \(1,\) is outside"):
+                    jax.block_until_ready(fxj.sparse_cross_entropy(logits, bad, where=keep))
+    # The gradient of unsigned labels' kept rows, class 0 included.
+    labels = jnp.asarray(values.astype(np.uint8))
+    ours = value_and_grad(fxj.sparse_cross_entropy, logits, labels, 1.0, True, where=keep)
+    theirs = value_and_grad(optax_loss, logits, labels, 1.0, True, where=keep)
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=2e-5, atol=2e-6)
+
+
 def test_vmap(rng):
     logits = jnp.asarray(rng.standard_normal((3, 5, NUM_CLASSES)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES, (3, 5)))
@@ -320,3 +367,83 @@ def test_kept_gradient_contraction_primitive(rng):
     )
     with pytest.raises(TypeError, match="contract"):
         contract(grad, tangent[:, :3], (1,))
+
+
+EXPORT_PROBE = r"""
+import re
+import sys
+import jax, jax.numpy as jnp, numpy as np, optax
+import fastxent.jax as fxj
+
+mode, path = sys.argv[1], sys.argv[2]
+rng = np.random.default_rng(5)
+logits = jnp.asarray(rng.standard_normal((6, 9)), jnp.float32)
+labels = jnp.asarray(rng.integers(0, 9, 6))
+hidden = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
+weight = jnp.asarray(rng.standard_normal((9, 4)), jnp.float32)
+
+def sparse(x, reduction):
+    return fxj.sparse_cross_entropy(x, labels, reduction=reduction)
+
+programs = {
+    "mean_grad": jax.value_and_grad(lambda x: sparse(x, "mean")),
+    "none": lambda x: sparse(x, "none"),
+    "linear_sum_grad": jax.value_and_grad(lambda w: fxj.linear_cross_entropy(hidden, w, labels, reduction="sum")),
+}
+inputs = {"mean_grad": logits, "none": logits, "linear_sum_grad": weight}
+if mode == "export":
+    from jax import export
+    names = set()
+    for name, program in programs.items():
+        text = jax.jit(program).lower(inputs[name]).as_text()
+        names |= set(re.findall(r"custom_call @(fastxent_\w+)", text))
+    checks = [export.DisabledSafetyCheck.custom_call(n) for n in sorted(names)]
+    blobs = {n: export.export(jax.jit(p), disabled_checks=checks)(inputs[n]).serialize() for n, p in programs.items()}
+    np.savez(path, **{n: np.frombuffer(b, np.uint8) for n, b in blobs.items()})
+    print(len(names))
+else:
+    from jax import export
+    saved = np.load(path)
+    # A configuration this process has not created is an error, never another computation.
+    try:
+        export.deserialize(bytearray(saved["none"].tobytes())).call(logits)
+        raise AssertionError("an unregistered target ran")
+    except Exception as error:
+        assert "fastxent_sparse_xent_" in str(error), error
+    # Other configurations first, then the programs' own in reverse: targets come into being in
+    # another order than in the exporting process.
+    for reduction in ("sum", "sum_over_batch_size", "none", "mean"):
+        jax.block_until_ready(jax.value_and_grad(lambda x: sparse(x, reduction).sum())(logits))
+    jax.block_until_ready(fxj.linear_cross_entropy(hidden, weight, labels, reduction="mean"))
+    for name in reversed(programs):
+        jax.block_until_ready(programs[name](inputs[name]))
+    results = {n: export.deserialize(bytearray(saved[n].tobytes())).call(inputs[n]) for n in programs}
+    optax_loss = optax.softmax_cross_entropy_with_integer_labels
+    expected = {
+        "mean_grad": jax.value_and_grad(lambda x: optax_loss(x, labels).mean())(logits),
+        "none": optax_loss(logits, labels),
+        "linear_sum_grad": jax.value_and_grad(lambda w: optax_loss(hidden @ w.T, labels).sum())(weight),
+    }
+    for name in programs:
+        for ours, theirs in zip(jax.tree.leaves(results[name]), jax.tree.leaves(expected[name]), strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-6, err_msg=name)
+    print("equal")
+"""
+
+
+def test_exported_program_calls_the_configuration_it_was_built_with(tmp_path):
+    """Custom-call targets are named after their configuration: a program exported in one process
+    and run in another, which created its targets in another order, computes the same numbers."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fxj.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    path = str(tmp_path / "programs.npz")
+    for mode in ("export", "run"):
+        done = subprocess.run(
+            [sys.executable, "-c", EXPORT_PROBE, mode, path], capture_output=True, text=True, timeout=300, env=env
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "equal"

@@ -5,6 +5,7 @@ gradient is computed and where it lives; and the core API against TensorFlow's f
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -233,6 +234,35 @@ def test_in_place_scaling_serves_one_backward_only(rng):
     third = tape.gradient(loss, logits, output_gradients=second_up)
     np.testing.assert_array_equal(first.numpy(), kept_copy)
     np.testing.assert_array_equal(third.numpy(), second.numpy())
+
+
+def test_in_place_scaling_is_handed_to_one_thread_only(rng):
+    """Two threads calling one persistent tape's gradient together: only one of them may scale the
+    kept gradient in place (the kernel releases the GIL, so both could pass the check and scale
+    the same buffer, giving rows scaled by the product of both upstream gradients)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows, classes = 256, 16384
+    logits = tf.constant(rng.standard_normal((rows, classes)), tf.float32)
+    labels = tf.constant(rng.integers(0, classes, rows))
+    ups = (tf.fill((rows,), 2.0), tf.fill((rows,), 3.0))
+    expected = None
+    for _ in range(4):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(logits)
+            loss = fxtf.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        start = threading.Barrier(2)
+
+        def backward(up, tape=tape, loss=loss, start=start):
+            start.wait()
+            return tape.gradient(loss, logits, output_gradients=up).numpy()
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            twice, thrice = pool.map(backward, ups)
+        if expected is None:
+            expected = reference_gradient(logits, labels, tf.ones(rows))
+        assert_grad_close(twice, 2.0 * expected, np.float32, scale=2.0)
+        assert_grad_close(thrice, 3.0 * expected, np.float32, scale=3.0)
 
 
 @pytest.mark.parametrize("mode", ("eager", "graph"))
