@@ -23,12 +23,14 @@ from fastxent._api import (
 )
 from fastxent._dense_api import categorical_cross_entropy, categorical_cross_entropy_with_grad
 from fastxent._linear_api import linear_cross_entropy, linear_cross_entropy_with_grad
+from fastxent._token_stats_api import TokenStats, token_stats, token_stats_with_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
     "REDUCTIONS",
     "Reduction",
+    "TokenStats",
     "categorical_cross_entropy",
     "categorical_cross_entropy_with_grad",
     "linear_cross_entropy",
@@ -37,5 +39,7 @@ __all__ = [
     "reference",
     "sparse_cross_entropy",
     "sparse_cross_entropy_with_grad",
+    "token_stats",
+    "token_stats_with_grad",
     "__version__",
 ]
