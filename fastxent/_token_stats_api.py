@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Optional, Tuple
 
 from fastxent import _checks as checks
 from fastxent._api import prepare_targets
+from fastxent._range import ELSEWHERE, IGNORED
 from fastxent._token_range import TokenRowStats, finish_token_stats
 
 __all__ = [
@@ -165,14 +166,17 @@ def token_stats_backward(
     forward: TokenForward,
     grad_logprob: Any,
     grad_entropy: Any,
+    grad_lse: Any = None,
     *,
     out: Any = None,
 ) -> Any:
-    """The gradient of sum(grad_logprob * logprob + grad_entropy * entropy) w.r.t. ``logits``
-    (their shape and dtype), one sweep, from the ``forward`` of the same logits and options.
+    """The gradient of sum(grad_logprob * logprob + grad_entropy * entropy + grad_lse * lse)
+    w.r.t. ``logits`` (their shape and dtype), one sweep, from the ``forward`` of the same
+    logits.
 
-    ``grad_logprob``/``grad_entropy``: labels-shaped (or broadcastable) upstream gradients, None
-    for 0. Ignored rows get 0. ``out``: an array like the logits' rows (N, C) to write into.
+    The upstream gradients are labels-shaped (or broadcastable), None for 0. Ignored rows have
+    no logprob or entropy gradient (their lse has its own). ``out``: an array like the logits'
+    rows (N, C) to write into.
     """
     with checks.device_scope(logits):
         backend = checks.backend_for(logits)
@@ -182,8 +186,16 @@ def token_stats_backward(
         rows = checks.rows_view(logits, axis, xp)
         a = _per_row(grad_logprob, lead_shape, xp, "grad_logprob")
         b = _per_row(grad_entropy, lead_shape, xp, "grad_entropy")
+        c = _per_row(grad_lse, lead_shape, xp, "grad_lse")
+        labels = forward.labels
+        if grad_lse is not None:
+            # An ignored row's lse still has a gradient: its row is swept as one whose target
+            # lies elsewhere, with no logprob or entropy term.
+            ignored = labels == IGNORED
+            a, b = xp.where(ignored, 0.0, a), xp.where(ignored, 0.0, b)
+            labels = xp.where(ignored & (c != 0.0), ELSEWHERE, labels)
         grad_rows = launcher_for(backend).token_grad(
-            rows, forward.labels, forward.stats, a, b, forward.temperature, forward.softcap, out=out
+            rows, labels, forward.stats, a, b, c, forward.temperature, forward.softcap, out=out
         )
         return checks.grad_like(grad_rows, lead_shape, axis, xp)
 
@@ -229,22 +241,23 @@ def token_stats_with_grad(
     labels: Any,
     grad_logprob: Any = 1.0,
     grad_entropy: Any = 0.0,
+    grad_lse: Any = None,
     *,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     ignore_index: Optional[int] = None,
     axis: int = -1,
 ) -> Tuple[TokenStats, Any]:
-    """``token_stats`` and the gradient of sum(grad_logprob * logprob + grad_entropy * entropy)
-    w.r.t. the logits (their shape and dtype), one more sweep.
+    """``token_stats`` and the gradient of sum(grad_logprob * logprob + grad_entropy * entropy
+    + grad_lse * lse) w.r.t. the logits (their shape and dtype), one more sweep.
 
-    ``grad_logprob``, ``grad_entropy``: per-row coefficients, labels-shaped or broadcastable
-    (scalars: every row alike). The gradient is, per class j of a counted row,
-    ``(a([j=y] - p_j) + b p_j (sum_c p_c z_c - z_j)) / temperature`` times the softcap's
-    derivative; 0 on ignored rows. Other arguments as ``token_stats``.
+    ``grad_logprob``, ``grad_entropy``, ``grad_lse``: per-row coefficients a, b, c,
+    labels-shaped or broadcastable (scalars: every row alike; None: 0). The gradient is, per
+    class j, ``(a([j=y] - p_j) + b p_j (sum_c p_c z_c - z_j) + c p_j) / temperature`` times the
+    softcap's derivative; ignored rows have a = b = 0. Other arguments as ``token_stats``.
     """
     forward = token_stats_forward(
         logits, labels, temperature=temperature, softcap=softcap, ignore_index=ignore_index, axis=axis
     )
-    grad = token_stats_backward(logits, forward, grad_logprob, grad_entropy)
+    grad = token_stats_backward(logits, forward, grad_logprob, grad_entropy, grad_lse)
     return forward.values, grad

@@ -263,6 +263,7 @@ def token_stats_with_grad(
     labels,
     grad_logprob=None,
     grad_entropy=None,
+    grad_lse=None,
     *,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
@@ -270,13 +271,13 @@ def token_stats_with_grad(
     axis: int = -1,
 ):
     """Float64 ``(logprob, entropy, lse, argmax)`` per row and the gradient of
-    ``sum(grad_logprob * logprob + grad_entropy * entropy)`` w.r.t. the logits.
+    ``sum(grad_logprob * logprob + grad_entropy * entropy + grad_lse * lse)`` w.r.t. the logits.
 
     With z = softcap(x) / temperature: lse = log sum exp z, logprob = z_y - lse, entropy =
     lse - sum softmax(z) z (a class of z = -inf adds 0), argmax = the first index of max x
     (the first NaN where there is one). Rows whose label is ``ignore_index``: logprob 0,
-    entropy 0, gradient 0 (lse and argmax as for any row). ``grad_logprob``/``grad_entropy``:
-    labels-shaped, None for 0. Returns ((logprob, entropy, lse float64, argmax int64), each
+    entropy 0 and no gradient from them (lse and argmax as for any row). The upstream gradients
+    are labels-shaped (or broadcastable), None for 0. Returns ((logprob, entropy, lse float64, argmax int64), each
     labels-shaped; gradient float64 with the logits' shape).
     """
     x, y, lead_shape = _to_rows(logits, labels, axis)
@@ -290,7 +291,8 @@ def token_stats_with_grad(
             return np.zeros(num_rows)
         return np.broadcast_to(np.asarray(values, np.float64), lead_shape).reshape(-1)
 
-    a, b = per_row(grad_logprob), per_row(grad_entropy)
+    a, b, c = per_row(grad_logprob), per_row(grad_entropy), per_row(grad_lse)
+    a, b = np.where(counted, a, 0.0), np.where(counted, b, 0.0)
     with np.errstate(all="ignore"):
         v = x if softcap is None else softcap * np.tanh(x / softcap)
         dv_dx = np.ones_like(x) if softcap is None else 1.0 - (v / softcap) ** 2
@@ -308,10 +310,10 @@ def token_stats_with_grad(
         mean_shift = np.sum(p * centred, axis=1)  # sum p (z - max) = sum p z - max
         entropy = log_sum[:, 0] - mean_shift
         logprob = shifted[rows, safe_y] - log_sum[:, 0]
-        # d/dz_j of a logprob + b entropy = a([j=y] - p_j) + b p_j (sum p z - z_j).
-        grad_z = p * (b[:, None] * (mean_shift[:, None] - centred) - a[:, None])
+        # d/dz_j of a logprob + b entropy + c lse = a([j=y] - p_j) + b p_j (sum p z - z_j) + c p_j.
+        grad_z = p * (b[:, None] * (mean_shift[:, None] - centred) - a[:, None] + c[:, None])
         grad_z[rows, safe_y] += a
-        grad = np.where(counted[:, None], grad_z * dv_dx / temperature, 0.0)
+        grad = np.where((counted | (c != 0))[:, None], grad_z * dv_dx / temperature, 0.0)
         everything_masked = np.isneginf(z).all(axis=1) if num_classes else np.zeros(num_rows, bool)
         entropy = np.where(everything_masked, np.nan, entropy)
     nan_rows = np.isnan(x).any(axis=1)

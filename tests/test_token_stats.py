@@ -40,7 +40,7 @@ def _case(rng, num_rows, num_classes, dtype):
 
 
 def _grads(rng, num_rows):
-    return rng.standard_normal(num_rows), rng.standard_normal(num_rows)
+    return rng.standard_normal(num_rows), rng.standard_normal(num_rows), rng.standard_normal(num_rows)
 
 
 def _check_values(got, ref, dtype):
@@ -58,7 +58,7 @@ def test_values_and_gradient_match_reference(rng, dtype, num_classes):
     num_rows = 5
     logits, labels = _case(rng, num_rows, num_classes, dtype)
     before = logits.copy()
-    a, b = _grads(rng, num_rows)
+    a, b, c = _grads(rng, num_rows)
     for temperature, softcap in TRANSFORMS:
         options = dict(temperature=temperature, softcap=softcap, ignore_index=-100)
         got, grad = fastxent.token_stats_with_grad(logits, labels, a, b, **options)
@@ -73,6 +73,11 @@ def test_values_and_gradient_match_reference(rng, dtype, num_classes):
         # Ignored row: logprob 0, entropy 0, gradient 0; its lse still computed.
         assert got.logprob[-1] == 0 and got.entropy[-1] == 0 and not grad[-1].astype(np.float64).any()
         assert np.isfinite(got.lse[-1])
+        # With an lse gradient too (the ignored row's lse has one).
+        _, grad = fastxent.token_stats_with_grad(logits, labels, a, b, c, **options)
+        _, ref_grad = reference.token_stats_with_grad(logits, labels, a, b, c, **options)
+        assert_grad_close(grad, ref_grad, dtype, scale=scale + np.abs(c).max() / temperature)
+        assert grad[-1].astype(np.float64).any()
     np.testing.assert_array_equal(logits, before)
 
 

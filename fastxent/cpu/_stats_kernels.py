@@ -14,9 +14,9 @@ block read from memory once, then scanned in L1):
 A class with z = -inf adds 0 to both sums (its term e^(z - m) = 0 multiplies z - m clamped to
 a finite floor, so 0 * -inf never forms a NaN).
 
-The gradient of a logprob + b entropy is one more sweep: with p_j = e^(z_j - m) / S,
-d/dz_j = a([j=y] - p_j) + b p_j (T / S - (z_j - m)), divided by the temperature and times the
-softcap's derivative; the target entry is formed apart in float64 and rounded once.
+The gradient of a logprob + b entropy + c lse is one more sweep: with p_j = e^(z_j - m) / S,
+d/dz_j = a[j=y] - (a - c) p_j + b p_j (T / S - (z_j - m)), divided by the temperature and
+times the softcap's derivative; the target entry is formed apart in float64 and rounded once.
 
 Storage and compute types, fast-math and the indexing rules are those of ``_kernels.py``.
 """
@@ -191,11 +191,12 @@ def range_grad(row_in, row_out, lo, hi, reference, prob_coef, entropy_coef, mean
 
 
 @njit(cache=True, error_model="numpy")
-def target_grad(value, reference, log_sum, mean_shift, a, b, softcap, inv_temperature):
-    """The whole gradient at the target from its (softcapped) logit ``value``, in float64."""
+def target_grad(value, reference, log_sum, mean_shift, a, q, b, softcap, inv_temperature):
+    """The whole gradient at the target from its (softcapped) logit ``value``, in float64:
+    a - q p_y + b p_y (T/S - (z_y - m)), over the temperature, times the softcap's derivative."""
     centred = value * inv_temperature - reference
     prob = math.exp(centred - log_sum)
-    grad = a * (1.0 - prob) + b * prob * (mean_shift - max(centred, CENTRED_FLOOR))
+    grad = a - q * prob + b * prob * (mean_shift - max(centred, CENTRED_FLOOR))
     grad *= inv_temperature
     if softcap is not None:
         ratio = value / softcap
@@ -205,7 +206,18 @@ def target_grad(value, reference, log_sum, mean_shift, a, b, softcap, inv_temper
 
 @njit(cache=True, error_model="numpy")
 def grad_rows_at(
-    i, rows, grad_out, labels, softcap, inv_temperature, row_max, sum_exp, centred_sum, grad_logprob, grad_entropy
+    i,
+    rows,
+    grad_out,
+    labels,
+    softcap,
+    inv_temperature,
+    row_max,
+    sum_exp,
+    centred_sum,
+    grad_target,
+    grad_prob,
+    grad_entropy,
 ):
     row = rows[i]
     width = row.shape[0]
@@ -215,7 +227,7 @@ def grad_rows_at(
     if label == IGNORED:
         dest[:] = 0
         return
-    a, b = grad_logprob[i], grad_entropy[i]
+    a, q, b = grad_target[i], grad_prob[i], grad_entropy[i]
     reference = row_max[i] if row_max[i] > -np.inf else 0.0
     total = sum_exp[i]
     mean_shift = centred_sum[i] / total
@@ -229,24 +241,35 @@ def grad_rows_at(
             block_lo,
             block_hi,
             reference,
-            a * inv_temperature / total,
+            q * inv_temperature / total,
             b * inv_temperature / total,
             mean_shift,
             softcap,
             inv_temperature,
         )
     if label >= 0:  # ELSEWHERE: the target lies in another class range
-        value = target_grad(target_value, reference, math.log(total), mean_shift, a, b, softcap, inv_temperature)
+        value = target_grad(target_value, reference, math.log(total), mean_shift, a, q, b, softcap, inv_temperature)
         dest[label] = from_compute(as_compute(value, dest[0]), dest[0])
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def grad_rows(
-    rows, grad_out, labels, softcap, inv_temperature, row_max, sum_exp, centred_sum, grad_logprob, grad_entropy
+    rows,
+    grad_out,
+    labels,
+    softcap,
+    inv_temperature,
+    row_max,
+    sum_exp,
+    centred_sum,
+    grad_target,
+    grad_prob,
+    grad_entropy,
 ):
-    """Row-parallel gradient of sum_i a_i logprob_i + b_i entropy_i w.r.t. rows (N, W) of a
-    class range into ``grad_out`` ((N, W), or True: over ``rows``), from the statistics merged
-    over the whole vocabulary. Labels are local to the range (``fastxent._range``): IGNORED rows
+    """Row-parallel gradient of sum_i a_i logprob_i + b_i entropy_i + c_i lse_i w.r.t. rows
+    (N, W) of a class range, given a (``grad_target``), q = a - c (``grad_prob``) and b per row
+    (float64 (N,)), into ``grad_out`` ((N, W), or True: over ``rows``), from the statistics
+    merged over the whole vocabulary. Labels are local to the range (``fastxent._range``): IGNORED rows
     get 0, ELSEWHERE rows no target term."""
     for i in prange(rows.shape[0]):
         grad_rows_at(
@@ -259,14 +282,25 @@ def grad_rows(
             row_max,
             sum_exp,
             centred_sum,
-            grad_logprob,
+            grad_target,
+            grad_prob,
             grad_entropy,
         )
 
 
 @njit(cache=True, error_model="numpy")
 def grad_rows_serial(
-    rows, grad_out, labels, softcap, inv_temperature, row_max, sum_exp, centred_sum, grad_logprob, grad_entropy
+    rows,
+    grad_out,
+    labels,
+    softcap,
+    inv_temperature,
+    row_max,
+    sum_exp,
+    centred_sum,
+    grad_target,
+    grad_prob,
+    grad_entropy,
 ):
     """``grad_rows`` on the calling thread."""
     for i in range(rows.shape[0]):
@@ -280,6 +314,7 @@ def grad_rows_serial(
             row_max,
             sum_exp,
             centred_sum,
-            grad_logprob,
+            grad_target,
+            grad_prob,
             grad_entropy,
         )

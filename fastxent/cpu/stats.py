@@ -40,15 +40,18 @@ def token_grad(
     stats: TokenRowStats,
     grad_logprob: np.ndarray,
     grad_entropy: np.ndarray,
+    grad_lse: np.ndarray,
     temperature: float,
     softcap: Optional[float],
     *,
     inplace: bool = False,
     out: Optional[np.ndarray] = None,
 ) -> np.ndarray:
-    """Gradient of sum(grad_logprob * logprob + grad_entropy * entropy) w.r.t. rows (N, W).
+    """Gradient of sum(grad_logprob * logprob + grad_entropy * entropy + grad_lse * lse) w.r.t.
+    rows (N, W) of a class range.
 
-    ``stats`` merged over the whole vocabulary; grad_logprob and grad_entropy float64 (N,).
+    ``stats`` merged over the whole vocabulary; the upstream gradients float64 (N,). IGNORED
+    rows get 0 (the caller makes them ELSEWHERE, with a = b = 0, where their lse has a gradient).
     Returns a new array like ``rows`` (``out`` when given), or ``rows`` itself holding the
     gradient when ``inplace``.
     """
@@ -69,6 +72,7 @@ def token_grad(
         np.ascontiguousarray(stats.sum_exp, dtype=np.float64),
         np.ascontiguousarray(stats.centred_sum, dtype=np.float64),
         np.ascontiguousarray(grad_logprob, dtype=np.float64),
+        np.ascontiguousarray(grad_logprob - grad_lse, dtype=np.float64),
         np.ascontiguousarray(grad_entropy, dtype=np.float64),
     )
     return grad
