@@ -29,6 +29,7 @@ __all__ = [
     "token_stats_backward",
     "token_stats_forward",
     "token_stats_with_grad",
+    "upstream_rows",
 ]
 
 
@@ -161,6 +162,21 @@ def _per_row(values: Any, lead_shape: Tuple[int, ...], xp: Any, name: str):
         raise ValueError(message) from None
 
 
+def upstream_rows(labels: Any, grad_logprob: Any, grad_entropy: Any, grad_lse: Any, lead_shape, xp: Any):
+    """(labels, a, b, c) for the gradient kernels from labels-shaped (or broadcastable)
+    upstream gradients (None: 0), a, b, c float64 (N,). An ignored row's lse still has a
+    gradient: where it is not 0 the row is swept as one whose target lies elsewhere (ELSEWHERE),
+    with a = b = 0."""
+    a = _per_row(grad_logprob, lead_shape, xp, "grad_logprob")
+    b = _per_row(grad_entropy, lead_shape, xp, "grad_entropy")
+    c = _per_row(grad_lse, lead_shape, xp, "grad_lse")
+    if grad_lse is not None:
+        ignored = labels == IGNORED
+        a, b = xp.where(ignored, 0.0, a), xp.where(ignored, 0.0, b)
+        labels = xp.where(ignored & (c != 0.0), ELSEWHERE, labels)
+    return labels, a, b, c
+
+
 def token_stats_backward(
     logits: Any,
     forward: TokenForward,
@@ -184,16 +200,7 @@ def token_stats_backward(
         axis = forward.axis
         lead_shape = checks.lead_shape_of(logits.shape, axis)
         rows = checks.rows_view(logits, axis, xp)
-        a = _per_row(grad_logprob, lead_shape, xp, "grad_logprob")
-        b = _per_row(grad_entropy, lead_shape, xp, "grad_entropy")
-        c = _per_row(grad_lse, lead_shape, xp, "grad_lse")
-        labels = forward.labels
-        if grad_lse is not None:
-            # An ignored row's lse still has a gradient: its row is swept as one whose target
-            # lies elsewhere, with no logprob or entropy term.
-            ignored = labels == IGNORED
-            a, b = xp.where(ignored, 0.0, a), xp.where(ignored, 0.0, b)
-            labels = xp.where(ignored & (c != 0.0), ELSEWHERE, labels)
+        labels, a, b, c = upstream_rows(forward.labels, grad_logprob, grad_entropy, grad_lse, lead_shape, xp)
         grad_rows = launcher_for(backend).token_grad(
             rows, labels, forward.stats, a, b, c, forward.temperature, forward.softcap, out=out
         )

@@ -50,6 +50,7 @@ from fastxent._dense_api import (
     categorical_cross_entropy_with_grad,
 )
 from fastxent._linear_api import linear_cross_entropy_with_grad
+from fastxent._torch_stats import TokenStats, linear_token_stats, token_stats  # noqa: F401  (re-export)
 from fastxent.distributed._torch import vocab_parallel_cross_entropy  # noqa: F401  (re-export)
 from fastxent.host_buffers import host_output_like
 
