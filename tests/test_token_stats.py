@@ -177,3 +177,81 @@ def test_bad_labels_and_shapes():
         fastxent.token_stats(logits, np.array([0.0, 1.0]))
     with pytest.raises(ValueError, match="grad_entropy"):
         fastxent.token_stats_with_grad(logits, np.array([0, 1]), 1.0, np.ones(3))
+
+
+# ----------------------------------------------------------------------------------------
+# From hidden states: fastxent.linear_token_stats
+# ----------------------------------------------------------------------------------------
+
+
+def _linear_case(rng, dtype, num_rows=7, features=8, num_classes=3 * 256 + 5):
+    hidden = (rng.standard_normal((num_rows, features)) * 0.7).astype(dtype)
+    weight = rng.standard_normal((num_classes, features)).astype(dtype)
+    bias = rng.standard_normal(num_classes).astype(dtype)
+    bias[rng.choice(num_classes, 40, replace=False)] = -np.inf  # masked classes
+    labels = random_labels(rng, (num_rows,), num_classes)
+    labels[2] = -100
+    labels[3] = int(np.flatnonzero(np.isfinite(bias.astype(np.float64)))[0])
+    return hidden, weight, bias, labels
+
+
+def _linear_logits(hidden, weight, bias):
+    h, w = hidden.astype(np.float64), weight.astype(np.float64)
+    return h @ w.T + bias.astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_linear_matches_reference_over_blocks(rng, dtype):
+    """Blocks of 3 rows x 256 classes: every row's statistics merge across four class blocks
+    and the argmax across them (a tie planted in two blocks keeps the lower index)."""
+    from fastxent._linear_api import linear_token_stats_backward, linear_token_stats_forward
+
+    hidden, weight, bias, labels = _linear_case(rng, dtype)
+    # Row 0's largest logit, twice: classes 300 and 700 (second and third block).
+    weight[700] = weight[300]
+    bias[[300, 700]] = np.asarray(50.0, dtype)
+    logits = _linear_logits(hidden, weight, bias)
+    a, b, c = _grads(rng, hidden.shape[0])
+    for temperature, softcap in TRANSFORMS:
+        options = dict(temperature=temperature, softcap=softcap, ignore_index=-100)
+        forward = linear_token_stats_forward(
+            hidden, weight, labels, bias=bias, block_rows=3, block_classes=256, **options
+        )
+        ref, ref_grad = reference.token_stats_with_grad(logits, labels, a, b, c, **options)
+        # The GEMM rounds the logits in the compute type: compare with float32's tolerance.
+        tol_dtype = np.float64 if dtype == np.float64 else np.float32
+        for value, expected in zip(forward.values[:3], ref[:3], strict=True):
+            assert value.dtype == loss_dtype_for(dtype)
+            assert_loss_close(value, expected, tol_dtype, scale=10.0)
+        np.testing.assert_array_equal(forward.values.argmax, ref[3])
+        assert forward.values.argmax[0] == 300
+        again = fastxent.linear_token_stats(hidden, weight, labels, bias=bias, **options)
+        np.testing.assert_allclose(again.lse, forward.values.lse, rtol=1e-6)
+        grads = linear_token_stats_backward(hidden, weight, forward, a, b, c, bias=bias, memory_budget=3 * 800 * 8)
+        h64, w64 = hidden.astype(np.float64), weight.astype(np.float64)
+        expected = (ref_grad @ w64, ref_grad.T @ h64, ref_grad.sum(axis=0))
+        for got, want in zip(grads, expected, strict=True):
+            assert got.dtype == dtype and got.shape == want.shape
+            size = np.abs(want).max()
+            np.testing.assert_allclose(
+                got.astype(np.float64),
+                want,
+                rtol=0,
+                atol=size * (1e-9 if dtype == np.float64 else 1e-2 if dtype != np.float32 else 1e-5),
+            )
+
+
+def test_linear_skips_unwanted_grads_and_checks_input(rng):
+    from fastxent._linear_api import linear_token_stats_backward, linear_token_stats_forward
+
+    hidden, weight, bias, labels = _linear_case(rng, np.float32)
+    labels[2] = 0
+    forward = linear_token_stats_forward(hidden, weight, labels)
+    grads = linear_token_stats_backward(hidden, weight, forward, 1.0, None, want_weight=False, want_bias=False)
+    assert grads[1] is None and grads[2] is None and grads[0].shape == hidden.shape
+    with pytest.raises(ValueError, match="weight"):
+        fastxent.linear_token_stats(hidden, weight[:, :3], labels)
+    with pytest.raises(ValueError, match="temperature"):
+        fastxent.linear_token_stats(hidden, weight, labels, temperature=-1.0)
+    with pytest.raises(ValueError, match="outside the valid range"):
+        fastxent.linear_token_stats(hidden, weight, labels + weight.shape[0])
