@@ -25,6 +25,7 @@ from fastxent import _torch_interop as interop
 from fastxent._linear_api import linear_token_stats_backward, linear_token_stats_forward
 from fastxent._token_range import TokenRowStats
 from fastxent._token_stats_api import TokenForward, token_stats_backward, token_stats_forward
+from fastxent.host_buffers import host_output_like
 
 __all__ = ["TokenStats", "linear_token_stats", "token_stats"]
 
@@ -119,12 +120,15 @@ def _token_stats_backward_op(
     """The gradient w.r.t. logits (N, C) of sum(a logprob + b entropy + c lse)."""
     with interop.on_stream(logits):
         forward = _forward_of(saved, interop.to_array(labels), ignore_index, temperature, softcap)
+        rows = interop.to_array(logits)
         grad = token_stats_backward(
-            interop.to_array(logits),
+            rows,
             forward,
             _grad_array(grad_logprob),
             _grad_array(grad_entropy),
             _grad_array(grad_lse),
+            # A pooled host buffer: already faulted in when a released gradient is reused.
+            out=host_output_like(rows),
         )
     return _tensor(grad).to(logits.dtype)
 
