@@ -144,3 +144,19 @@ def test_linear_op_writes_its_table(tmp_path, capsys):
         assert any("GEMM |" in line and "| 1.000 |" in line for line in rows), rows
         (ours,) = [line for line in rows if "| fastxent |" in line]
         assert "MiB" in ours
+
+
+def test_token_stats_op_writes_its_table(tmp_path, capsys):
+    status = main(["bench", "--op", "token_stats", "--shapes", "16x600", "--repeats", "1", "--output", str(tmp_path)])
+    assert status == 0
+    table = (tmp_path / "token-stats-cpu.md").read_text()
+    for mode, names in (
+        ("forward", {"fastxent token_stats", "fastxent sparse_cross_entropy", "torch composition"}),
+        ("forward+backward", {"fastxent.torch token_stats", "fastxent.torch cross_entropy", "torch composition"}),
+    ):
+        rows = [line for line in table.splitlines() if line.startswith(f"| 16x600 | {mode} |")]
+        assert names <= {line.split("|")[3].strip() for line in rows}, rows
+        # The peer of the mode is the ratios' base.
+        assert any("| 1.00 |" in line for line in rows), rows
+    assert "linear_token_stats 16x256x600" in table and "of the float32 logits" in table
+    assert main(["bench", "--op", "token_stats", "--shapes", "16x8x600", "--output", str(tmp_path)]) == 2
