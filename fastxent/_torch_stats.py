@@ -157,7 +157,7 @@ def _backward(ctx, grad_logprob, grad_entropy, grad_lse, _grad_argmax, _grad_sav
 _token_stats_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(input: Tensor, target: Tensor, temperature, softcap) -> None:
+def _check(input: Tensor, target: Tensor) -> None:
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError("input and target must be tensors")
     interop.check_tensor(input)
@@ -195,7 +195,7 @@ def token_stats(
         ``TokenStats(logprob, entropy, lse, argmax)`` of the target's shape; logprob, entropy
         and lse are differentiable (jointly: one backward sweep), argmax is int64.
     """
-    _check(input, target, temperature, softcap)
+    _check(input, target)
     dim = dim % input.dim() if input.dim() else dim
     moved = input.movedim(dim, -1) if input.dim() else input
     lead_shape = moved.shape[:-1]
@@ -345,7 +345,7 @@ def linear_token_stats(
         w.r.t. input, weight and bias. The forward holds one block of logits at a time; the
         backward computes them again, block by block, to form the gradients.
     """
-    _check(input, target, temperature, softcap)
+    _check(input, target)
     if linear_weight.dim() != 2 or input.dim() < 1 or linear_weight.shape[1] != input.shape[-1]:
         raise ValueError(
             f"linear_weight must be (V, {input.shape[-1] if input.dim() else '?'}); got {tuple(linear_weight.shape)}"
