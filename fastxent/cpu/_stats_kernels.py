@@ -26,13 +26,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange, types
-from numba.core.extending import overload
+from numba import njit, prange
 
 from fastxent._range import IGNORED
-from fastxent.cpu._bits import as_compute, from_compute, from_order_key, order_key, to_compute
+from fastxent.cpu._bits import as_compute, from_compute, to_compute
 from fastxent.cpu._constants import BLOCK, FASTMATH, SUM_RUN
-from fastxent.cpu._kernels import grad_dest, load_logit, out_row, rescale_factor, segment_max
+from fastxent.cpu._kernels import grad_dest, load_logit, out_row, rescale_factor, stored_max
 from fastxent.cpu._math import exp_for
 
 # z - m is clamped to this before it multiplies e^(z - m): every term below it is already 0
@@ -72,56 +71,6 @@ def segment_entropy_sums(segment, reference, softcap, inv_temperature):
     return total + np.float64(run), weighted + np.float64(run_weighted)
 
 
-def sums_and_ahead_max(segment, reference, softcap, inv_temperature, ahead):
-    """(S, T) of a full block and the raw max of the next full block ``ahead`` (stub)."""
-    raise NotImplementedError("only callable from compiled code")
-
-
-@overload(sums_and_ahead_max, inline="always")
-def _sums_and_ahead_max_overload(segment, reference, softcap, inv_temperature, ahead):
-    # float32 without softcap: the next block's max is taken in the loop that sums this block,
-    # so its loads are in flight while the exps are computed (as the cross-entropy's forward,
-    # see ``_kernels.sum_exp_and_ahead_min_max``); the others keep two loops.
-    if segment.dtype != types.float32 or not (softcap is None or softcap == types.none):
-
-        def two_loops(segment, reference, softcap, inv_temperature, ahead):
-            block_sum, block_centred = segment_entropy_sums(segment, reference, softcap, inv_temperature)
-            return block_sum, block_centred, segment_max(ahead, None)
-
-        return two_loops
-
-    def fused_float32(segment, reference, softcap, inv_temperature, ahead):
-        floor = np.float32(CENTRED_FLOOR)
-        scale = np.float32(inv_temperature)
-        high = order_key(ahead[0])
-        total = 0.0
-        weighted = 0.0
-        for start in range(0, BLOCK, SUM_RUN):
-            part = segment[start : start + SUM_RUN]
-            part_ahead = ahead[start : start + SUM_RUN]
-            run = np.float32(0.0)
-            run_weighted = np.float32(0.0)
-            for j in range(SUM_RUN):
-                centred = part[j] * scale - reference
-                term = exp_for(centred, part[0])
-                run += term
-                run_weighted += term * (centred if centred > floor else floor)
-                key = order_key(part_ahead[j])
-                high = key if key > high else high
-            total += np.float64(run)
-            weighted += np.float64(run_weighted)
-        return total, weighted, from_order_key(high)
-
-    return fused_float32
-
-
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
-def segment_entropy_sums_ahead(segment, reference, softcap, inv_temperature, ahead):
-    """``segment_entropy_sums`` of a full block and the raw max of the next full block:
-    (S, T, ahead's max); see ``sums_and_ahead_max``."""
-    return sums_and_ahead_max(segment, reference, softcap, inv_temperature, ahead)
-
-
 @njit(cache=True, error_model="numpy")
 def first_index_of(segment, value):
     """The first j with segment[j] == value (widened), or -1."""
@@ -154,10 +103,10 @@ def row_stats(row, label, softcap, inv_temperature):
     sum_exp = 0.0
     centred_sum = 0.0
     argmax = 0
-    block_raw = segment_max(row[0 : min(BLOCK, width)], None)
     for block_lo in range(0, width, BLOCK):
         block_hi = min(block_lo + BLOCK, width)
         segment = row[block_lo:block_hi]
+        block_raw = stored_max(segment)
         # Strictly larger: on a tie the earlier block keeps the argmax. The first block always
         # sets the max: with a softcap even a -inf logit has a finite z.
         if block_raw > running_raw or block_lo == 0:
@@ -171,16 +120,7 @@ def row_stats(row, label, softcap, inv_temperature):
             running_max = new_max
         # While the max is -inf every value is -inf (or NaN): sums relative to 0 stay 0.
         reference = as_compute(running_max if running_max > -np.inf else 0.0, like)
-        ahead_hi = min(block_hi + BLOCK, width)
-        if block_hi - block_lo == BLOCK and ahead_hi - block_hi == BLOCK:
-            # The next block's raw max from the loop that sums this one (float32).
-            block_sum, block_centred, block_raw = segment_entropy_sums_ahead(
-                segment, reference, softcap, inv_temperature, row[block_hi:ahead_hi]
-            )
-        else:
-            block_sum, block_centred = segment_entropy_sums(segment, reference, softcap, inv_temperature)
-            if ahead_hi > block_hi:
-                block_raw = segment_max(row[block_hi:ahead_hi], None)
+        block_sum, block_centred = segment_entropy_sums(segment, reference, softcap, inv_temperature)
         sum_exp += block_sum
         centred_sum += block_centred
     raw_max = np.float64(running_raw)
