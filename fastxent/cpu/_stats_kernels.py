@@ -31,7 +31,7 @@ from numba import njit, prange
 from fastxent._range import IGNORED
 from fastxent.cpu._bits import as_compute, from_compute, to_compute
 from fastxent.cpu._constants import BLOCK, FASTMATH, SUM_RUN
-from fastxent.cpu._kernels import grad_dest, load_logit, out_row, rescale_factor, stored_max
+from fastxent.cpu._kernels import grad_dest, load_logit, out_row, rescale_factor, segment_max
 from fastxent.cpu._math import exp_for
 
 # z - m is clamped to this before it multiplies e^(z - m): every term below it is already 0
@@ -106,7 +106,7 @@ def row_stats(row, label, softcap, inv_temperature):
     for block_lo in range(0, width, BLOCK):
         block_hi = min(block_lo + BLOCK, width)
         segment = row[block_lo:block_hi]
-        block_raw = stored_max(segment)
+        block_raw = segment_max(segment, None)
         # Strictly larger: on a tie the earlier block keeps the argmax. The first block always
         # sets the max: with a softcap even a -inf logit has a finite z.
         if block_raw > running_raw or block_lo == 0:
