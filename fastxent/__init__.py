@@ -22,20 +22,25 @@ from fastxent._api import (
     sparse_cross_entropy_with_grad,
 )
 from fastxent._dense_api import categorical_cross_entropy, categorical_cross_entropy_with_grad
-from fastxent._linear_api import linear_cross_entropy, linear_cross_entropy_with_grad
+from fastxent._linear_api import linear_cross_entropy, linear_cross_entropy_with_grad, linear_token_stats
+from fastxent._token_stats_api import TokenStats, token_stats, token_stats_with_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
     "REDUCTIONS",
     "Reduction",
+    "TokenStats",
     "categorical_cross_entropy",
     "categorical_cross_entropy_with_grad",
     "linear_cross_entropy",
     "linear_cross_entropy_with_grad",
+    "linear_token_stats",
     "log_softmax_gather",
     "reference",
     "sparse_cross_entropy",
     "sparse_cross_entropy_with_grad",
+    "token_stats",
+    "token_stats_with_grad",
     "__version__",
 ]

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ContextManager, Dict, List, NamedTuple, Optional, Protocol, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -234,37 +234,32 @@ def run_workers(
         raise (original or failures)[0]
 
 
-def loss_rows(
+def block_stats(
     ops: LinearOps,
-    kernel: RangeKernel,
     hidden: Any,
     weight: Any,
     bias: Optional[Any],
-    labels: np.ndarray,
-    sample_weight: np.ndarray,
-    options: KernelOptions,
     blocks: LinearBlocks,
-) -> Any:
-    """Per-row losses float64 (N,) (``ops.row_losses``) from class-block statistics (schedule 1
-    of the module docstring).
+    range_stats: Callable[[Any, int, int, int, int], Any],
+    merge: Callable[[Sequence[Any]], Any],
+) -> Dict[int, Any]:
+    """Statistics of every row over the whole vocabulary from blocks of logits (schedule 1 of
+    the module docstring), by row block: {first row of the block: its rows' statistics}.
 
-    hidden (N, H), weight (V, H), bias (V,) or None in the compute dtype; labels int64 (N,)
-    over the whole vocabulary, -1 for ignored rows; sample_weight float64 (N,).
+    ``range_stats(block, row_lo, row_hi, lo, hi)`` gives the statistics of the logits of rows
+    [row_lo, row_hi) and classes [lo, hi) (``block``, C-contiguous); ``merge`` merges those of
+    disjoint class ranges of the same rows, exactly and in any order.
 
     With several workers, each takes the next (rows, classes) block from a shared queue, so a
     slower thread takes fewer; each merges its blocks' statistics per row block, and the
-    workers' statistics are merged at the end (the merge is exact in any order).
+    workers' statistics are merged at the end.
     """
     num_rows, num_classes = hidden.shape[0], weight.shape[0]
-    loss = ops.row_losses(num_rows)
-    if num_rows == 0:
-        return loss
-    class_weight = options.class_weight
     row_starts = range(0, num_rows, blocks.rows)
     items = [(row_lo, lo) for row_lo in row_starts for lo in range(0, num_classes, blocks.classes)]
     queue = iter(range(len(items)))
     queue_lock = threading.Lock()
-    per_worker: List[Dict[int, RowStats]] = [{} for _ in range(blocks.workers)]
+    per_worker: List[Dict[int, Any]] = [{} for _ in range(blocks.workers)]
 
     def work(index: int, _barrier: threading.Barrier) -> None:
         buffer = ops.empty((blocks.rows * blocks.classes,))
@@ -284,15 +279,41 @@ def loss_rows(
                 _block_view(buffer, row_hi - row_lo, hi - lo),
             )
             # 2. ... read back by the range kernel while it is cached, merged into the rows' statistics.
-            block_options = options if class_weight is None else replace(options, class_weight=class_weight[lo:hi])
-            part = kernel.stats(block, local_labels(labels[row_lo:row_hi], lo, hi - lo), block_options)
-            merged[row_lo] = part if row_lo not in merged else merge_stats([merged[row_lo], part])
+            part = range_stats(block, row_lo, row_hi, lo, hi)
+            merged[row_lo] = part if row_lo not in merged else merge([merged[row_lo], part])
 
-    run_workers(blocks.workers, ops.worker_scope, work)
-    for row_lo in row_starts:
+    if num_rows:
+        run_workers(blocks.workers, ops.worker_scope, work)
+    return {row_lo: merge([merged[row_lo] for merged in per_worker if row_lo in merged]) for row_lo in row_starts}
+
+
+def loss_rows(
+    ops: LinearOps,
+    kernel: RangeKernel,
+    hidden: Any,
+    weight: Any,
+    bias: Optional[Any],
+    labels: np.ndarray,
+    sample_weight: np.ndarray,
+    options: KernelOptions,
+    blocks: LinearBlocks,
+) -> np.ndarray:
+    """Per-row losses float64 (N,) from class-block statistics (schedule 1 of the module docstring).
+
+    hidden (N, H), weight (V, H), bias (V,) or None in the compute dtype; labels int64 (N,)
+    over the whole vocabulary, -1 for ignored rows; sample_weight float64 (N,).
+    """
+    num_rows = hidden.shape[0]
+    loss = ops.row_losses(num_rows)
+    class_weight = options.class_weight
+
+    def range_stats(block: Any, row_lo: int, row_hi: int, lo: int, hi: int) -> RowStats:
+        block_options = options if class_weight is None else replace(options, class_weight=class_weight[lo:hi])
+        return kernel.stats(block, local_labels(labels[row_lo:row_hi], lo, hi - lo), block_options)
+
+    for row_lo, stats in block_stats(ops, hidden, weight, bias, blocks, range_stats, merge_stats).items():
         row_hi = min(row_lo + blocks.rows, num_rows)
         rows_labels = labels[row_lo:row_hi]
-        stats = merge_stats([merged[row_lo] for merged in per_worker if row_lo in merged])
         # 3. The float64 epilogue over the whole vocabulary.
         weights = target_weights(rows_labels, class_weight)
         coefs = finish_rows(stats, rows_labels, weights, sample_weight[row_lo:row_hi], options)
@@ -317,7 +338,9 @@ def loss_and_grads(
 
     ``fused_rows`` is the backend's fused launcher (``fused_xent``: rows, labels, sample
     weights, options; ``want_grad``, ``inplace``) applied to whole rows of a chunk; labels and
-    sample weights are sliced by rows only, so they may be the backend's arrays.
+    sample weights are sliced by rows only, so they may be the backend's arrays. Another row
+    kernel may stand in for it (the per-token statistics' gradient): ``sample_weight`` may then
+    be any per-row values, (N,) or (N, k), which it receives sliced with the rows.
     ``grads.weight`` and ``grads.bias`` must start at zero; ``grads.hidden`` is written. With
     no gradient wanted the row kernel computes the loss alone (a GPU's loss-only schedule:
     chunks of whole rows, no statistics to merge).

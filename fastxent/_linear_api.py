@@ -17,9 +17,20 @@ import numpy as np
 from fastxent import _checks as checks
 from fastxent._api import prepare_targets
 from fastxent._checks import Reduction
-from fastxent._linear import LinearBlocks, plan_blocks
+from fastxent._linear import DEFAULT_MEMORY_BUDGET, LinearBlocks, plan_blocks
+from fastxent._token_range import finish_token_stats
+from fastxent._token_stats_api import TokenForward, TokenStats, check_temperature, upstream_rows
 
-__all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
+# linear_token_stats holds at most this fraction of the float32 logits by default.
+TOKEN_LOGITS_FRACTION = 16
+
+__all__ = [
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
+    "linear_token_stats",
+    "linear_token_stats_backward",
+    "linear_token_stats_forward",
+]
 
 
 def _to_host(array: Any) -> Any:
@@ -343,3 +354,204 @@ def linear_cross_entropy_with_grad(
         want_weight=bool(weight_grad),
         want_bias=bool(bias_grad),
     )
+
+
+# ----------------------------------------------------------------------------------------
+# Per-token statistics from hidden states (see fastxent._token_stats_api for the logits' form)
+# ----------------------------------------------------------------------------------------
+
+
+def _token_setup(
+    hidden, weight, bias, labels, temperature, softcap, ignore_index, memory_budget, block_rows, block_classes, threads
+):
+    """Checked arrays, labels int64 (N,) (-1 ignored), the CPU launcher and the blocks."""
+    checks.check_options(True, "none", 0.0, ignore_index=ignore_index, softcap=softcap)
+    temperature = check_temperature(temperature)
+    sizes = ("memory_budget", memory_budget), ("block_rows", block_rows), ("block_classes", block_classes)
+    for name, value in sizes + (("threads", threads),):
+        _check_positive(name, value)
+    hidden, weight, bias = _check_arrays(hidden, weight, bias)
+    if checks.is_cupy_array(hidden):
+        raise NotImplementedError("linear_token_stats takes NumPy arrays (the CPU) so far; got CuPy arrays")
+    from fastxent.cpu import linear as launcher
+
+    lead_shape = tuple(hidden.shape[:-1])
+    num_classes, features = weight.shape
+    labels = checks.check_labels(labels, np, lead_shape)
+    flat_labels, *_ = prepare_targets(
+        labels,
+        num_classes,
+        np,
+        from_logits=True,
+        reduction="none",
+        ignore_index=ignore_index,
+        label_smoothing=0.0,
+        class_weight=None,
+        sample_weight=None,
+        z_loss=0.0,
+        softcap=softcap,
+    )
+    num_rows = flat_labels.shape[0]
+    if memory_budget is None:
+        # A sixteenth of the float32 logits at most (the forward holds far less: cache blocks).
+        memory_budget = max(1, min(DEFAULT_MEMORY_BUDGET, num_rows * num_classes * 4 // TOKEN_LOGITS_FRACTION))
+    blocks = plan_linear_blocks(
+        num_rows,
+        num_classes,
+        hidden.dtype,
+        memory_budget=memory_budget,
+        block_rows=block_rows,
+        block_classes=block_classes,
+        features=features,
+        max_workers=launcher.max_workers(),
+        threads=threads,
+    )
+    softcap = None if softcap is None else float(softcap)
+    return (
+        hidden.reshape(num_rows, features),
+        weight,
+        bias,
+        flat_labels,
+        lead_shape,
+        launcher,
+        blocks,
+        temperature,
+        softcap,
+    )
+
+
+def linear_token_stats_forward(
+    hidden: Any,
+    weight: Any,
+    labels: Any,
+    *,
+    bias: Any = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    block_rows: Optional[int] = None,
+    block_classes: Optional[int] = None,
+    threads: Optional[int] = None,
+) -> TokenForward:
+    """``linear_token_stats`` and the per-row statistics ``linear_token_stats_backward`` takes."""
+    rows, weight, bias, flat_labels, lead_shape, launcher, blocks, temperature, softcap = _token_setup(
+        hidden,
+        weight,
+        bias,
+        labels,
+        temperature,
+        softcap,
+        ignore_index,
+        memory_budget,
+        block_rows,
+        block_classes,
+        threads,
+    )
+    stats = launcher.linear_token_row_stats(rows, weight, bias, flat_labels, blocks, temperature, softcap)
+    values = finish_token_stats(stats, flat_labels)
+    dtype = checks.loss_dtype(rows.dtype)
+    shaped = TokenStats(*(v.reshape(lead_shape).astype(dtype) for v in values[:3]), values.argmax.reshape(lead_shape))
+    return TokenForward(shaped, stats, flat_labels, -1, temperature, softcap)
+
+
+def linear_token_stats_backward(
+    hidden: Any,
+    weight: Any,
+    forward: TokenForward,
+    grad_logprob: Any,
+    grad_entropy: Any,
+    grad_lse: Any = None,
+    *,
+    bias: Any = None,
+    want_hidden: bool = True,
+    want_weight: bool = True,
+    want_bias: bool = True,
+    memory_budget: Optional[int] = None,
+    threads: Optional[int] = None,
+):
+    """Gradients w.r.t. hidden, weight and bias of sum(grad_logprob * logprob + grad_entropy *
+    entropy + grad_lse * lse), from the ``forward`` of the same arrays (upstream gradients
+    labels-shaped or broadcastable, None for 0). The logits are computed again in chunks of
+    rows (three GEMMs' work). Returns (d hidden, d weight, d bias) in the inputs' dtype, None
+    where not wanted (d bias without a bias too)."""
+    rows, weight, bias, _, lead_shape, launcher, blocks, _, _ = _token_setup(
+        hidden,
+        weight,
+        bias,
+        np.zeros(np.shape(hidden)[:-1], np.int64),
+        forward.temperature,
+        forward.softcap,
+        None,
+        memory_budget,
+        None,
+        None,
+        threads,
+    )
+    labels, a, b, c = upstream_rows(forward.labels, grad_logprob, grad_entropy, grad_lse, lead_shape, np)
+    grad_hidden, grad_weight, grad_bias = launcher.linear_token_grads(
+        rows,
+        weight,
+        bias,
+        labels,
+        forward.stats,
+        a,
+        b,
+        c,
+        blocks,
+        forward.temperature,
+        forward.softcap,
+        want_hidden=bool(want_hidden),
+        want_weight=bool(want_weight),
+        want_bias=bool(want_bias) and bias is not None,
+    )
+    if grad_hidden is not None:
+        grad_hidden = grad_hidden.reshape(np.shape(hidden))
+    return grad_hidden, grad_weight, grad_bias
+
+
+def linear_token_stats(
+    hidden: Any,
+    weight: Any,
+    labels: Any,
+    *,
+    bias: Any = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    block_rows: Optional[int] = None,
+    block_classes: Optional[int] = None,
+    threads: Optional[int] = None,
+) -> TokenStats:
+    """``fastxent.token_stats`` of the logits ``hidden @ weight.T + bias`` without building them.
+
+    One GEMM's work: blocks of logits small enough to stay in cache, each swept by the
+    statistics kernel and merged exactly into every row's running statistics (the entropy's
+    accumulator and the argmax merge across blocks like the max and the sum of exps).
+
+    Args:
+        hidden: (..., H) float16/bfloat16/float32/float64 NumPy array (CPU).
+        weight: (V, H) of the hidden's dtype, ``nn.Linear``'s layout.
+        labels: integer class indices, the hidden's shape without H.
+        bias: (V,) or None.
+        temperature, softcap, ignore_index: as ``fastxent.token_stats``.
+        memory_budget, block_rows, block_classes, threads: as ``linear_cross_entropy`` (the
+            default budget: the smaller of 256 MiB and a sixteenth of the float32 logits).
+
+    Returns:
+        ``TokenStats(logprob, entropy, lse, argmax)``, labels-shaped.
+    """
+    return linear_token_stats_forward(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        memory_budget=memory_budget,
+        block_rows=block_rows,
+        block_classes=block_classes,
+        threads=threads,
+    ).values

@@ -35,6 +35,7 @@ from jax.custom_derivatives import SymbolicZero
 from fastxent import _api, _linear_api
 from fastxent._checks import REDUCTIONS, check_options, loss_dtype
 from fastxent._jax_sharded import block_loss, partitioned, partitioned_linear, vocabulary_parallel
+from fastxent._jax_stats import TokenStats, linear_token_stats, token_stats  # noqa: F401  (re-export)
 from fastxent._jax_tangent import (
     batched_as,
     common_varying,

@@ -251,3 +251,80 @@ def linear_cross_entropy_with_grad(hidden, weight, labels, *, bias=None, **optio
 def linear_cross_entropy(hidden, weight, labels, **options) -> np.ndarray:
     """Float64 loss only; see ``linear_cross_entropy_with_grad``."""
     return linear_cross_entropy_with_grad(hidden, weight, labels, **options)[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Per-token statistics (log-probability, entropy, logsumexp, argmax) and their gradient
+# ----------------------------------------------------------------------------------------
+
+
+def token_stats_with_grad(
+    logits,
+    labels,
+    grad_logprob=None,
+    grad_entropy=None,
+    grad_lse=None,
+    *,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: Optional[int] = None,
+    axis: int = -1,
+):
+    """Float64 ``(logprob, entropy, lse, argmax)`` per row and the gradient of
+    ``sum(grad_logprob * logprob + grad_entropy * entropy + grad_lse * lse)`` w.r.t. the logits.
+
+    With z = softcap(x) / temperature: lse = log sum exp z, logprob = z_y - lse, entropy =
+    lse - sum softmax(z) z (a class of z = -inf adds 0), argmax = the first index of max x
+    (the first NaN where there is one). Rows whose label is ``ignore_index``: logprob 0,
+    entropy 0 and no gradient from them (lse and argmax as for any row). The upstream gradients
+    are labels-shaped (or broadcastable), None for 0. Returns ((logprob, entropy, lse float64, argmax int64), each
+    labels-shaped; gradient float64 with the logits' shape).
+    """
+    x, y, lead_shape = _to_rows(logits, labels, axis)
+    num_rows, num_classes = x.shape
+    counted = np.ones(y.shape, bool) if ignore_index is None else y != ignore_index
+    safe_y = np.where(counted, y, 0)
+    rows = np.arange(num_rows)
+
+    def per_row(values):
+        if values is None:
+            return np.zeros(num_rows)
+        return np.broadcast_to(np.asarray(values, np.float64), lead_shape).reshape(-1)
+
+    a, b, c = per_row(grad_logprob), per_row(grad_entropy), per_row(grad_lse)
+    a, b = np.where(counted, a, 0.0), np.where(counted, b, 0.0)
+    with np.errstate(all="ignore"):
+        v = x if softcap is None else softcap * np.tanh(x / softcap)
+        dv_dx = np.ones_like(x) if softcap is None else 1.0 - (v / softcap) ** 2
+        z = v / temperature
+        row_max = np.max(z, axis=1, keepdims=True) if num_classes else np.zeros((num_rows, 1))
+        safe_max = np.where(np.isfinite(row_max), row_max, 0.0)
+        shifted = z - safe_max
+        log_sum = np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
+        bad = (np.isnan(z).any(axis=1) | np.isposinf(z).any(axis=1))[:, None]
+        log_sum = np.where(bad, np.nan, log_sum)
+        lse = (safe_max + log_sum)[:, 0]
+        p = np.exp(shifted - log_sum)
+        # p z with p = 0 where z = -inf: the masked class adds nothing (0 * -inf would be NaN).
+        centred = np.where(p > 0, shifted, 0.0)
+        mean_shift = np.sum(p * centred, axis=1)  # sum p (z - max) = sum p z - max
+        entropy = log_sum[:, 0] - mean_shift
+        logprob = shifted[rows, safe_y] - log_sum[:, 0]
+        # d/dz_j of a logprob + b entropy + c lse = a([j=y] - p_j) + b p_j (sum p z - z_j) + c p_j.
+        grad_z = p * (b[:, None] * (mean_shift[:, None] - centred) - a[:, None] + c[:, None])
+        grad_z[rows, safe_y] += a
+        grad = np.where((counted | (c != 0))[:, None], grad_z * dv_dx / temperature, 0.0)
+        everything_masked = np.isneginf(z).all(axis=1) if num_classes else np.zeros(num_rows, bool)
+        entropy = np.where(everything_masked, np.nan, entropy)
+    nan_rows = np.isnan(x).any(axis=1)
+    argmax = np.where(nan_rows, np.argmax(np.isnan(x), axis=1), np.argmax(np.where(np.isnan(x), 0, x), axis=1))
+    logprob = np.where(counted, logprob, 0.0)
+    entropy = np.where(counted, entropy, 0.0)
+    shape = lambda values: values.reshape(lead_shape)  # noqa: E731
+    grad = np.moveaxis(grad.reshape(lead_shape + (num_classes,)), -1, axis)
+    return (shape(logprob), shape(entropy), shape(lse), shape(argmax.astype(np.int64))), grad
+
+
+def token_stats(logits, labels, **options):
+    """Float64 ``(logprob, entropy, lse, argmax)``; see ``token_stats_with_grad``."""
+    return token_stats_with_grad(logits, labels, **options)[0]

@@ -50,6 +50,7 @@ from torch.autograd import forward_ad
 from fastxent import _torch_interop as interop
 from fastxent import _torch_ops as ops
 from fastxent._torch_errors import InvalidInputError, TargetOutOfBoundsError
+from fastxent._torch_stats import TokenStats, linear_token_stats, token_stats  # noqa: F401  (re-export)
 from fastxent.distributed import _dtensor as dtensor
 from fastxent.distributed._torch import vocab_parallel_cross_entropy  # noqa: F401  (re-export)
 

@@ -156,3 +156,19 @@ def test_every_implementation_has_its_own_colour_and_compiled_torch_is_a_peer():
     chosen = [impl.name for impl in peers.implementations(["torch.compile"])]
     assert chosen[-2:] == ["torch.compile", "fastxent.torch.compile"]
     assert [impl.is_peer for impl in peers.implementations(["torch.compile"])][-2:] == [True, False]
+
+
+def test_token_stats_op_writes_its_table(tmp_path, capsys):
+    status = main(["bench", "--op", "token_stats", "--shapes", "16x600", "--repeats", "1", "--output", str(tmp_path)])
+    assert status == 0
+    table = (tmp_path / "token-stats-cpu.md").read_text()
+    for mode, names in (
+        ("forward", {"fastxent token_stats", "fastxent sparse_cross_entropy", "torch composition"}),
+        ("forward+backward", {"fastxent.torch token_stats", "fastxent.torch cross_entropy", "torch composition"}),
+    ):
+        rows = [line for line in table.splitlines() if line.startswith(f"| 16x600 | {mode} |")]
+        assert names <= {line.split("|")[3].strip() for line in rows}, rows
+        # The peer of the mode is the ratios' base.
+        assert any("| 1.00 |" in line for line in rows), rows
+    assert "linear_token_stats 16x256x600" in table and "of the float32 logits" in table
+    assert main(["bench", "--op", "token_stats", "--shapes", "16x8x600", "--output", str(tmp_path)]) == 2

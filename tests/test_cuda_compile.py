@@ -2,7 +2,7 @@
 
 * Every kernel instantiation compiles with nvcc for sm_80 and sm_90 without register spills
   (and through NVRTC where libnvrtc is installed): ``tools/check_cuda.py``, skipped without nvcc.
-* The GPU test suites (tests/test_gpu.py, tests/test_gpu_linear.py) pass with the kernels run by the host emulator in
+* The GPU test suites (tests/test_gpu.py, tests/test_gpu_linear.py, tests/test_gpu_token_stats.py) pass with the kernels run by the host emulator in
   ``tools/gpu_emulator`` (a NumPy stand-in for CuPy, the CUDA threads of a block as fibers):
   skipped without a C++ compiler and the CUDA headers.
 """
@@ -54,7 +54,9 @@ CHECKS = {
         lambda: (
             # -n 0: the inner run never spreads over workers of its own.
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0"]
-            + [os.path.join("tests", name) for name in ("test_gpu.py", "test_gpu_linear.py")],
+            + [
+                os.path.join("tests", name) for name in ("test_gpu.py", "test_gpu_linear.py", "test_gpu_token_stats.py")
+            ],
             _emulator_env(),
         ),
     ),

@@ -78,10 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     parser.add_argument(
         "--op",
-        choices=("xent", "linear"),
+        choices=("xent", "linear", "token_stats"),
         default="xent",
         help="xent: the cross-entropy on logits (default); linear: the fused linear + cross-entropy "
-        "against bare GEMMs and PyTorch (--shapes as NxHxV,...)",
+        "against bare GEMMs and PyTorch (--shapes as NxHxV,...); token_stats: per-token statistics "
+        "against the cross-entropy and the PyTorch composition (--shapes as NxV,...)",
     )
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
 
@@ -152,6 +153,10 @@ def run(args) -> int:
         from fastxent.bench import linear
 
         return linear.run(args)
+    if getattr(args, "op", "xent") == "token_stats":
+        from fastxent.bench import token_stats
+
+        return token_stats.run(args)
     try:
         cases = _choose_cases(args)
         modes = bench_cases.parse_modes(args.modes)

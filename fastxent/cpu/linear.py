@@ -21,10 +21,18 @@ import numpy as np
 from fastxent import _linear
 from fastxent._linear import Grads, LinearBlocks
 from fastxent._options import KernelOptions
-from fastxent._range import compute_dtype
-from fastxent.cpu import blas, xent
+from fastxent._range import compute_dtype, local_labels
+from fastxent._token_range import TokenRowStats, merge_token_stats, shift_argmax
+from fastxent.cpu import blas, stats, xent
 
-__all__ = ["KERNEL_THREADS", "NumpyLinearOps", "linear_xent", "max_workers"]
+__all__ = [
+    "KERNEL_THREADS",
+    "NumpyLinearOps",
+    "linear_token_grads",
+    "linear_token_row_stats",
+    "linear_xent",
+    "max_workers",
+]
 
 # Threads of the Numba row kernels between the GEMMs (None: Numba's setting). OpenBLAS's
 # workers keep spinning for a while after each GEMM; a parallel kernel run in that window
@@ -151,3 +159,85 @@ def linear_xent(
         )
     hidden_grad, weight_grad, bias_grad = (None if g is None else g.astype(dtype, copy=False) for g in grads)
     return loss, hidden_grad, weight_grad, bias_grad
+
+
+def linear_token_row_stats(
+    hidden: np.ndarray,
+    weight: np.ndarray,
+    bias: Optional[np.ndarray],
+    labels: np.ndarray,
+    blocks: LinearBlocks,
+    temperature: float,
+    softcap: Optional[float],
+) -> TokenRowStats:
+    """The per-token statistics (``fastxent._token_range.TokenRowStats``, (N,) each) of the
+    logits ``hidden @ weight.T + bias`` from blocks of them (one GEMM's work).
+
+    hidden (N, H), weight (V, H), bias (V,) or None of one floating dtype; labels int64 (N,) in
+    [0, V), -1 for ignored rows.
+    """
+    compute = compute_dtype(hidden.dtype)
+    ops = NumpyLinearOps(compute)
+    hidden_c, weight_c, bias_c = (_compute_copy(a, compute) for a in (hidden, weight, bias))
+
+    def range_stats(block: np.ndarray, row_lo: int, row_hi: int, lo: int, hi: int) -> TokenRowStats:
+        block_labels = local_labels(labels[row_lo:row_hi], lo, hi - lo)
+        return shift_argmax(stats.token_row_stats(block, block_labels, temperature, softcap), lo)
+
+    with _threads(blocks):
+        per_block = _linear.block_stats(ops, hidden_c, weight_c, bias_c, blocks, range_stats, merge_token_stats)
+    if not per_block:
+        return stats.token_row_stats(np.empty((0, 1), dtype=compute), labels, temperature, softcap)
+    parts = [per_block[row_lo] for row_lo in sorted(per_block)]
+    return TokenRowStats(*(np.concatenate(field) for field in zip(*parts, strict=True)))
+
+
+def linear_token_grads(
+    hidden: np.ndarray,
+    weight: np.ndarray,
+    bias: Optional[np.ndarray],
+    labels: np.ndarray,
+    row_stats: TokenRowStats,
+    grad_logprob: np.ndarray,
+    grad_entropy: np.ndarray,
+    grad_lse: np.ndarray,
+    blocks: LinearBlocks,
+    temperature: float,
+    softcap: Optional[float],
+    *,
+    want_hidden: bool,
+    want_weight: bool,
+    want_bias: bool,
+) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
+    """Gradients w.r.t. hidden, weight and bias of sum(a logprob + b entropy + c lse) of the
+    logits ``hidden @ weight.T + bias``: chunks of rows over the whole vocabulary, each chunk's
+    logits computed again (the statistics ``row_stats`` came from the forward), turned into
+    their gradient in place, and taken back through the layer (three GEMMs' work).
+
+    labels int64 (N,): -1 ignored, -2 a row without a target term (see ``stats.token_grad``);
+    the upstream gradients float64 (N,). Returns the wanted gradients in the input dtype.
+    """
+    dtype = hidden.dtype
+    compute = compute_dtype(dtype)
+    ops = NumpyLinearOps(compute)
+    hidden_c, weight_c, bias_c = (_compute_copy(a, compute) for a in (hidden, weight, bias))
+    # The per-row values the chunks' kernel needs, sliced with the rows by the schedule.
+    row_data = np.stack(
+        [row_stats.row_max, row_stats.sum_exp, row_stats.centred_sum, grad_logprob, grad_entropy, grad_lse], axis=1
+    )
+
+    def chunk_grad(rows, rows_labels, values, _options, *, want_grad, inplace):
+        chunk_stats = TokenRowStats(values[:, 0], values[:, 1], values[:, 2], None, None, None)
+        stats.token_grad(
+            rows, rows_labels, chunk_stats, values[:, 3], values[:, 4], values[:, 5], temperature, softcap, inplace=True
+        )
+        return np.zeros(rows.shape[0]), rows, None
+
+    grads = Grads(
+        np.empty(hidden_c.shape, dtype=compute) if want_hidden else None,
+        np.zeros(weight_c.shape, dtype=compute) if want_weight else None,
+        np.zeros(weight.shape[0]) if want_bias else None,
+    )
+    with _threads(blocks):
+        _linear.loss_and_grads(ops, chunk_grad, hidden_c, weight_c, bias_c, labels, row_data, None, blocks, grads)
+    return tuple(None if g is None else g.astype(dtype, copy=False) for g in grads)

@@ -12,7 +12,7 @@ from typing import Tuple
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 # Kernels over logits, each compiled with and without the softcap transform.
-LOGIT_KINDS = ("fwd", "fwd_bwd", "part_stats", "part_grad")
+LOGIT_KINDS = ("fwd", "fwd_bwd", "part_stats", "part_grad", "token_stats", "token_grad")
 # Kernels compiled once per dtype: the probability-input path.
 PLAIN_KINDS = ("prob",)
 

@@ -1053,6 +1053,248 @@ __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long lo
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// Per-token statistics (fastxent.token_stats): one block per row, as fastxent/cpu/_stats_kernels.py.
+// With z = softcap(x) / temperature and m the running max of z, each thread keeps
+//   S = sum e^(z - m), T = sum e^(z - m) (z - m)   (the entropy's accumulator, z - m >= floor)
+// and the first index of its largest raw logit; the block merges them exactly. A second kernel
+// writes the gradient of a logprob + b entropy + c lse from the merged statistics.
+// ------------------------------------------------------------------------------------------
+
+// z - m is clamped to this before it multiplies e^(z - m): a masked class's -inf times 0 stays 0.
+constexpr double kCentredFloor = -256.0;
+constexpr int kNoIndex = 0x7fffffff;
+
+template <typename A>
+struct TokenStats {
+  A row_max;
+  A sum_exp;
+  A centred;
+  A raw_max;
+  int argmax;  // kNoIndex: no element seen
+};
+
+template <typename A>
+__device__ __forceinline__ TokenStats<A> identity_stats(TokenStats<A>*) {
+  TokenStats<A> stats;
+  stats.row_max = neg_inf(A(0));
+  stats.sum_exp = A(0);
+  stats.centred = A(0);
+  stats.raw_max = neg_inf(A(0));
+  stats.argmax = kNoIndex;
+  return stats;
+}
+
+// Whether (value, index) comes before (best, best_index) for the argmax: larger, a NaN over a
+// number, or equal (both NaN too) at a lower index.
+template <typename A>
+__device__ __forceinline__ bool argmax_before(A value, int index, A best, int best_index) {
+  if (best_index == kNoIndex) return index != kNoIndex;
+  if (index == kNoIndex) return false;
+  const bool value_nan = value != value;
+  const bool best_nan = best != best;
+  if (value_nan != best_nan) return value_nan;
+  if (value_nan || value == best) return index < best_index;
+  return value > best;
+}
+
+// (S, T) moved from max `old_max` to `new_max` >= old_max; S = 0 stays (0, 0).
+template <typename A>
+__device__ __forceinline__ void move_sums(A& sum_exp, A& centred, A old_max, A new_max) {
+  if (sum_exp == A(0)) return;
+  const A factor = rescale_factor(old_max, new_max);
+  centred = factor * (centred + (old_max - new_max) * sum_exp);
+  sum_exp *= factor;
+}
+
+template <typename A>
+__device__ __forceinline__ TokenStats<A> merge(const TokenStats<A>& a, const TokenStats<A>& b) {
+  TokenStats<A> merged;
+  merged.row_max = max_of(a.row_max, b.row_max);
+  A sum_a = a.sum_exp, centred_a = a.centred, sum_b = b.sum_exp, centred_b = b.centred;
+  move_sums(sum_a, centred_a, a.row_max, merged.row_max);
+  move_sums(sum_b, centred_b, b.row_max, merged.row_max);
+  merged.sum_exp = sum_a + sum_b;
+  merged.centred = centred_a + centred_b;
+  const bool take_b = argmax_before(b.raw_max, b.argmax, a.raw_max, a.argmax);
+  merged.raw_max = take_b ? b.raw_max : a.raw_max;
+  merged.argmax = take_b ? b.argmax : a.argmax;
+  return merged;
+}
+
+template <typename A>
+__device__ __forceinline__ TokenStats<A> shuffle_xor(const TokenStats<A>& stats, int lane_mask) {
+  TokenStats<A> other;
+  other.row_max = __shfl_xor_sync(kFullMask, stats.row_max, lane_mask);
+  other.sum_exp = __shfl_xor_sync(kFullMask, stats.sum_exp, lane_mask);
+  other.centred = __shfl_xor_sync(kFullMask, stats.centred, lane_mask);
+  other.raw_max = __shfl_xor_sync(kFullMask, stats.raw_max, lane_mask);
+  other.argmax = __shfl_xor_sync(kFullMask, stats.argmax, lane_mask);
+  return other;
+}
+
+template <typename A, bool kSoftcap>
+struct TokenStatsVisitor {
+  TokenStats<A> stats;
+  A cap;
+  A inv_temperature;
+
+  template <int N>
+  __device__ __forceinline__ void operator()(A (&x)[N], int first_class) {
+    A vector_max = stats.row_max;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      // A thread's classes come in increasing order: strictly larger keeps the lowest index.
+      if (argmax_before(x[k], first_class + k, stats.raw_max, stats.argmax)) {
+        stats.raw_max = x[k];
+        stats.argmax = first_class + k;
+      }
+      x[k] = apply_softcap<kSoftcap>(x[k], cap) * inv_temperature;
+      vector_max = max_of(vector_max, x[k]);
+    }
+    if (vector_max != stats.row_max) {
+      move_sums(stats.sum_exp, stats.centred, stats.row_max, vector_max);
+      stats.row_max = vector_max;
+    }
+    const A reference = stats.row_max == neg_inf(A(0)) ? A(0) : stats.row_max;
+    const A floor = A(kCentredFloor);
+    A vector_sum = A(0);
+    A vector_centred = A(0);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const A centred = x[k] - reference;
+      const A term = fast_exp(centred);
+      vector_sum += term;
+      vector_centred += term * (centred > floor ? centred : floor);
+    }
+    stats.sum_exp += vector_sum;
+    stats.centred += vector_centred;
+  }
+};
+
+// Statistics of every row of a class range: stats_out (5, num_rows) float64 planes of m, S, T,
+// z_y (0 where the label is not in [0, num_classes)) and the raw max; argmax_out int64.
+template <typename T, bool kSoftcap>
+__device__ __forceinline__ void token_stats_rows(const T* logits, const long long* labels, long long num_rows,
+                                                 long long num_classes, double softcap, double inv_temperature,
+                                                 double* stats_out, long long* argmax_out) {
+  typedef typename Storage<T>::Acc A;
+  const int width = (int)num_classes;
+  const A cap = (A)softcap;
+  const A scale = (A)inv_temperature;
+  for (long long row = blockIdx.x; row < num_rows; row += gridDim.x) {
+    const T* in = logits + row * num_classes;
+    TokenStatsVisitor<A, kSoftcap> visit = {identity_stats(static_cast<TokenStats<A>*>(nullptr)), cap, scale};
+    sweep_read<Storage<T>::kUnroll>(in, width, true, visit, (uint4*)nullptr, 0, false);
+    const TokenStats<A> stats = block_reduce(visit.stats);
+    if (threadIdx.x == 0) {
+      const long long label = labels[row];
+      const bool has_target = label >= 0 && label < num_classes;
+      const A target = has_target ? apply_softcap<kSoftcap>(Storage<T>::to_acc(in[label]), cap) * scale : A(0);
+      stats_out[row] = (double)stats.row_max;
+      stats_out[num_rows + row] = (double)stats.sum_exp;
+      stats_out[2 * num_rows + row] = (double)stats.centred;
+      stats_out[3 * num_rows + row] = (double)target;
+      stats_out[4 * num_rows + row] = (double)stats.raw_max;
+      argmax_out[row] = stats.argmax == kNoIndex ? 0 : stats.argmax;
+    }
+  }
+}
+
+template <typename A>
+struct TokenGradCoefs {
+  A reference;    // row max, or 0 when it is -inf
+  A prob_coef;    // (a - c) / (S temperature)
+  A entropy_coef; // b / (S temperature)
+  A mean_shift;   // T / S
+  A target_grad;  // the whole gradient at the label, formed in double and rounded once
+};
+
+template <typename A, bool kSoftcap>
+struct TokenGradOp {
+  TokenGradCoefs<A> coefs;
+  A cap;
+  A inv_temperature;
+  int target;  // the label's index in the range (outside [0, length) if elsewhere)
+
+  template <int N>
+  __device__ __forceinline__ void operator()(A (&x)[N], int first_class) {
+    const A floor = A(kCentredFloor);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const A value = apply_softcap<kSoftcap>(x[k], cap);
+      const A centred = value * inv_temperature - coefs.reference;
+      A grad = fast_exp(centred) *
+               (coefs.entropy_coef * (coefs.mean_shift - (centred > floor ? centred : floor)) - coefs.prob_coef);
+      if (kSoftcap) {
+        const A ratio = value / cap;
+        grad *= A(1) - ratio * ratio;
+      }
+      x[k] = first_class + k == target ? coefs.target_grad : grad;
+    }
+  }
+};
+
+// The gradient of sum_i a_i logprob_i + b_i entropy_i + c_i lse_i over rows of a class range
+// (grad may be logits). row_stats: (3, num_rows) float64 planes of m, S, T merged over the whole
+// vocabulary; upstream: (3, num_rows) float64 planes of a, q = a - c and b. Labels: kIgnored
+// rows get zeros, a label outside [0, num_classes) (elsewhere) no target term.
+template <typename T, bool kSoftcap>
+__device__ __forceinline__ void token_grad_rows(const T* logits, T* grad, const long long* labels,
+                                                long long num_rows, long long num_classes, double softcap,
+                                                double inv_temperature, const double* row_stats,
+                                                const double* upstream) {
+  typedef typename Storage<T>::Acc A;
+  __shared__ TokenGradCoefs<A> shared_coefs;
+  const int width = (int)num_classes;
+  const A cap = (A)softcap;
+  for (long long row = blockIdx.x; row < num_rows; row += gridDim.x) {
+    const long long label = labels[row];
+    const T* in = logits + row * num_classes;
+    T* out = grad + row * num_classes;
+    const bool vectorize = ((address_of(in) ^ address_of(out)) & 15u) == 0;
+    if (label == kIgnored) {
+      fill_zero(out, width);
+      continue;
+    }
+    // The previous row's sweep may still be reading shared_coefs.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const double row_max = row_stats[row];
+      const double sum_exp = row_stats[num_rows + row];
+      const double mean_shift = row_stats[2 * num_rows + row] / sum_exp;
+      const double a = upstream[row], q = upstream[num_rows + row], b = upstream[2 * num_rows + row];
+      const double reference = row_max > neg_inf(0.0) ? row_max : 0.0;
+      TokenGradCoefs<A> coefs;
+      coefs.reference = (A)reference;
+      coefs.prob_coef = (A)(q * inv_temperature / sum_exp);
+      coefs.entropy_coef = (A)(b * inv_temperature / sum_exp);
+      coefs.mean_shift = (A)mean_shift;
+      coefs.target_grad = A(0);
+      if (label >= 0 && label < num_classes) {
+        const double value = (double)apply_softcap<kSoftcap>(Storage<T>::to_acc(in[label]), cap);
+        const double centred = value * inv_temperature - reference;
+        const double prob = fast_exp(centred) / sum_exp;
+        double target = a - q * prob + b * prob * (mean_shift - (centred > kCentredFloor ? centred : kCentredFloor));
+        target *= inv_temperature;
+        if (kSoftcap) {
+          const double ratio = value / softcap;
+          target *= 1.0 - ratio * ratio;
+        }
+        coefs.target_grad = (A)target;
+      }
+      shared_coefs = coefs;
+    }
+    __syncthreads();
+    TokenGradOp<A, kSoftcap> op = {shared_coefs, cap, (A)inv_temperature, (int)label};
+    // With the softcap's tanh the unrolled sweep needs more than the 64 registers a 1024-thread
+    // block allows (ptxas spilled): one vector in flight there.
+    // Ascending: nothing is cached, and the descending walk's indices cost registers too.
+    sweep_write<kSoftcap ? 1 : Storage<T>::kUnroll, T, TokenGradOp<A, kSoftcap>, false>(
+        in, out, width, vectorize, op, (const uint4*)nullptr, 0);
+  }
+}
+
 }  // namespace fastxent
 
 // ------------------------------------------------------------------------------------------
@@ -1111,6 +1353,29 @@ __device__ __forceinline__ void prob_rows(const T* probs, T* grad, const long lo
                            class_weight_total, num_rows, num_classes, num_classes_total, smoothing,         \
                            z_loss, grad_scale, loss_out, row_min_out);                                      \
   }
+
+#define FASTXENT_TOKEN_ENTRIES(T, DTYPE, SOFTCAP, SUFFIX)                                                    \
+  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads, 1) xent_token_stats##SUFFIX##DTYPE(      \
+      const T* logits, const long long* labels, long long num_rows, long long num_classes, double softcap,   \
+      double inv_temperature, double* stats_out, long long* argmax_out) {                                   \
+    fastxent::token_stats_rows<T, SOFTCAP>(logits, labels, num_rows, num_classes, softcap, inv_temperature, \
+                                           stats_out, argmax_out);                                          \
+  }                                                                                                         \
+  extern "C" __global__ void __launch_bounds__(fastxent::kMaxThreads, 1) xent_token_grad##SUFFIX##DTYPE(       \
+      const T* logits, T* grad, const long long* labels, long long num_rows, long long num_classes,          \
+      double softcap, double inv_temperature, const double* row_stats, const double* upstream) {            \
+    fastxent::token_grad_rows<T, SOFTCAP>(logits, grad, labels, num_rows, num_classes, softcap,             \
+                                          inv_temperature, row_stats, upstream);                            \
+  }
+
+#define FASTXENT_ALL_TOKEN_ENTRIES(T, DTYPE)    \
+  FASTXENT_TOKEN_ENTRIES(T, DTYPE, false, _)    \
+  FASTXENT_TOKEN_ENTRIES(T, DTYPE, true, _softcap_)
+
+FASTXENT_ALL_TOKEN_ENTRIES(__half, float16)
+FASTXENT_ALL_TOKEN_ENTRIES(__nv_bfloat16, bfloat16)
+FASTXENT_ALL_TOKEN_ENTRIES(float, float32)
+FASTXENT_ALL_TOKEN_ENTRIES(double, float64)
 
 FASTXENT_ENTRIES(__half, float, float16)
 FASTXENT_ENTRIES(__nv_bfloat16, float, bfloat16)
