@@ -14,8 +14,6 @@ Fast-math, the rule every kernel follows:
 
 from __future__ import annotations
 
-import os
-
 from llvmlite import binding as llvm
 from numba.core import config
 
@@ -43,8 +41,6 @@ def target_features() -> frozenset[str]:
 # the max keeps a loop of its own (see benchmarks/results/half-avx512.md for both measured).
 AVX512 = {"avx512f", "avx512bw"} <= target_features()
 FUSE_HALF_MAX = AVX512
-if os.environ.get("FASTXENT_FUSE_HALF_MAX") is not None:
-    FUSE_HALF_MAX = os.environ["FASTXENT_FUSE_HALF_MAX"] == "1"
 
 # Every kernel also uses error_model="numpy": Numba's default Python error model checks each
 # division for a zero divisor (to raise ZeroDivisionError), which blocks vectorization
