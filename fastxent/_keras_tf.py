@@ -83,9 +83,15 @@ def sparse_categorical_crossentropy(y_true, y_pred, from_logits=False, ignore_cl
         raise ValueError(f"Argument `output` must be at least rank 1. Received: output.shape={y_pred.shape}")
     class_axis = axis % rank
     row_shape = y_pred.shape[:class_axis] + y_pred.shape[class_axis + 1 :]
-    if len(y_true.shape) != rank - 1 or not y_true.shape.is_compatible_with(row_shape):
+    # Keras' own two checks and messages.
+    if len(y_true.shape) != rank - 1:
         raise ValueError(
-            "Arguments `target` and `output` must have the same shape up until the class dimension: "
+            "Argument `output` must have rank (ndim) `target.ndim - 1`. "
+            f"Received: target.shape={y_true.shape}, output.shape={y_pred.shape}"
+        )
+    if not y_true.shape.is_compatible_with(row_shape):
+        raise ValueError(
+            "Arguments `target` and `output` must have the same shape up until the last dimension: "
             f"target.shape={y_true.shape}, output.shape={y_pred.shape}"
         )
 

@@ -351,6 +351,10 @@ def errors_are_clear():
         lambda: keras.losses.sparse_categorical_crossentropy(np.zeros((4, 2)), logits),
     )
     same_outcome(
+        lambda: fxk.sparse_categorical_crossentropy(np.zeros(3), logits),
+        lambda: keras.losses.sparse_categorical_crossentropy(np.zeros(3), logits),
+    )
+    same_outcome(
         lambda: fxk.categorical_crossentropy(np.zeros((4, 2)), logits, from_logits=True),
         lambda: keras.losses.categorical_crossentropy(np.zeros((4, 2)), logits, from_logits=True),
     )
