@@ -1,47 +1,37 @@
-"""Keras 3 drop-in losses on fastxent's fused kernel (TensorFlow backend).
+"""Keras 3 drop-in losses on fastxent's fused kernels, on each Keras backend.
 
 ``SparseCategoricalCrossentropy`` and ``CategoricalCrossentropy`` are Keras' own classes (same
-constructor, config, reduction, ``sample_weight`` and mask handling: ``isinstance`` checks still
-pass) with the per-row loss computed by fastxent, its gradient from the same fused call. The
-module-level ``sparse_categorical_crossentropy`` and ``categorical_crossentropy`` mirror
-``keras.losses``' functions.
+constructor, config, reduction, ``sample_weight``, mask and dtype-policy handling: ``isinstance``
+checks still pass) with the per-row loss computed by fastxent, its gradient from the same fused
+call. The module-level ``sparse_categorical_crossentropy`` and ``categorical_crossentropy``
+mirror ``keras.losses``' functions; ``get`` and ``register`` resolve their names.
 
 ``LinearCrossEntropy`` is an output layer (Dense's kernel and bias) that adds the fused linear +
 cross-entropy loss (``fastxent.linear_cross_entropy``) without materialising the logits.
 
-Keras' quirks are reproduced:
-* With ``from_logits=False``, a ``y_pred`` that comes straight out of a softmax (Keras marks it,
-  or in a graph its op is ``Softmax``) is replaced by the softmax's input and treated as logits,
-  so ``Dense(n, activation="softmax")`` trains on exact logits, not on clipped probabilities.
-  ``ignore_class`` turns that off (Keras masks ``y_pred`` first, which hides the softmax).
-* Otherwise probabilities are clipped to [1e-7, 1 - 1e-7] (the sparse loss takes the log and a
-  softmax; the dense one first divides each row by its sum).
-* ``ignore_class`` rows get loss 0 and a Keras mask, so "sum_over_batch_size" divides by the
-  number of rows that are not ignored (0 when there are none).
-* Labels arrive in the loss dtype (float32) and are truncated to integers, as Keras does.
+Every call dispatches on ``keras.backend.backend()``:
 
-Deviations, on purpose: a label outside [0, C) raises fastxent's ``ValueError`` (TensorFlow
-raises ``InvalidArgumentError``, or returns NaN on a GPU); a negative "probability" with
-``from_logits=False`` raises ``ValueError`` (Keras returns a meaningless loss); a class whose
-dense target is 0 contributes 0 even where its logit is -inf (Keras: NaN); the dense loss gives
-no gradient to ``y_true``.
+* "tensorflow": ``fastxent.tf`` (a host call: ``jit_compile=True`` raises, asking for False).
+  Keras' TensorFlow quirks are reproduced (``fastxent._keras_tf``): a softmax output is read
+  back as its logits, probabilities are clipped and then normalised by a softmax.
+* "jax": ``fastxent.jax`` (an XLA custom call: ``jit_compile`` on or off).
+* "torch": ``fastxent.torch`` (autograd functions; ``jit_compile=True`` runs ``torch.compile``).
 
-``model.fit`` works with ``jit_compile=False`` (the default on CPU-only machines): the kernel
-runs as a host call that XLA cannot compile. Import this module explicitly:
-``import fastxent.keras``.
+Each backend gives its own Keras numbers. On JAX and PyTorch, Keras reads probabilities
+(``from_logits=False``) as ``log(clip(p / sum(p), 1e-7, 1 - 1e-7))`` with no softmax: nothing
+to fuse there, so the sparse loss reads only each row's sum and its label's entry (no N x C
+temporaries) and the dense loss is Keras' own. Labels outside [0, C) raise fastxent's
+``ValueError`` (PyTorch's label -100 is ignored, as Keras' PyTorch backend does).
+Import this module explicitly: ``import fastxent.keras``.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import keras
 import numpy as np
-import tensorflow as tf
-
-from fastxent._linear_api import linear_cross_entropy_with_grad
-from fastxent.tf import dense_per_row, host_call, sparse_per_row
+from keras import ops
 
 __all__ = [
     "CategoricalCrossentropy",
@@ -53,39 +43,21 @@ __all__ = [
     "sparse_categorical_crossentropy",
 ]
 
-# Ignored rows are handed to the kernel with this label: no real label can take it.
-_IGNORED = np.iinfo(np.int64).min
 
-
-def _require_tensorflow_backend() -> None:
-    if keras.backend.backend() != "tensorflow":
-        raise NotImplementedError(
-            f"fastxent.keras runs on Keras' TensorFlow backend; this Keras uses {keras.backend.backend()!r}. "
-            "With the torch or jax backend use fastxent.torch or fastxent.jax in a custom loss."
-        )
-
-
-def _keras_logits(output, from_logits: bool, fn_name: str):
-    """Keras' ``_get_logits``: the softmax's input when ``output`` comes straight out of a softmax."""
-    if hasattr(output, "_keras_logits"):
-        found = output._keras_logits
-    elif (
-        hasattr(output, "op")
-        and not isinstance(output, (tf.__internal__.EagerTensor, tf.Variable))
-        and output.op.type == "Softmax"
-    ):
-        if len(output.op.inputs) != 1:
-            raise ValueError("Expected 1 input for Softmax.")
-        found = output.op.inputs[0]
+def _backend():
+    """The module that computes fastxent.keras' losses on the running Keras backend."""
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        from fastxent import _keras_tf as module
+    elif name == "jax":
+        from fastxent import _keras_jax as module
+    elif name == "torch":
+        from fastxent import _keras_torch as module
     else:
-        return output, from_logits
-    if from_logits:
-        warnings.warn(
-            f'"`{fn_name}` received `from_logits=True`, but the `output` argument was produced by a '
-            "Softmax activation and thus does not represent logits. Was this intended?",
-            stacklevel=3,
+        raise NotImplementedError(
+            f"fastxent.keras runs on Keras' tensorflow, jax and torch backends; this Keras uses {name!r}"
         )
-    return found, True
+    return module
 
 
 def _check_axis(axis) -> None:
@@ -93,52 +65,94 @@ def _check_axis(axis) -> None:
         raise ValueError(f"`axis` must be of type `int`. Received: axis={axis} of type {type(axis)}")
 
 
-@tf.autograph.experimental.do_not_convert
+def _set_keras_mask(tensor, mask) -> None:
+    """Attach a Keras mask (Keras' reduction reads it) to a tensor of any backend."""
+    from keras.src.backend import set_keras_mask
+
+    set_keras_mask(tensor, mask)
+
+
 def sparse_categorical_crossentropy(y_true, y_pred, from_logits=False, ignore_class=None, axis=-1):
     """``keras.losses.sparse_categorical_crossentropy`` on fastxent's fused kernel.
 
-    Returns the per-row losses (``y_pred``'s shape without ``axis``), with a Keras mask of the
-    rows that are not ``ignore_class``.
-    """
-    _require_tensorflow_backend()
-    _check_axis(axis)
-    y_pred = tf.convert_to_tensor(y_pred)
-    y_true = tf.convert_to_tensor(y_true)
-    if axis != -1 and axis != len(y_pred.shape) - 1:
-        # Keras (TensorFlow backend) takes the classes on the last axis only, and says so.
-        raise ValueError(f"Only axis=-1 is currently supported. Received: axis={axis}")
-    if len(y_true.shape) == len(y_pred.shape) and y_true.shape[axis] == 1:
-        y_true = tf.squeeze(y_true, axis=axis)
-    rank = len(y_pred.shape)
-    if rank < 1:
-        raise ValueError(f"Argument `output` must be at least rank 1. Received: output.shape={y_pred.shape}")
-    class_axis = axis % rank
-    row_shape = y_pred.shape[:class_axis] + y_pred.shape[class_axis + 1 :]
-    if len(y_true.shape) != rank - 1 or not y_true.shape.is_compatible_with(row_shape):
-        raise ValueError(
-            "Arguments `target` and `output` must have the same shape up until the class dimension: "
-            f"target.shape={y_true.shape}, output.shape={y_pred.shape}"
-        )
+    Args:
+        y_true: class indices (any numeric dtype, truncated to integers as Keras does), the
+            shape of ``y_pred`` without ``axis`` (a trailing axis of 1 is squeezed).
+        y_pred: logits (``from_logits=True``) or probabilities, float16/bfloat16/float32/float64.
+        from_logits, ignore_class, axis: as Keras'.
 
-    labels = tf.cast(y_true, tf.int64)
-    if ignore_class is None:
-        logits, logits_given = _keras_logits(y_pred, from_logits, "sparse_categorical_crossentropy")
-        return sparse_per_row(logits, labels, from_logits=logits_given, axis=class_axis)
-    valid = tf.not_equal(tf.cast(y_true, y_pred.dtype), tf.cast(ignore_class, y_pred.dtype))
-    labels = tf.where(valid, labels, tf.constant(_IGNORED, tf.int64))
-    losses = sparse_per_row(y_pred, labels, from_logits=from_logits, ignore_index=int(_IGNORED), axis=class_axis)
-    # Keras' reduction reads this mask: "sum_over_batch_size" divides by the rows kept.
-    losses._keras_mask = valid
+    Returns:
+        The per-row losses in ``y_pred``'s dtype (its shape without ``axis``), with a Keras mask
+        of the rows that are not ``ignore_class``.
+    """
+    _check_axis(axis)
+    backend = _backend()
+    if backend.NAME == "tensorflow":
+        return backend.sparse_categorical_crossentropy(y_true, y_pred, from_logits, ignore_class, axis)
+    y_pred = ops.convert_to_tensor(y_pred)
+    y_true = ops.convert_to_tensor(y_true)
+    if len(y_true.shape) == len(y_pred.shape) and y_true.shape[axis] == 1:
+        y_true = ops.squeeze(y_true, axis=axis)
+    # Keras compares the labels in their own (floating) dtype with the ignored class.
+    valid = None if ignore_class is None else ops.not_equal(y_true, ops.cast(ignore_class, y_pred.dtype))
+    labels = backend.labels_like_keras(y_true, y_pred, axis)
+    class_axis = axis % len(y_pred.shape)
+    if from_logits:
+        losses = backend.sparse_logits_per_row(y_pred, labels, class_axis, valid)
+    else:
+        losses = _sparse_probabilities_per_row(y_pred, labels, class_axis, valid, backend.SKIPPED_LABEL)
+    if valid is not None:
+        losses = ops.where(valid, losses, ops.zeros_like(losses))
+        # Keras' reduction reads this mask: "sum_over_batch_size" divides by the rows kept.
+        _set_keras_mask(losses, valid)
     return losses
 
 
-@tf.autograph.experimental.do_not_convert
+def _sparse_probabilities_per_row(probabilities, labels, class_axis, valid, skipped_label):
+    """Keras' JAX and PyTorch sparse loss on probabilities, ``-log(clip(p_y / sum(p)))``: the
+    same arithmetic on the one entry per row that Keras' one-hot (or ``nll_loss``) keeps.
+
+    Rows that are not ``valid`` and rows labelled ``skipped_label`` (PyTorch's ``nll_loss``
+    ignores -100) give 0 and no gradient.
+    """
+    kept = valid
+    if skipped_label is not None:
+        counted = ops.not_equal(labels, skipped_label)
+        kept = counted if kept is None else ops.logical_and(kept, counted)
+    if kept is not None:
+        labels = ops.where(kept, labels, ops.zeros_like(labels))
+    total = ops.sum(probabilities, axis=class_axis, keepdims=True)
+    picked = ops.take_along_axis(probabilities, ops.expand_dims(labels, class_axis), axis=class_axis)
+    epsilon = keras.config.epsilon()
+    losses = ops.squeeze(-ops.log(ops.clip(picked / total, epsilon, 1.0 - epsilon)), axis=class_axis)
+    if kept is not None:
+        losses = ops.where(kept, losses, ops.zeros_like(losses))
+    return losses
+
+
 def categorical_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=0.0, axis=-1):
-    """``keras.losses.categorical_crossentropy`` on fastxent's fused kernel (per-row losses)."""
-    _require_tensorflow_backend()
+    """``keras.losses.categorical_crossentropy`` on fastxent's fused kernel.
+
+    Args:
+        y_true: one-hot or probability rows, ``y_pred``'s shape.
+        y_pred: logits (``from_logits=True``) or probabilities, float16/bfloat16/float32/float64.
+        from_logits, label_smoothing, axis: as Keras' (smoothing uses the size of the last axis,
+            as Keras does whatever ``axis`` is).
+
+    Returns:
+        The per-row losses in ``y_pred``'s dtype (its shape without ``axis``).
+    """
     _check_axis(axis)
-    y_pred = tf.convert_to_tensor(y_pred)
-    y_true = tf.cast(y_true, y_pred.dtype)
+    backend = _backend()
+    if backend.NAME == "tensorflow":
+        return backend.categorical_crossentropy(y_true, y_pred, from_logits, label_smoothing, axis)
+    if not from_logits:
+        # Keras' JAX and PyTorch backends take no softmax of probabilities: nothing to fuse.
+        return keras.losses.categorical_crossentropy(
+            y_true, y_pred, from_logits=False, label_smoothing=label_smoothing, axis=axis
+        )
+    y_pred = ops.convert_to_tensor(y_pred)
+    y_true = ops.cast(y_true, y_pred.dtype)
     if y_pred.shape[-1] == 1:
         warnings.warn(
             "In loss categorical_crossentropy, expected y_pred.shape to be (batch_size, num_classes) "
@@ -147,25 +161,21 @@ def categorical_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=
             SyntaxWarning,
             stacklevel=2,
         )
+    if label_smoothing:
+        # Keras' formula in Keras' dtype (the size of the last axis, whatever ``axis`` is).
+        num_classes = ops.cast(ops.shape(y_true)[-1], y_pred.dtype)
+        y_true = y_true * (1.0 - label_smoothing) + (label_smoothing / num_classes)
+    if tuple(y_true.shape) != tuple(y_pred.shape):
+        raise ValueError(
+            "Arguments `target` and `output` must have the same shape. "
+            f"Received: target.shape={y_true.shape}, output.shape={y_pred.shape}"
+        )
     if len(y_true.shape) < 1:
         raise ValueError(
             "Arguments `target` and `output` must be at least rank 1. "
             f"Received: target.shape={y_true.shape}, output.shape={y_pred.shape}"
         )
-    if len(y_true.shape) != len(y_pred.shape) or not y_true.shape.is_compatible_with(y_pred.shape):
-        raise ValueError(
-            "Arguments `target` and `output` must have the same shape. "
-            f"Received: target.shape={y_true.shape}, output.shape={y_pred.shape}"
-        )
-    class_axis = axis % len(y_pred.shape)
-    smoothing = float(label_smoothing) if label_smoothing else 0.0
-    if smoothing and class_axis != len(y_pred.shape) - 1:
-        # Keras smooths with the size of the last axis whatever ``axis`` is: do exactly that.
-        num_classes = tf.cast(tf.shape(y_true)[-1], y_pred.dtype)
-        y_true = y_true * (1.0 - smoothing) + smoothing / num_classes
-        smoothing = 0.0
-    logits, logits_given = _keras_logits(y_pred, from_logits, "categorical_crossentropy")
-    return dense_per_row(logits, y_true, from_logits=logits_given, label_smoothing=smoothing, axis=class_axis)
+    return backend.dense_logits_per_row(y_pred, y_true, axis % len(y_pred.shape))
 
 
 @keras.saving.register_keras_serializable(package="fastxent")
@@ -265,60 +275,6 @@ def register() -> None:
 _LINEAR_REDUCTIONS = ("sum_over_batch_size", "mean", "sum")
 
 
-@tf.autograph.experimental.do_not_convert
-def _fused_linear_loss(hidden, kernel, bias, labels, options, *, want_grads, want_head_grads):
-    """The reduced loss of ``hidden @ kernel + bias`` against ``labels`` (kernel (H, V), Dense's
-    layout), differentiable in hidden, kernel and bias; computed by
-    ``fastxent.linear_cross_entropy_with_grad`` without the logits.
-
-    With ``want_grads`` the host call computes the loss and the gradients together and the
-    backward scales them by the incoming scalar; otherwise the loss alone, and a backward (if
-    one is asked for after all) computes the gradients then. ``want_head_grads`` False skips
-    the kernel and bias gradients (a frozen layer: no weight-gradient GEMM).
-    """
-    loss_dtype = tf.float64 if hidden.dtype == tf.float64 else tf.float32
-    with_bias = bias is not None
-
-    def compute(wants, hidden_array, kernel_array, labels_array, *bias_array):
-        # The kernel's (H, V) memory read as the (V, H) weight the linear API takes.
-        loss, grad_hidden, grad_weight, grad_bias = linear_cross_entropy_with_grad(
-            hidden_array,
-            kernel_array.T,
-            labels_array,
-            bias=bias_array[0] if with_bias else None,
-            hidden_grad=wants,
-            weight_grad=wants and want_head_grads,
-            bias_grad=wants and want_head_grads,
-            **options,
-        )
-        if not wants:
-            return (loss,)
-        grad_kernel = np.zeros(kernel_array.shape, kernel_array.dtype) if grad_weight is None else grad_weight.T
-        results = [loss, grad_hidden, np.ascontiguousarray(grad_kernel)]
-        if with_bias:
-            results.append(np.zeros(bias_array[0].shape, bias_array[0].dtype) if grad_bias is None else grad_bias)
-        return results
-
-    def host(wants, tensors):
-        out_dtypes = [loss_dtype] + ([t.dtype for t in tensors if t is not labels] if wants else [])
-        out_shapes = [tf.TensorShape([])] + ([t.shape for t in tensors if t is not labels] if wants else [])
-        return host_call(functools.partial(compute, wants), tensors, out_dtypes, out_shapes)
-
-    @tf.custom_gradient
-    def fused(hidden_in, kernel_in, *bias_in):
-        tensors = [hidden_in, kernel_in, labels, *bias_in]
-        outputs = host(want_grads, tensors)
-        loss = outputs[0]
-
-        def backward(upstream):
-            grads = outputs[1:] if want_grads else host(True, tensors)[1:]
-            return [g * tf.cast(upstream, g.dtype) for g in grads]
-
-        return loss, backward
-
-    return fused(hidden, kernel, *([bias] if with_bias else []))
-
-
 @keras.saving.register_keras_serializable(package="fastxent")
 class LinearCrossEntropy(keras.layers.Layer):
     """An output layer and its loss in one: ``Dense(num_classes)`` + sparse cross-entropy from
@@ -329,15 +285,16 @@ class LinearCrossEntropy(keras.layers.Layer):
     ``set_weights``/``get_weights`` carry over both ways). Called as ``layer([hidden, labels])``
     with hidden ``(..., H)`` and integer labels ``(...)``, it returns the reduced scalar loss and
     adds it to the model with ``add_loss``, so a model whose output is this layer trains with
-    ``model.compile(optimizer, loss=None, jit_compile=False)`` and ``model.fit([hidden,
-    labels])``. Design choice: the loss, not the logits, is the layer's output (returning logits
-    would materialise them); per-token losses are not offered, so the backward only scales the
-    gradients the forward computed (one fused call per step).
+    ``model.compile(optimizer, loss=None)`` and ``model.fit([hidden, labels])``. Design choice:
+    the loss, not the logits, is the layer's output (returning logits would materialise them);
+    per-token losses are not offered, so the backward only scales the gradients the forward
+    computed (one fused call per step).
 
-    In training (``training`` not False) the forward computes the loss and the gradients of
-    hidden, kernel and bias in one call (kernel and bias only when the layer is trainable: a
-    frozen head costs no weight-gradient GEMM); in inference the loss alone. Runs through
-    ``tf.py_function`` inside ``model.fit`` (TensorFlow backend only, ``jit_compile=False``).
+    In training the forward computes the loss and the gradients of hidden, kernel and bias in
+    one call (kernel and bias only when the layer is trainable: a frozen head costs no
+    weight-gradient GEMM); in inference the loss alone. On every Keras backend: TensorFlow
+    (``jit_compile=False``), JAX (``fastxent.jax.linear_cross_entropy``) and PyTorch
+    (``fastxent.torch.linear_cross_entropy``).
 
     Args:
         num_classes: V, the vocabulary size.
@@ -364,7 +321,7 @@ class LinearCrossEntropy(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _require_tensorflow_backend()
+        _backend()  # an unsupported backend fails here, not at the first call
         if reduction not in _LINEAR_REDUCTIONS:
             raise ValueError(f"reduction must be one of {_LINEAR_REDUCTIONS}; got {reduction!r}")
         self.num_classes = int(num_classes)
@@ -394,21 +351,21 @@ class LinearCrossEntropy(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         hidden, labels = inputs
-        hidden = tf.convert_to_tensor(hidden)
-        labels = tf.cast(labels, tf.int64)
+        hidden = ops.convert_to_tensor(hidden)
+        labels = ops.convert_to_tensor(labels)
         if len(labels.shape) == len(hidden.shape) and labels.shape[-1] == 1:
-            labels = tf.squeeze(labels, axis=-1)  # Keras' sparse labels often come as (N, 1)
-        kernel = tf.cast(tf.convert_to_tensor(self.kernel), hidden.dtype)
-        bias = None if self.bias is None else tf.cast(tf.convert_to_tensor(self.bias), hidden.dtype)
+            labels = ops.squeeze(labels, axis=-1)  # Keras' sparse labels often come as (N, 1)
+        kernel = ops.cast(self.kernel, hidden.dtype)
+        bias = None if self.bias is None else ops.cast(self.bias, hidden.dtype)
         options = dict(
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
-            class_weight=None if self.class_weight is None else np.asarray(self.class_weight),
+            class_weight=None if self.class_weight is None else np.asarray(self.class_weight, np.float32),
             z_loss=self.z_loss,
             softcap=self.softcap,
             reduction=self.reduction,
         )
-        loss = _fused_linear_loss(
+        loss = _backend().linear_loss(
             hidden,
             kernel,
             bias,

@@ -216,8 +216,10 @@ def test_errors_are_clear(rng):
         fxk.SparseCategoricalCrossentropy(from_logits=True)(np.array([0, 1, 2, 6]), logits)
     with pytest.raises(ValueError, match="looks like logits: pass from_logits=True"):
         fxk.SparseCategoricalCrossentropy()(np.array([0, 1, 2, 3]), logits)
-    with pytest.raises(ValueError, match="same shape up until the class dimension"):
+    with pytest.raises(ValueError, match=r"must have rank \(ndim\) `target.ndim - 1`"):
         fxk.sparse_categorical_crossentropy(np.zeros((4, 2)), logits)
+    with pytest.raises(ValueError, match="same shape up until the last dimension"):
+        fxk.sparse_categorical_crossentropy(np.zeros((3,)), logits)
 
 
 def tutorial_model(seed):
