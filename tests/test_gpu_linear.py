@@ -291,11 +291,17 @@ def test_warm_up_loads_the_kernels_of_the_dtypes(monkeypatch):
         return kernel
 
     monkeypatch.setattr(xent, "get_kernel", recording)
+    from fastxent.gpu import _names
+
     device = _device_count() - 1
-    assert gpu.warm_up(["float32", np.float64], device=device) == 18
+    # Per dtype: every logit kernel with and without softcap, and the plain ones.
+    per_dtype = 2 * len(_names.LOGIT_KINDS) + len(_names.PLAIN_KINDS)
+    assert gpu.warm_up(["float32", np.float64], device=device) == 2 * per_dtype
     names = {name for name, _, _ in loaded}
     assert {"xent_fwd_bwd_float32", "xent_part_stats_softcap_float64", "xent_prob_float32"} <= names
-    assert len(names) == 18 and {d for _, d, _ in loaded} == {device}
+    assert names <= set(_names.all_kernel_names())
+    assert not any("float16" in name for name in names)  # only the dtypes asked for
+    assert len(names) == 2 * per_dtype and {d for _, d, _ in loaded} == {device}
     assert all(kernel is not None for _, _, kernel in loaded)
     with pytest.raises(ValueError, match="no kernels for dtype 'int32'"):
         gpu.warm_up([np.int32])
