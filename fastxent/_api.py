@@ -373,8 +373,7 @@ def _run_on_device(
     out_rows = None
     if out is not None:
         checks.check_out(out, logits, inplace, xp)
-        # np.moveaxis costs microseconds even when there is nothing to move (axis last).
-        moved_out = out if axis == out.ndim - 1 else xp.moveaxis(out, axis, -1)
+        moved_out = xp.moveaxis(out, axis, -1)
         # The kernels write straight into ``out`` when its rows are contiguous; otherwise into a
         # new buffer that is copied into ``out`` below.
         if moved_out.flags.c_contiguous:
@@ -438,9 +437,7 @@ def sparse_cross_entropy(
         The loss: float32 (float64 for float64 logits); 0-d for "sum"/"mean"/
         "sum_over_batch_size", the labels' shape for "none".
     """
-    # Host arrays skip ``_run``'s device scope (and one more pass of these keywords).
-    run = _run_on_device if type(logits) is np.ndarray else _run
-    return run(
+    return _run(
         logits,
         labels,
         want_grad=False,
@@ -490,9 +487,7 @@ def sparse_cross_entropy_with_grad(
         logits' shape and dtype (the ``logits`` array itself when ``inplace=True``, ``out`` when
         given).
     """
-    # Host arrays skip ``_run``'s device scope (and one more pass of these keywords).
-    run = _run_on_device if type(logits) is np.ndarray else _run
-    return run(
+    return _run(
         logits,
         labels,
         want_grad=True,
