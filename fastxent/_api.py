@@ -373,7 +373,8 @@ def _run_on_device(
     out_rows = None
     if out is not None:
         checks.check_out(out, logits, inplace, xp)
-        moved_out = xp.moveaxis(out, axis, -1)
+        # np.moveaxis costs microseconds even when there is nothing to move (axis last).
+        moved_out = out if axis == out.ndim - 1 else xp.moveaxis(out, axis, -1)
         # The kernels write straight into ``out`` when its rows are contiguous; otherwise into a
         # new buffer that is copied into ``out`` below.
         if moved_out.flags.c_contiguous:
@@ -437,7 +438,9 @@ def sparse_cross_entropy(
         The loss: float32 (float64 for float64 logits); 0-d for "sum"/"mean"/
         "sum_over_batch_size", the labels' shape for "none".
     """
-    return _run(
+    # Host arrays skip ``_run``'s device scope (and one more pass of these keywords).
+    run = _run_on_device if type(logits) is np.ndarray else _run
+    return run(
         logits,
         labels,
         want_grad=False,
@@ -487,7 +490,9 @@ def sparse_cross_entropy_with_grad(
         logits' shape and dtype (the ``logits`` array itself when ``inplace=True``, ``out`` when
         given).
     """
-    return _run(
+    # Host arrays skip ``_run``'s device scope (and one more pass of these keywords).
+    run = _run_on_device if type(logits) is np.ndarray else _run
+    return run(
         logits,
         labels,
         want_grad=True,

@@ -184,7 +184,10 @@ def class_weights(class_weight, num_classes: int, xp: Any, *, what: str = "have 
 def row_weights(sample_weight, lead_shape: Tuple[int, ...], xp: Any = np, *, rows_name: str = "the labels shape"):
     """float64 (N,) weight per row from ``sample_weight`` broadcast to the rows' shape (ones without)."""
     if sample_weight is None:
-        return xp.ones(math.prod(lead_shape), dtype=xp.float64)
+        # empty + fill: half the time of ones for the few rows of a small call.
+        ones = xp.empty(math.prod(lead_shape), dtype=xp.float64)
+        ones.fill(1.0)
+        return ones
     sample = xp.asarray(sample_weight, dtype=xp.float64)
     try:
         return xp.ascontiguousarray(xp.broadcast_to(sample, lead_shape).reshape(-1))
