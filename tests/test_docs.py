@@ -215,7 +215,7 @@ def test_gpu_examples(tmp_path):
 # The README's two set-up commands: a fresh machine must run them as they are written.
 SETUP_COMMANDS = (
     'python3 -m venv .venv && .venv/bin/pip install -q -e ".[bench]" && .venv/bin/fastxent bench',
-    'python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" && .venv/bin/python -m pytest -q',
+    'python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" && .venv/bin/python -m pytest -q -n 2 --dist loadfile',
 )
 
 
