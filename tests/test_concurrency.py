@@ -140,7 +140,13 @@ def test_second_process_loads_kernels_from_the_cache(rng, tmp_path):
         check=True,
     )
     report = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert report["results"] == expected
+    # The same numbers to float32 rounding, not bit for bit: Numba links a kernel's callees into
+    # each cached library as weak copies, optimised in that library (fast-math), and a process
+    # runs the copy it loaded first, so the last bits of a gradient can depend on which kernels a
+    # process called before (docs/architecture.md, "Reproducibility").
+    assert report["results"].keys() == expected.keys()
+    for name, values in expected.items():
+        np.testing.assert_allclose(report["results"][name], values, rtol=4 * np.finfo(np.float32).eps, err_msg=name)
     assert report["misses"] == 0
     assert report["hits"] >= 2  # at least one kernel per path
     assert report["compiled"] == [], "compiled instead of loaded from the cache"
