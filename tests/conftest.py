@@ -8,6 +8,7 @@ fixed with ``FASTXENT_TEST_SEED=<int>`` to reproduce a failure).
 
 from __future__ import annotations
 
+import importlib
 import os
 import zlib
 from dataclasses import dataclass
@@ -402,3 +403,29 @@ def make_case(rng, option, lead_shape, num_classes, dtype, *, from_logits=True):
     if option in ("softcap", "everything") and from_logits:
         options["softcap"] = 5.0
     return inputs, labels, options
+
+
+# ----------------------------------------------------------------------------------------
+# GPU test modules
+# ----------------------------------------------------------------------------------------
+
+
+def cuda_device_count(cupy) -> int:
+    """How many CUDA devices CuPy sees: 0 without a driver or with a broken install."""
+    try:
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # CUDARuntimeError without a driver, or a broken install
+        return 0
+
+
+def cupy_with_a_device():
+    """CuPy for a GPU test module, or a skip of the whole module where CuPy is missing or sees no
+    device. ``FASTXENT_REQUIRE_GPU=1`` (set by tools/gpu_check.sh on a GPU machine) makes either
+    an error instead, where a skip would hide a broken install."""
+    required = os.environ.get("FASTXENT_REQUIRE_GPU") == "1"
+    cupy = importlib.import_module("cupy") if required else pytest.importorskip("cupy")
+    if cuda_device_count(cupy) == 0:
+        if required:
+            raise RuntimeError("FASTXENT_REQUIRE_GPU=1 but CuPy sees no CUDA device")
+        pytest.skip("CuPy sees no CUDA device", allow_module_level=True)
+    return cupy

@@ -11,37 +11,19 @@ the launcher with uint16 storage (``storage="bfloat16"``) everywhere.
 
 from __future__ import annotations
 
-import importlib
 import os
 import types
 
 import numpy as np
 import pytest
-
-# tools/gpu_check.sh sets this on a GPU machine, where a skip would hide a broken install.
-REQUIRE_GPU = os.environ.get("FASTXENT_REQUIRE_GPU") == "1"
-
-cupy = importlib.import_module("cupy") if REQUIRE_GPU else pytest.importorskip("cupy")
-
-
-def _device_count() -> int:
-    try:
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # CUDARuntimeError without a driver, or a broken install
-        return 0
-
-
-if _device_count() == 0:
-    if REQUIRE_GPU:
-        raise RuntimeError("FASTXENT_REQUIRE_GPU=1 but CuPy sees no CUDA device")
-    pytest.skip("CuPy sees no CUDA device", allow_module_level=True)
-
 from conftest import (  # noqa: E402
     BFLOAT16,
     FLOAT_DTYPES,
     OPTION_NAMES,
     REDUCTIONS,
     assert_grad_close,
+    cuda_device_count,
+    cupy_with_a_device,
     dtype_id,
     loss_dtype_for,
     make_case,
@@ -53,6 +35,13 @@ from conftest import (  # noqa: E402
     shape_id,
     tolerance,
 )
+
+cupy = cupy_with_a_device()
+
+
+def _device_count() -> int:
+    return cuda_device_count(cupy)
+
 
 import fastxent  # noqa: E402
 from fastxent import reference  # noqa: E402

@@ -7,38 +7,27 @@ Skipped as a whole where CuPy is missing or sees no device; in CI it runs on the
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import numpy as np
 import pytest
-
-REQUIRE_GPU = os.environ.get("FASTXENT_REQUIRE_GPU") == "1"
-cupy = importlib.import_module("cupy") if REQUIRE_GPU else pytest.importorskip("cupy")
-
-
-def _device_count() -> int:
-    try:
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # CUDARuntimeError without a driver, or a broken install
-        return 0
-
-
-if _device_count() == 0:
-    if REQUIRE_GPU:
-        raise RuntimeError("FASTXENT_REQUIRE_GPU=1 but CuPy sees no CUDA device")
-    pytest.skip("CuPy sees no CUDA device", allow_module_level=True)
-
 from conftest import (  # noqa: E402
     BFLOAT16,
     OPTION_NAMES,
     REDUCTIONS,
     assert_at_least_naive_accuracy,
     assert_loss_close,
+    cuda_device_count,
+    cupy_with_a_device,
     dtype_id,
     make_case,
     tolerance,
 )
+
+cupy = cupy_with_a_device()
+
+
+def _device_count() -> int:
+    return cuda_device_count(cupy)
+
 
 import fastxent  # noqa: E402
 from fastxent import reference  # noqa: E402
