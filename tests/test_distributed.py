@@ -584,3 +584,52 @@ def test_cuda_tensors(tmp_path, engine, widths):
     ]
     arrays, messages = _launch(command, tmp_path)
     _check_processes(widths, arrays, messages, ["numpy", "torch-fn", "torch-ops"])
+
+
+_GROUP_LIFETIME = """
+import gc, os, weakref
+import numpy as np
+import torch.distributed as dist
+from fastxent import distributed
+from fastxent.distributed import _comm
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+group = dist.new_group([0])
+adapter = _comm.communicator_for(group)
+assert _comm.communicator_for(group) is adapter  # one adapter per live group
+loss = distributed.sparse_cross_entropy(np.ones((2, 3), np.float32), np.array([0, 2]), vocab_start=0, group=group)
+np.testing.assert_allclose(loss, np.log(3.0), rtol=1e-6)
+alive = weakref.ref(group)
+dist.destroy_process_group()
+del group
+gc.collect()
+assert alive() is None, "the adapter cache keeps a destroyed process group alive"
+assert not _comm._ADAPTERS
+try:
+    adapter.allreduce_sum(np.zeros(1))
+except RuntimeError as error:
+    assert "no longer exists" in str(error)
+else:
+    raise AssertionError("a collective on a dead group did not raise")
+print("OK")
+"""
+
+
+def test_a_destroyed_process_group_is_not_kept_alive():
+    """The adapter cache holds torch groups weakly: a group outliving destroy_process_group()
+    would be destroyed at interpreter exit, where Gloo can abort the process."""
+    pytest.importorskip("torch")
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _GROUP_LIFETIME],
+        env=dict(os.environ, PORT=str(port)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "OK" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]

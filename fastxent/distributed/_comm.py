@@ -15,6 +15,7 @@ what the benchmark reports; what crosses the wire per rank depends on the engine
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Any, Sequence
 
 import numpy as np
@@ -103,11 +104,21 @@ class TorchCommunicator(Communicator):
 
         self._torch = torch
         self._dist = dist
-        self.group = dist.group.WORLD if group is None else group
+        # Held weakly: a process group kept alive by this adapter past destroy_process_group()
+        # would be destroyed at interpreter exit, where Gloo's destructor can abort the process.
+        self._group_ref = weakref.ref(dist.group.WORLD if group is None else group)
         self.rank = dist.get_rank(self.group)
         self.size = dist.get_world_size(self.group)
         backend = str(dist.get_backend(self.group)).lower()
         self._device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else None
+
+    @property
+    def group(self) -> Any:
+        """The process group, while it exists."""
+        group = self._group_ref()
+        if group is None:
+            raise RuntimeError("fastxent: this torch.distributed process group no longer exists")
+        return group
 
     def _allreduce(self, buffer: np.ndarray, op: Any) -> np.ndarray:
         self._count(buffer.nbytes)
@@ -135,6 +146,7 @@ class TorchCommunicator(Communicator):
 
 
 # One adapter per group object, so byte counters and the verified layout stay with the group.
+# A torch group's entry goes when the group does (the adapter holds it weakly).
 _ADAPTERS: dict = {}
 
 
@@ -164,7 +176,8 @@ def communicator_for(group: Any = None) -> Communicator:
                     "(mpi4py with the mpich wheel), or pass a torch.distributed process group"
                 ) from error
             group = MPI.COMM_WORLD
-    # Keyed by identity; the cache holds the group, so its id is not reused while cached.
+    # Keyed by identity: an MPI entry holds its communicator, and a torch entry is removed when
+    # its group dies, so an id is never reused while cached.
     cached = _ADAPTERS.get(id(group))
     if cached is not None and cached.group is group:
         return cached
@@ -179,4 +192,6 @@ def communicator_for(group: Any = None) -> Communicator:
             f"got {type(group).__module__}.{type(group).__qualname__}"
         )
     _ADAPTERS[id(group)] = adapter
+    if engine == "torch":
+        weakref.finalize(group, _ADAPTERS.pop, id(group), None)
     return adapter
