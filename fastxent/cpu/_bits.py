@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core.extending import intrinsic, overload, register_jitable
+from numba.core.extending import intrinsic, overload
 
 
 @intrinsic
@@ -228,6 +228,41 @@ def _from_order_key_overload(key):
 
 
 @intrinsic
+def half_order_key(typingctx, bits):
+    """``order_key`` of a float16/bfloat16 from its stored bits, as an int16.
+
+    Both formats keep the sign in bit 15, so the same flip orders either. Computed in i16 so
+    that LLVM keeps 16-bit lanes (Numba would widen int16 arithmetic to int64): a max over
+    these keys takes 16 lanes per AVX2 vector (vpmaxsw) and needs no widening to float32.
+    """
+    if bits not in (types.int16, types.uint16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        sign = builder.ashr(value, ir.Constant(ir.IntType(16), 15))
+        flip = builder.and_(sign, ir.Constant(ir.IntType(16), 0x7FFF))
+        return builder.xor(value, flip)
+
+    return types.int16(bits), codegen
+
+
+@intrinsic
+def half_from_order_key(typingctx, key, like):
+    """The stored bits (typed as ``like``: int16 or uint16) whose ``half_order_key`` is ``key``."""
+    if key != types.int16 or like not in (types.int16, types.uint16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        sign = builder.ashr(value, ir.Constant(ir.IntType(16), 15))
+        flip = builder.and_(sign, ir.Constant(ir.IntType(16), 0x7FFF))
+        return builder.xor(value, flip)
+
+    return like(key, like), codegen
+
+
+@intrinsic
 def max_int16(typingctx, first, second):
     """The larger of two int16, as a select on i16 (vectorizes to vpmaxsw)."""
     if first != types.int16 or second != types.int16:
@@ -251,80 +286,3 @@ def min_int16(typingctx, first, second):
         return builder.select(smaller, args[0], args[1])
 
     return types.int16(first, second), codegen
-
-
-@intrinsic
-def raw_int16(typingctx, bits):
-    """The 16 stored bits of a float16 (int16) or bfloat16 (uint16) as an int16, unchanged."""
-    if bits not in (types.int16, types.uint16):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return args[0]
-
-    return types.int16(bits), codegen
-
-
-@intrinsic
-def max_uint16(typingctx, first, second):
-    """The larger of two int16 compared as unsigned 16-bit integers (vectorizes to vpmaxuw)."""
-    if first != types.int16 or second != types.int16:
-        return None
-
-    def codegen(context, builder, signature, args):
-        larger = builder.icmp_unsigned(">", args[0], args[1])
-        return builder.select(larger, args[0], args[1])
-
-    return types.int16(first, second), codegen
-
-
-@register_jitable
-def half_max_bits(signed_max, signed_min):
-    """Stored bits of the largest value of a set of half-precision values, from the signed max
-    and min of their raw bits (as int16).
-
-    The sign sits in bit 15 and the rest is the magnitude, so the non-negative values order like
-    their bits as signed integers (a positive NaN above +inf) and all lie above the negative
-    ones: the signed max is the largest value when it is non-negative. Otherwise every value is
-    negative and the largest is the one of least magnitude, whose bits are the signed min.
-    """
-    return signed_max if signed_max >= 0 else signed_min
-
-
-@register_jitable
-def half_min_bits(unsigned_max, signed_min):
-    """Stored bits of the smallest value, from the unsigned max (as int16) and the signed min of
-    the raw bits: with any negative value (sign bit set) the unsigned max is the negative of
-    greatest magnitude, the smallest value (a negative NaN below -inf); without one the values
-    order like their bits and the smallest is the signed min."""
-    return unsigned_max if unsigned_max < 0 else signed_min
-
-
-@intrinsic
-def times_two_to_the(typingctx, value, shifted):
-    """``value`` times 2**n, where n sits in the low bits of the float32 ``shifted`` (a number
-    1.5 * 2**23 + n, as the exp's rounding leaves it): the bits of ``shifted`` moved up by 23 are
-    n in the exponent field, added to ``value``'s bits (an integer add where a multiply by 2**n
-    would need 2**n formed as a float first). ``value`` times 2**n must stay a normal float32."""
-    if value != types.float32 or shifted != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        word = ir.IntType(32)
-        exponent = builder.shl(builder.bitcast(args[1], word), ir.Constant(word, 23))
-        return builder.bitcast(builder.add(builder.bitcast(args[0], word), exponent), ir.FloatType())
-
-    return types.float32(value, shifted), codegen
-
-
-@intrinsic
-def as_stored(typingctx, bits, like):
-    """int16 ``bits`` typed as ``like``'s storage type (int16 float16 bits or uint16 bfloat16
-    bits), unchanged."""
-    if bits != types.int16 or like not in (types.int16, types.uint16):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return args[0]
-
-    return like(bits, like), codegen

@@ -14,9 +14,6 @@ Fast-math, the rule every kernel follows:
 
 from __future__ import annotations
 
-from llvmlite import binding as llvm
-from numba.core import config
-
 from fastxent._range import PROB_EPS, PROB_ONE_MINUS_EPS
 
 # A block is read from memory once into L1 (8 KiB of float32; for dense targets the logits and
@@ -28,20 +25,6 @@ BLOCK = 2048
 # changing a constant here.
 SUM_RUN = 256
 
-
-def target_features() -> frozenset[str]:
-    """The CPU features Numba compiles for: NUMBA_CPU_FEATURES when set, else the host's."""
-    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else llvm.get_host_cpu_features().flatten()
-    return frozenset(flag[1:] for flag in features.split(",") if flag.startswith("+"))
-
-
-# Half precision takes the next block's max in the loop that sums this block's exps where the
-# kernels are compiled for AVX-512 (16-bit lanes need AVX-512BW): beside a 16-lane float32 exp
-# the raw-bit max and min are cheap, and the next block's loads overlap the arithmetic. On AVX2
-# the max keeps a loop of its own (see benchmarks/results/half-avx512.md for both measured).
-AVX512 = {"avx512f", "avx512bw"} <= target_features()
-FUSE_HALF_MAX = AVX512
-
 # Every kernel also uses error_model="numpy": Numba's default Python error model checks each
 # division for a zero divisor (to raise ZeroDivisionError), which blocks vectorization
 # (measured 0.87 vs 0.25 ns per element) and would raise where IEEE gives inf or NaN.
@@ -52,13 +35,4 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # still inlines it, keeping these per-instruction flags.
 EXACT_FASTMATH = {"nsz", "arcp", "contract", "afn"}
 
-__all__ = [
-    "AVX512",
-    "BLOCK",
-    "EXACT_FASTMATH",
-    "FASTMATH",
-    "FUSE_HALF_MAX",
-    "PROB_EPS",
-    "PROB_ONE_MINUS_EPS",
-    "SUM_RUN",
-]
+__all__ = ["BLOCK", "EXACT_FASTMATH", "FASTMATH", "PROB_EPS", "PROB_ONE_MINUS_EPS", "SUM_RUN"]

@@ -39,32 +39,20 @@ from numba.core.extending import overload
 from fastxent._range import IGNORED
 from fastxent.cpu._bits import (
     as_compute,
-    as_stored,
     bits_from_f32,
     f32_from_bits,
     from_compute,
     from_compute_finite,
     from_order_key,
-    half_max_bits,
-    half_min_bits,
+    half_from_order_key,
+    half_order_key,
     max_int16,
-    max_uint16,
     min_int16,
     order_key,
-    raw_int16,
     to_compute,
 )
-from fastxent.cpu._constants import AVX512, BLOCK, FASTMATH, FUSE_HALF_MAX, PROB_EPS, PROB_ONE_MINUS_EPS, SUM_RUN
-from fastxent.cpu._math import (
-    HALF_MIN_ARG,
-    LN2_F32,
-    LOG2E,
-    SHIFT_LIMIT,
-    exp_for,
-    exp_shifted_term,
-    exp_term,
-    tanh_c,
-)
+from fastxent.cpu._constants import BLOCK, FASTMATH, PROB_EPS, PROB_ONE_MINUS_EPS, SUM_RUN
+from fastxent.cpu._math import HALF_MIN_ARG, exp_for, exp_term, tanh_c
 
 # Fast-math goes on the leaf loops only (segment_*, *_range_grad, prob_range_stats); the row
 # and class-range drivers are compiled without it (see ``_constants.py`` for why).
@@ -149,15 +137,12 @@ def stored_max(segment):
 @overload(stored_max, inline="always")
 def _stored_max_overload(segment):
     if segment.dtype in (types.int16, types.uint16):
-        # Half precision: the signed max and min of the raw 16-bit stored bits (two instructions
-        # per vector, no key transform), widened once (see ``half_max_bits``).
+        # Half precision: a max over the 16-bit order keys of the stored bits, widened once.
         def max_of_bits(segment):
-            high = low = raw_int16(segment[0])
+            best = half_order_key(segment[0])
             for j in range(segment.shape[0]):
-                bits = raw_int16(segment[j])
-                high = max_int16(bits, high)
-                low = min_int16(bits, low)
-            return to_compute(as_stored(half_max_bits(high, low), segment[0]))
+                best = max_int16(half_order_key(segment[j]), best)
+            return to_compute(half_from_order_key(best, segment[0]))
 
         return max_of_bits
 
@@ -196,17 +181,17 @@ def stored_min_max(segment):
 @overload(stored_min_max, inline="always")
 def _stored_min_max_overload(segment):
     if segment.dtype in (types.int16, types.uint16):
-        # One more instruction per vector than the max alone (vpmaxuw; see ``half_min_bits``).
+        # One more instruction per 16 logits than the max alone (vpminsw).
         def min_max_of_bits(segment):
-            high = low = top = raw_int16(segment[0])
+            low = half_order_key(segment[0])
+            high = low
             for j in range(segment.shape[0]):
-                bits = raw_int16(segment[j])
-                high = max_int16(bits, high)
-                low = min_int16(bits, low)
-                top = max_uint16(bits, top)
+                key = half_order_key(segment[j])
+                low = min_int16(key, low)
+                high = max_int16(key, high)
             return (
-                to_compute(as_stored(half_min_bits(top, low), segment[0])),
-                to_compute(as_stored(half_max_bits(high, low), segment[0])),
+                to_compute(half_from_order_key(low, segment[0])),
+                to_compute(half_from_order_key(high, segment[0])),
             )
 
         return min_max_of_bits
@@ -275,25 +260,16 @@ def segment_sum_exp(segment, reference, softcap, in_range, keep):
     whole = num - num % SUM_RUN
     # Runs of a fixed length (a loop LLVM unrolls into vector lanes), then the tail.
     for start in range(0, whole, SUM_RUN):
-        # Each run as a slice of its own: its length is not a constant, so LLVM does not unroll
-        # the run whole (16 vector exps at once), which inside the row-parallel kernel spilled
-        # 20 vector registers per iteration on AVX-512.
-        part = segment[start : start + SUM_RUN]
-        part_keep = kept_part(keep, start, start + SUM_RUN)
         run = as_compute(0.0, segment[0])
-        for j in range(part.shape[0]):
-            term = exp_term(load_logit(part[j], softcap) - reference, segment[0], in_range)
-            keep_term(part, part_keep, j, term)
+        for j in range(SUM_RUN):
+            term = exp_term(load_logit(segment[start + j], softcap) - reference, segment[0], in_range)
+            keep_term(segment, keep, start + j, term)
             run += term
         total += np.float64(run)
-    # The tail as a slice of its own, indexed from 0: a loop from ``whole`` keeps the negative-
-    # index wraparound check, which for 16-bit types became a gather or its emulation.
-    tail_part = segment[whole:]
-    tail_keep = kept_part(keep, whole, num)
     tail = as_compute(0.0, segment[0])
-    for j in range(tail_part.shape[0]):
-        term = exp_term(load_logit(tail_part[j], softcap) - reference, segment[0], in_range)
-        keep_term(tail_part, tail_keep, j, term)
+    for j in range(whole, num):
+        term = exp_term(load_logit(segment[j], softcap) - reference, segment[0], in_range)
+        keep_term(segment, keep, j, term)
         tail += term
     return total + np.float64(tail)
 
@@ -311,11 +287,10 @@ def _sum_exp_and_ahead_min_max_overload(segment, reference, in_range, ahead, kee
     # Alone, the max pass waits on memory and the exp pass on arithmetic, one after the other;
     # together the next block's loads are in flight while the exps are computed (forward at
     # 2048 x 128256, 2-core AVX2 machine: 83 -> 70 ms).
-    # Half precision: its own loop (``_half_sum_exp_and_ahead_min_max``), fused where compiled
-    # for AVX-512. float64 keeps two loops: its exp is a scalar libm call, which would make the
-    # max scalar too (forward 196 -> 217 ms at 512 rows).
-    if segment.dtype in (types.int16, types.uint16):
-        return _half_sum_exp_and_ahead_min_max
+    # The others keep two loops. Half precision: beside float32's exp (8 lanes) its 16-bit keys
+    # would take 8 lanes too instead of 16, and in L1 the fused loop took 15 % longer, which
+    # cost what the overlap saved (bfloat16 forward 49 ms either way). float64: its exp is a
+    # scalar libm call, which would make the max scalar too (forward 196 -> 217 ms at 512 rows).
     if segment.dtype != types.float32:
 
         def two_loops(segment, reference, in_range, ahead, keep):
@@ -342,146 +317,6 @@ def _sum_exp_and_ahead_min_max_overload(segment, reference, in_range, ahead, kee
         return total, as_compute(-np.inf, segment[0]), from_order_key(high)
 
     return fused_float32
-
-
-# Half precision, full blocks: the shifted exp (``exp_half_shifted``: the block's reference folded
-# into the rounding constant, 2**n added to the exponent bits) over pairs of logits, two per 32-bit
-# word for bfloat16, with the next block's raw-bit min and max in the same loop where
-# ``FUSE_HALF_MAX`` (AVX-512) and in a loop of its own before it otherwise.
-HALF_PAIRS = BLOCK // 2
-PAIR_RUN = SUM_RUN // 2
-
-
-def pair_source(segment):
-    """What ``pair_part`` reads a block of half-precision logits from (stub for Numba)."""
-    raise NotImplementedError("only callable from compiled code")
-
-
-@overload(pair_source, inline="always")
-def _pair_source_overload(segment):
-    if segment.dtype == types.uint16 and AVX512:
-        # bfloat16: element 2k and 2k + 1 from one 32-bit word, widened by a shift and a mask.
-        # Not on AVX2: the mask's register is one too many for its 16 (the loop spilled).
-        return lambda segment: segment.view(np.uint32)
-    # float16: elements k and k + BLOCK / 2, each widened by vcvtph2ps (bfloat16 on AVX2: by a
-    # zero-extending load and a shift).
-    return lambda segment: segment
-
-
-def pair_part(source, start):
-    """Pairs start .. start + PAIR_RUN of a block (stub for Numba; see ``pair_source``)."""
-    raise NotImplementedError("only callable from compiled code")
-
-
-@overload(pair_part, inline="always")
-def _pair_part_overload(source, start):
-    if source.dtype == types.uint32:
-        return lambda source, start: (source[start : start + PAIR_RUN], source[start : start + PAIR_RUN])
-    return lambda source, start: (
-        source[start : start + PAIR_RUN],
-        source[HALF_PAIRS + start : HALF_PAIRS + start + PAIR_RUN],
-    )
-
-
-def widen_pair(first, second, k):
-    """Pair k of a run as two float32 values (stub for Numba; see ``pair_source``)."""
-    raise NotImplementedError("only callable from compiled code")
-
-
-@overload(widen_pair, inline="always")
-def _widen_pair_overload(first, second, k):
-    if first.dtype == types.uint32:
-
-        def from_word(first, second, k):
-            word = first[k]
-            return (
-                f32_from_bits(np.uint32(word << np.uint32(16))),
-                f32_from_bits(np.uint32(word & np.uint32(0xFFFF0000))),
-            )
-
-        return from_word
-    return lambda first, second, k: (to_compute(first[k]), to_compute(second[k]))
-
-
-def ahead_part(ahead, start):
-    """Elements start .. start + PAIR_RUN and the same of the block's second half of ``ahead``,
-    or None when the max is not fused (stub for Numba)."""
-    raise NotImplementedError("only callable from compiled code")
-
-
-@overload(ahead_part, inline="always")
-def _ahead_part_overload(ahead, start):
-    if ahead is None or ahead == types.none:
-        return lambda ahead, start: None
-    return lambda ahead, start: (
-        ahead[start : start + PAIR_RUN],
-        ahead[HALF_PAIRS + start : HALF_PAIRS + start + PAIR_RUN],
-    )
-
-
-def track_bits(part, k, high, low, top):
-    """The running signed max, signed min and unsigned max of the raw bits with element k of
-    both halves of ``part`` taken in; unchanged for None (stub for Numba)."""
-    raise NotImplementedError("only callable from compiled code")
-
-
-@overload(track_bits, inline="always")
-def _track_bits_overload(part, k, high, low, top):
-    if part is None or part == types.none:
-        return lambda part, k, high, low, top: (high, low, top)
-
-    def track(part, k, high, low, top):
-        first = raw_int16(part[0][k])
-        second = raw_int16(part[1][k])
-        high = max_int16(max_int16(first, high), second)
-        low = min_int16(min_int16(first, low), second)
-        top = max_uint16(max_uint16(first, top), second)
-        return high, low, top
-
-    return track
-
-
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
-def half_block_sum_exp(segment, shift, in_range, ahead):
-    """sum_j exp(v_j - c L) over a full block of half-precision logits (``shift`` and c as in
-    ``exp_half_shifted``), summed in float32 runs of ``SUM_RUN`` and float64 across runs, and the
-    raw-bit (signed max, signed min, unsigned max) of ``ahead`` (another full block) when it is
-    not None (``track_bits``)."""
-    source = pair_source(segment)
-    high = low = top = np.int16(0)
-    if ahead is not None:
-        high = low = top = raw_int16(ahead[0])
-    total = 0.0
-    for start in range(0, HALF_PAIRS, PAIR_RUN):
-        first, second = pair_part(source, start)
-        part = ahead_part(ahead, start)
-        run = np.float32(0.0)
-        for k in range(PAIR_RUN):
-            value_a, value_b = widen_pair(first, second, k)
-            run += exp_shifted_term(value_a, shift, in_range) + exp_shifted_term(value_b, shift, in_range)
-            high, low, top = track_bits(part, k, high, low, top)
-        total += np.float64(run)
-    return total, high, low, top
-
-
-def _half_sum_exp_and_ahead_min_max(segment, reference, in_range, ahead, keep):
-    """``sum_exp_and_ahead_min_max`` for half precision (never keeps its terms)."""
-    scaled = np.float64(reference) * LOG2E
-    if abs(scaled) <= SHIFT_LIMIT:
-        whole = np.floor(scaled + 0.5)
-        shift = np.float32(12582912.0 - whole)
-        if FUSE_HALF_MAX:
-            total, high, low, top = half_block_sum_exp(segment, shift, in_range, ahead)
-            lowest = to_compute(as_stored(half_min_bits(top, low), segment[0]))
-            highest = to_compute(as_stored(half_max_bits(high, low), segment[0]))
-        else:
-            lowest, highest = stored_min_max(ahead)
-            total, _, _, _ = half_block_sum_exp(segment, shift, in_range, None)
-        # exp(v - reference) = exp(v - c L) exp(c L - reference): once per block, in float64.
-        return total * math.exp(whole * LN2_F32 - np.float64(reference)), lowest, highest
-    # A reference beyond about 7e5 in magnitude: v - reference first, as everywhere else.
-    lowest, highest = stored_min_max(ahead)
-    return segment_sum_exp(segment, reference, None, in_range, keep), lowest, highest
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
@@ -649,50 +484,12 @@ def row_epilogue(
 def finite_grad(value, reference, prob_coef, weight_coef, softcap, like, in_range):
     """coef_p exp(v - reference) - coef_w, times dv/dx, for a (softcapped) logit ``value``
     (``in_range``: see ``segment_sum_exp``)."""
-    grad = prob_coef * grad_exp(value, reference, like, in_range) - weight_coef
+    grad = prob_coef * exp_term(value - reference, like, in_range) - weight_coef
     if softcap is not None:
         cap = as_compute(softcap, like)
         ratio = value / cap
         grad *= as_compute(1.0, like) - ratio * ratio
     return grad
-
-
-def grad_exp(value, reference, like, in_range):
-    """exp(value - reference) as ``exp_term``; for a 1-tuple ``reference``, (shift,), the shifted
-    exp of half precision (``exp_half_shifted``), exp(value - c L) (stub for Numba)."""
-    raise NotImplementedError("only callable from compiled code")
-
-
-@overload(grad_exp, inline="always")
-def _grad_exp_overload(value, reference, like, in_range):
-    if isinstance(reference, types.BaseTuple):
-        return lambda value, reference, like, in_range: exp_shifted_term(value, reference[0], in_range)
-    return lambda value, reference, like, in_range: exp_term(value - reference, like, in_range)
-
-
-def shifted_grad_sweep(source, dest, row_out, row_max, coef_p, weight_coef, softcap, in_range):
-    """The finite gradient sweep of half precision without softcap through the shifted exp, with
-    exp(c L - row_max) folded into coef_p; False (nothing written) for other types, a softcap,
-    or a max beyond about 7e5 in magnitude (stub for Numba)."""
-    raise NotImplementedError("only callable from compiled code")
-
-
-@overload(shifted_grad_sweep, inline="always")
-def _shifted_grad_sweep_overload(source, dest, row_out, row_max, coef_p, weight_coef, softcap, in_range):
-    if source.dtype not in (types.int16, types.uint16) or not (softcap is None or softcap == types.none):
-        return lambda source, dest, row_out, row_max, coef_p, weight_coef, softcap, in_range: False
-
-    def shifted(source, dest, row_out, row_max, coef_p, weight_coef, softcap, in_range):
-        scaled = row_max * LOG2E
-        if not abs(scaled) <= SHIFT_LIMIT:
-            return False
-        whole = np.floor(scaled + 0.5)
-        shift = (np.float32(12582912.0 - whole),)
-        folded = as_compute(coef_p * math.exp(whole * LN2_F32 - row_max), source[0])
-        finite_grad_sweep(source, dest, row_out, shift, folded, weight_coef, None, in_range)
-        return True
-
-    return shifted
 
 
 def finite_grad_sweep(source, dest, row_out, reference, prob_coef, weight_coef, softcap, in_range):
@@ -736,15 +533,12 @@ def _finite_grad_sweep_overload(source, dest, row_out, reference, prob_coef, wei
             words_out[k] = np.uint32(
                 np.uint32(even_bits >> np.uint32(16)) | np.uint32(odd_bits & np.uint32(0xFFFF0000))
             )
-        # At most one element; a slice indexed from 0, as in ``segment_sum_exp``'s tail.
-        tail_in = source[2 * pairs :]
-        tail_out = dest[2 * pairs :]
-        for j in range(tail_in.shape[0]):
-            raw = tail_in[j]
+        for j in range(2 * pairs, num):
+            raw = source[j]
             grad = finite_grad(
                 soft_value(to_compute(raw), softcap), reference, prob_coef, weight_coef, softcap, raw, in_range
             )
-            tail_out[j] = from_compute_finite(grad, dest[0])
+            dest[j] = from_compute_finite(grad, dest[0])
 
     return sweep_pairs
 
@@ -800,12 +594,8 @@ def logit_range_grad(row_in, row_out, lo, hi, row_max, coef_p, coef_w, class_wei
     if weights is None and abs(row_max) < np.inf and abs(coef_p) < np.inf and abs(coef_w) < np.inf:
         # ``lowest`` (the range's smallest logit, or -inf) within 86.5 of the max: no exp mask.
         if lowest - row_max >= HALF_MIN_ARG:
-            if shifted_grad_sweep(source, dest, row_out, row_max, coef_p, weight_coef, softcap, True):
-                return
             finite_grad_sweep(source, dest, row_out, reference, prob_coef, weight_coef, softcap, True)
         else:
-            if shifted_grad_sweep(source, dest, row_out, row_max, coef_p, weight_coef, softcap, None):
-                return
             finite_grad_sweep(source, dest, row_out, reference, prob_coef, weight_coef, softcap, None)
         return
     for j in range(source.shape[0]):

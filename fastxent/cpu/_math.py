@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, types
 from numba.core.extending import overload
 
-from fastxent.cpu._bits import bits_from_f32, f32_from_bits, times_two_to_the
+from fastxent.cpu._bits import bits_from_f32, f32_from_bits
 from fastxent.cpu._constants import EXACT_FASTMATH, FASTMATH
 
 _LOG2E = np.float32(1.4426950408889634)
@@ -114,61 +114,6 @@ def exp_half_in_range(x):
     power = f32_from_bits(np.int32(bits_from_f32(shifted) << np.uint32(23)))
     # power * (1 + r q) as power + (power r) q: no constant 1 to keep in a register.
     return power + (power * r) * (_H1 + r * (_H2 + r * (_H3 + r * _H4)))
-
-
-# The shifted exp of half-precision blocks (``exp_half_shifted``): exp(v - c ln 2) for an integer
-# c folded into the rounding constant, 1.5 * 2**23 - c (exact while |c| < 2**22; the kernels
-# keep |c| <= SHIFT_LIMIT). ``shifted`` below 1.5 * 2**23 - 125 means 2**n below 2**-125: flushed.
-_SHIFT_MAGIC = np.float32(12582912.0)
-_SHIFT_FLUSH = np.float32(12582912.0 - 125.0)
-SHIFT_LIMIT = float(1 << 20)
-LN2_F32 = float(_LN2)
-LOG2E = float(_LOG2E)
-
-
-@njit(fastmath=EXACT_FASTMATH, cache=True, error_model="numpy")
-def exp_half_shifted(v, shift):
-    """exp(v - c L) for a float32 v from a half-precision logit, where ``shift`` is
-    1.5 * 2**23 - c (float32) for an integer c and L is ln 2 rounded to float32; relative error
-    about 3.1e-6 (the polynomial's, as ``exp_half``) plus |n| * 1.9e-9 (L's own error,
-    n = round(v log2 e) - c, at most 125 in magnitude here).
-
-    Valid for v - c L in [-86.5, 0.5] or NaN (``exp_half_shifted_masked`` below that). Against
-    ``exp_half_in_range`` of v - reference it saves the subtraction (the reference is folded into
-    the rounding constant; the caller multiplies each block's sum by exp(c L - reference) once,
-    in float64) and the multiply by 2**n (an integer add to the exponent bits): 7 floating-point
-    operations per vector where that takes 9.
-    """
-    shifted = v * _LOG2E + shift
-    # round(v log2 e) = n + c, exactly: both operands are integers below 2**24.
-    whole = shifted - shift
-    # One-constant reduction: L's error is not lost, it moves the result by a factor
-    # exp(-(n + c) (L - ln 2)), and the caller's exp(c L - reference) takes back the c part.
-    r = v - whole * _LN2
-    poly = _ONE + r * (_H1 + r * (_H2 + r * (_H3 + r * _H4)))
-    return times_two_to_the(poly, shifted)
-
-
-@njit(fastmath=EXACT_FASTMATH, cache=True, error_model="numpy")
-def exp_half_shifted_masked(v, shift):
-    """``exp_half_shifted`` for any v <= c L + 0.5 ln 2: exactly 0 where 2**n would fall below
-    2**-125 (so -inf gives 0); NaN gives NaN."""
-    shifted = v * _LOG2E + shift
-    result = exp_half_shifted(v, shift)
-    return np.float32(0.0) if shifted < _SHIFT_FLUSH else result
-
-
-def exp_shifted_term(v, shift, in_range):
-    """``exp_half_shifted`` when ``in_range`` is True, ``exp_half_shifted_masked`` when it is None
-    (chosen by type at compile time; Python stub for Numba)."""
-    raise NotImplementedError("only callable from compiled code")
-
-
-@overload(exp_shifted_term, inline="always")
-def _exp_shifted_term_overload(v, shift, in_range):
-    if isinstance(in_range, types.Boolean):
-        return lambda v, shift, in_range: exp_half_shifted(v, shift)
-    return lambda v, shift, in_range: exp_half_shifted_masked(v, shift)
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
