@@ -15,8 +15,11 @@
 #                 (copy the table to benchmarks/results/linear-gpu.md)
 #   linear-vs-torch.md   linear + cross-entropy forward+backward time and peak memory against
 #                 PyTorch eager at N 512 and 8192, H 4096, V 128256, bfloat16 and float32
-# Each stage has its own time limit (TEST_SECONDS, BENCH_SECONDS) so one slow stage cannot
-# take the other's time. Exit status: 0 when both stages passed, else the first failure's.
+#   interop.log   tools/gpu_interop_stress.py: cross_entropy and linear_cross_entropy on
+#                 tensors a side stream is still producing, float32 and bfloat16, against
+#                 torch.nn.functional, in CuPy's legacy and per-thread default stream modes
+# Each stage has its own time limit (TEST_SECONDS, BENCH_SECONDS, ...) so one slow stage cannot
+# take the others' time. Exit status: 0 when every stage passed, else the first failure's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,5 +75,11 @@ vs_torch_status=$?
 tail -n 20 "$out/linear-vs-torch.log"
 [ "$status" -eq 0 ] && [ "$vs_torch_status" -ne 0 ] && status=$vs_torch_status
 
-echo "== tests exit $test_status, benchmark exit $bench_status, linear benchmark exit $linear_status, vs PyTorch exit $vs_torch_status"
+echo "== PyTorch CUDA interop under stress: a side stream, no manual sync, both CuPy stream modes (limit ${INTEROP_SECONDS:-90} s)"
+timeout "${INTEROP_SECONDS:-90}" "$python" tools/gpu_interop_stress.py >"$out/interop.log" 2>&1
+interop_status=$?
+cat "$out/interop.log"
+[ "$status" -eq 0 ] && [ "$interop_status" -ne 0 ] && status=$interop_status
+
+echo "== tests exit $test_status, benchmark exit $bench_status, linear benchmark exit $linear_status, vs PyTorch exit $vs_torch_status, interop exit $interop_status"
 exit "$status"
