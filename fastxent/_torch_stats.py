@@ -93,16 +93,21 @@ def _token_stats_op(
     return (*values, _saved_stats(forward.stats))
 
 
-@_token_stats_op.register_fake
-def _token_stats_fake(logits, labels, temperature, softcap, ignore_index):
-    num_rows = logits.shape[0]
-    dtype = _value_dtype(logits.dtype)
-    values = [logits.new_empty((num_rows,), dtype=dtype) for _ in range(3)]
+def _stats_outputs_like(like: Tensor):
+    """Empty outputs of a token-statistics operator for the rows of ``like`` (N, ...): logprob,
+    entropy and lse in the value dtype, argmax int64, and the float64 (3, N) saved statistics."""
+    num_rows = like.shape[0]
+    values = [like.new_empty((num_rows,), dtype=_value_dtype(like.dtype)) for _ in range(3)]
     return (
         *values,
-        logits.new_empty((num_rows,), dtype=torch.int64),
-        logits.new_empty((3, num_rows), dtype=torch.float64),
+        like.new_empty((num_rows,), dtype=torch.int64),
+        like.new_empty((3, num_rows), dtype=torch.float64),
     )
+
+
+@_token_stats_op.register_fake
+def _token_stats_fake(logits, labels, temperature, softcap, ignore_index):
+    return _stats_outputs_like(logits)
 
 
 @torch.library.custom_op("fastxent::token_stats_backward", mutates_args=())
@@ -241,14 +246,7 @@ def _linear_token_stats_op(
 
 @_linear_token_stats_op.register_fake
 def _linear_token_stats_fake(input, weight, bias, labels, temperature, softcap, ignore_index):
-    num_rows = input.shape[0]
-    dtype = _value_dtype(input.dtype)
-    values = [input.new_empty((num_rows,), dtype=dtype) for _ in range(3)]
-    return (
-        *values,
-        input.new_empty((num_rows,), dtype=torch.int64),
-        input.new_empty((3, num_rows), dtype=torch.float64),
-    )
+    return _stats_outputs_like(input)
 
 
 @torch.library.custom_op("fastxent::linear_token_stats_backward", mutates_args=())
