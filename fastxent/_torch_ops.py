@@ -14,7 +14,20 @@ autograd formula registered on the operator:
                                    -> (loss, grad_input, grad_linear_weight, grad_linear_bias)
 
 Each computes the loss and, where asked, the gradients in one fused call; a gradient not asked
-for is an empty tensor. The autograd formulas keep those gradients and only scale them by the
+for is an empty tensor. Under ``torch.compile`` (class-index targets; "mean" and "sum" for the
+linear head) ``fastxent.torch`` calls a pair instead, which hands the gradients from forward to
+backward by ticket (``fastxent._torch_kept``), so that a compiled backward neither copies nor,
+for ``loss.backward()``, multiplies them:
+
+    fastxent::cross_entropy_kept(input, target, weight, ignore_index, reduction,
+                                 label_smoothing) -> (loss, ticket)
+    fastxent::kept_cross_entropy_grad(ticket, input, target, weight, ignore_index, reduction,
+                                      label_smoothing, grad_loss) -> grad
+    fastxent::linear_cross_entropy_kept(input, linear_weight, linear_bias, target, weight,
+                                        reduction, ..., bias_grad) -> (loss, ticket)
+    fastxent::kept_linear_cross_entropy_grads(ticket, ..., grad_loss)
+                                        -> (grad_input, grad_linear_weight, grad_linear_bias)
+ The autograd formulas keep those gradients and only scale them by the
 incoming gradient. Checks that need the data (a label out of range) run inside the kernels, so a
 compiled or exported program raises the same errors as eager code; ``fastxent.torch`` makes the
 shape and dtype checks before calling an operator.
@@ -36,6 +49,7 @@ from torch._C import _functorch
 
 from fastxent import _checks as checks
 from fastxent import _torch_interop as interop
+from fastxent import _torch_kept as tickets
 from fastxent._api import sparse_cross_entropy, sparse_cross_entropy_with_grad
 from fastxent._dense_api import categorical_cross_entropy, categorical_cross_entropy_with_grad
 from fastxent._linear_api import linear_cross_entropy_with_grad
@@ -217,7 +231,20 @@ def cross_entropy(
     want_grad: bool,
 ) -> Tuple[Tensor, Tensor]:
     """fastxent's fused kernel on the tensors' memory: (loss, d loss / d input) when
-    ``want_grad``, else (loss, empty placeholder).
+    ``want_grad``, else (loss, empty placeholder). See ``fused_cross_entropy``."""
+    return fused_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, want_grad)
+
+
+def fused_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    want_grad: bool,
+) -> Tuple[Tensor, Tensor]:
+    """The kernel call behind ``fastxent::cross_entropy`` and ``fastxent::cross_entropy_kept``.
 
     Args:
         input: logits (C,), (N, C) or (N, C, d1, ...), float16/bfloat16/float32/float64.
@@ -357,6 +384,98 @@ cross_entropy.register_autograd(cross_entropy_backward, setup_context=setup_cros
 
 
 # ----------------------------------------------------------------------------------------
+# fastxent::cross_entropy_kept and fastxent::kept_cross_entropy_grad: the compiled pair
+# ----------------------------------------------------------------------------------------
+# Under torch.compile the forward keeps its gradient behind a ticket (fastxent._torch_kept) and
+# the backward takes it back, scaled in place: no pass over the (N, C) gradient for
+# loss.backward(), no second buffer otherwise.
+
+
+@torch.library.custom_op("fastxent::cross_entropy_kept", mutates_args=(), device_types=DEVICE_TYPES)
+def cross_entropy_kept(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> Tuple[Tensor, Tensor]:
+    """``fastxent::cross_entropy`` with the gradient, for class-index targets, the gradient kept
+    behind a ticket instead of returned.
+
+    Returns:
+        The loss (as ``fastxent::cross_entropy``'s) and the ticket, a 0-d int64 CPU tensor that
+        ``fastxent::kept_cross_entropy_grad`` redeems.
+    """
+    loss, grad = fused_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, True)
+    return loss, tickets.keep((grad,))
+
+
+@cross_entropy_kept.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing):
+    shape, dtype = _loss_shape_and_dtype(input, target, reduction)
+    return input.new_empty(shape, dtype=dtype), tickets.ticket_like()
+
+
+@torch.library.custom_op("fastxent::kept_cross_entropy_grad", mutates_args=(), device_types=DEVICE_TYPES)
+def kept_cross_entropy_grad(
+    ticket: Tensor,
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    grad_loss: Tensor,
+) -> Tensor:
+    """d loss / d input times ``grad_loss``: the gradient kept under ``ticket``, scaled in place,
+    or, when the ticket was already taken (a second backward), computed again from the inputs.
+
+    Returns:
+        A contiguous tensor of the input's shape and dtype.
+    """
+    found = tickets.take(ticket)
+    if found is None:
+        _, grad = fused_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, True)
+    else:
+        (grad,) = found
+    per_row_axis = class_axis(input) if reduction == "none" else None
+    return tickets.scale_in_place(grad, grad_loss, per_row_axis)
+
+
+@kept_cross_entropy_grad.register_fake
+def _(ticket, input, target, weight, ignore_index, reduction, label_smoothing, grad_loss):
+    return input.new_empty(input.shape)
+
+
+def setup_cross_entropy_kept(ctx, inputs, output) -> None:
+    """Autograd context of ``fastxent::cross_entropy_kept``: the inputs (for the exact paths and
+    a second backward) and the ticket."""
+    input, target, weight, ignore_index, reduction, label_smoothing = inputs
+    _, ticket = output
+    ctx.mark_non_differentiable(ticket)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(input, target, weight, ticket)
+    ctx.options = (ignore_index, reduction, label_smoothing)
+
+
+def cross_entropy_kept_backward(ctx, grad_loss, _grad_of_ticket):
+    """The kept gradient, redeemed and scaled; second derivatives from PyTorch's own loss."""
+    input, target, weight, ticket = ctx.saved_tensors
+    nothing = (None,) * 6
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return nothing
+    if torch.is_grad_enabled():
+        # A graph is being built through this backward: differentiate PyTorch's own loss.
+        _, vjp = torch.func.vjp(lambda x: torch_loss(ctx.options, x, target, weight), input)
+        return (vjp(grad_loss)[0], *nothing[1:])
+    return (kept_cross_entropy_grad(ticket, input, target, weight, *ctx.options, grad_loss), *nothing[1:])
+
+
+cross_entropy_kept.register_autograd(cross_entropy_kept_backward, setup_context=setup_cross_entropy_kept)
+
+
+# ----------------------------------------------------------------------------------------
 # fastxent::linear_cross_entropy
 # ----------------------------------------------------------------------------------------
 
@@ -389,7 +508,44 @@ def linear_cross_entropy(
     weight_grad: bool,
     bias_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """fastxent's fused linear + cross-entropy on the tensors' memory.
+    """fastxent's fused linear + cross-entropy on the tensors' memory. See
+    ``fused_linear_cross_entropy``."""
+    return fused_linear_cross_entropy(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        row_scale,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        softcap,
+        z_loss,
+        input_grad,
+        weight_grad,
+        bias_grad,
+    )
+
+
+def fused_linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    row_scale: Optional[Tensor],
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: Optional[float],
+    z_loss: float,
+    input_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The kernel call behind ``fastxent::linear_cross_entropy`` and
+    ``fastxent::linear_cross_entropy_kept``.
 
     Args:
         input: (H,) or (N, H); linear_weight: (C, H); linear_bias: (C,) or None, all one float dtype.
@@ -537,10 +693,34 @@ def setup_linear(ctx, inputs, output) -> None:
     ctx.kept = tuple(bool(want) for want in options[5:])
 
 
+def composed_linear_grads(saved, target, weight, config: LinearConfig, needs, grad_loss) -> Tuple:
+    """The gradients of (input, linear_weight, linear_bias) in ``saved`` (None where not needed)
+    from PyTorch's own composition: differentiable again, for double backward, gradient
+    penalties and torch.func, exactly but unfused."""
+    primals = [t for t, need in zip(saved, needs, strict=True) if need]
+
+    def loss_of(*args):
+        given = iter(args)
+        x, w, b = (next(given) if need else t for t, need in zip(saved, needs, strict=True))
+        return composed_linear_loss(x, w, b, target, weight, config)
+
+    _, vjp = torch.func.vjp(loss_of, *primals)
+    found = iter(vjp(grad_loss))
+    return tuple(next(found) if need else None for need in needs)
+
+
+def fused_linear_grads(saved, target, weight, config: LinearConfig, needs, row_scale) -> list:
+    """The needed gradients of (input, linear_weight, linear_bias) from one fused call, with
+    ``row_scale`` (or None) as row weights."""
+    _, *grads = linear_cross_entropy(*saved, target, weight, row_scale, *config.as_args(), *needs)
+    return [g if need else None for g, need in zip(grads, needs, strict=True)]
+
+
 def linear_backward(ctx, grad_loss, *_kept):
     """The kept gradients scaled by the incoming scalar; for "none" one fused call with the
     incoming per-row gradient as row weights; second derivatives from PyTorch's own ops."""
     input, linear_weight, linear_bias, target, weight, *kept = ctx.saved_tensors
+    saved = (input, linear_weight, linear_bias)
     config = ctx.config
     needs = tuple(ctx.needs_input_grad[:3])
     nothing = (None,) * 14
@@ -548,31 +728,13 @@ def linear_backward(ctx, grad_loss, *_kept):
         return nothing
     rest = nothing[3:]
     if torch.is_grad_enabled():
-        # A graph is being built through this backward (double backward, gradient penalties,
-        # torch.func): differentiate PyTorch's own composition, exactly but unfused.
-        saved = (input, linear_weight, linear_bias)
-        primals = [t for t, need in zip(saved, needs, strict=True) if need]
-
-        def loss_of(*args):
-            given = iter(args)
-            x, w, b = (next(given) if need else t for t, need in zip(saved, needs, strict=True))
-            return composed_linear_loss(x, w, b, target, weight, config)
-
-        _, vjp = torch.func.vjp(loss_of, *primals)
-        found = iter(vjp(grad_loss))
-        return (*(next(found) if need else None for need in needs), *rest)
-
-    def fused(row_scale):
-        _, *grads = linear_cross_entropy(
-            input, linear_weight, linear_bias, target, weight, row_scale, *config.as_args(), *needs
-        )
-        return [g if need else None for g, need in zip(grads, needs, strict=True)]
-
+        # A graph is being built through this backward: PyTorch's own composition.
+        return (*composed_linear_grads(saved, target, weight, config, needs, grad_loss), *rest)
     if config.reduction == "none":
-        return (*fused(grad_loss), *rest)
+        return (*fused_linear_grads(saved, target, weight, config, needs, grad_loss), *rest)
     if any(need and not was_kept for need, was_kept in zip(needs, ctx.kept, strict=True)):
         # A gradient the forward did not compute (nothing required it then): compute them now.
-        kept = fused(None)
+        kept = fused_linear_grads(saved, target, weight, config, needs, None)
     if is_plain_cpu_one(grad_loss):
         # loss.backward(): the kept gradients are the answer, no multiply.
         grads = [g if need else None for g, need in zip(kept, needs, strict=True)]
@@ -582,3 +744,125 @@ def linear_backward(ctx, grad_loss, *_kept):
 
 
 linear_cross_entropy.register_autograd(linear_backward, setup_context=setup_linear)
+
+
+# ----------------------------------------------------------------------------------------
+# fastxent::linear_cross_entropy_kept and fastxent::kept_linear_cross_entropy_grads
+# ----------------------------------------------------------------------------------------
+# The compiled pair for "mean" and "sum", as for the cross-entropy above: the gradients of the
+# hidden states, the head's weight and its bias go to the backward by ticket.
+
+
+@torch.library.custom_op("fastxent::linear_cross_entropy_kept", mutates_args=(), device_types=DEVICE_TYPES)
+def linear_cross_entropy_kept(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: Optional[float],
+    z_loss: float,
+    input_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+) -> Tuple[Tensor, Tensor]:
+    """``fastxent::linear_cross_entropy`` for "mean" or "sum" with the wanted gradients kept
+    behind a ticket.
+
+    Returns:
+        The scalar loss in the input's dtype and the ticket (a 0-d int64 CPU tensor) that
+        ``fastxent::kept_linear_cross_entropy_grads`` redeems.
+    """
+    loss, *grads = fused_linear_cross_entropy(
+        input, linear_weight, linear_bias, target, weight, None, reduction, ignore_index, label_smoothing,
+        softcap, z_loss, input_grad, weight_grad, bias_grad,
+    )  # fmt: skip
+    return loss, tickets.keep(grads)
+
+
+@linear_cross_entropy_kept.register_fake
+def _(input, linear_weight, linear_bias, target, weight, *_options):
+    return input.new_empty(()), tickets.ticket_like()
+
+
+@torch.library.custom_op("fastxent::kept_linear_cross_entropy_grads", mutates_args=(), device_types=DEVICE_TYPES)
+def kept_linear_cross_entropy_grads(
+    ticket: Tensor,
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: Optional[float],
+    z_loss: float,
+    input_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+    grad_loss: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The gradients kept under ``ticket`` times the scalar ``grad_loss``, scaled in place, or
+    computed again when the ticket was already taken.
+
+    Returns:
+        The gradients of input, linear_weight and linear_bias as ``fastxent::linear_cross_entropy``
+        gives them (empty where not asked for).
+    """
+    found = tickets.take(ticket)
+    if found is None:
+        _, *found = fused_linear_cross_entropy(
+            input, linear_weight, linear_bias, target, weight, None, reduction, ignore_index, label_smoothing,
+            softcap, z_loss, input_grad, weight_grad, bias_grad,
+        )  # fmt: skip
+    return tuple(tickets.scale_in_place(g, grad_loss) if g.numel() else g for g in found)
+
+
+@kept_linear_cross_entropy_grads.register_fake
+def _(ticket, input, linear_weight, linear_bias, target, weight, *options_and_grad_loss):
+    input_grad, weight_grad, bias_grad = options_and_grad_loss[5:8]
+    wanted = (input_grad, weight_grad, bias_grad and linear_bias is not None)
+    return tuple(
+        t.new_empty(t.shape) if want else input.new_empty(0)
+        for t, want in zip((input, linear_weight, linear_bias), wanted, strict=True)
+    )
+
+
+def setup_linear_kept(ctx, inputs, output) -> None:
+    """Autograd context of ``fastxent::linear_cross_entropy_kept``."""
+    input, linear_weight, linear_bias, target, weight, *options = inputs
+    _, ticket = output
+    ctx.mark_non_differentiable(ticket)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, ticket)
+    ctx.config = LinearConfig(*options[:5])
+    ctx.kept = tuple(bool(want) for want in options[5:])
+
+
+def linear_kept_backward(ctx, grad_loss, _grad_of_ticket):
+    """The kept gradients, redeemed and scaled; PyTorch's own composition where a graph is built
+    through the backward, and one fused call for a gradient the forward did not keep."""
+    input, linear_weight, linear_bias, target, weight, ticket = ctx.saved_tensors
+    config = ctx.config
+    needs = tuple(ctx.needs_input_grad[:3])
+    nothing = (None,) * 13
+    if grad_loss is None or not any(needs):
+        return nothing
+    saved = (input, linear_weight, linear_bias)
+    if torch.is_grad_enabled():
+        grads = composed_linear_grads(saved, target, weight, config, needs, grad_loss)
+    elif any(need and not was_kept for need, was_kept in zip(needs, ctx.kept, strict=True)):
+        # A gradient the forward did not compute: all of them now, from one fused call.
+        fresh = fused_linear_grads(saved, target, weight, config, needs, None)
+        grads = [None if g is None else g * grad_loss.to(g.dtype) for g in fresh]
+    else:
+        args = (input, linear_weight, linear_bias, target, weight, *config.as_args(), *ctx.kept)
+        grads = kept_linear_cross_entropy_grads(ticket, *args, grad_loss)
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *nothing[3:])
+
+
+linear_cross_entropy_kept.register_autograd(linear_kept_backward, setup_context=setup_linear_kept)

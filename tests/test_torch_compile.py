@@ -10,6 +10,8 @@ one Inductor test; compiling is slow, so each test compiles few graphs."""
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -143,6 +145,158 @@ def test_compiled_cross_entropy_no_break_no_recompile_same_numbers():
     torch.testing.assert_close(got, _loss_and_grad(fxt.cross_entropy, x, q), rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t), fxt.cross_entropy(x, t), rtol=0, atol=0)
+
+
+def test_opcheck_kept_gradient_pair():
+    """opcheck of the operators torch.compile uses for class-index targets: the forward that keeps
+    its gradient behind a ticket, and the backward that redeems it (every check runs the backward
+    several times on one ticket: the first takes the kept gradient, the rest compute it again and
+    must give the same numbers)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 3, -100, 10, 5, 5])
+    forward = torch.ops.fastxent.cross_entropy_kept.default
+    # Each call's ticket is a new number by design, so AOTAutograd's comparison of two runs'
+    # outputs does not apply to the forward; the compile tests below run it through AOTAutograd.
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for reduction in ("mean", "sum", "none"):
+        class_weight = torch.rand(11, dtype=torch.float64) + 0.5
+        torch.library.opcheck(forward, (x, t, class_weight, -100, reduction, 0.1), test_utils=checks)
+    _, ticket = forward(x.detach(), t, None, -100, "mean", 0.1)
+    backward = torch.ops.fastxent.kept_cross_entropy_grad.default
+    grad_loss = torch.tensor(2.5, dtype=torch.float64)
+    torch.library.opcheck(
+        backward,
+        (ticket, x.detach(), t, None, -100, "mean", 0.1, grad_loss),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+
+
+def _backward_graphs():
+    """A torch.compile backend that records AOTAutograd's backward graphs (run as traced), split
+    from the forward by Inductor's partitioner."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        def keep_backward(graph, _inputs):
+            graphs.append(graph)
+            return graph
+
+        return aot_module_simplified(
+            gm,
+            example_inputs,
+            fw_compiler=lambda g, _: g,
+            bw_compiler=keep_backward,
+            partition_fn=min_cut_rematerialization_partition,
+        )
+
+    return backend, graphs
+
+
+def test_compiled_backward_hands_on_the_kept_gradient():
+    """Compiled, the backward graph is the one operator that redeems the kept gradient (no
+    multiply, no copy of a saved (N, C) gradient around it); loss.backward(), a scaled loss and a
+    per-row incoming gradient give eager's bits; every ticket is gone after its backward, or with
+    its graph when no backward runs."""
+    from fastxent import _torch_kept
+
+    backend, graphs = _backward_graphs()
+    compiled = torch.compile(fxt.cross_entropy, backend=backend, fullgraph=True, dynamic=True)
+    torch.manual_seed(0)
+    for reduction, scale in (("mean", 1.0), ("sum", 3.0), ("none", 0.5)):
+        x = torch.randn(7, 40)
+        t = torch.randint(0, 40, (7,))
+        t[3] = -100
+        leaf = x.clone().requires_grad_()
+        (compiled(leaf, t, reduction=reduction, label_smoothing=0.1).sum() * scale).backward()
+        eager = x.clone().requires_grad_()
+        (fxt.cross_entropy(eager, t, reduction=reduction, label_smoothing=0.1).sum() * scale).backward()
+        torch.testing.assert_close(leaf.grad, eager.grad, rtol=0, atol=0)
+        assert _torch_kept.kept_count() == 0
+    assert graphs
+    for graph in graphs:
+        calls = [node.target for node in graph.graph.nodes if node.op == "call_function"]
+        assert calls == [torch.ops.fastxent.kept_cross_entropy_grad.default], calls
+    loss = compiled(x.clone().requires_grad_(), t)
+    assert _torch_kept.kept_count() == 1
+    del loss
+    assert _torch_kept.kept_count() == 0
+
+
+def test_compiled_linear_backward_hands_on_the_kept_gradients():
+    """The fused linear head compiled: opcheck of its kept pair, a backward graph that is the one
+    redeeming operator, eager's bits for every gradient (incoming gradient 1 and 0.75, with and
+    without a bias), and no ticket left behind."""
+    from fastxent import _torch_kept
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(17, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(17, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 16, -100, 3, 3, 9])
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    forward = torch.ops.fastxent.linear_cross_entropy_kept.default
+    torch.library.opcheck(forward, (x, w, b, t, None, "sum", -100, 0.1, 3.0, 1e-3, True, True, True), test_utils=checks)
+    _, ticket = forward(x.detach(), w.detach(), None, t, None, "mean", -100, 0.0, None, 0.0, True, True, False)
+    torch.library.opcheck(
+        torch.ops.fastxent.kept_linear_cross_entropy_grads.default,
+        (
+            ticket,
+            x.detach(),
+            w.detach(),
+            None,
+            t,
+            None,
+            "mean",
+            -100,
+            0.0,
+            None,
+            0.0,
+            True,
+            True,
+            False,
+            0.5 * x[0, 0].detach(),
+        ),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+    backend, graphs = _backward_graphs()
+    compiled = torch.compile(fxt.linear_cross_entropy, backend=backend, fullgraph=True, dynamic=True)
+
+    def step(function, bias, scale):
+        loss = function(x, w, t, linear_bias=bias, label_smoothing=0.1) * scale
+        return torch.autograd.grad(loss, [x, w] if bias is None else [x, w, bias])
+
+    for bias, scale in ((None, 1.0), (b, 0.75)):
+        expected = step(fxt.linear_cross_entropy, bias, scale)
+        torch.testing.assert_close(step(compiled, bias, scale), expected, rtol=0, atol=0)
+        assert _torch_kept.kept_count() == 0
+    assert graphs
+    for graph in graphs:
+        calls = [node.target for node in graph.graph.nodes if node.op == "call_function"]
+        redeem = torch.ops.fastxent.kept_linear_cross_entropy_grads.default
+        assert [c for c in calls if c is not operator.getitem] == [redeem], calls
+
+
+def test_compiled_second_backward_recomputes_the_same_bits():
+    """With donated buffers off (PyTorch then allows retain_graph=True under compile), a second
+    backward through one compiled graph finds its ticket spent and computes the gradient again:
+    the same bits as the first, for an incoming gradient of 1 and of 2."""
+    import torch._functorch.config as functorch_config
+
+    torch.manual_seed(0)
+    x, t = torch.randn(5, 30), torch.randint(0, 30, (5,))
+    with functorch_config.patch(donated_buffer=False):
+        compiled = torch.compile(fxt.cross_entropy, backend="inductor", fullgraph=True)
+        for scale in (1.0, 2.0):
+            leaf = x.clone().requires_grad_()
+            loss = compiled(leaf, t) * scale
+            (first,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+            (second,) = torch.autograd.grad(loss, leaf)
+            torch.testing.assert_close(second, first, rtol=0, atol=0)
+            torch.testing.assert_close(first, scale * _loss_and_grad(fxt.cross_entropy, x, t)[1], rtol=0, atol=0)
 
 
 class _Classifier(torch.nn.Module):
