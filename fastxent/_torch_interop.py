@@ -148,15 +148,43 @@ def to_tensor(array) -> torch.Tensor:
 
 
 def on_stream(tensor: torch.Tensor):
-    """A context in which CuPy launches on PyTorch's current stream of the tensor's device
-    (nothing to do for a CPU tensor)."""
+    """A context in which CuPy launches on PyTorch's current stream of the tensor's device and
+    allocates from PyTorch's caching allocator (nothing to do for a CPU tensor).
+
+    Outputs (the gradients handed to autograd) and CuPy's temporaries then live in PyTorch's
+    memory: ``torch.cuda.memory_allocated`` counts them, PyTorch reuses their blocks when freed,
+    and neither pool holds memory the other could have used.
+    """
     if tensor.device.type != "cuda":
         return contextlib.nullcontext()
     cupy = cupy_module()
     context = contextlib.ExitStack()
     context.enter_context(cupy.cuda.Device(tensor.device.index))
     context.enter_context(cupy.cuda.ExternalStream(torch.cuda.current_stream(tensor.device).cuda_stream))
+    context.enter_context(cupy.cuda.using_allocator(torch_allocator(cupy)))
     return context
+
+
+_ALLOCATORS: dict = {}
+
+
+def _torch_malloc(size: int, device_id: int) -> int:
+    """A block of PyTorch's caching allocator on ``device_id``, for use on its current stream."""
+    stream = torch.cuda.current_stream(device_id).cuda_stream
+    return torch.cuda.caching_allocator_alloc(size, device_id, stream)
+
+
+def _torch_free(pointer: int, device_id: int) -> None:
+    torch.cuda.caching_allocator_delete(pointer)
+
+
+def torch_allocator(cupy: Any):
+    """CuPy's allocator function backed by PyTorch's caching allocator (one per CuPy module)."""
+    allocator = _ALLOCATORS.get(id(cupy))
+    if allocator is None:
+        allocator = cupy.cuda.memory.PythonFunctionAllocator(_torch_malloc, _torch_free).malloc
+        _ALLOCATORS[id(cupy)] = allocator
+    return allocator
 
 
 def host(value: Any, dtype: Any = None) -> Optional[np.ndarray]:

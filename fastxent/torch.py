@@ -212,19 +212,23 @@ def cross_entropy(
     args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), _wants_input_grad(input))
     if _under_transform(input, target):
         loss, _ = _FusedCrossEntropy.apply(*args)
-    elif args[-1] and _compiling_a_training_graph() and not target.is_floating_point():
-        # The gradient goes to the backward by ticket: a compiled backward scales it in place,
-        # or not at all for loss.backward(), where a saved gradient would cost a copy.
+    elif args[-1] and _hands_over_by_ticket(input) and not target.is_floating_point():
+        # The gradient goes to the backward by ticket, to be scaled in place (see _torch_kept).
         loss, _ = ops.cross_entropy_kept(*args[:-1])
     else:
         loss, _ = ops.cross_entropy(*args)
     return loss
 
 
-def _compiling_a_training_graph() -> bool:
-    """Whether torch.compile is tracing (not torch.export: an exported program keeps the plain
-    operator, whose graph carries no ticket)."""
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+def _hands_over_by_ticket(input: torch.Tensor) -> bool:
+    """Whether the kept gradients go to the backward by ticket (``fastxent._torch_kept``):
+    while torch.compile traces (a compiled backward would otherwise copy a saved gradient, and
+    could not skip the multiply by 1), and for CUDA tensors (the multiply runs in place and is
+    skipped on the device for 1, where reading the incoming gradient would stall the stream).
+    Not under torch.export: an exported program keeps the plain operator."""
+    if torch.compiler.is_compiling():
+        return not torch.compiler.is_exporting()
+    return input.device.type == "cuda"
 
 
 def _check_device(*tensors: Optional[torch.Tensor]) -> None:
@@ -411,7 +415,7 @@ def linear_cross_entropy(
     args = (input, linear_weight, linear_bias, target, weight, None, *config.as_args(), *wants)
     if _under_transform(input, linear_weight, linear_bias, target):
         loss, *_ = _FusedLinearCrossEntropy.apply(*args)
-    elif any(wants) and _compiling_a_training_graph():
+    elif any(wants) and _hands_over_by_ticket(input):
         # The gradients go to the backward by ticket (see cross_entropy).
         loss, _ = ops.linear_cross_entropy_kept(*args[:5], *args[6:])
     else:

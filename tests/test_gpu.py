@@ -1211,3 +1211,36 @@ def test_distributed_api_rejects_cupy_probabilities_on_every_rank(rng, monkeypat
     for result in run_ranks(2, work):
         assert isinstance(result, ValueError)
         assert "CuPy" in str(result) or "rejected its arguments" in str(result)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_scale_unless_one(rng, dtype):
+    """``xent_scale_*``: a factor of 1 leaves the gradient's bits alone (the kernel reads the
+    factor on the device: no host read); any other factor gives the bits of the product in the
+    compute type rounded once to the storage (PyTorch's multiply), NaN included; an empty
+    gradient launches nothing. bfloat16 as its uint16 bits."""
+    storage = "bfloat16" if dtype == BFLOAT16 else np.dtype(dtype).name
+    compute = np.float64 if dtype == np.float64 else np.float32
+    values = (rng.standard_normal(3001) * 3).astype(dtype)
+    values[:3] = [np.inf, -0.0, np.nan]
+
+    def on_device(array):
+        return cupy.asarray(array.view(np.uint16)) if dtype == BFLOAT16 else cupy.asarray(array)
+
+    def on_host(array):
+        return cupy.asnumpy(array).view(BFLOAT16) if dtype == BFLOAT16 else cupy.asnumpy(array)
+
+    for factor in (1.0, 2.5, -0.3, 0.0, np.nan):
+        grad = on_device(values.copy())
+        reads = cupy.host_reads() if EMULATED else None
+        gpu_xent.scale_unless_one(grad, on_device(np.array([factor], dtype=dtype)), storage)
+        if EMULATED:
+            assert cupy.host_reads() == reads
+        rounded_factor = np.array([factor], dtype=dtype).astype(compute)[0]
+        expected = values if factor == 1.0 else (values.astype(compute) * rounded_factor).astype(dtype)
+        got = on_host(grad).astype(np.float64)
+        expected = expected.astype(np.float64)
+        np.testing.assert_array_equal(got, expected)  # NaN where NaN is expected
+        numbers = ~np.isnan(expected)
+        np.testing.assert_array_equal(np.signbit(got[numbers]), np.signbit(expected[numbers]))  # -0.0 too
+    gpu_xent.scale_unless_one(on_device(values[:0].copy()), on_device(np.array([2.0], dtype=dtype)), storage)

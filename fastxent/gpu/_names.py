@@ -13,8 +13,9 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 # Kernels over logits, each compiled with and without the softcap transform.
 LOGIT_KINDS = ("fwd", "fwd_bwd", "part_stats", "part_grad", "token_stats", "token_grad")
-# Kernels compiled once per dtype: the probability-input path.
-PLAIN_KINDS = ("prob",)
+# Kernels compiled once per dtype: the probability-input path, and the in-place scaling of a
+# kept gradient by a device scalar (skipped on the device when it is 1).
+PLAIN_KINDS = ("prob", "scale")
 
 
 def kernel_name(kind: str, dtype: str, softcap: bool = False) -> str:

@@ -1298,6 +1298,37 @@ __device__ __forceinline__ void token_grad_rows(const T* logits, T* grad, const 
 }  // namespace fastxent
 
 // ------------------------------------------------------------------------------------------
+// A kept gradient times the incoming gradient, in place, read on the device: nothing to do when
+// it is exactly 1 (loss.backward()), so the host never waits to look at it. The product is the
+// one PyTorch's out-of-place multiply gives: in the compute type, rounded once to the storage.
+// ------------------------------------------------------------------------------------------
+
+namespace fastxent {
+
+template <typename T>
+__device__ __forceinline__ void scale_unless_one(T* grad, const T* scale, long long count) {
+  typedef typename Storage<T>::Acc A;
+  const A factor = Storage<T>::to_acc(scale[0]);
+  if (factor == A(1)) return;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += stride) {
+    grad[i] = Storage<T>::from_acc(Storage<T>::to_acc(grad[i]) * factor);
+  }
+}
+
+}  // namespace fastxent
+
+#define FASTXENT_SCALE_ENTRY(T, DTYPE)                                                                  \
+  extern "C" __global__ void xent_scale_##DTYPE(T* grad, const T* scale, long long count) {           \
+    fastxent::scale_unless_one<T>(grad, scale, count);                                                \
+  }
+
+FASTXENT_SCALE_ENTRY(__half, float16)
+FASTXENT_SCALE_ENTRY(__nv_bfloat16, bfloat16)
+FASTXENT_SCALE_ENTRY(float, float32)
+FASTXENT_SCALE_ENTRY(double, float64)
+
+// ------------------------------------------------------------------------------------------
 // extern "C" entries, one per (kind, softcap, dtype): the names in _names.py. Every scalar is
 // 64-bit (long long or double) so the typed launchers pass numpy.int64 / numpy.float64 only.
 // ------------------------------------------------------------------------------------------

@@ -609,3 +609,31 @@ def _prob_rows(probs, labels, sample_weight, options, dtype_name, want_grad, los
         row_min,
     )
     return loss, grad, row_min
+
+
+# ----------------------------------------------------------------------------------------
+# A kept gradient times a device scalar
+# ----------------------------------------------------------------------------------------
+
+# Blocks of the scaling launch: enough to fill any GPU, few enough that a skipped launch (a
+# factor of 1) costs next to nothing; the kernel strides over the rest.
+SCALE_THREADS = 256
+SCALE_MAX_BLOCKS = 4096
+
+
+def scale_unless_one(grad: Any, factor: Any, storage: str) -> None:
+    """``grad *= factor`` in place on CuPy's current stream, unless the device scalar ``factor``
+    is exactly 1: the kernel reads it and returns, so the host never waits to look at it.
+
+    Args:
+        grad: C-contiguous CuPy array of any shape, stored as ``storage`` (float16, bfloat16 as
+            its uint16 bits or CuPy's bfloat16, float32, float64).
+        factor: a one-element CuPy array of the same storage on the same device.
+        storage: the storage name.
+    """
+    count = int(grad.size)
+    if count == 0:
+        return
+    blocks = min(-(-count // SCALE_THREADS), SCALE_MAX_BLOCKS)
+    kernel = get_kernel(kernel_name("scale", storage))
+    kernel((blocks,), (SCALE_THREADS,), (grad, factor, numpy.int64(count)))
