@@ -742,3 +742,34 @@ def test_fully_ignored_mean_is_the_one_difference(rng, kernel_path, dtype):
         == 0.0
         == fastxent.sparse_cross_entropy(logits, labels, reduction="sum", ignore_index=CORE_IGNORE_INDEX)
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to PyTorch")
+def test_cuda_gradient_lives_in_pytorchs_memory_and_is_scaled_in_place():
+    """CUDA, eagerly: the kept gradient is allocated by PyTorch's caching allocator (CuPy's pool
+    does not grow), a scaled loss's backward multiplies it in place (peak memory holds one N x C
+    gradient, not two), loss.backward() leaves it as it is, and a second backward through the
+    same graph gives the same bits."""
+    cupy = pytest.importorskip("cupy")
+    torch.manual_seed(0)
+    x = torch.randn(64, 50000, device="cuda", requires_grad=True)
+    t = torch.randint(0, 50000, (64,), device="cuda")
+    grad_bytes = x.numel() * x.element_size()
+    pool = cupy.get_default_memory_pool()
+    for scale in (1.0, 3.0):
+        x.grad = None
+        torch.cuda.synchronize()
+        used, base = pool.used_bytes(), torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = fxt.cross_entropy(x, t) * scale
+        assert torch.cuda.memory_allocated() - base >= grad_bytes
+        assert pool.used_bytes() == used
+        loss.backward(retain_graph=True)
+        first = x.grad.clone()
+        assert torch.cuda.max_memory_allocated() - base < 1.5 * grad_bytes
+        x.grad = None
+        loss.backward()
+        torch.testing.assert_close(x.grad, first, rtol=0, atol=0)
+        expected = torch.autograd.grad(F.cross_entropy(x, t) * scale, x)[0]
+        torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-7)

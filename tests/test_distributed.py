@@ -600,6 +600,11 @@ adapter = _comm.communicator_for(group)
 assert _comm.communicator_for(group) is adapter  # one adapter per live group
 loss = distributed.sparse_cross_entropy(np.ones((2, 3), np.float32), np.array([0, 2]), vocab_start=0, group=group)
 np.testing.assert_allclose(loss, np.log(3.0), rtol=1e-6)
+# Gloo sums arrays in host memory where they lie (the GPU emulator's device arrays are such).
+buffer = np.arange(5, dtype=np.float32)
+sent = adapter.bytes_sent
+assert adapter.allreduce_sum_on_device(buffer[1:])
+assert np.array_equal(buffer, np.arange(5)) and adapter.bytes_sent == sent + 16
 alive = weakref.ref(group)
 dist.destroy_process_group()
 del group
@@ -618,7 +623,8 @@ print("OK")
 
 def test_a_destroyed_process_group_is_not_kept_alive():
     """The adapter cache holds torch groups weakly: a group outliving destroy_process_group()
-    would be destroyed at interpreter exit, where Gloo can abort the process."""
+    would be destroyed at interpreter exit, where Gloo can abort the process. (The same one-rank
+    group also checks the in-place reduction of an array through DLPack.)"""
     pytest.importorskip("torch")
     import socket
 

@@ -294,3 +294,74 @@ def test_warm_up_loads_the_kernels_of_the_dtypes(monkeypatch):
     assert all(kernel is not None for _, _, kernel in loaded)
     with pytest.raises(ValueError, match="no kernels for dtype 'int32'"):
         gpu.warm_up([np.int32])
+
+
+def test_vocabulary_parallel_hidden_gradient_reduced_on_the_device(rng, monkeypatch):
+    """fastxent.distributed.linear_cross_entropy_with_grad on device arrays over 3 ranks: dX is
+    summed where it lies when the engine can (``allreduce_sum_on_device``, one call per rank),
+    through a host copy when it cannot; both give the same bits on every rank, equal to one
+    process's dX. A GEMM failing on one rank in the last chunk raises on every rank through the
+    same reduction, none waits."""
+    import threading
+    import time
+
+    from sharding import ThreadCommunicator, bounds, run_ranks
+
+    from fastxent import distributed
+    from fastxent.gpu.linear import CupyLinearOps
+
+    class DeviceThreads(ThreadCommunicator):
+        def allreduce_sum_on_device(self, array):
+            self.device_reductions += 1
+            host = cupy.asnumpy(array)
+            self.allreduce_sum(host)
+            array[...] = cupy.asarray(host)
+            return True
+
+    hidden, weight, bias = layer(rng, np.float32)
+    labels = rng.integers(0, NUM_CLASSES, LEAD_SHAPE)
+    starts = bounds((100, 120, 80))
+    this_rank = threading.local()
+    hidden_grad = CupyLinearOps.hidden_grad
+
+    def failing_hidden_grad(self, *args):
+        # The failing rank fails in the last chunk (15 rows, 4 a chunk): no collective of the
+        # statistics comes after it, only dX's reduction carries the failure. (A ValueError:
+        # the thread double releases its barrier at once for other types.)
+        this_rank.calls += 1
+        if this_rank.fails and this_rank.calls == 4:
+            raise ValueError("injected failure of a GEMM")
+        return hidden_grad(self, *args)
+
+    monkeypatch.setattr(CupyLinearOps, "hidden_grad", failing_hidden_grad)
+
+    def run(communicator, fail_rank=None):
+        def work(comm):
+            comm.__class__ = communicator
+            comm.device_reductions = 0
+            this_rank.fails, this_rank.calls = comm.rank == fail_rank, 0
+            lo, hi = starts[comm.rank], starts[comm.rank + 1]
+            h, w, b = to_device(hidden, weight[lo:hi], bias[lo:hi])
+            result = distributed.linear_cross_entropy_with_grad(
+                h, w, labels, vocab_start=lo, group=comm, bias=b, **BLOCKS
+            )
+            return cupy.asnumpy(result[1]), comm.device_reductions
+
+        return run_ranks(3, work)
+
+    on_device = run(DeviceThreads)
+    via_host = run(ThreadCommunicator)
+    expected = fastxent.linear_cross_entropy_with_grad(hidden, weight, labels, bias=bias)[1]
+    for (grad_device, reductions), (grad_host, host_reductions) in zip(on_device, via_host, strict=True):
+        assert reductions == 1 and host_reductions == 0
+        np.testing.assert_array_equal(grad_device, grad_host)
+        np.testing.assert_array_equal(grad_device, on_device[0][0])
+        np.testing.assert_allclose(grad_device, expected, rtol=1e-5, atol=1e-6)
+    started = time.monotonic()
+    failed = run(DeviceThreads, fail_rank=1)
+    # Every rank raised, well before the double's 60 s barrier timeout. (Which message each rank
+    # shows depends on thread timing: the double releases its barrier when a rank raises.)
+    assert all(isinstance(outcome, Exception) for outcome in failed), failed
+    assert time.monotonic() - started < 30
+    messages = " ".join(str(outcome) for outcome in failed)
+    assert "injected failure" in messages or "1 other rank(s) failed" in messages, failed

@@ -58,6 +58,11 @@ class Communicator:
         """int64 (size, len(values)): row r holds rank r's values."""
         raise NotImplementedError
 
+    def allreduce_sum_on_device(self, array: Any) -> bool:
+        """Element-wise sum over the group of a device (CuPy) array, in place, where the array
+        lies; False when this engine cannot, and the caller reduces a host copy instead."""
+        return False
+
 
 class MPICommunicator(Communicator):
     """An mpi4py communicator: buffer-based ``Allreduce``/``Allgather`` on NumPy arrays."""
@@ -136,6 +141,31 @@ class TorchCommunicator(Communicator):
 
     def allreduce_sum(self, buffer: np.ndarray) -> np.ndarray:
         return self._allreduce(buffer, self._dist.ReduceOp.SUM)
+
+    def allreduce_sum_on_device(self, array: Any) -> bool:
+        """NCCL sums a CUDA array where it lies (no host copies), ordered after the work of
+        CuPy's current stream; Gloo sums arrays in host memory (the GPU emulator's). The array
+        is shared with a tensor through DLPack."""
+        torch = self._torch
+        try:
+            tensor = torch.from_dlpack(array)
+        except (BufferError, RuntimeError, TypeError, ValueError):
+            return False
+        on_cuda = tensor.device.type == "cuda"
+        if on_cuda != (self._device is not None):
+            return False
+        self._count(tensor.numel() * tensor.element_size())
+        if not on_cuda:
+            self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM, group=self.group)
+            return True
+        import cupy
+
+        # The collective waits for what CuPy's stream has queued (the dX GEMMs), and what is
+        # queued on that stream afterwards waits for the collective.
+        producer = torch.cuda.ExternalStream(cupy.cuda.get_current_stream().ptr, device=tensor.device)
+        with torch.cuda.device(tensor.device), torch.cuda.stream(producer):
+            self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM, group=self.group)
+        return True
 
     def allgather_ints(self, values: Sequence[int]) -> np.ndarray:
         mine = self._torch.tensor(list(values), dtype=self._torch.int64, device=self._device)

@@ -100,6 +100,25 @@ def _raise_with_position(error: ValueError, comm: Communicator, labels: np.ndarr
     raise ValueError(message) from None
 
 
+def _reduce_hidden_grad(comm: Communicator, buffer: Any, failure: Optional[BaseException], xp: Any) -> int:
+    """Sum each rank's term of dX over the group, in ``buffer`` (dX flattened, then one value
+    that counts the ranks that failed: a failed rank sends zeros and 1). A device buffer is
+    reduced on the device where the engine can (one read of the count), else through a host
+    copy. Returns the number of failed ranks."""
+    if failure is not None:
+        buffer[:-1] = 0.0
+    buffer[-1] = 0.0 if failure is None else 1.0
+    if xp is np:
+        comm.allreduce_sum(buffer)
+        return int(buffer[-1])
+    if comm.allreduce_sum_on_device(buffer):
+        return int(float(buffer[-1]))
+    host = xp.asnumpy(buffer)
+    comm.allreduce_sum(host)
+    buffer[...] = xp.asarray(host)
+    return int(host[-1])
+
+
 def _backend(on_gpu: bool, compute: np.dtype):
     """(LinearOps, RangeKernel) of the layer's array type."""
     if on_gpu:
@@ -176,9 +195,11 @@ def sharded_linear(
         grad_hidden = None
         if want_hidden:
             # On the host, one more value after dX: the failure count its all-reduction carries.
+            # On the GPU the same layout, in device memory: reduced there where the engine can.
             host_hidden = np.empty(num_rows * features + 1, dtype=compute) if not on_gpu else None
             if on_gpu:
-                grad_hidden = xp.empty((num_rows, features), dtype=compute)
+                device_hidden = xp.empty(num_rows * features + 1, dtype=compute)
+                grad_hidden = device_hidden[:-1].reshape(num_rows, features)
             else:
                 grad_hidden = host_hidden[:-1].reshape(num_rows, features)
         grad_weight = xp.zeros(weight_c.shape, dtype=compute) if want_weight else None
@@ -233,23 +254,13 @@ def sharded_linear(
         if want_hidden:
             # dX = sum over ranks of G_r W_r: each rank holds its own term. One more value says
             # how many ranks failed after their last chunk's statistics.
-            if on_gpu:
-                host_hidden = np.empty(num_rows * features + 1, dtype=compute)
-                if failure is None:
-                    host_hidden[:-1] = grad_hidden.get().reshape(-1)
-            host = host_hidden
-            values = host[:-1].reshape(num_rows, features)
-            if failure is not None:
-                values[...] = 0.0
-            host[-1] = 0.0 if failure is None else 1.0
-            comm.allreduce_sum(host)
-            if host[-1] > 0:
+            failed = _reduce_hidden_grad(comm, device_hidden if on_gpu else host_hidden, failure, xp)
+            if failed:
                 if failure is not None:
                     raise failure
                 raise RuntimeError(
-                    f"{int(host[-1])} other rank(s) failed after the last chunk's statistics (see the error raised there)"
+                    f"{failed} other rank(s) failed after the last chunk's statistics (see the error raised there)"
                 )
-            grad_hidden = xp.asarray(values) if on_gpu else values
         elif want_any:
             _agree_on_status(comm, failure)
         elif failure is not None:
