@@ -220,21 +220,6 @@ def _loss_shape_and_dtype(input: Tensor, target: Tensor, reduction: str):
     return shape, dtype
 
 
-@torch.library.custom_op("fastxent::cross_entropy", mutates_args=(), device_types=DEVICE_TYPES)
-def cross_entropy(
-    input: Tensor,
-    target: Tensor,
-    weight: Optional[Tensor],
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    want_grad: bool,
-) -> Tuple[Tensor, Tensor]:
-    """fastxent's fused kernel on the tensors' memory: (loss, d loss / d input) when
-    ``want_grad``, else (loss, empty placeholder). See ``fused_cross_entropy``."""
-    return fused_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, want_grad)
-
-
 def fused_cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -244,7 +229,9 @@ def fused_cross_entropy(
     label_smoothing: float,
     want_grad: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """The kernel call behind ``fastxent::cross_entropy`` and ``fastxent::cross_entropy_kept``.
+    """fastxent's fused kernel on the tensors' memory: (loss, d loss / d input) when
+    ``want_grad``, else (loss, empty placeholder). The function of ``fastxent::cross_entropy``,
+    also called by ``fastxent::cross_entropy_kept``.
 
     Args:
         input: logits (C,), (N, C) or (N, C, d1, ...), float16/bfloat16/float32/float64.
@@ -312,6 +299,12 @@ def fused_cross_entropy(
             counted = (target != ignore_index).unsqueeze(axis).expand_as(grad)
             grad = grad.masked_fill(counted, float("nan"))
     return loss, grad
+
+
+# The operator runs the plain function above; fastxent::cross_entropy_kept calls it too.
+cross_entropy = torch.library.custom_op("fastxent::cross_entropy", mutates_args=(), device_types=DEVICE_TYPES)(
+    fused_cross_entropy
+)
 
 
 @cross_entropy.register_fake
@@ -491,43 +484,6 @@ def mean_over_nothing_counted(target: Tensor, weight: Optional[Tensor], ignore_i
     return target.numel() == 0 or nothing_counted(target, weight, ignore_index)
 
 
-@torch.library.custom_op("fastxent::linear_cross_entropy", mutates_args=(), device_types=DEVICE_TYPES)
-def linear_cross_entropy(
-    input: Tensor,
-    linear_weight: Tensor,
-    linear_bias: Optional[Tensor],
-    target: Tensor,
-    weight: Optional[Tensor],
-    row_scale: Optional[Tensor],
-    reduction: str,
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: Optional[float],
-    z_loss: float,
-    input_grad: bool,
-    weight_grad: bool,
-    bias_grad: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """fastxent's fused linear + cross-entropy on the tensors' memory. See
-    ``fused_linear_cross_entropy``."""
-    return fused_linear_cross_entropy(
-        input,
-        linear_weight,
-        linear_bias,
-        target,
-        weight,
-        row_scale,
-        reduction,
-        ignore_index,
-        label_smoothing,
-        softcap,
-        z_loss,
-        input_grad,
-        weight_grad,
-        bias_grad,
-    )
-
-
 def fused_linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -544,8 +500,8 @@ def fused_linear_cross_entropy(
     weight_grad: bool,
     bias_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The kernel call behind ``fastxent::linear_cross_entropy`` and
-    ``fastxent::linear_cross_entropy_kept``.
+    """fastxent's fused linear + cross-entropy on the tensors' memory: the function of
+    ``fastxent::linear_cross_entropy``, also called by ``fastxent::linear_cross_entropy_kept``.
 
     Args:
         input: (H,) or (N, H); linear_weight: (C, H); linear_bias: (C,) or None, all one float dtype.
@@ -611,6 +567,11 @@ def fused_linear_cross_entropy(
             grads[2] = None if grad_bias is None else torch.full_like(grad_bias, float("nan"))
     # Operator outputs are tensors: an empty one stands for a gradient not computed.
     return (loss, *(input.new_empty(0) if g is None else g for g in grads))
+
+
+linear_cross_entropy = torch.library.custom_op(
+    "fastxent::linear_cross_entropy", mutates_args=(), device_types=DEVICE_TYPES
+)(fused_linear_cross_entropy)
 
 
 @linear_cross_entropy.register_fake
