@@ -115,7 +115,9 @@ class TorchCommunicator(Communicator):
         self.rank = dist.get_rank(self.group)
         self.size = dist.get_world_size(self.group)
         backend = str(dist.get_backend(self.group)).lower()
-        self._device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else None
+        # NCCL reduces CUDA memory only: host buffers are staged to the current CUDA device of
+        # each call (not of the first call: a training script may set it after this adapter).
+        self._nccl = "nccl" in backend
 
     @property
     def group(self) -> Any:
@@ -128,10 +130,10 @@ class TorchCommunicator(Communicator):
     def _allreduce(self, buffer: np.ndarray, op: Any) -> np.ndarray:
         self._count(buffer.nbytes)
         tensor = self._torch.from_numpy(buffer)
-        if self._device is None:
+        if not self._nccl:
             self._dist.all_reduce(tensor, op=op, group=self.group)
         else:
-            staged = tensor.to(self._device)
+            staged = tensor.to(self._staging_device())
             self._dist.all_reduce(staged, op=op, group=self.group)
             tensor.copy_(staged.cpu())
         return buffer
@@ -141,6 +143,9 @@ class TorchCommunicator(Communicator):
 
     def allreduce_sum(self, buffer: np.ndarray) -> np.ndarray:
         return self._allreduce(buffer, self._dist.ReduceOp.SUM)
+
+    def _staging_device(self) -> Any:
+        return self._torch.device("cuda", self._torch.cuda.current_device())
 
     def allreduce_sum_on_device(self, array: Any) -> bool:
         """NCCL sums a CUDA array where it lies (no host copies), ordered after the work of
@@ -152,7 +157,7 @@ class TorchCommunicator(Communicator):
         except (BufferError, RuntimeError, TypeError, ValueError):
             return False
         on_cuda = tensor.device.type == "cuda"
-        if on_cuda != (self._device is not None):
+        if on_cuda != self._nccl:
             return False
         self._count(tensor.numel() * tensor.element_size())
         if not on_cuda:
@@ -168,7 +173,8 @@ class TorchCommunicator(Communicator):
         return True
 
     def allgather_ints(self, values: Sequence[int]) -> np.ndarray:
-        mine = self._torch.tensor(list(values), dtype=self._torch.int64, device=self._device)
+        device = self._staging_device() if self._nccl else None
+        mine = self._torch.tensor(list(values), dtype=self._torch.int64, device=device)
         gathered = [self._torch.empty_like(mine) for _ in range(self.size)]
         self._count(mine.numel() * 8)
         self._dist.all_gather(gathered, mine, group=self.group)
