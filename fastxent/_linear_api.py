@@ -361,10 +361,12 @@ def linear_cross_entropy_with_grad(
 # ----------------------------------------------------------------------------------------
 
 
-def _token_setup(
-    hidden, weight, bias, labels, temperature, softcap, ignore_index, memory_budget, block_rows, block_classes, threads
+def token_layer_setup(
+    hidden, weight, bias, temperature, softcap, ignore_index, memory_budget, block_rows, block_classes, threads
 ):
-    """Checked arrays, labels int64 (N,) (-1 ignored), the CPU launcher and the blocks."""
+    """The checked arrays of one ``linear_token_stats`` call (hidden as rows (N, H)), its
+    temperature and softcap, the CPU launcher and the blocks: (rows, weight, bias, launcher,
+    blocks, temperature, softcap). The labels are the caller's to check."""
     checks.check_options(True, "none", 0.0, ignore_index=ignore_index, softcap=softcap)
     temperature = check_temperature(temperature)
     sizes = ("memory_budget", memory_budget), ("block_rows", block_rows), ("block_classes", block_classes)
@@ -375,23 +377,8 @@ def _token_setup(
         raise NotImplementedError("linear_token_stats takes NumPy arrays (the CPU) so far; got CuPy arrays")
     from fastxent.cpu import linear as launcher
 
-    lead_shape = tuple(hidden.shape[:-1])
     num_classes, features = weight.shape
-    labels = checks.check_labels(labels, np, lead_shape)
-    flat_labels, *_ = prepare_targets(
-        labels,
-        num_classes,
-        np,
-        from_logits=True,
-        reduction="none",
-        ignore_index=ignore_index,
-        label_smoothing=0.0,
-        class_weight=None,
-        sample_weight=None,
-        z_loss=0.0,
-        softcap=softcap,
-    )
-    num_rows = flat_labels.shape[0]
+    num_rows = int(np.prod(hidden.shape[:-1], dtype=np.int64))
     if memory_budget is None:
         # A sixteenth of the float32 logits at most (the forward holds far less: cache blocks).
         memory_budget = max(1, min(DEFAULT_MEMORY_BUDGET, num_rows * num_classes * 4 // TOKEN_LOGITS_FRACTION))
@@ -407,17 +394,32 @@ def _token_setup(
         threads=threads,
     )
     softcap = None if softcap is None else float(softcap)
-    return (
-        hidden.reshape(num_rows, features),
-        weight,
-        bias,
-        flat_labels,
-        lead_shape,
-        launcher,
-        blocks,
-        temperature,
-        softcap,
+    return hidden.reshape(num_rows, features), weight, bias, launcher, blocks, temperature, softcap
+
+
+def _token_setup(
+    hidden, weight, bias, labels, temperature, softcap, ignore_index, memory_budget, block_rows, block_classes, threads
+):
+    """``token_layer_setup`` and the labels: int64 (N,) (-1 ignored) and the lead shape."""
+    rows, weight, bias, launcher, blocks, temperature, softcap = token_layer_setup(
+        hidden, weight, bias, temperature, softcap, ignore_index, memory_budget, block_rows, block_classes, threads
     )
+    lead_shape = tuple(np.shape(hidden)[:-1])
+    labels = checks.check_labels(labels, np, lead_shape)
+    flat_labels, *_ = prepare_targets(
+        labels,
+        weight.shape[0],
+        np,
+        from_logits=True,
+        reduction="none",
+        ignore_index=ignore_index,
+        label_smoothing=0.0,
+        class_weight=None,
+        sample_weight=None,
+        z_loss=0.0,
+        softcap=softcap,
+    )
+    return rows, weight, bias, flat_labels, lead_shape, launcher, blocks, temperature, softcap
 
 
 def linear_token_stats_forward(

@@ -67,7 +67,7 @@ def main() -> int:
         cupy.cuda.get_current_stream().synchronize()
         if on_device != [True]:
             failures.append(f"d_hidden was not reduced on the device: {on_device}")
-        for name, a, b in zip(("loss", "d_hidden", "d_weight"), got, expected):
+        for name, a, b in zip(("loss", "d_hidden", "d_weight"), got[:3], expected[:3], strict=True):
             error = float(cupy.max(cupy.abs(cupy.asarray(a) - cupy.asarray(b))) / cupy.max(cupy.abs(cupy.asarray(b))))
             print(f"linear {name}: relative error {error:.2e}")
             if not error < 1e-5:

@@ -15,7 +15,8 @@ tensors and autograd use ``fastxent.distributed._torch.vocab_parallel_cross_entr
 
 ``linear_cross_entropy[_with_grad]`` shard the output layer instead of the logits: each rank
 holds rows of the weight and computes its logits one chunk of rows at a time
-(``fastxent.distributed._linear``).
+(``fastxent.distributed._linear``); ``linear_token_stats[_forward/_backward]`` give the per-token
+statistics of such a head (``fastxent.distributed._token_stats``).
 
 Imports run one way: this package imports the shared checks (``fastxent._checks``), the range
 layer (``fastxent._range``: statistics, merge, epilogue) and each backend's range kernel
@@ -47,6 +48,9 @@ __all__ = [
     "communicator_for",
     "linear_cross_entropy",
     "linear_cross_entropy_with_grad",
+    "linear_token_stats",
+    "linear_token_stats_backward",
+    "linear_token_stats_forward",
     "sparse_cross_entropy",
     "sparse_cross_entropy_with_grad",
 ]
@@ -421,4 +425,177 @@ def linear_cross_entropy_with_grad(
         want_hidden=bool(hidden_grad),
         want_weight=bool(weight_grad),
         want_bias=bool(bias_grad),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Per-token statistics from a vocabulary-sharded head
+# ----------------------------------------------------------------------------------------
+
+
+def _token_setup(temperature, softcap, ignore_index, memory_budget, block_rows, block_classes, threads):
+    """``fastxent._linear_api.token_layer_setup`` with this call's options, for each rank's slice."""
+    from fastxent._linear_api import token_layer_setup
+
+    def setup(hidden, weight, bias):
+        return token_layer_setup(
+            hidden, weight, bias, temperature, softcap, ignore_index, memory_budget, block_rows, block_classes, threads
+        )
+
+    return setup
+
+
+def _token_layer(hidden, weight_shard, bias, labels):
+    """Host arrays and this rank's argument error (every rank raises it together)."""
+    hidden, weight_shard, bias, error = _layer_arrays(hidden, weight_shard, bias)
+    if error is None and checks.is_cupy_array(hidden):
+        error = NotImplementedError("linear_token_stats takes NumPy arrays (the CPU) so far; got CuPy arrays")
+    if error is None and labels is not None and tuple(hidden.shape[:-1]) != tuple(labels.shape):
+        error = ValueError(
+            f"labels shape {tuple(labels.shape)} must equal hidden's shape without H, {hidden.shape[:-1]}"
+        )
+    return hidden, weight_shard, bias, error
+
+
+def linear_token_stats_forward(
+    hidden: Any,
+    weight_shard: Any,
+    labels: Any,
+    *,
+    vocab_start: int,
+    group: Any = None,
+    bias: Any = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    block_rows: Optional[int] = None,
+    block_classes: Optional[int] = None,
+    threads: Optional[int] = None,
+):
+    """``linear_token_stats`` and the merged per-row statistics ``linear_token_stats_backward``
+    takes (a ``TokenForward``: ``.values`` holds the ``TokenStats``)."""
+    from fastxent.distributed._token_stats import sharded_token_forward
+
+    labels = check_labels(_on_host(labels))
+    hidden, weight_shard, bias, error = _token_layer(hidden, weight_shard, bias, labels)
+    setup = _token_setup(temperature, softcap, ignore_index, memory_budget, block_rows, block_classes, threads)
+    return sharded_token_forward(
+        communicator_for(group),
+        setup,
+        hidden,
+        weight_shard,
+        bias,
+        labels,
+        vocab_start=int(vocab_start),
+        ignore_index=ignore_index,
+        local_error=error,
+    )
+
+
+def linear_token_stats(
+    hidden: Any,
+    weight_shard: Any,
+    labels: Any,
+    *,
+    vocab_start: int,
+    group: Any = None,
+    bias: Any = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    block_rows: Optional[int] = None,
+    block_classes: Optional[int] = None,
+    threads: Optional[int] = None,
+):
+    """``fastxent.linear_token_stats`` with the head's rows sharded across the ranks of
+    ``group``: per token the log-probability, entropy, logsumexp and argmax of
+    ``softcap(hidden @ weight.T + bias) / temperature`` over the whole vocabulary, without any
+    rank building logits (see ``fastxent.distributed._token_stats``).
+
+    Args:
+        hidden: (..., H) float16/bfloat16/float32/float64 NumPy array, identical on every rank.
+        weight_shard: (V_local, H): rows [vocab_start, vocab_start + V_local) of the head's
+            weight; hidden's dtype. A rank may hold none (V_local = 0).
+        labels: integer class ids over the whole vocabulary, hidden's shape without H,
+            identical on every rank.
+        vocab_start: this shard's first global class; the shards must tile [0, V_total).
+        group: an mpi4py communicator, a torch.distributed process group, or None.
+        bias: this shard's (V_local,) bias, or None.
+        temperature, softcap, ignore_index: as ``fastxent.token_stats``.
+        memory_budget, block_rows, block_classes, threads: each rank's blocks, as
+            ``fastxent.linear_token_stats``.
+
+    Returns:
+        ``TokenStats(logprob, entropy, lse, argmax)``, labels-shaped, identical on every rank
+        (argmax over the whole vocabulary, the lowest index on ties).
+
+    Raises:
+        ValueError: on every rank together, for an argument one rank gets wrong, a label
+            outside [0, V_total) (its value and position), or shards that do not tile the
+            vocabulary. Any other failure on one rank raises on every rank too.
+        NotImplementedError: CuPy arrays (the CPU only so far).
+    """
+    return linear_token_stats_forward(
+        hidden,
+        weight_shard,
+        labels,
+        vocab_start=vocab_start,
+        group=group,
+        bias=bias,
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        memory_budget=memory_budget,
+        block_rows=block_rows,
+        block_classes=block_classes,
+        threads=threads,
+    ).values
+
+
+def linear_token_stats_backward(
+    hidden: Any,
+    weight_shard: Any,
+    forward: Any,
+    grad_logprob: Any,
+    grad_entropy: Any,
+    grad_lse: Any = None,
+    *,
+    vocab_start: int,
+    group: Any = None,
+    bias: Any = None,
+    want_hidden: bool = True,
+    want_weight: bool = True,
+    want_bias: bool = True,
+    memory_budget: Optional[int] = None,
+    threads: Optional[int] = None,
+):
+    """Gradients of sum(grad_logprob * logprob + grad_entropy * entropy + grad_lse * lse) from
+    the ``forward`` (``linear_token_stats_forward``) of the same arrays and group.
+
+    The upstream gradients are labels-shaped (or broadcastable), identical on every rank, None
+    for 0. Returns (d hidden: hidden's shape and dtype, identical on every rank, summed over the
+    ranks in one all-reduction; d weight_shard and d bias of this rank's rows), None where not
+    wanted.
+    """
+    from fastxent.distributed._token_stats import sharded_token_backward
+
+    hidden, weight_shard, bias, error = _token_layer(hidden, weight_shard, bias, None)
+    setup = _token_setup(forward.temperature, forward.softcap, None, memory_budget, None, None, threads)
+    return sharded_token_backward(
+        communicator_for(group),
+        setup,
+        hidden,
+        weight_shard,
+        bias,
+        forward,
+        grad_logprob,
+        grad_entropy,
+        grad_lse,
+        vocab_start=int(vocab_start),
+        want_hidden=bool(want_hidden),
+        want_weight=bool(want_weight),
+        want_bias=bool(want_bias),
+        local_error=error,
     )
