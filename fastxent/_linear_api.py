@@ -373,26 +373,37 @@ def token_layer_setup(
     for name, value in sizes + (("threads", threads),):
         _check_positive(name, value)
     hidden, weight, bias = _check_arrays(hidden, weight, bias)
-    if checks.is_cupy_array(hidden):
-        raise NotImplementedError("linear_token_stats takes NumPy arrays (the CPU) so far; got CuPy arrays")
-    from fastxent.cpu import linear as launcher
-
     num_classes, features = weight.shape
     num_rows = int(np.prod(hidden.shape[:-1], dtype=np.int64))
-    if memory_budget is None:
-        # A sixteenth of the float32 logits at most (the forward holds far less: cache blocks).
-        memory_budget = max(1, min(DEFAULT_MEMORY_BUDGET, num_rows * num_classes * 4 // TOKEN_LOGITS_FRACTION))
-    blocks = plan_linear_blocks(
-        num_rows,
-        num_classes,
-        hidden.dtype,
-        memory_budget=memory_budget,
-        block_rows=block_rows,
-        block_classes=block_classes,
-        features=features,
-        max_workers=launcher.max_workers(),
-        threads=threads,
-    )
+    if checks.is_cupy_array(hidden):
+        # Whole rows per chunk, as many as the budget (else the device's free memory) holds.
+        from fastxent.gpu import linear as launcher
+
+        blocks = launcher.plan(
+            num_rows,
+            num_classes,
+            hidden.dtype,
+            memory_budget=memory_budget,
+            block_rows=block_rows,
+            device_id=hidden.device.id,
+        )
+    else:
+        from fastxent.cpu import linear as launcher
+
+        if memory_budget is None:
+            # A sixteenth of the float32 logits at most (the forward holds far less: cache blocks).
+            memory_budget = max(1, min(DEFAULT_MEMORY_BUDGET, num_rows * num_classes * 4 // TOKEN_LOGITS_FRACTION))
+        blocks = plan_linear_blocks(
+            num_rows,
+            num_classes,
+            hidden.dtype,
+            memory_budget=memory_budget,
+            block_rows=block_rows,
+            block_classes=block_classes,
+            features=features,
+            max_workers=launcher.max_workers(),
+            threads=threads,
+        )
     softcap = None if softcap is None else float(softcap)
     return hidden.reshape(num_rows, features), weight, bias, launcher, blocks, temperature, softcap
 
@@ -405,6 +416,9 @@ def _token_setup(
         hidden, weight, bias, temperature, softcap, ignore_index, memory_budget, block_rows, block_classes, threads
     )
     lead_shape = tuple(np.shape(hidden)[:-1])
+    on_gpu = checks.is_cupy_array(rows)
+    if on_gpu and checks.is_cupy_array(labels):
+        labels = labels.get()  # checked on the host: one read of N integers
     labels = checks.check_labels(labels, np, lead_shape)
     flat_labels, *_ = prepare_targets(
         labels,
@@ -419,6 +433,11 @@ def _token_setup(
         z_loss=0.0,
         softcap=softcap,
     )
+    if on_gpu:
+        import cupy
+
+        with rows.device:
+            flat_labels = cupy.asarray(flat_labels)
     return rows, weight, bias, flat_labels, lead_shape, launcher, blocks, temperature, softcap
 
 
@@ -451,7 +470,7 @@ def linear_token_stats_forward(
         threads,
     )
     stats = launcher.linear_token_row_stats(rows, weight, bias, flat_labels, blocks, temperature, softcap)
-    values = finish_token_stats(stats, flat_labels)
+    values = finish_token_stats(stats, flat_labels, checks.backend_for(rows).xp)
     dtype = checks.loss_dtype(rows.dtype)
     shaped = TokenStats(*(v.reshape(lead_shape).astype(dtype) for v in values[:3]), values.argmax.reshape(lead_shape))
     return TokenForward(shaped, stats, flat_labels, -1, temperature, softcap)
@@ -490,7 +509,8 @@ def linear_token_stats_backward(
         None,
         threads,
     )
-    labels, a, b, c = upstream_rows(forward.labels, grad_logprob, grad_entropy, grad_lse, lead_shape, np)
+    xp = checks.backend_for(rows).xp
+    labels, a, b, c = upstream_rows(forward.labels, grad_logprob, grad_entropy, grad_lse, lead_shape, xp)
     grad_hidden, grad_weight, grad_bias = launcher.linear_token_grads(
         rows,
         weight,
@@ -533,8 +553,10 @@ def linear_token_stats(
     accumulator and the argmax merge across blocks like the max and the sum of exps).
 
     Args:
-        hidden: (..., H) float16/bfloat16/float32/float64 NumPy array (CPU).
-        weight: (V, H) of the hidden's dtype, ``nn.Linear``'s layout.
+        hidden: (..., H) float16/bfloat16/float32/float64, NumPy (the CPU) or CuPy (the GPU:
+            chunks of whole rows, a GEMM and the statistics kernel each, no host reads but one
+            of the labels).
+        weight: (V, H) of the hidden's dtype and array type, ``nn.Linear``'s layout.
         labels: integer class indices, the hidden's shape without H.
         bias: (V,) or None.
         temperature, softcap, ignore_index: as ``fastxent.token_stats``.

@@ -332,7 +332,8 @@ def linear_token_stats(
     them (``F.linear_cross_entropy``'s argument names).
 
     Args:
-        input: (..., H) hidden states, float16/bfloat16/float32/float64 (CPU tensors).
+        input: (..., H) hidden states, float16/bfloat16/float32/float64, CPU or CUDA tensors
+            (CUDA: chunks of whole rows on the GPU, checked on the host emulator).
         linear_weight: (V, H), ``nn.Linear``'s layout, the input's dtype.
         target: integer class indices of the input's shape without H.
         linear_bias: (V,) or None.

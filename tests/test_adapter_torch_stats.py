@@ -156,3 +156,26 @@ def test_linear_token_stats_gradients(rng, dtype):
     h = hidden.detach().clone().requires_grad_(True)
     ft.linear_token_stats(h, frozen, target).logprob.sum().backward()
     assert h.grad.shape == hidden.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to PyTorch")
+def test_linear_token_stats_on_cuda_tensors():
+    """fastxent.torch.linear_token_stats on CUDA tensors (the GPU path): the values and the
+    gradients of input, weight and bias equal the CPU tensors' (float32)."""
+    pytest.importorskip("cupy")
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 7, 64)
+    weight = torch.randn(3000, 64) * 0.1
+    bias = torch.randn(3000) * 0.1
+    target = torch.randint(0, 3000, (4, 7))
+    target[0, 1] = -100
+
+    def run(device):
+        leaves = [t.to(device).requires_grad_() for t in (hidden, weight, bias)]
+        stats = ft.linear_token_stats(leaves[0], leaves[1], target.to(device), leaves[2], temperature=0.9)
+        (stats.logprob.sum() - 0.1 * stats.entropy.sum()).backward()
+        return [t.detach().cpu() for t in stats[:3]] + [stats.argmax.cpu()] + [t.grad.cpu() for t in leaves]
+
+    for got, expected in zip(run("cuda"), run("cpu"), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -85,3 +85,43 @@ def test_edges_and_class_range_labels():
     np.testing.assert_allclose(float(stats.sum_exp[0]), 2.0, rtol=1e-6)
     grad = gpu_stats.token_grad(rows, cupy.asarray([-2]), stats, [0.0], [0.0], [1.0], 1.0, None)
     np.testing.assert_allclose(cupy.asnumpy(grad)[0], [0.5, 0.5, 0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)], ids=dtype_id)
+def test_linear_token_stats_on_the_device(rng, dtype):
+    """``linear_token_stats`` on CuPy arrays: chunks of whole rows (a GEMM, then the statistics
+    kernel) give the CPU path's values, argmax exactly; the backward's gradients of hidden,
+    weight and bias match the CPU's; forward and backward read nothing back from the device."""
+    from fastxent import _linear_api
+
+    hidden = rng.standard_normal((3, 5, 16)).astype(dtype)
+    weight = (rng.standard_normal((301, 16)) * 0.4).astype(dtype)
+    bias = (rng.standard_normal(301) * 0.3).astype(dtype)
+    bias[7] = -np.inf  # a masked class
+    labels = rng.integers(0, 301, (3, 5))
+    labels[1, 3] = -100
+    options = dict(temperature=0.8, softcap=5.0, ignore_index=-100)
+    a, b, c = (rng.standard_normal((3, 5)) for _ in range(3))
+    cpu = _linear_api.linear_token_stats_forward(hidden, weight, labels, bias=bias, **options)
+    cpu_grads = _linear_api.linear_token_stats_backward(hidden, weight, cpu, a, b, c, bias=bias)
+    on_device = [cupy.asarray(x) for x in (hidden, weight, bias)]
+    reads = cupy.host_reads() if getattr(cupy, "EMULATED", False) else None
+    gpu = _linear_api.linear_token_stats_forward(
+        on_device[0], on_device[1], labels, bias=on_device[2], block_rows=4, **options
+    )
+    gpu_grads = _linear_api.linear_token_stats_backward(
+        on_device[0], on_device[1], gpu, a, b, c, bias=on_device[2], memory_budget=4 * 301 * 4
+    )
+    if reads is not None:
+        assert cupy.host_reads() == reads
+    rtol = 1e-12 if dtype == np.float64 else 1e-5 if dtype == np.float32 else 2e-3
+    for got, expected in zip(gpu.values[:3], cpu.values[:3], strict=True):
+        assert type(got).__module__.split(".")[0] == "cupy" and got.dtype == expected.dtype
+        np.testing.assert_allclose(cupy.asnumpy(got), expected, rtol=rtol, atol=rtol)
+    np.testing.assert_array_equal(cupy.asnumpy(gpu.values.argmax), cpu.values.argmax)
+    for got, expected in zip(gpu_grads, cpu_grads, strict=True):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        scale = float(np.max(np.abs(expected.astype(np.float64))))
+        np.testing.assert_allclose(
+            cupy.asnumpy(got).astype(np.float64), expected.astype(np.float64), rtol=rtol * 10, atol=rtol * 10 * scale
+        )

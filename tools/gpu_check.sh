@@ -51,7 +51,7 @@ cat "$out/machine.txt"
 status=0
 echo "== GPU tests (limit ${TEST_SECONDS:-240} s)"
 timeout "${TEST_SECONDS:-240}" "$python" -m pytest -q -p no:cacheprovider -m gpu \
-    tests/test_gpu.py tests/test_gpu_linear.py tests/test_gpu_token_stats.py tests/test_linear_adapters.py tests/test_adapter_torch.py \
+    tests/test_gpu.py tests/test_gpu_linear.py tests/test_gpu_token_stats.py tests/test_linear_adapters.py tests/test_adapter_torch.py tests/test_adapter_torch_stats.py \
     tests/test_distributed.py tests/test_docs.py tests/test_torch_compile.py >"$out/tests.log" 2>&1
 test_status=$?
 tail -n 25 "$out/tests.log"

@@ -279,3 +279,99 @@ def linear_xent(
         )
         hidden_grad, weight_grad, bias_grad = (None if g is None else g.astype(dtype, copy=False) for g in grads)
         return loss, hidden_grad, weight_grad, bias_grad
+
+
+# ----------------------------------------------------------------------------------------
+# Per-token statistics of the logits hidden @ weight.T + bias
+# ----------------------------------------------------------------------------------------
+
+
+def _token_operands(hidden, weight, bias):
+    """(ops, hidden, weight, bias) for the token-statistics chunks: half precision keeps its
+    GEMM operands (float32 logits), float32 and float64 are their own compute type."""
+    compute = compute_dtype(hidden.dtype)
+    operand = hidden.dtype if hidden.dtype.name in _HALF else compute
+    ops = CupyLinearOps(compute)
+    hidden_c, weight_c = (cupy.ascontiguousarray(a, dtype=operand) for a in (hidden, weight))
+    bias_c = None if bias is None else cupy.ascontiguousarray(bias, dtype=compute)
+    return ops, hidden_c, weight_c, bias_c
+
+
+def linear_token_row_stats(hidden, weight, bias, labels, blocks: LinearBlocks, temperature: float, softcap):
+    """``fastxent._token_range.TokenRowStats`` ((N,) CuPy arrays) of the logits
+    ``hidden @ weight.T + bias``, one chunk of ``blocks.rows`` whole rows at a time (a GEMM into
+    one buffer, then the statistics kernel): no host reads.
+
+    hidden (N, H), weight (V, H), bias (V,) or None, CuPy of one floating dtype on one device;
+    labels int64 (N,) in [0, V), -1 for ignored rows.
+    """
+    from fastxent._token_range import TokenRowStats
+    from fastxent.gpu import stats
+
+    with hidden.device:
+        ops, hidden_c, weight_c, bias_c = _token_operands(hidden, weight, bias)
+        labels = xent.contiguous(cupy.asarray(labels), numpy.int64)
+        num_rows, num_classes = hidden.shape[0], weight.shape[0]
+        fields = cupy.empty((5, num_rows), dtype=cupy.float64)
+        argmax = cupy.zeros(num_rows, dtype=cupy.int64)
+        step = max(1, blocks.rows)
+        buffer = ops.empty((min(step, max(num_rows, 1)), num_classes))
+        for lo in range(0, num_rows, step):
+            hi = min(lo + step, num_rows)
+            chunk = ops.logits(hidden_c[lo:hi], weight_c, bias_c, buffer[: hi - lo])
+            part = stats.token_row_stats(chunk, labels[lo:hi], temperature, softcap)
+            fields[:, lo:hi] = cupy.stack(part[:5])
+            argmax[lo:hi] = part.argmax
+        return TokenRowStats(*fields, argmax)
+
+
+def linear_token_grads(
+    hidden,
+    weight,
+    bias,
+    labels,
+    row_stats,
+    grad_logprob,
+    grad_entropy,
+    grad_lse,
+    blocks: LinearBlocks,
+    temperature: float,
+    softcap,
+    *,
+    want_hidden: bool,
+    want_weight: bool,
+    want_bias: bool,
+):
+    """Gradients w.r.t. hidden, weight and bias of sum(a logprob + b entropy + c lse) of the
+    logits ``hidden @ weight.T + bias``, on the device (``fastxent.cpu.linear.linear_token_grads``
+    is the CPU's): each chunk's logits computed again, turned into their gradient in place by
+    ``xent_token_grad_*`` and taken back through the layer by the GEMMs. Labels int64 (N,): -1
+    ignored, -2 a row without a target term; the upstream gradients float64 (N,)."""
+    from fastxent.gpu import stats
+
+    dtype = hidden.dtype
+    with hidden.device:
+        ops, hidden_c, weight_c, bias_c = _token_operands(hidden, weight, bias)
+        compute = ops.dtype
+        labels = xent.contiguous(cupy.asarray(labels), numpy.int64)
+        # The per-row numbers the kernel needs, sliced with the rows by the schedule.
+        row_data = cupy.stack(
+            [cupy.asarray(v, dtype=cupy.float64) for v in (*row_stats[:3], grad_logprob, grad_entropy, grad_lse)],
+            axis=1,
+        )
+
+        def chunk_grad(rows, rows_labels, values, _options, *, want_grad, inplace):
+            chunk_stats = (values[:, 0], values[:, 1], values[:, 2])
+            stats.token_grad(
+                rows, rows_labels, chunk_stats, values[:, 3], values[:, 4], values[:, 5], temperature, softcap,
+                inplace=True,
+            )  # fmt: skip
+            return cupy.zeros(rows.shape[0]), rows, None
+
+        grads = Grads(
+            cupy.empty((hidden.shape[0], hidden.shape[1]), dtype=compute) if want_hidden else None,
+            cupy.zeros(weight_c.shape, dtype=compute) if want_weight else None,
+            cupy.zeros(weight.shape[0], dtype=numpy.float64) if want_bias else None,
+        )
+        _linear.loss_and_grads(ops, chunk_grad, hidden_c, weight_c, bias_c, labels, row_data, None, blocks, grads)
+        return tuple(None if g is None else g.astype(dtype, copy=False) for g in grads)
