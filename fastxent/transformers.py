@@ -44,6 +44,14 @@ None in its place).
 
 For users who keep their logits, :func:`causal_lm_loss` is ``ForCausalLMLoss`` on fastxent's
 cross-entropy kernel: ``model.loss_function = fastxent.transformers.causal_lm_loss``.
+
+Under ``torch.compile`` (``fullgraph=True`` included) the patched forward is traced like any
+other code and takes the same fused path. The head's layers and the model get their stand-in
+forwarders once, by ``apply`` on a model (after ``apply`` on a class, by the first eager
+training call): entering and leaving the stand-in then only changes a table keyed by module,
+which the compiler traces. A compiled forward that does something the fused loss does not
+reproduce runs the stock forward, without the warning (the compiler cannot trace one); until
+the forwarders are in place a compiled model runs the stock forward.
 """
 
 from __future__ import annotations
@@ -322,6 +330,8 @@ _SAME_VALUES = frozenset([torch.Tensor.contiguous, torch.Tensor.clone])
 
 
 def _op_name(func: Any) -> str:
+    if torch.compiler.is_compiling():
+        return "an operation"  # torch.compile cannot read a builtin's name while it traces
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     return name.replace("TensorBase.", "Tensor.")
 
@@ -490,9 +500,12 @@ def _is_plain_linear(module: nn.Module) -> bool:
     """An nn.Linear (or subclass) that computes exactly F.linear(x, weight, bias): not a
     quantised layer's forward, and no instance-level forward (accelerate's device hooks set
     one; standing in for it would skip them)."""
-    return (
-        isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and "forward" not in module.__dict__
-    )
+    if not (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward):
+        return False
+    forward = module.__dict__.get("forward")
+    if _is_forwarder(forward, _head_forward):  # the patch's own, over no other forward
+        return module.__dict__.get(_PREVIOUS_FORWARD) is None
+    return forward is None
 
 
 def _head_linears(head: nn.Module) -> Optional[List[nn.Linear]]:
@@ -513,6 +526,8 @@ def _head_linears(head: nn.Module) -> Optional[List[nn.Linear]]:
 
 
 def _is_dtensor(tensor: Any) -> bool:
+    if type(tensor) in (torch.Tensor, nn.Parameter):  # the usual case, in terms torch.compile traces
+        return False
     return any(
         cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed") for cls in type(tensor).__mro__
     )
@@ -528,6 +543,86 @@ def _check_whole_weight(linear: nn.Linear) -> None:
     """
     if _is_dtensor(linear.weight):
         raise _Unreproducible("reads the head's output after FSDP2 sharded the head's weight again")
+
+
+# The stand-in of each model and head layer in a patched forward now running, by id(). The
+# layers and the model get, once, forwarders (below) that consult this table: entering and
+# leaving a stand-in then changes no module attribute, which torch.compile can trace. The
+# forwarders are methods bound to their module and keep what they replace on the module, so
+# that a copy of the model (copy.deepcopy, as a frozen reference policy is made) forwards to
+# its own layers.
+_ACTIVE: Dict[int, "_HeadStandIn"] = {}
+_PREVIOUS_FORWARD = "_fastxent_previous_forward"
+_PREVIOUS_LOSS = "_fastxent_previous_loss"
+
+
+def _head_forward(linear: nn.Linear, *args: Any, **kwargs: Any) -> Any:
+    """The head layer's forward while patched: the active stand-in's recorder, else the forward
+    it had (an instance attribute another library set, or its class's)."""
+    stand_in = _ACTIVE.get(id(linear))
+    if stand_in is not None:
+        return stand_in.record(linear, *args, **kwargs)
+    previous = linear.__dict__.get(_PREVIOUS_FORWARD)
+    if previous is not None:
+        return previous(*args, **kwargs)
+    return type(linear).forward(linear, *args, **kwargs)
+
+
+def _forward_loss(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The model's ``_loss_function`` while patched: the active stand-in's loss, else the stock
+    loss (``_stock_loss``)."""
+    stand_in = _ACTIVE.get(id(model))
+    if stand_in is not None:
+        return stand_in.loss_function(*args, **kwargs)
+    return _stock_loss(model)(*args, **kwargs)
+
+
+def _is_forwarder(value: Any, function: Callable[..., Any]) -> bool:
+    return isinstance(value, types.MethodType) and value.__func__ is function
+
+
+def _install_forwarders(model: nn.Module, linears: List[nn.Linear]) -> None:
+    """Give the model and its head layers their forwarders (once each)."""
+    for linear in linears:
+        current = linear.__dict__.get("forward")
+        if not _is_forwarder(current, _head_forward):
+            setattr(linear, _PREVIOUS_FORWARD, current)
+            linear.forward = types.MethodType(_head_forward, linear)
+    current = model.__dict__.get("_loss_function")
+    if not _is_forwarder(current, _forward_loss):
+        setattr(model, _PREVIOUS_LOSS, current)
+        # transformers' loss_function property returns this instance attribute when it is set.
+        model._loss_function = types.MethodType(_forward_loss, model)
+
+
+def _remove_forwarders(model: nn.Module) -> None:
+    """Undo ``_install_forwarders`` on the model and on every layer that has one."""
+    for module in model.modules():
+        if _is_forwarder(module.__dict__.get("forward"), _head_forward):
+            previous = module.__dict__.pop(_PREVIOUS_FORWARD, None)
+            del module.forward
+            if previous is not None:
+                module.forward = previous
+    if _is_forwarder(model.__dict__.get("_loss_function"), _forward_loss):
+        previous = model.__dict__.pop(_PREVIOUS_LOSS, None)
+        del model._loss_function
+        if previous is not None:
+            model._loss_function = previous
+
+
+def _stock_loss(model: nn.Module) -> Any:
+    """The loss the model's forward would call without the patch: one set on the model, else
+    transformers' for its ``loss_type``."""
+    loss = getattr(model, "loss_function", None)
+    if not _is_forwarder(loss, _forward_loss):
+        return loss
+    previous = model.__dict__.get(_PREVIOUS_LOSS)
+    if previous is not None:
+        return previous
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    loss_type = getattr(model, "loss_type", None)
+    return LOSS_MAPPING[loss_type if loss_type in LOSS_MAPPING else "ForCausalLM"]
 
 
 class _HeadStandIn:
@@ -546,23 +641,20 @@ class _HeadStandIn:
         self.calls: List[Tuple[nn.Linear, torch.Tensor]] = []
         self.fused_losses = 0
         self.unreproducible: List[str] = []
-        self._saved_loss: Dict[str, Any] = {}
 
-    def _recorder(self, linear: nn.Linear):
-        def forward(input: torch.Tensor) -> torch.Tensor:
-            self.calls.append((linear, input))
-            transform = _LogitTransform(classes=linear.out_features)
-            dtype = linear.weight.dtype
-            if torch.is_autocast_enabled(input.device.type):
-                # F.linear under autocast returns the autocast dtype: so does the placeholder.
-                dtype = torch.get_autocast_dtype(input.device.type)
-            requires_grad = torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (input, linear.weight, linear.bias)
-            )
-            shape = (*input.shape[:-1], linear.out_features)
-            return _Logits.make(self, len(self.calls) - 1, transform, shape, dtype, input.device, requires_grad)
-
-        return forward
+    def record(self, linear: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+        """The head layer's call: its input recorded, a placeholder of the logits returned."""
+        self.calls.append((linear, input))
+        transform = _LogitTransform(classes=linear.out_features)
+        dtype = linear.weight.dtype
+        if torch.is_autocast_enabled(input.device.type):
+            # F.linear under autocast returns the autocast dtype: so does the placeholder.
+            dtype = torch.get_autocast_dtype(input.device.type)
+        requires_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, linear.weight, linear.bias)
+        )
+        shape = (*input.shape[:-1], linear.out_features)
+        return _Logits.make(self, len(self.calls) - 1, transform, shape, dtype, input.device, requires_grad)
 
     def loss_function(
         self,
@@ -604,21 +696,14 @@ class _HeadStandIn:
         return loss.clone() if num_items_in_batch is None else loss
 
     def __enter__(self) -> "_HeadStandIn":
-        for linear in self.linears:
-            # An instance attribute shadows the class's forward; nn.Module.__call__ looks it up.
-            linear.forward = self._recorder(linear)
-        if "_loss_function" in self.model.__dict__:
-            self._saved_loss["_loss_function"] = self.model.__dict__["_loss_function"]
-        # transformers' loss_function property returns this instance attribute when it is set.
-        self.model._loss_function = self.loss_function
+        _install_forwarders(self.model, self.linears)
+        for module in (self.model, *self.linears):
+            _ACTIVE[id(module)] = self
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for linear in self.linears:
-            del linear.forward
-        del self.model._loss_function
-        if self._saved_loss:
-            self.model._loss_function = self._saved_loss["_loss_function"]
+        for module in (self.model, *self.linears):
+            _ACTIVE.pop(id(module), None)
 
     def why_not_fused(self) -> Optional[str]:
         """After the stock forward returned: None if its loss is the fused one (or stock's own on
@@ -649,11 +734,20 @@ def _fused_path_applies(model: nn.Module, labels: Any) -> Optional[Tuple[List[nn
     for linear in linears:
         if linear.weight.device.type != "cpu" or linear.weight.dtype not in (torch.float32, torch.bfloat16):
             return None
-    stock_loss = getattr(model, "loss_function", None)
+    stock_loss = _stock_loss(model)
     if not _is_causal_lm_loss(stock_loss):
         # A loss of the user's own (or another loss type) needs the logits.
         return None
     return linears, stock_loss
+
+
+def _compiles_fused(model: nn.Module, linears: List[nn.Linear]) -> bool:
+    """Whether a forward torch.compile traces takes the fused path: when the forwarders are in
+    place already (``apply`` on a model puts them there; after ``apply`` on a class, the first
+    eager training call does), so the traced code changes no module attribute."""
+    return _is_forwarder(model.__dict__.get("_loss_function"), _forward_loss) and all(
+        _is_forwarder(linear.__dict__.get("forward"), _head_forward) for linear in linears
+    )
 
 
 def _without_logits(output: Any) -> Any:
@@ -672,15 +766,13 @@ def _make_forward(stock: Callable[..., Any]) -> Callable[..., Any]:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         labels = signature.bind(self, *args, **kwargs).arguments.get("labels")
         applies = _fused_path_applies(self, labels)
-        if applies is None or torch.compiler.is_compiling():
-            # Under torch.compile the stand-in (an instance attribute set and removed on the
-            # head, a placeholder tensor subclass, the random state kept for a fallback) is not
-            # traceable: the compiled model runs the stock forward, with stock's numbers.
+        compiling = torch.compiler.is_compiling()
+        if applies is None or (compiling and not _compiles_fused(self, applies[0])):
             return stock(self, *args, **kwargs)
         stand_in = _HeadStandIn(self, *applies)
         # A fallback reruns the forward from the same random state: the same dropout masks as
-        # one stock call.
-        rng_state = torch.get_rng_state()
+        # one stock call (eagerly: a compiled graph draws its random numbers its own way).
+        rng_state = None if compiling else torch.get_rng_state()
         try:
             with stand_in:
                 # Every argument, labels included, goes to the stock forward as given: it runs
@@ -691,6 +783,10 @@ def _make_forward(stock: Callable[..., Any]) -> Callable[..., Any]:
         reason = stand_in.why_not_fused()
         if reason is None:
             return _without_logits(output)
+        if compiling:
+            # torch.compile cannot trace a warning: the compiled model runs stock's forward
+            # without one (an eager call of the same model says why).
+            return stock(self, *args, **kwargs)
         warnings.warn(
             f"{type(self).__name__}.forward {reason}, which the fused loss does not reproduce: this call ran the "
             "stock forward (real logits, transformers' loss)",
@@ -768,6 +864,11 @@ def apply(target: Any) -> Any:
         stock = getattr(stock, _STOCK, stock)
         # An instance attribute: other models of the class keep the stock forward.
         model.forward = types.MethodType(_make_forward(stock), model)
+    head = model.get_output_embeddings()
+    linears = _head_linears(head) if head is not None else None
+    if linears:
+        # In place before any call, so that torch.compile's first trace finds them.
+        _install_forwarders(model, linears)
     return target
 
 
@@ -786,6 +887,7 @@ def remove(target: Any) -> Any:
     forward = model.__dict__.get("forward")
     if forward is not None and hasattr(getattr(forward, "__func__", None), _STOCK):
         del model.forward
+    _remove_forwarders(model)
     return target
 
 

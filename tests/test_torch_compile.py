@@ -429,9 +429,11 @@ def test_inductor_compiles_both_losses_in_one_graph():
 
 
 def test_compiled_patched_causal_lm(monkeypatch):
-    """A tiny Llama patched by fastxent.transformers, compiled with fullgraph=True (no graph
-    break: the compiled forward is the stock one): the loss and every parameter gradient equal
-    the eager patched model's, which took the fused path."""
+    """A tiny Llama patched by fastxent.transformers, compiled with fullgraph=True: no graph
+    break, the compiled forward takes the fused path too (no logits in its output), and the loss
+    and every parameter gradient equal the eager patched model's. A model whose forward does
+    what the fused loss does not reproduce (adds to the logits) compiles to the stock forward,
+    with stock's numbers."""
     transformers = pytest.importorskip("transformers")
     import fastxent.transformers as fxtf
 
@@ -468,8 +470,26 @@ def test_compiled_patched_causal_lm(monkeypatch):
     monkeypatch.setattr(fxtf, "_fused_linear_cross_entropy", lambda: counted)
     expected = step(model)
     assert calls["n"] == 1, "the eager patched model did not take the fused path"
-    got = step(torch.compile(model, backend="aot_eager", fullgraph=True))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    got = step(compiled)
+    assert calls["n"] == 2, "the compiled model's trace did not take the fused path"
+    assert compiled(input_ids=input_ids, labels=labels).logits is None
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+    class AddsToLogitsForCausalLM(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state) + 0.5
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+            return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    torch.manual_seed(0)
+    odd = AddsToLogitsForCausalLM(config)
+    stock_loss = odd(input_ids=input_ids, labels=labels).loss
+    fxtf.apply(odd)
+    torch._dynamo.reset()
+    compiled_odd = torch.compile(odd, backend="aot_eager", fullgraph=True)(input_ids=input_ids, labels=labels)
+    assert compiled_odd.logits is not None
+    torch.testing.assert_close(compiled_odd.loss, stock_loss, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.gpu

@@ -454,7 +454,49 @@ def test_remove_restores_the_stock_forward():
     fxtf.remove(model)
     assert not fxtf.is_applied(model)
     assert "forward" not in model.__dict__ and model.forward == stock_forward
+    # The head's and the loss's forwarders go too: no instance attribute is left behind.
+    assert "forward" not in model.lm_head.__dict__ and "_loss_function" not in model.__dict__
     assert model(**_inputs()).logits is not None
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3"])
+def test_compiled_family_takes_the_fused_path(family):
+    """torch.compile(fullgraph=True) of a patched model: the compiled forward takes the fused
+    path (no logits) and gives stock's loss and gradients, Gemma 2's softcap included."""
+    stock, patched = _pair(family)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(patched, backend="aot_eager", fullgraph=True)
+        expected, expected_grads = _loss_and_grads(stock, **_inputs())
+        patched.zero_grad(set_to_none=True)
+        got = compiled(**_inputs())
+        got.loss.backward()
+        assert got.logits is None, "the compiled forward built logits: the fused path was not taken"
+        torch.testing.assert_close(got.loss, expected.loss, rtol=RTOL, atol=ATOL)
+        grads = {name: None if p.grad is None else p.grad.clone() for name, p in patched.named_parameters()}
+        _assert_same_grads(grads, expected_grads)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_deep_copy_computes_with_its_own_weights():
+    """A deep copy of a patched model (a frozen reference policy, an EMA copy) forwards to its
+    own head and loss: after its head's weights change, its fused loss is the stock loss of its
+    own weights, and the original's is unchanged."""
+    stock, patched = _pair("llama")
+    reference = copy.deepcopy(patched)
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(0.5)
+        stock_copy = copy.deepcopy(stock)
+        stock_copy.lm_head.weight.mul_(0.5)
+    inputs = _inputs()
+    copied = reference(**inputs)
+    assert copied.logits is None, "the copy did not take the fused path"
+    torch.testing.assert_close(copied.loss, stock_copy(**inputs).loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(patched(**inputs).loss, stock(**inputs).loss, rtol=1e-5, atol=1e-6)
+    # Inference on the copy: its own head, real logits.
+    reference.eval()
+    torch.testing.assert_close(reference(**inputs).logits, stock_copy.eval()(**inputs).logits)
 
 
 def test_class_level_apply_and_remove():
