@@ -429,9 +429,10 @@ def test_inductor_compiles_both_losses_in_one_graph():
 
 
 def test_compiled_patched_causal_lm(monkeypatch):
-    """A tiny Llama patched by fastxent.transformers, compiled with fullgraph=True: no graph
-    break, the compiled forward takes the fused path too (no logits in its output), and the loss
-    and every parameter gradient equal the eager patched model's. A model whose forward does
+    """A tiny Llama patched by fastxent.transformers, compiled with fullgraph=True and
+    dynamic=True: no graph break, no recompilation for another batch shape, the compiled forward
+    takes the fused path too (no logits in its output), and the loss and every parameter
+    gradient equal the eager patched model's. A model whose forward does
     what the fused loss does not reproduce (adds to the logits) compiles to the stock forward,
     with stock's numbers."""
     transformers = pytest.importorskip("transformers")
@@ -470,11 +471,20 @@ def test_compiled_patched_causal_lm(monkeypatch):
     monkeypatch.setattr(fxtf, "_fused_linear_cross_entropy", lambda: counted)
     expected = step(model)
     assert calls["n"] == 1, "the eager patched model did not take the fused path"
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    got = step(compiled)
+    got = step(torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True))
     assert calls["n"] == 2, "the compiled model's trace did not take the fused path"
-    assert compiled(input_ids=input_ids, labels=labels).logits is None
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # Without the counting wrapper (Dynamo guards on its count): another batch size and
+    # sequence length reuse the compiled code, still without logits.
+    monkeypatch.undo()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    assert compiled(input_ids=input_ids, labels=labels).logits is None
+    compilations = _compilations(counter)
+    other_ids = torch.randint(3, 300, (3, 7))
+    assert compiled(input_ids=other_ids, labels=other_ids.clone()).logits is None
+    assert _compilations(counter) == compilations
 
     class AddsToLogitsForCausalLM(transformers.LlamaForCausalLM):
         def forward(self, input_ids=None, labels=None, **kwargs):
