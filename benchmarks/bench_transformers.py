@@ -10,7 +10,10 @@ what cross-entropy makes from them dominate its memory. Variants:
 - ``stock``: transformers' own forward and ForCausalLMLoss;
 - ``fastxent``: ``fastxent.transformers.apply(model)`` (fused linear + cross-entropy, no logits);
 - ``drop-in``: stock forward, ``model.loss_function = fastxent.transformers.causal_lm_loss``
-  (logits built, fastxent's cross-entropy kernel on them).
+  (logits built, fastxent's cross-entropy kernel on them);
+- ``stock+compile``, ``fastxent+compile`` (ask for them with ``--variants``): the same under
+  ``torch.compile(model)`` (Inductor), each on a model of its own, compiled in the warm-up
+  round. Their peak memory includes the compilation's.
 
 Memory: PyTorch's CPU tensors come from malloc, which tracemalloc does not see, so each
 variant runs two steps in a fresh subprocess and reports the process's resident-set high-water
@@ -68,23 +71,28 @@ def _build(args: argparse.Namespace):
     return model, input_ids, input_ids.clone()
 
 
-def _set_variant(model, variant: str) -> None:
-    """Put the model in one variant's state (from any other)."""
+def _set_variant(model, variant: str):
+    """Put the model in one variant's state (from any other); returns what to call (the model,
+    or its torch.compile for a ``+compile`` variant)."""
+    import torch
+
     import fastxent.transformers as fxtf
 
+    base, _, compiled = variant.partition("+")
     fxtf.remove(model)
     model.__dict__.pop("_loss_function", None)  # back to transformers' ForCausalLMLoss
-    if variant == "fastxent":
+    if base == "fastxent":
         fxtf.apply(model)
-    elif variant == "drop-in":
+    elif base == "drop-in":
         model.loss_function = fxtf.causal_lm_loss
+    return torch.compile(model) if compiled == "compile" else model
 
 
-def _step(model, input_ids, labels) -> Tuple[float, float]:
-    """One forward + backward: (seconds, loss)."""
+def _step(model, function, input_ids, labels) -> Tuple[float, float]:
+    """One forward + backward of ``function`` (the model or its compiled form): (seconds, loss)."""
     model.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    loss = model(input_ids=input_ids, labels=labels).loss
+    loss = function(input_ids=input_ids, labels=labels).loss
     loss.backward()
     return time.perf_counter() - start, loss.item()
 
@@ -95,10 +103,10 @@ def measure_memory(variant: str, args: argparse.Namespace) -> dict:
     import transformers
 
     model, input_ids, labels = _build(args)
-    _set_variant(model, variant)
+    function = _set_variant(model, variant)
     baseline = _rss_bytes()
-    _, loss = _step(model, input_ids, labels)
-    _step(model, input_ids, labels)
+    _, loss = _step(model, function, input_ids, labels)
+    _step(model, function, input_ids, labels)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return {
         "variant": variant,
@@ -117,12 +125,19 @@ def measure_time(variants: List[str], args: argparse.Namespace) -> Dict[str, Lis
     an order that rotates from round to round, so that a shared machine's changing load falls
     on all of them alike. Returns each variant's step times (the first round is a warm-up)."""
     model, input_ids, labels = _build(args)
+    # A compiled variant keeps a model of its own (switching one model's variant would change
+    # what the compiled code guards on, and recompile it every round).
+    compiled = {v: _build(args)[0] for v in variants if v.endswith("+compile")}
+    functions = {v: _set_variant(m, v) for v, m in compiled.items()}
     times: Dict[str, List[float]] = {v: [] for v in variants}
     for round_ in range(1 + args.steps):
         order = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]
         for variant in order:
-            _set_variant(model, variant)
-            times[variant].append(_step(model, input_ids, labels)[0])
+            if variant in compiled:
+                times[variant].append(_step(compiled[variant], functions[variant], input_ids, labels)[0])
+            else:
+                function = _set_variant(model, variant)
+                times[variant].append(_step(model, function, input_ids, labels)[0])
     return times
 
 

@@ -9,7 +9,10 @@ every backward paid a full pass over the (N, C) gradient.
 So under ``torch.compile`` the forward operator keeps its gradients here, under a key, and returns
 a ticket: a CPU int64 scalar tensor holding the key. The backward operator takes the gradients
 out by ticket, scales them in place when the incoming gradient is not 1, and returns them: they
-are its own outputs, no graph input is mutated, nothing is copied.
+are its own outputs, no graph input is mutated, nothing is copied. CUDA tensors take the same
+path eagerly too: reading a CUDA incoming gradient on the host would stall the stream, so a
+kernel reads it on the device and skips the pass for 1 (``fastxent.gpu.xent.scale_unless_one``),
+and a scaled loss's backward needs no second (N, C) buffer.
 
 A ticket is good for one take: a second backward through the same graph (``retain_graph=True``)
 finds nothing and recomputes the gradients, bit for bit those of the first (the kernels are
