@@ -135,34 +135,16 @@ def _run(
         softcap=softcap,
     )
     num_rows = flat_labels.shape[0]
-    if on_gpu:
-        from fastxent.gpu import linear as launcher
-    else:
-        from fastxent.cpu import linear as launcher
-
-    if on_gpu:
-        # Chunks of whole rows sized by the device's free memory (block_classes has no use there).
-        blocks = launcher.plan(
-            num_rows,
-            num_classes,
-            hidden.dtype,
-            memory_budget=memory_budget,
-            block_rows=block_rows,
-            want_grads=want_hidden or want_weight or want_bias,
-            device_id=int(hidden.device.id),
-        )
-    else:
-        blocks = plan_linear_blocks(
-            num_rows,
-            num_classes,
-            hidden.dtype,
-            memory_budget=memory_budget,
-            block_rows=block_rows,
-            block_classes=block_classes,
-            features=features,
-            max_workers=launcher.max_workers(),
-            threads=threads,
-        )
+    launcher, blocks = _launcher_and_blocks(
+        hidden,
+        num_rows,
+        num_classes,
+        memory_budget=memory_budget,
+        block_rows=block_rows,
+        block_classes=block_classes,
+        threads=threads,
+        want_grads=want_hidden or want_weight or want_bias,
+    )
 
     per_row, hidden_grad, weight_grad, bias_grad = launcher.linear_xent(
         hidden.reshape(num_rows, features),
@@ -361,6 +343,42 @@ def linear_cross_entropy_with_grad(
 # ----------------------------------------------------------------------------------------
 
 
+def _launcher_and_blocks(
+    hidden, num_rows, num_classes, *, memory_budget, block_rows, block_classes, threads, want_grads
+):
+    """The launcher module of the hidden states' device and its chunks: on the GPU whole rows,
+    as many as the budget (else the device's free memory) holds (``block_classes`` has no use
+    there); on the CPU cache blocks of rows and classes."""
+    features = hidden.shape[-1]
+    if checks.is_cupy_array(hidden):
+        from fastxent.gpu import linear as launcher
+
+        blocks = launcher.plan(
+            num_rows,
+            num_classes,
+            hidden.dtype,
+            memory_budget=memory_budget,
+            block_rows=block_rows,
+            want_grads=want_grads,
+            device_id=int(hidden.device.id),
+        )
+        return launcher, blocks
+    from fastxent.cpu import linear as launcher
+
+    blocks = plan_linear_blocks(
+        num_rows,
+        num_classes,
+        hidden.dtype,
+        memory_budget=memory_budget,
+        block_rows=block_rows,
+        block_classes=block_classes,
+        features=features,
+        max_workers=launcher.max_workers(),
+        threads=threads,
+    )
+    return launcher, blocks
+
+
 def token_layer_setup(
     hidden, weight, bias, temperature, softcap, ignore_index, memory_budget, block_rows, block_classes, threads
 ):
@@ -375,35 +393,19 @@ def token_layer_setup(
     hidden, weight, bias = _check_arrays(hidden, weight, bias)
     num_classes, features = weight.shape
     num_rows = int(np.prod(hidden.shape[:-1], dtype=np.int64))
-    if checks.is_cupy_array(hidden):
-        # Whole rows per chunk, as many as the budget (else the device's free memory) holds.
-        from fastxent.gpu import linear as launcher
-
-        blocks = launcher.plan(
-            num_rows,
-            num_classes,
-            hidden.dtype,
-            memory_budget=memory_budget,
-            block_rows=block_rows,
-            device_id=hidden.device.id,
-        )
-    else:
-        from fastxent.cpu import linear as launcher
-
-        if memory_budget is None:
-            # A sixteenth of the float32 logits at most (the forward holds far less: cache blocks).
-            memory_budget = max(1, min(DEFAULT_MEMORY_BUDGET, num_rows * num_classes * 4 // TOKEN_LOGITS_FRACTION))
-        blocks = plan_linear_blocks(
-            num_rows,
-            num_classes,
-            hidden.dtype,
-            memory_budget=memory_budget,
-            block_rows=block_rows,
-            block_classes=block_classes,
-            features=features,
-            max_workers=launcher.max_workers(),
-            threads=threads,
-        )
+    if memory_budget is None and not checks.is_cupy_array(hidden):
+        # A sixteenth of the float32 logits at most (the forward holds far less: cache blocks).
+        memory_budget = max(1, min(DEFAULT_MEMORY_BUDGET, num_rows * num_classes * 4 // TOKEN_LOGITS_FRACTION))
+    launcher, blocks = _launcher_and_blocks(
+        hidden,
+        num_rows,
+        num_classes,
+        memory_budget=memory_budget,
+        block_rows=block_rows,
+        block_classes=block_classes,
+        threads=threads,
+        want_grads=True,
+    )
     softcap = None if softcap is None else float(softcap)
     return hidden.reshape(num_rows, features), weight, bias, launcher, blocks, temperature, softcap
 
