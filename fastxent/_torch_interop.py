@@ -182,7 +182,7 @@ def torch_allocator(cupy: Any):
     """CuPy's allocator function backed by PyTorch's caching allocator (one per CuPy module)."""
     allocator = _ALLOCATORS.get(id(cupy))
     if allocator is None:
-        allocator = cupy.cuda.memory.PythonFunctionAllocator(_torch_malloc, _torch_free).malloc
+        allocator = cupy.cuda.PythonFunctionAllocator(_torch_malloc, _torch_free).malloc
         _ALLOCATORS[id(cupy)] = allocator
     return allocator
 
