@@ -17,6 +17,7 @@ Imports torch: only the torch adapters import this module.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -165,9 +166,6 @@ def on_stream(tensor: torch.Tensor):
     return context
 
 
-_ALLOCATORS: dict = {}
-
-
 def _torch_malloc(size: int, device_id: int) -> int:
     """A block of PyTorch's caching allocator on ``device_id``, for use on its current stream."""
     stream = torch.cuda.current_stream(device_id).cuda_stream
@@ -178,13 +176,10 @@ def _torch_free(pointer: int, device_id: int) -> None:
     torch.cuda.caching_allocator_delete(pointer)
 
 
+@functools.lru_cache(maxsize=None)
 def torch_allocator(cupy: Any):
     """CuPy's allocator function backed by PyTorch's caching allocator (one per CuPy module)."""
-    allocator = _ALLOCATORS.get(id(cupy))
-    if allocator is None:
-        allocator = cupy.cuda.PythonFunctionAllocator(_torch_malloc, _torch_free).malloc
-        _ALLOCATORS[id(cupy)] = allocator
-    return allocator
+    return cupy.cuda.PythonFunctionAllocator(_torch_malloc, _torch_free).malloc
 
 
 def host(value: Any, dtype: Any = None) -> Optional[np.ndarray]:

@@ -70,37 +70,3 @@ def kept_count() -> int:
 def ticket_like() -> Tensor:
     """A ticket's shape and dtype, for fake implementations."""
     return torch.empty((), dtype=torch.int64, device="cpu")
-
-
-def is_one(grad_output: Tensor) -> bool:
-    """Whether the incoming gradient is the 1.0 of ``loss.backward()``, read without a device
-    sync (only a CPU scalar is looked at: a CUDA one is always multiplied)."""
-    return grad_output.device.type == "cpu" and grad_output.numel() == 1 and float(grad_output) == 1.0
-
-
-def scale_in_place(gradient: Tensor, grad_output: Tensor, class_axis: Optional[int] = None) -> Tensor:
-    """``gradient`` times the incoming gradient, written over ``gradient`` (the same multiply,
-    and so the same bits, as eager code's out-of-place one); per-row incoming gradients
-    (reduction "none") are broadcast along ``class_axis``.
-
-    A scalar on the CPU is looked at here (1 skips the multiply). On CUDA a kernel reads the
-    scalar on the device and skips the pass there, so no stream waits for the host."""
-    if class_axis is not None:
-        gradient.mul_(grad_output.unsqueeze(class_axis).to(gradient.dtype))
-    elif gradient.device.type == "cuda" and gradient.is_contiguous():
-        _scale_on_device(gradient, grad_output)
-    elif not is_one(grad_output):
-        gradient.mul_(grad_output.to(gradient.dtype))
-    return gradient
-
-
-def _scale_on_device(gradient: Tensor, grad_output: Tensor) -> None:
-    """``gradient *= grad_output`` on PyTorch's current stream, skipped on the device for 1."""
-    from fastxent import _torch_interop as interop
-    from fastxent.gpu.xent import scale_unless_one
-
-    factor = grad_output.detach().reshape(1).to(device=gradient.device, dtype=gradient.dtype)
-    with interop.on_stream(gradient):
-        view, storage = interop.to_cupy_storage(gradient.reshape(-1))
-        factor_view, _ = interop.to_cupy_storage(factor)
-        scale_unless_one(view, factor_view, storage or str(view.dtype))

@@ -27,8 +27,8 @@ for ``loss.backward()``, multiplies them:
                                         reduction, ..., bias_grad) -> (loss, ticket)
     fastxent::kept_linear_cross_entropy_grads(ticket, ..., grad_loss)
                                         -> (grad_input, grad_linear_weight, grad_linear_bias)
- The autograd formulas keep those gradients and only scale them by the
-incoming gradient. Checks that need the data (a label out of range) run inside the kernels, so a
+
+The autograd formulas keep those gradients and only scale them by the incoming gradient. Checks that need the data (a label out of range) run inside the kernels, so a
 compiled or exported program raises the same errors as eager code; ``fastxent.torch`` makes the
 shape and dtype checks before calling an operator.
 
@@ -179,6 +179,34 @@ def is_plain_cpu_one(grad_output: Tensor) -> bool:
         and not is_wrapped(grad_output)
         and grad_output.item() == 1.0
     )
+
+
+def scale_in_place(gradient: Tensor, grad_output: Tensor, class_axis: Optional[int] = None) -> Tensor:
+    """``gradient`` times the incoming gradient, written over ``gradient`` (the same multiply,
+    and so the same bits, as the out-of-place one); per-row incoming gradients (reduction
+    "none") are broadcast along ``class_axis``.
+
+    ``loss.backward()``'s 1 skips the multiply: on the CPU it is looked at here
+    (``is_plain_cpu_one``); on CUDA a kernel reads it on the device and skips the pass there, so
+    no stream waits for the host."""
+    if class_axis is not None:
+        gradient.mul_(grad_output.unsqueeze(class_axis).to(gradient.dtype))
+    elif gradient.device.type == "cuda" and gradient.is_contiguous():
+        _scale_on_device(gradient, grad_output)
+    elif not is_plain_cpu_one(grad_output):
+        gradient.mul_(grad_output.to(gradient.dtype))
+    return gradient
+
+
+def _scale_on_device(gradient: Tensor, grad_output: Tensor) -> None:
+    """``gradient *= grad_output`` on PyTorch's current stream, skipped on the device for 1."""
+    from fastxent.gpu.xent import scale_unless_one
+
+    factor = grad_output.detach().reshape(1).to(device=gradient.device, dtype=gradient.dtype)
+    with interop.on_stream(gradient):
+        view, storage = interop.to_cupy_storage(gradient.reshape(-1))
+        factor_view, _ = interop.to_cupy_storage(factor)
+        scale_unless_one(view, factor_view, storage or str(view.dtype))
 
 
 def nothing_counted(target: Tensor, weight: Optional[Tensor], ignore_index: int) -> bool:
@@ -433,7 +461,7 @@ def kept_cross_entropy_grad(
     else:
         (grad,) = found
     per_row_axis = class_axis(input) if reduction == "none" else None
-    return tickets.scale_in_place(grad, grad_loss, per_row_axis)
+    return scale_in_place(grad, grad_loss, per_row_axis)
 
 
 @kept_cross_entropy_grad.register_fake
@@ -780,7 +808,7 @@ def kept_linear_cross_entropy_grads(
             input, linear_weight, linear_bias, target, weight, None, reduction, ignore_index, label_smoothing,
             softcap, z_loss, input_grad, weight_grad, bias_grad,
         )  # fmt: skip
-    return tuple(tickets.scale_in_place(g, grad_loss) if g.numel() else g for g in found)
+    return tuple(scale_in_place(g, grad_loss) if g.numel() else g for g in found)
 
 
 @kept_linear_cross_entropy_grads.register_fake

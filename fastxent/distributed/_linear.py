@@ -100,23 +100,28 @@ def _raise_with_position(error: ValueError, comm: Communicator, labels: np.ndarr
     raise ValueError(message) from None
 
 
-def _reduce_hidden_grad(comm: Communicator, buffer: Any, failure: Optional[BaseException], xp: Any) -> int:
-    """Sum each rank's term of dX over the group, in ``buffer`` (dX flattened, then one value
-    that counts the ranks that failed: a failed rank sends zeros and 1). A device buffer is
-    reduced on the device where the engine can (one read of the count), else through a host
-    copy. Returns the number of failed ranks."""
+def sum_with_failures(comm: Communicator, buffer: Any, failure: Optional[BaseException], stage: str, xp: Any = np):
+    """Sum ``buffer`` over the group in place, its last value counting the ranks that failed
+    (a failed rank sends zeros and 1), and raise on every rank if any did: this rank's own
+    error, else one that names how many failed ``stage``. A device buffer is reduced on the
+    device where the engine can (one read of the count), else through a host copy."""
     if failure is not None:
         buffer[:-1] = 0.0
     buffer[-1] = 0.0 if failure is None else 1.0
     if xp is np:
         comm.allreduce_sum(buffer)
-        return int(buffer[-1])
-    if comm.allreduce_sum_on_device(buffer):
-        return int(float(buffer[-1]))
-    host = xp.asnumpy(buffer)
-    comm.allreduce_sum(host)
-    buffer[...] = xp.asarray(host)
-    return int(host[-1])
+        failed = int(buffer[-1])
+    elif comm.allreduce_sum_on_device(buffer):
+        failed = int(float(buffer[-1]))
+    else:
+        host = xp.asnumpy(buffer)
+        comm.allreduce_sum(host)
+        buffer[...] = xp.asarray(host)
+        failed = int(host[-1])
+    if failed:
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"{failed} other rank(s) failed {stage} (see the error raised there)")
 
 
 def _backend(on_gpu: bool, compute: np.dtype):
@@ -254,13 +259,8 @@ def sharded_linear(
         if want_hidden:
             # dX = sum over ranks of G_r W_r: each rank holds its own term. One more value says
             # how many ranks failed after their last chunk's statistics.
-            failed = _reduce_hidden_grad(comm, device_hidden if on_gpu else host_hidden, failure, xp)
-            if failed:
-                if failure is not None:
-                    raise failure
-                raise RuntimeError(
-                    f"{failed} other rank(s) failed after the last chunk's statistics (see the error raised there)"
-                )
+            buffer = device_hidden if on_gpu else host_hidden
+            sum_with_failures(comm, buffer, failure, "after the last chunk's statistics", xp)
         elif want_any:
             _agree_on_status(comm, failure)
         elif failure is not None:

@@ -25,10 +25,11 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from fastxent import _checks as checks
-from fastxent._range import ELSEWHERE, IGNORED, local_labels
+from fastxent._range import ELSEWHERE, IGNORED, compute_dtype, local_labels
 from fastxent._token_range import TokenRowStats, finish_token_stats, merge_token_stats, shift_argmax
 from fastxent._token_stats_api import TokenForward, TokenStats, upstream_rows
 from fastxent.distributed._comm import Communicator
+from fastxent.distributed._linear import sum_with_failures
 from fastxent.distributed._sharded import cached_layout, check_tiling, error_status, raise_agreed_error
 
 # An argmax no real class has: an empty slice never wins a tie.
@@ -84,20 +85,6 @@ def _prepare(setup: Any, hidden: Any, weight: Any, bias: Any, width: int, error:
         return None, found
 
 
-def _failure_count(comm: Communicator, buffer: np.ndarray, failure: Optional[BaseException]) -> int:
-    """SUM-reduce ``buffer`` whose last value is this rank's failure flag; the failed ranks."""
-    buffer[-1] = 0.0 if failure is None else 1.0
-    comm.allreduce_sum(buffer)
-    return int(buffer[-1])
-
-
-def _raise_failure(failed: int, failure: Optional[BaseException], stage: str) -> None:
-    if failed:
-        if failure is not None:
-            raise failure
-        raise RuntimeError(f"{failed} other rank(s) failed {stage} (see the error raised there)")
-
-
 def sharded_token_forward(
     comm: Communicator,
     setup: Any,
@@ -145,8 +132,7 @@ def sharded_token_forward(
         slots[comm.rank] = np.stack([np.asarray(field, dtype=np.float64) for field in mine])
     except Exception as error:
         failure = error
-        slots[comm.rank] = 0.0
-    _raise_failure(_failure_count(comm, gathered, failure), failure, "computing its statistics")
+    sum_with_failures(comm, gathered, failure, "computing its statistics")
     parts = [
         TokenRowStats(*(slots[rank, k] for k in range(_FIELDS - 1)), slots[rank, -1].astype(np.int64))
         for rank in range(comm.size)
@@ -188,7 +174,7 @@ def sharded_token_backward(
     # Rows swept as ELSEWHERE stay so on every slice; the others take the slice's offsets.
     slice_labels = np.where(labels == ELSEWHERE, ELSEWHERE, local_labels(labels, vocab_start, width))
     features = rows.shape[-1]
-    reduced = np.zeros(num_rows * features + 1, dtype=rows.dtype if rows.dtype == np.float64 else np.float32)
+    reduced = np.zeros(num_rows * features + 1, dtype=compute_dtype(rows.dtype))
     failure: Optional[BaseException] = None
     grad_weight = grad_bias = None
     try:
@@ -204,9 +190,7 @@ def sharded_token_backward(
             grad_bias = None if not want_bias or bias is None else np.zeros(0, dtype=rows.dtype)
     except Exception as error:
         failure = error
-        reduced[:-1] = 0.0
     # d hidden's reduction carries the failures; without it one value does.
-    buffer = reduced if want_hidden else np.zeros(1)
-    _raise_failure(_failure_count(comm, buffer, failure), failure, "computing its gradients")
+    sum_with_failures(comm, reduced if want_hidden else np.zeros(1), failure, "computing its gradients")
     grad_hidden = reduced[:-1].reshape(np.shape(hidden)).astype(hidden.dtype, copy=False) if want_hidden else None
     return grad_hidden, grad_weight, grad_bias

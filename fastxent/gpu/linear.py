@@ -320,7 +320,8 @@ def linear_token_row_stats(hidden, weight, bias, labels, blocks: LinearBlocks, t
             hi = min(lo + step, num_rows)
             chunk = ops.logits(hidden_c[lo:hi], weight_c, bias_c, buffer[: hi - lo])
             part = stats.token_row_stats(chunk, labels[lo:hi], temperature, softcap)
-            fields[:, lo:hi] = cupy.stack(part[:5])
+            for k in range(5):
+                fields[k, lo:hi] = part[k]
             argmax[lo:hi] = part.argmax
         return TokenRowStats(*fields, argmax)
 
